@@ -1,0 +1,108 @@
+//! Cancel keys. Clients get a BackendKeyData minted by the proxy, never the
+//! source's, so a CancelRequest must come through the proxy, which maps it
+//! to the right backend. A guard removes the key when the session ends.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::net::connect::Upstream;
+use crate::protocol::startup::CancelKey;
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    /// Proxy-issued pid -> (proxy-issued secret, the source backend's key).
+    keys: DashMap<i32, (Bytes, CancelKey)>,
+}
+
+/// Removes a session's key when the session ends.
+pub struct CancelGuard {
+    registry: Arc<CancelRegistry>,
+    pid: i32,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.registry.keys.remove(&self.pid);
+    }
+}
+
+impl CancelRegistry {
+    /// Mints a proxy key for a session whose source backend has `source_key`.
+    /// The secret has the length the negotiated protocol allows: 4 bytes in
+    /// 3.0, 32 from 3.2 on.
+    pub fn register(self: &Arc<Self>, source_key: CancelKey, protocol_minor: u16) -> (CancelKey, CancelGuard) {
+        let mut rng = rand::rng();
+        let secret_len = if protocol_minor >= 2 { 32 } else { 4 };
+        let secret: Bytes = (0..secret_len).map(|_| rng.random::<u8>()).collect::<Vec<_>>().into();
+        loop {
+            let pid = rng.random_range(1..i32::MAX);
+            if let dashmap::Entry::Vacant(v) = self.keys.entry(pid) {
+                v.insert((secret.clone(), source_key));
+                let guard = CancelGuard { registry: Arc::clone(self), pid };
+                return (CancelKey { pid, secret }, guard);
+            }
+        }
+    }
+
+    /// The source key for a proxy key, if the secret matches.
+    pub fn resolve(&self, key: &CancelKey) -> Option<CancelKey> {
+        let entry = self.keys.get(&key.pid)?;
+        let (secret, source) = entry.value();
+        constant_time_eq(secret, &key.secret).then(|| source.clone())
+    }
+
+    /// Handles a CancelRequest: forwards it to the source if the key is known.
+    /// As in Postgres, the requester gets no answer either way.
+    pub async fn cancel(&self, key: &CancelKey, source: &Upstream, metrics: &Metrics) {
+        let Some(source_key) = self.resolve(key) else {
+            metrics.cancel_unknown_key.inc();
+            debug!(pid = key.pid, "cancel request with an unknown key");
+            return;
+        };
+        metrics.cancel_forwarded.inc();
+        match source.connect().await {
+            Ok(mut s) => {
+                if let Err(e) = s.write_all(&source_key.encode_cancel_request()).await {
+                    warn!(error = %e, "could not send cancel request to the source");
+                }
+                let _ = s.shutdown().await;
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "could not connect to the source to cancel"),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_resolve_only_with_the_right_secret_and_while_guarded() {
+        let reg = Arc::new(CancelRegistry::default());
+        let src = CancelKey { pid: 99, secret: Bytes::from_static(b"abcd") };
+        let (proxy_key, guard) = reg.register(src.clone(), 0);
+        assert_eq!(proxy_key.secret.len(), 4);
+        assert_eq!(reg.resolve(&proxy_key), Some(src));
+        let wrong = CancelKey { pid: proxy_key.pid, secret: Bytes::from_static(b"zzzz") };
+        assert_eq!(reg.resolve(&wrong), None);
+        drop(guard);
+        assert_eq!(reg.resolve(&proxy_key), None);
+    }
+
+    #[test]
+    fn protocol_3_2_gets_long_secrets() {
+        let reg = Arc::new(CancelRegistry::default());
+        let (k, _g) = reg.register(CancelKey { pid: 1, secret: Bytes::from_static(&[0; 32]) }, 2);
+        assert_eq!(k.secret.len(), 32);
+    }
+}

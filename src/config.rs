@@ -1,0 +1,445 @@
+//! Configuration: the TOML file, its validation, and where an error is.
+//!
+//! Every rejection names the key and the line, because an operator editing
+//! a live proxy's file needs to know exactly what to fix. Validation opens
+//! the files the config points at (certificates, passfiles, token files) so
+//! that `pgshift check` catches what would otherwise fail at first use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub source: UpstreamConfig,
+    pub target: UpstreamConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub addr: SocketAddr,
+    /// PEM certificate chain and key: when both are set, clients may use TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// libpq's sslmode values that make sense for a proxy's own connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, plain otherwise; no verification.
+    Prefer,
+    /// TLS or fail; the certificate is not verified.
+    Require,
+    /// TLS, certificate chain verified against `sslrootcert`, host name not checked.
+    VerifyCa,
+    /// TLS, chain verified against `sslrootcert` and the host name checked.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "default_sslmode")]
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    /// pgpass-format credentials for the proxy's own logins (target only).
+    pub passfile: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Target only: open one connection to the target per client session.
+    #[serde(default = "default_true")]
+    pub session_links: bool,
+    /// Target only: seconds between liveness pings on an idle session link.
+    #[serde(default = "default_keepalive_s")]
+    pub keepalive_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin HTTP API listens; omit to disable it.
+    #[serde(default = "default_admin_addr")]
+    pub addr: Option<SocketAddr>,
+    /// A file holding the bearer token every admin request must carry.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { addr: default_admin_addr(), token_file: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    /// Time a client has from connecting to its first ReadyForQuery.
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
+    /// Close a client session silent for this long (0 = never, as Postgres).
+    #[serde(default)]
+    pub idle_timeout_s: u64,
+    /// Largest message the proxy buffers whole to inspect it (Query, Parse).
+    /// Messages it only forwards stream through under Postgres' own 1 GiB bound.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// On SIGTERM, how long open transactions may take to finish.
+    #[serde(default = "default_shutdown_timeout_s")]
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_client_connections: default_max_clients(),
+            startup_timeout_ms: default_startup_timeout_ms(),
+            idle_timeout_s: 0,
+            max_message_bytes: default_max_message_bytes(),
+            shutdown_timeout_s: default_shutdown_timeout_s(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `pgshift=debug`, ...); `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: default_log_level() }
+    }
+}
+
+fn default_sslmode() -> SslMode {
+    SslMode::Prefer
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_keepalive_s() -> u64 {
+    30
+}
+fn default_admin_addr() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9930)))
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_startup_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_message_bytes() -> usize {
+    256 << 20
+}
+fn default_shutdown_timeout_s() -> u64 {
+    30
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// A rejected config: which key, on which line, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: None,
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file, path.parent())
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let (key, line) = match e.span() {
+                Some(span) => locate_span(text, span.start),
+                None => (None, None),
+            };
+            ConfigError { file: file.into(), key, line, message: e.message().trim().to_string() }
+        })?;
+        if let Some(base) = base.filter(|b| !b.as_os_str().is_empty()) {
+            cfg.resolve_paths(base);
+        }
+        cfg.validate().map_err(|(key, message)| ConfigError {
+            file: file.into(),
+            line: line_of_key(text, &key),
+            key: Some(key),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p.as_mut().filter(|p| p.is_relative()) {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.listen.tls_cert);
+        fix(&mut self.listen.tls_key);
+        for u in [&mut self.source, &mut self.target] {
+            fix(&mut u.sslrootcert);
+            fix(&mut u.passfile);
+        }
+        fix(&mut self.admin.token_file);
+    }
+
+    /// Semantic checks; the error names the offending key.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        match (&self.listen.tls_cert, &self.listen.tls_key) {
+            (Some(_), None) => return err("listen.tls_key", "tls_cert is set but tls_key is not".into()),
+            (None, Some(_)) => return err("listen.tls_cert", "tls_key is set but tls_cert is not".into()),
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::net::tls::server_config(cert, key) {
+                    return err("listen.tls_cert", format!("{e:#}"));
+                }
+            }
+            (None, None) => {}
+        }
+        for (name, u) in [("source", &self.source), ("target", &self.target)] {
+            if u.host.is_empty() {
+                return err(&format!("{name}.host"), "must not be empty".into());
+            }
+            if u.port == 0 {
+                return err(&format!("{name}.port"), "must be between 1 and 65535".into());
+            }
+            if u.connect_timeout_ms == 0 {
+                return err(&format!("{name}.connect_timeout_ms"), "must be positive".into());
+            }
+            match (u.sslmode, &u.sslrootcert) {
+                (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                    return err(&format!("{name}.sslrootcert"), "verify-ca and verify-full need a CA file".into())
+                }
+                (_, Some(ca)) => {
+                    if let Err(e) = crate::net::tls::load_roots(ca) {
+                        return err(&format!("{name}.sslrootcert"), format!("{e:#}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.source.passfile.is_some() {
+            return err(
+                "source.passfile",
+                "not used: clients authenticate to the source themselves, through the proxy".into(),
+            );
+        }
+        if let Some(pf) = &self.target.passfile {
+            if let Err(e) = crate::upstream::passfile::PassFile::load(pf) {
+                return err("target.passfile", format!("{e:#}"));
+            }
+        }
+        if self.target.keepalive_s == 0 {
+            return err("target.keepalive_s", "must be positive".into());
+        }
+        if let Some(addr) = self.admin.addr {
+            match &self.admin.token_file {
+                None if !addr.ip().is_loopback() => {
+                    return err(
+                        "admin.addr",
+                        "without admin.token_file the admin API may only listen on a loopback address".into(),
+                    )
+                }
+                Some(tf) => {
+                    if let Err(e) = crate::admin::read_token(tf) {
+                        return err("admin.token_file", format!("{e:#}"));
+                    }
+                }
+                None => {}
+            }
+        }
+        let l = &self.limits;
+        if l.max_client_connections == 0 {
+            return err("limits.max_client_connections", "must be positive".into());
+        }
+        if l.startup_timeout_ms == 0 {
+            return err("limits.startup_timeout_ms", "must be positive".into());
+        }
+        if !(1024..=(1 << 30)).contains(&l.max_message_bytes) {
+            return err("limits.max_message_bytes", "must be between 1024 and 1073741824".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return err("log.level", format!("not a valid filter: {e}"));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// For a parse error at `offset`: the dotted key written on that line (under
+/// the nearest table header above it) and the line number.
+fn locate_span(text: &str, offset: usize) -> (Option<String>, Option<usize>) {
+    let line_no = line_at(text, offset);
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if i + 1 == line_no {
+            if t.starts_with('[') {
+                return (Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_string()), Some(line_no));
+            }
+            let key = t.split('=').next().map(str::trim).filter(|k| !k.is_empty() && !k.starts_with('#'));
+            let key = key.map(|k| if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
+            return (key.or(Some(table).filter(|t| !t.is_empty())), Some(line_no));
+        }
+        if t.starts_with('[') && !t.starts_with("[[") {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    (None, Some(line_no))
+}
+
+/// Line where a dotted key (or, failing that, its nearest parent) is written.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut best = None;
+    for part in key.split('.') {
+        match item.get(part) {
+            Some(next) => {
+                item = next;
+                if let Some(span) = item.span() {
+                    best = Some(line_at(text, span.start));
+                } else if let Some(span) = item.as_table().and_then(|t| t.span()) {
+                    best = Some(line_at(text, span.start));
+                }
+            }
+            None => break,
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[listen]
+addr = "127.0.0.1:6432"
+
+[source]
+host = "127.0.0.1"
+port = 54321
+
+[target]
+host = "127.0.0.1"
+port = 54322
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml", None).unwrap();
+        assert_eq!(c.source.sslmode, SslMode::Prefer);
+        assert_eq!(c.admin.addr, Some("127.0.0.1:9930".parse().unwrap()));
+        assert_eq!(c.limits.max_client_connections, 10_000);
+        assert!(c.target.session_links);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("port = 54322", "port = 54322\nprot = 1");
+        let e = Config::parse(&text, "t.toml", None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("target.prot"));
+        assert_eq!(e.line, Some(12));
+        assert!(e.message.contains("unknown field"), "{}", e.message);
+        assert!(e.to_string().starts_with("t.toml:12: key `target.prot`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let text = MINIMAL.replace("port = 54321", "port = \"x\"");
+        let e = Config::parse(&text, "t.toml", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("source.port"), Some(7)));
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let text = MINIMAL.replace("port = 54321", "port = 54321\nsslmode = \"verify-full\"");
+        let e = Config::parse(&text, "t.toml", None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("source.sslrootcert"));
+        // The key is absent: the line of its table is the best location.
+        assert_eq!(e.line, Some(5));
+        let text = MINIMAL.replace("port = 54322", "port = 0");
+        let e = Config::parse(&text, "t.toml", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("target.port"), Some(11)));
+    }
+
+    #[test]
+    fn source_passfile_and_public_admin_are_rejected() {
+        let text = MINIMAL.replace("port = 54321", "port = 54321\npassfile = \"x\"");
+        assert_eq!(Config::parse(&text, "t", None).unwrap_err().key.as_deref(), Some("source.passfile"));
+        let text = format!("{MINIMAL}\n[admin]\naddr = \"0.0.0.0:9930\"\n");
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("admin.addr"), Some(14)));
+    }
+
+    #[test]
+    fn missing_section_is_reported() {
+        let text = MINIMAL.replace("[target]\nhost = \"127.0.0.1\"\nport = 54322\n", "");
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert!(e.message.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn bad_sslmode_value() {
+        let text = MINIMAL.replace("port = 54321", "port = 54321\nsslmode = \"sometimes\"");
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("source.sslmode"), Some(8)));
+    }
+}

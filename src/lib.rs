@@ -1,0 +1,24 @@
+//! pgshift: a transparent PostgreSQL wire-protocol proxy for zero-downtime
+//! migrations from a source database to a target database.
+//!
+//! Where things are:
+//! - `listener`: accept loop, connection limits, graceful shutdown.
+//! - `session`: one client session: `startup` (TLS, auth relay),
+//!   `forward` (the hot path), `state` (what the proxy tracks per session).
+//! - `protocol`: framing and the few message decoders the proxy needs.
+//! - `net`: the stream type, TLS, and connecting upstream with sslmode.
+//! - `upstream`: the proxy's own target connections and their logins.
+//! - `cancel`: mapping proxy-issued cancel keys to source backends.
+//! - `admin`, `metrics`: the HTTP API and its counters.
+//! - `config`: the TOML config and its validation.
+
+pub mod admin;
+pub mod cancel;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod proxy;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,130 @@
+//! Process-wide counters, exported in Prometheus text format by the admin API.
+//!
+//! Handles are created once and kept as fields, so the hot path only ever
+//! does an atomic add; label families are resolved at start-up.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub client_connections: Counter,
+    pub client_sessions_active: Gauge,
+    pub client_rejected_too_many: Counter,
+    pub client_rejected_startup: Counter,
+    pub client_tls: Counter,
+    pub protocol_errors: Counter,
+    pub source_connect_failures: Counter,
+    pub target_logins_ok: Counter,
+    pub target_logins_failed: Counter,
+    pub target_links_up: Gauge,
+    pub target_links_lost: Counter,
+    pub cancel_forwarded: Counter,
+    pub cancel_unknown_key: Counter,
+    started: std::time::Instant,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pgshift");
+        let client_connections = Counter::default();
+        registry.register("client_connections", "Client connections accepted", client_connections.clone());
+        let client_sessions_active = Gauge::default();
+        registry.register(
+            "client_sessions_active",
+            "Client sessions past startup and still open",
+            client_sessions_active.clone(),
+        );
+        let rejected = Family::<Labels, Counter>::default();
+        registry.register("client_rejected", "Client connections refused, by reason", rejected.clone());
+        let client_rejected_too_many = rejected.get_or_create(&vec![("reason", "too_many_clients")]).clone();
+        let client_rejected_startup = rejected.get_or_create(&vec![("reason", "startup_failed")]).clone();
+        let client_tls = Counter::default();
+        registry.register("client_tls_sessions", "Client connections that negotiated TLS", client_tls.clone());
+        let protocol_errors = Counter::default();
+        registry.register(
+            "client_protocol_errors",
+            "Client connections closed for malformed or oversized messages",
+            protocol_errors.clone(),
+        );
+        let source_connect_failures = Counter::default();
+        registry.register(
+            "source_connect_failures",
+            "Failed attempts to connect to the source",
+            source_connect_failures.clone(),
+        );
+        let logins = Family::<Labels, Counter>::default();
+        registry.register("target_logins", "Proxy logins to the target, by result", logins.clone());
+        let target_logins_ok = logins.get_or_create(&vec![("result", "ok")]).clone();
+        let target_logins_failed = logins.get_or_create(&vec![("result", "failed")]).clone();
+        let target_links_up = Gauge::default();
+        registry.register("target_links_up", "Per-session target connections currently up", target_links_up.clone());
+        let target_links_lost = Counter::default();
+        registry.register("target_links_lost", "Target connections lost after login", target_links_lost.clone());
+        let cancels = Family::<Labels, Counter>::default();
+        registry.register("cancel_requests", "CancelRequests received, by outcome", cancels.clone());
+        let cancel_forwarded = cancels.get_or_create(&vec![("result", "forwarded")]).clone();
+        let cancel_unknown_key = cancels.get_or_create(&vec![("result", "unknown_key")]).clone();
+        Self {
+            registry,
+            client_connections,
+            client_sessions_active,
+            client_rejected_too_many,
+            client_rejected_startup,
+            client_tls,
+            protocol_errors,
+            source_connect_failures,
+            target_logins_ok,
+            target_logins_failed,
+            target_links_up,
+            target_links_lost,
+            cancel_forwarded,
+            cancel_unknown_key,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A JSON snapshot for `GET /status`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "uptime_s": self.started.elapsed().as_secs(),
+            "clients": {
+                "connections_total": self.client_connections.get(),
+                "sessions_active": self.client_sessions_active.get(),
+                "rejected_too_many": self.client_rejected_too_many.get(),
+                "rejected_startup": self.client_rejected_startup.get(),
+                "protocol_errors": self.protocol_errors.get(),
+            },
+            "source": { "connect_failures": self.source_connect_failures.get() },
+            "target": {
+                "links_up": self.target_links_up.get(),
+                "logins_ok": self.target_logins_ok.get(),
+                "logins_failed": self.target_logins_failed.get(),
+                "links_lost": self.target_links_lost.get(),
+            },
+            "cancel": {
+                "forwarded": self.cancel_forwarded.get(),
+                "unknown_key": self.cancel_unknown_key.get(),
+            },
+        })
+    }
+}

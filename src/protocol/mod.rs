@@ -1,0 +1,16 @@
+//! The PostgreSQL v3 wire protocol, as much of it as the proxy needs.
+//!
+//! The proxy never re-encodes traffic it forwards. This module gives it three
+//! things: length framing with hard bounds (`frame`), decoders for the handful
+//! of messages whose contents matter to the proxy (`message`, `startup`), and
+//! builders for the few messages the proxy itself originates (`error`).
+//! Every decoder works on a bounded byte slice and returns an error instead of
+//! panicking on malformed input.
+
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod sqlstate;
+pub mod startup;
+
+pub use frame::{FrameError, Header};

@@ -1,0 +1,89 @@
+//! The proxy's shared context: configuration, upstreams, registries and
+//! metrics, handed to every session and to the admin API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::net::connect::Upstream;
+use crate::upstream::passfile::PassFile;
+use crate::upstream::target::TargetLinks;
+
+/// Lifecycle of the whole proxy, watched by every session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Stop accepting; end each session at its next idle moment.
+    Draining,
+    /// The drain deadline passed: end every session now.
+    Closing,
+}
+
+pub struct Proxy {
+    pub config: Config,
+    pub source: Upstream,
+    pub targets: Option<Arc<TargetLinks>>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub cancels: Arc<CancelRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<Phase>,
+    next_session_id: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(config: Config, shutdown: watch::Receiver<Phase>) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let source = Upstream::new("source", &config.source)?;
+        let targets = if config.target.session_links {
+            let passfile = config.target.passfile.as_deref().map(PassFile::load).transpose()?;
+            Some(Arc::new(TargetLinks {
+                upstream: Upstream::new("target", &config.target)?,
+                passfile,
+                keepalive: Duration::from_secs(config.target.keepalive_s),
+                metrics: Arc::clone(&metrics),
+            }))
+        } else {
+            None
+        };
+        let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(tokio_rustls::TlsAcceptor::from(crate::net::tls::server_config(cert, key)?))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            config,
+            source,
+            targets,
+            tls,
+            cancels: Arc::new(CancelRegistry::default()),
+            metrics,
+            shutdown,
+            next_session_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `GET /status`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "phase": format!("{:?}", *self.shutdown.borrow()).to_lowercase(),
+            "listen": self.config.listen.addr.to_string(),
+            "source": { "addr": self.source.addr(), "sslmode": format!("{:?}", self.source.sslmode) },
+            "target": {
+                "addr": format!("{}:{}", self.config.target.host, self.config.target.port),
+                "session_links": self.config.target.session_links,
+            },
+            "metrics": self.metrics.snapshot(),
+        })
+    }
+}

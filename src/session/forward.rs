@@ -1,0 +1,222 @@
+//! The hot path: moving bytes between an established client and its source
+//! connection.
+//!
+//! Each direction is one `pump`: read whatever the socket has, walk the
+//! message headers in the buffer, let an `Inspector` look at the few message
+//! types it cares about, and write the whole run of inspected bytes out in
+//! one call. Messages nobody inspects (DataRow, CopyData, Bind, ...) are
+//! streamed through as they arrive, whatever their size, without waiting for
+//! their end. Nothing is re-encoded; the only copy is the socket read itself.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::frame::{decode_header, FrameError, HEADER_LEN};
+
+/// Postgres' own upper bound for any message (MaxAllocSize - 1).
+pub const MAX_STREAMED_MESSAGE: usize = (1 << 30) - 1;
+
+/// Read granularity; buffers start empty so idle sessions hold little memory.
+const READ_CHUNK: usize = 16 * 1024;
+/// A buffer grown past this (for a large inspected message) is released when
+/// it drains, so one big query does not pin memory for the session's life.
+const KEEP_CAPACITY: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    /// Forward this message, then end the pump.
+    ForwardAndStop,
+}
+
+/// What a pump needs to know about its direction's messages.
+pub trait Inspector {
+    /// Whether the message with this tag must be buffered whole and shown to
+    /// `inspect`; the rest are streamed and only `header` sees them.
+    fn wants_body(&self, tag: u8) -> bool;
+    /// Largest body of an inspected message.
+    fn max_inspected(&self) -> usize;
+    /// Sees every streamed message's tag, before its body arrives.
+    fn header(&mut self, tag: u8) -> Result<(), FrameError>;
+    /// Sees an inspected message's complete body.
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError>;
+    /// Called before a write (`false`) and after it (`true`, with whether the
+    /// bytes written end on a message boundary).
+    fn writing(&mut self, _done: bool, _at_boundary: bool) {}
+}
+
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// The inspector asked to stop (Terminate sent, or draining).
+    Stopped,
+    /// The reading side closed the connection.
+    Eof { mid_message: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error(transparent)]
+    Protocol(#[from] FrameError),
+    #[error("read failed: {0}")]
+    Read(io::Error),
+    #[error("write failed: {0}")]
+    Write(io::Error),
+}
+
+/// Moves messages from `rd` to `wr` until EOF, an error, or the inspector
+/// asks to stop. `buf` may already hold bytes read earlier.
+pub async fn pump<R, W, I>(rd: &mut R, wr: &mut W, buf: &mut BytesMut, insp: &mut I) -> Result<PumpEnd, PumpError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+    I: Inspector,
+{
+    // Bytes of a streamed message still to come after what is in `buf`.
+    let mut streaming: usize = 0;
+    loop {
+        let mut pos = 0;
+        let mut stop = false;
+        loop {
+            if streaming > 0 {
+                let n = streaming.min(buf.len() - pos);
+                pos += n;
+                streaming -= n;
+                if streaming > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Some(h) = decode_header(&buf[pos..], MAX_STREAMED_MESSAGE)? else { break };
+            if !insp.wants_body(h.tag) {
+                insp.header(h.tag)?;
+                streaming = h.frame_len();
+                continue;
+            }
+            if h.body_len > insp.max_inspected() {
+                return Err(FrameError::TooLarge { tag: h.tag, len: h.body_len, max: insp.max_inspected() }.into());
+            }
+            let available = buf.len() - pos;
+            if available < h.frame_len() {
+                buf.reserve(h.frame_len() - available);
+                break;
+            }
+            let verdict = insp.inspect(h.tag, &buf[pos + HEADER_LEN..pos + h.frame_len()])?;
+            pos += h.frame_len();
+            if verdict == Verdict::ForwardAndStop {
+                stop = true;
+                break;
+            }
+        }
+        if pos > 0 {
+            insp.writing(false, false);
+            wr.write_all(&buf[..pos]).await.map_err(PumpError::Write)?;
+            wr.flush().await.map_err(PumpError::Write)?;
+            insp.writing(true, streaming == 0);
+            buf.advance(pos);
+        }
+        if stop {
+            return Ok(PumpEnd::Stopped);
+        }
+        if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+            *buf = BytesMut::new();
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        if rd.read_buf(buf).await.map_err(PumpError::Read)? == 0 {
+            return Ok(PumpEnd::Eof { mid_message: !buf.is_empty() || streaming > 0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inspects 'Q', stops after 'X', counts headers.
+    #[derive(Default)]
+    struct Probe {
+        inspected: Vec<(u8, Vec<u8>)>,
+        headers: Vec<u8>,
+    }
+
+    impl Inspector for Probe {
+        fn wants_body(&self, tag: u8) -> bool {
+            tag == b'Q' || tag == b'X'
+        }
+        fn max_inspected(&self) -> usize {
+            64
+        }
+        fn header(&mut self, tag: u8) -> Result<(), FrameError> {
+            self.headers.push(tag);
+            Ok(())
+        }
+        fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+            self.inspected.push((tag, body.to_vec()));
+            Ok(if tag == b'X' { Verdict::ForwardAndStop } else { Verdict::Forward })
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn forwards_bytes_unchanged_and_inspects_selected_messages() {
+        let big = vec![7u8; 100_000]; // streamed: larger than max_inspected
+        let mut input = msg(b'Q', b"select 1\0");
+        input.extend(msg(b'd', &big));
+        input.extend(msg(b'Q', b"x\0"));
+        input.extend(msg(b'X', b""));
+        input.extend(msg(b'Q', b"after terminate\0"));
+        // Deliver in awkward pieces to exercise partial headers and bodies.
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let feed = input.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in feed.chunks(3) {
+                tx.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut out = Vec::new();
+        let mut probe = Probe::default();
+        let mut buf = BytesMut::new();
+        let end = pump(&mut rx, &mut out, &mut buf, &mut probe).await.unwrap();
+        writer.abort();
+        assert!(matches!(end, PumpEnd::Stopped));
+        let upto_terminate = input.len() - msg(b'Q', b"after terminate\0").len();
+        assert_eq!(out, &input[..upto_terminate]);
+        assert_eq!(probe.headers, vec![b'd']);
+        assert_eq!(probe.inspected.len(), 3);
+        assert_eq!(probe.inspected[0], (b'Q', b"select 1\0".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_inspected_message_and_bad_length() {
+        let mut probe = Probe::default();
+        let input = msg(b'Q', &[b'a'; 65]);
+        let mut buf = BytesMut::new();
+        let r = pump(&mut &input[..], &mut Vec::new(), &mut buf, &mut probe).await;
+        assert!(matches!(r, Err(PumpError::Protocol(FrameError::TooLarge { .. }))));
+        let mut buf = BytesMut::new();
+        let bad: &[u8] = b"Q\0\0\0\x02";
+        let r = pump(&mut &bad[..], &mut Vec::new(), &mut buf, &mut probe).await;
+        assert!(matches!(r, Err(PumpError::Protocol(FrameError::BadLength { .. }))));
+    }
+
+    #[tokio::test]
+    async fn eof_reports_truncated_message() {
+        let mut probe = Probe::default();
+        let input = &msg(b'd', b"abcdef")[..7];
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let r = pump(&mut &input[..], &mut out, &mut buf, &mut probe).await.unwrap();
+        assert!(matches!(r, PumpEnd::Eof { mid_message: true }));
+        // Streamed bytes were forwarded as they came.
+        assert_eq!(out.len(), 7);
+    }
+}

@@ -1,0 +1,255 @@
+//! One client session, from accept to close.
+//!
+//! `startup` takes the connection to an authenticated session on the source;
+//! `forward` then moves bytes both ways (the hot path) while `state` keeps
+//! what later stages need to know about the session. This module ties them
+//! together and decides how a session ends and what the client is told.
+
+pub mod forward;
+pub mod startup;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+use self::forward::{pump, PumpEnd, PumpError};
+use self::startup::{connect_source, negotiate, Established, Failure, Negotiated};
+use self::state::{BackendInspector, FrontendInspector, PreparedStatements, Shared};
+use crate::net::connect::set_keepalive;
+use crate::net::Stream;
+use crate::protocol::error::{error_response, Severity};
+use crate::protocol::sqlstate;
+use crate::proxy::{Phase, Proxy};
+
+/// Upper bound on tracked named prepared statements per session.
+const MAX_TRACKED_STATEMENTS: usize = 100_000;
+/// How long the proxy waits for a client to take a final error message.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one accepted connection. `_permit` holds its slot under
+/// `limits.max_client_connections` until the session ends.
+pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+    let id = proxy.next_session_id();
+    proxy.metrics.client_connections.inc();
+    run(proxy, tcp, id).instrument(tracing::info_span!("session", id, %peer)).await
+}
+
+async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
+    let _ = tcp.set_nodelay(true);
+    set_keepalive(&tcp);
+    let deadline = Instant::now() + Duration::from_millis(proxy.config.limits.startup_timeout_ms);
+
+    let mut client = Some(Stream::Plain(tcp));
+    let startup = match timeout_at(deadline, negotiate(&proxy, &mut client)).await {
+        Ok(Ok(Negotiated::Startup(m))) => m,
+        Ok(Ok(Negotiated::Cancel(key))) => {
+            proxy.cancels.cancel(&key, &proxy.source, &proxy.metrics).await;
+            return;
+        }
+        Ok(Err(f)) => return reject(&proxy, client.as_mut(), f).await,
+        Err(_) => return reject(&proxy, client.as_mut(), startup_timeout()).await,
+    };
+    let Some(mut client) = client else { return };
+
+    let established = match timeout_at(deadline, connect_source(&proxy, &mut client, &startup)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(f)) => return reject(&proxy, Some(&mut client), f).await,
+        Err(_) => return reject(&proxy, Some(&mut client), startup_timeout()).await,
+    };
+    info!(
+        user = startup.get("user").unwrap_or_default(),
+        database = startup.database().unwrap_or_default(),
+        application_name = startup.get("application_name").unwrap_or_default(),
+        tls = client.is_tls(),
+        source_tls = established.server.is_tls(),
+        "session established"
+    );
+
+    proxy.metrics.client_sessions_active.inc();
+    // The target link runs beside the session and never delays it.
+    let _target_link = proxy
+        .targets
+        .as_ref()
+        .filter(|_| startup.get("replication").is_none())
+        .map(|t| t.open(id, startup.clone()));
+    let end = forward_session(&proxy, &mut client, established).await;
+    proxy.metrics.client_sessions_active.dec();
+    info!(reason = %end, "session closed");
+}
+
+fn startup_timeout() -> Failure {
+    Failure {
+        code: sqlstate::PROTOCOL_VIOLATION,
+        message: "timeout expired during startup".into(),
+        client_told: false,
+    }
+}
+
+/// Ends a session that never got established, telling the client why when
+/// it still can.
+async fn reject(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) {
+    if f.code == sqlstate::PROTOCOL_VIOLATION {
+        proxy.metrics.protocol_errors.inc();
+    } else {
+        proxy.metrics.client_rejected_startup.inc();
+    }
+    info!(reason = %f.message, "session not established");
+    if let (false, Some(client)) = (f.client_told, client) {
+        let msg = error_response(Severity::Fatal, f.code, &f.message);
+        let _ = timeout(FINAL_WRITE_TIMEOUT, async {
+            client.write_all(&msg).await?;
+            client.flush().await?;
+            client.shutdown().await
+        })
+        .await;
+    }
+}
+
+/// Why an established session ended.
+enum End {
+    Client(Result<PumpEnd, PumpError>),
+    Server(Result<PumpEnd, PumpError>),
+    Shutdown,
+    IdleTimeout,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Client(Ok(PumpEnd::Stopped)) => write!(f, "client terminated"),
+            End::Client(Ok(PumpEnd::Eof { mid_message })) => {
+                write!(f, "client disconnected{}", if *mid_message { " mid-message" } else { "" })
+            }
+            End::Client(Err(e)) => write!(f, "client error: {e}"),
+            End::Server(Ok(PumpEnd::Stopped)) => write!(f, "drained for shutdown"),
+            End::Server(Ok(PumpEnd::Eof { .. })) => write!(f, "source closed the connection"),
+            End::Server(Err(e)) => write!(f, "source error: {e}"),
+            End::Shutdown => write!(f, "proxy shutting down"),
+            End::IdleTimeout => write!(f, "idle timeout"),
+        }
+    }
+}
+
+type BoxRead<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
+type BoxWrite<'a> = Box<dyn AsyncWrite + Unpin + Send + 'a>;
+
+/// Splits a stream into halves that can be driven concurrently: plain TCP
+/// without any locking, TLS through tokio's split.
+fn split(stream: &mut Stream) -> (BoxRead<'_>, BoxWrite<'_>) {
+    match stream {
+        Stream::Plain(tcp) => {
+            let (r, w) = tcp.split();
+            (Box::new(r), Box::new(w))
+        }
+        other => {
+            let (r, w) = tokio::io::split(other);
+            (Box::new(r), Box::new(w))
+        }
+    }
+}
+
+async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -> End {
+    let Established { mut server, mut client_buf, mut server_buf, cancel_guard: _cancel_guard } = est;
+    let shared = Shared::default();
+    let mut statements = PreparedStatements::new(MAX_TRACKED_STATEMENTS);
+    let mut shutdown = proxy.shutdown.clone();
+    let idle_timeout = Duration::from_secs(proxy.config.limits.idle_timeout_s);
+
+    let end = {
+        let (mut client_rd, mut client_wr) = split(client);
+        let (mut server_rd, mut server_wr) = split(&mut server);
+        let mut frontend = FrontendInspector {
+            shared: &shared,
+            statements: &mut statements,
+            max_inspected: proxy.config.limits.max_message_bytes,
+        };
+        let mut backend = BackendInspector { shared: &shared };
+        let to_server = pump(&mut *client_rd, &mut *server_wr, &mut client_buf, &mut frontend);
+        let to_client = pump(&mut *server_rd, &mut *client_wr, &mut server_buf, &mut backend);
+        tokio::pin!(to_server, to_client);
+        let mut seen_messages = 0;
+        loop {
+            tokio::select! {
+                r = &mut to_server => break End::Client(r),
+                r = &mut to_client => break End::Server(r),
+                changed = shutdown.changed() => {
+                    let phase = if changed.is_ok() { *shutdown.borrow_and_update() } else { Phase::Closing };
+                    match phase {
+                        Phase::Running => {}
+                        Phase::Draining => {
+                            shared.draining.store(true, Ordering::Release);
+                            if shared.is_idle() {
+                                break End::Shutdown;
+                            }
+                        }
+                        Phase::Closing => break End::Shutdown,
+                    }
+                }
+                _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
+                    let now = shared.client_messages.load(Ordering::Relaxed);
+                    if now == seen_messages && shared.in_flight.load(Ordering::Acquire) == 0 {
+                        break End::IdleTimeout;
+                    }
+                    seen_messages = now;
+                }
+            }
+        }
+    };
+    if statements.overflowed {
+        warn!("more than {MAX_TRACKED_STATEMENTS} prepared statements; later ones were not tracked");
+    }
+
+    // What the client is told, if anything, and whether the source gets a
+    // polite Terminate before the connection closes.
+    let (notice, terminate_server) = match &end {
+        End::Client(Ok(PumpEnd::Stopped)) => (None, false), // Terminate already forwarded
+        End::Client(Ok(PumpEnd::Eof { .. })) | End::Client(Err(PumpError::Read(_) | PumpError::Write(_))) => {
+            (None, false)
+        }
+        End::Client(Err(PumpError::Protocol(e))) => {
+            proxy.metrics.protocol_errors.inc();
+            (Some((sqlstate::PROTOCOL_VIOLATION, e.to_string())), false)
+        }
+        End::Server(Ok(PumpEnd::Stopped)) | End::Shutdown => (
+            Some((sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())),
+            true,
+        ),
+        End::Server(Ok(PumpEnd::Eof { .. })) | End::Server(Err(PumpError::Read(_) | PumpError::Write(_))) => {
+            (None, false)
+        }
+        End::Server(Err(PumpError::Protocol(e))) => {
+            (Some((sqlstate::PROTOCOL_VIOLATION, format!("invalid message from the source: {e}"))), false)
+        }
+        End::IdleTimeout => (
+            Some((sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout".into())),
+            true,
+        ),
+    };
+    if let Some((code, message)) = notice {
+        // Only append a message where the client stream is between messages.
+        if shared.client_at_boundary.load(Ordering::Acquire) {
+            let msg = error_response(Severity::Fatal, code, &message);
+            let _ = timeout(FINAL_WRITE_TIMEOUT, async {
+                client.write_all(&msg).await?;
+                client.flush().await
+            })
+            .await;
+        } else {
+            debug!("client stream mid-message; closing without a final error");
+        }
+    }
+    if terminate_server {
+        let _ = timeout(FINAL_WRITE_TIMEOUT, server.write_all(b"X\0\0\0\x04")).await;
+    }
+    let _ = timeout(FINAL_WRITE_TIMEOUT, server.shutdown()).await;
+    let _ = timeout(FINAL_WRITE_TIMEOUT, client.shutdown()).await;
+    end
+}

@@ -1,0 +1,296 @@
+//! Shared harness for the integration tests: the two real clusters started
+//! by `scripts/cluster.sh`, a real `pgshift` process per test, and helpers
+//! to run real clients (psql, pgbench, python) against it.
+//!
+//! The clusters must be running (scripts/test.sh starts them); a test that
+//! cannot reach them fails with instructions rather than skipping.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SUPERUSER: &str = "postgres";
+
+/// Where the clusters are, from `scripts/cluster.sh env` (with its defaults).
+#[derive(Debug, Clone)]
+pub struct Clusters {
+    pub host: String,
+    pub source_port: u16,
+    pub target_port: u16,
+    pub dir: PathBuf,
+    pub pg_bin: PathBuf,
+}
+
+impl Clusters {
+    pub fn get() -> Clusters {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let c = Clusters {
+            host: var("PGSHIFT_HOST").unwrap_or_else(|| "127.0.0.1".into()),
+            source_port: var("PGSHIFT_SOURCE_PORT").and_then(|p| p.parse().ok()).unwrap_or(54321),
+            target_port: var("PGSHIFT_TARGET_PORT").and_then(|p| p.parse().ok()).unwrap_or(54322),
+            dir: var("PGSHIFT_CLUSTER_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".clusters")),
+            pg_bin: var("PGSHIFT_PG_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+        };
+        for port in [c.source_port, c.target_port] {
+            if TcpStream::connect((c.host.as_str(), port)).is_err() {
+                panic!(
+                    "no Postgres on {}:{port}: run the suite with scripts/test.sh, or start the clusters with scripts/cluster.sh start",
+                    c.host
+                );
+            }
+        }
+        c
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("tls/ca.crt")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("tls/server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("tls/server.key")
+    }
+    pub fn target_passfile(&self) -> PathBuf {
+        self.dir.join("target.pgpass")
+    }
+
+    /// libpq connection string straight to the source.
+    pub fn source_url(&self, user: &str, db: &str) -> String {
+        format!("host={} port={} user={user} dbname={db}", self.host, self.source_port)
+    }
+    pub fn target_url(&self, user: &str, db: &str) -> String {
+        format!("host={} port={} user={user} dbname={db}", self.host, self.target_port)
+    }
+
+    /// Runs SQL as the superuser directly on one cluster; panics on failure.
+    pub fn sql(&self, port: u16, db: &str, sql: &str) -> String {
+        let out = psql(&format!("host={} port={port} user={SUPERUSER} dbname={db}", self.host), &["-Atq", "-c", sql], None);
+        assert!(out.status.success(), "psql on port {port} failed for {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// A fresh database of this name on both clusters (dropped first).
+    pub fn fresh_db(&self, name: &str) {
+        for port in [self.source_port, self.target_port] {
+            self.sql(port, "postgres", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            self.sql(port, "postgres", &format!("CREATE DATABASE {name}"));
+            self.sql(port, name, "GRANT ALL ON SCHEMA public TO PUBLIC");
+        }
+    }
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `pgshift` process with its own config, ports and log file.
+pub struct Proxy {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub clusters: Clusters,
+}
+
+impl Proxy {
+    /// The config every test starts from: both clusters, sslmode disable,
+    /// target passfile, free ports.
+    pub fn base_config(c: &Clusters, port: u16, admin_port: u16) -> toml_edit::DocumentMut {
+        let text = format!(
+            r#"
+[listen]
+addr = "127.0.0.1:{port}"
+
+[source]
+host = "{host}"
+port = {sp}
+sslmode = "disable"
+
+[target]
+host = "{host}"
+port = {tp}
+sslmode = "disable"
+passfile = "{passfile}"
+
+[admin]
+addr = "127.0.0.1:{admin_port}"
+
+[limits]
+shutdown_timeout_s = 10
+
+[log]
+level = "info"
+"#,
+            host = c.host,
+            sp = c.source_port,
+            tp = c.target_port,
+            passfile = c.target_passfile().display(),
+        );
+        text.parse().unwrap()
+    }
+
+    /// Starts a proxy with the base config.
+    pub fn start() -> Proxy {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts a proxy after `edit` adjusts the base config, e.g.
+    /// `|c| c["limits"]["max_client_connections"] = toml_edit::value(5)`.
+    pub fn start_with(edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        let clusters = Clusters::get();
+        let (port, admin_port) = (free_port(), free_port());
+        let mut cfg = Self::base_config(&clusters, port, admin_port);
+        edit(&mut cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("proxy.toml");
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", std::env::var("PGSHIFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start pgshift");
+        let mut p = Proxy { child: Some(child), port, admin_port, dir, clusters };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("pgshift exited at start ({status}):\n{}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pgshift did not listen on {} in time:\n{}", self.port, self.log());
+    }
+
+    /// libpq connection string through the proxy.
+    pub fn url(&self, user: &str, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port)
+    }
+
+    /// tokio-postgres config through the proxy.
+    pub fn pg_config(&self, user: &str, db: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1").port(self.port).user(user).dbname(db);
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// A GET on the admin API; returns (status code, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path, None)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.admin_get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// A number from /status by JSON pointer, e.g. "/metrics/target/logins_ok".
+    pub fn stat(&self, pointer: &str) -> i64 {
+        self.status().pointer(pointer).and_then(|v| v.as_i64()).unwrap_or_else(|| panic!("no {pointer} in status"))
+    }
+
+    /// Polls `cond` for up to `secs` seconds.
+    pub fn wait_for(&self, secs: u64, what: &str, mut cond: impl FnMut(&Proxy) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if cond(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}; proxy log:\n{}", self.log());
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, up to `secs`; returns its exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pgshift did not exit within {secs}s:\n{}", self.log());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- pgshift log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET against the admin API (no client crate needed).
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin API reachable");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Runs psql with a connection string; never prompts for a password.
+pub fn psql(conn: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.arg(conn)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-w"])
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("psql on PATH");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Runs a program from the Postgres bin dir (pgbench, pg_ctl...).
+pub fn pg_tool(c: &Clusters, tool: &str) -> Command {
+    let p = c.pg_bin.join(tool);
+    Command::new(if p.exists() { p } else { PathBuf::from(tool) })
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}

@@ -20,7 +20,8 @@ use crate::proxy::Proxy;
 
 /// Reads a bearer token file: its first line, trimmed, must not be empty.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {
         bail!("{} holds no token", path.display());
@@ -37,22 +38,34 @@ struct AdminState {
 /// Binds the admin address; done before the proxy starts serving so a taken
 /// port fails start-up instead of being discovered later.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind admin API to {addr}"))
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind admin API to {addr}"))
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, token: Option<String>, proxy: Arc<Proxy>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    proxy: Arc<Proxy>,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     if token.is_none() {
         info!(%addr, "admin API listening without a token (loopback only)");
     } else {
         info!(%addr, "admin API listening; requests need the bearer token");
     }
-    let state = AdminState { proxy, token: token.map(Arc::from) };
+    let state = AdminState {
+        proxy,
+        token: token.map(Arc::from),
+    };
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state);
     axum::serve(listener, app).await.context("admin API failed")
 }
@@ -65,9 +78,17 @@ async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Re
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let ok = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        let ok = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
         if !ok {
-            return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "missing or wrong bearer token"})))
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+            )
                 .into_response();
         }
     }
@@ -80,7 +101,10 @@ async fn status(State(st): State<AdminState>) -> Json<serde_json::Value> {
 
 async fn metrics(State(st): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         st.proxy.metrics.render(),
     )
 }

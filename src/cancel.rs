@@ -36,15 +36,25 @@ impl CancelRegistry {
     /// Mints a proxy key for a session whose source backend has `source_key`.
     /// The secret has the length the negotiated protocol allows: 4 bytes in
     /// 3.0, 32 from 3.2 on.
-    pub fn register(self: &Arc<Self>, source_key: CancelKey, protocol_minor: u16) -> (CancelKey, CancelGuard) {
+    pub fn register(
+        self: &Arc<Self>,
+        source_key: CancelKey,
+        protocol_minor: u16,
+    ) -> (CancelKey, CancelGuard) {
         let mut rng = rand::rng();
         let secret_len = if protocol_minor >= 2 { 32 } else { 4 };
-        let secret: Bytes = (0..secret_len).map(|_| rng.random::<u8>()).collect::<Vec<_>>().into();
+        let secret: Bytes = (0..secret_len)
+            .map(|_| rng.random::<u8>())
+            .collect::<Vec<_>>()
+            .into();
         loop {
             let pid = rng.random_range(1..i32::MAX);
             if let dashmap::Entry::Vacant(v) = self.keys.entry(pid) {
                 v.insert((secret.clone(), source_key));
-                let guard = CancelGuard { registry: Arc::clone(self), pid };
+                let guard = CancelGuard {
+                    registry: Arc::clone(self),
+                    pid,
+                };
                 return (CancelKey { pid, secret }, guard);
             }
         }
@@ -89,11 +99,17 @@ mod tests {
     #[test]
     fn keys_resolve_only_with_the_right_secret_and_while_guarded() {
         let reg = Arc::new(CancelRegistry::default());
-        let src = CancelKey { pid: 99, secret: Bytes::from_static(b"abcd") };
+        let src = CancelKey {
+            pid: 99,
+            secret: Bytes::from_static(b"abcd"),
+        };
         let (proxy_key, guard) = reg.register(src.clone(), 0);
         assert_eq!(proxy_key.secret.len(), 4);
         assert_eq!(reg.resolve(&proxy_key), Some(src));
-        let wrong = CancelKey { pid: proxy_key.pid, secret: Bytes::from_static(b"zzzz") };
+        let wrong = CancelKey {
+            pid: proxy_key.pid,
+            secret: Bytes::from_static(b"zzzz"),
+        };
         assert_eq!(reg.resolve(&wrong), None);
         drop(guard);
         assert_eq!(reg.resolve(&proxy_key), None);
@@ -102,7 +118,13 @@ mod tests {
     #[test]
     fn protocol_3_2_gets_long_secrets() {
         let reg = Arc::new(CancelRegistry::default());
-        let (k, _g) = reg.register(CancelKey { pid: 1, secret: Bytes::from_static(&[0; 32]) }, 2);
+        let (k, _g) = reg.register(
+            CancelKey {
+                pid: 1,
+                secret: Bytes::from_static(&[0; 32]),
+            },
+            2,
+        );
         assert_eq!(k.secret.len(), 32);
     }
 }

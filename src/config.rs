@@ -81,7 +81,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { addr: default_admin_addr(), token_file: None }
+        Self {
+            addr: default_admin_addr(),
+            token_file: None,
+        }
     }
 }
 
@@ -127,7 +130,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: default_log_level() }
+        Self {
+            level: default_log_level(),
+        }
     }
 }
 
@@ -206,7 +211,12 @@ impl Config {
                 Some(span) => locate_span(text, span.start),
                 None => (None, None),
             };
-            ConfigError { file: file.into(), key, line, message: e.message().trim().to_string() }
+            ConfigError {
+                file: file.into(),
+                key,
+                line,
+                message: e.message().trim().to_string(),
+            }
         })?;
         if let Some(base) = base.filter(|b| !b.as_os_str().is_empty()) {
             cfg.resolve_paths(base);
@@ -239,8 +249,18 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
         match (&self.listen.tls_cert, &self.listen.tls_key) {
-            (Some(_), None) => return err("listen.tls_key", "tls_cert is set but tls_key is not".into()),
-            (None, Some(_)) => return err("listen.tls_cert", "tls_key is set but tls_cert is not".into()),
+            (Some(_), None) => {
+                return err(
+                    "listen.tls_key",
+                    "tls_cert is set but tls_key is not".into(),
+                )
+            }
+            (None, Some(_)) => {
+                return err(
+                    "listen.tls_cert",
+                    "tls_key is set but tls_cert is not".into(),
+                )
+            }
             (Some(cert), Some(key)) => {
                 if let Err(e) = crate::net::tls::server_config(cert, key) {
                     return err("listen.tls_cert", format!("{e:#}"));
@@ -253,14 +273,23 @@ impl Config {
                 return err(&format!("{name}.host"), "must not be empty".into());
             }
             if u.port == 0 {
-                return err(&format!("{name}.port"), "must be between 1 and 65535".into());
+                return err(
+                    &format!("{name}.port"),
+                    "must be between 1 and 65535".into(),
+                );
             }
             if u.connect_timeout_ms == 0 {
-                return err(&format!("{name}.connect_timeout_ms"), "must be positive".into());
+                return err(
+                    &format!("{name}.connect_timeout_ms"),
+                    "must be positive".into(),
+                );
             }
             match (u.sslmode, &u.sslrootcert) {
                 (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
-                    return err(&format!("{name}.sslrootcert"), "verify-ca and verify-full need a CA file".into())
+                    return err(
+                        &format!("{name}.sslrootcert"),
+                        "verify-ca and verify-full need a CA file".into(),
+                    )
                 }
                 (_, Some(ca)) => {
                     if let Err(e) = crate::net::tls::load_roots(ca) {
@@ -286,12 +315,11 @@ impl Config {
         }
         if let Some(addr) = self.admin.addr {
             match &self.admin.token_file {
-                None if !addr.ip().is_loopback() => {
-                    return err(
-                        "admin.addr",
-                        "without admin.token_file the admin API may only listen on a loopback address".into(),
-                    )
-                }
+                None if !addr.ip().is_loopback() => return err(
+                    "admin.addr",
+                    "without admin.token_file the admin API may only listen on a loopback address"
+                        .into(),
+                ),
                 Some(tf) => {
                     if let Err(e) = crate::admin::read_token(tf) {
                         return err("admin.token_file", format!("{e:#}"));
@@ -308,7 +336,10 @@ impl Config {
             return err("limits.startup_timeout_ms", "must be positive".into());
         }
         if !(1024..=(1 << 30)).contains(&l.max_message_bytes) {
-            return err("limits.max_message_bytes", "must be between 1024 and 1073741824".into());
+            return err(
+                "limits.max_message_bytes",
+                "must be between 1024 and 1073741824".into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log.level", format!("not a valid filter: {e}"));
@@ -319,7 +350,11 @@ impl Config {
 
 /// 1-based line of a byte offset.
 fn line_at(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// For a parse error at `offset`: the dotted key written on that line (under
@@ -331,10 +366,23 @@ fn locate_span(text: &str, offset: usize) -> (Option<String>, Option<usize>) {
         let t = line.trim();
         if i + 1 == line_no {
             if t.starts_with('[') {
-                return (Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_string()), Some(line_no));
+                return (
+                    Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_string()),
+                    Some(line_no),
+                );
             }
-            let key = t.split('=').next().map(str::trim).filter(|k| !k.is_empty() && !k.starts_with('#'));
-            let key = key.map(|k| if table.is_empty() { k.to_string() } else { format!("{table}.{k}") });
+            let key = t
+                .split('=')
+                .next()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && !k.starts_with('#'));
+            let key = key.map(|k| {
+                if table.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{table}.{k}")
+                }
+            });
             return (key.or(Some(table).filter(|t| !t.is_empty())), Some(line_no));
         }
         if t.starts_with('[') && !t.starts_with("[[") {
@@ -398,7 +446,10 @@ port = 54322
         assert_eq!(e.key.as_deref(), Some("target.prot"));
         assert_eq!(e.line, Some(12));
         assert!(e.message.contains("unknown field"), "{}", e.message);
-        assert!(e.to_string().starts_with("t.toml:12: key `target.prot`"), "{e}");
+        assert!(
+            e.to_string().starts_with("t.toml:12: key `target.prot`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -423,7 +474,10 @@ port = 54322
     #[test]
     fn source_passfile_and_public_admin_are_rejected() {
         let text = MINIMAL.replace("port = 54321", "port = 54321\npassfile = \"x\"");
-        assert_eq!(Config::parse(&text, "t", None).unwrap_err().key.as_deref(), Some("source.passfile"));
+        assert_eq!(
+            Config::parse(&text, "t", None).unwrap_err().key.as_deref(),
+            Some("source.passfile")
+        );
         let text = format!("{MINIMAL}\n[admin]\naddr = \"0.0.0.0:9930\"\n");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert_eq!((e.key.as_deref(), e.line), (Some("admin.addr"), Some(14)));
@@ -440,6 +494,9 @@ port = 54322
     fn bad_sslmode_value() {
         let text = MINIMAL.replace("port = 54321", "port = 54321\nsslmode = \"sometimes\"");
         let e = Config::parse(&text, "t", None).unwrap_err();
-        assert_eq!((e.key.as_deref(), e.line), (Some("source.sslmode"), Some(8)));
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("source.sslmode"), Some(8))
+        );
     }
 }

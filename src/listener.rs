@@ -32,7 +32,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(addr = %proxy.config.listen.addr, source = %proxy.source.addr(), tls = proxy.tls.is_some(), "pgshift listening");
 
     if let Some(addr) = admin.addr {
-        let token = admin.token_file.as_deref().map(crate::admin::read_token).transpose()?;
+        let token = admin
+            .token_file
+            .as_deref()
+            .map(crate::admin::read_token)
+            .transpose()?;
         let admin_listener = crate::admin::bind(addr).await?;
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
@@ -76,12 +80,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     drop(listener);
     let open = max_clients - slots.available_permits();
-    info!(open_sessions = open, timeout_s = shutdown_timeout.as_secs(), "shutting down: draining sessions");
+    info!(
+        open_sessions = open,
+        timeout_s = shutdown_timeout.as_secs(),
+        "shutting down: draining sessions"
+    );
     let _ = phase_tx.send(Phase::Draining);
     let all_slots = u32::try_from(max_clients).unwrap_or(u32::MAX);
-    if tokio::time::timeout(shutdown_timeout, slots.acquire_many(all_slots)).await.is_err() {
+    if tokio::time::timeout(shutdown_timeout, slots.acquire_many(all_slots))
+        .await
+        .is_err()
+    {
         let open = max_clients - slots.available_permits();
-        warn!(open_sessions = open, "drain deadline passed: closing the remaining sessions");
+        warn!(
+            open_sessions = open,
+            "drain deadline passed: closing the remaining sessions"
+        );
         let _ = phase_tx.send(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all_slots)).await;
     }
@@ -91,7 +105,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Answers an over-limit connection the way Postgres does: FATAL 53300.
 async fn too_many_clients(mut tcp: TcpStream) {
-    let msg = error_response(Severity::Fatal, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
+    let msg = error_response(
+        Severity::Fatal,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         tcp.write_all(&msg).await?;
         tcp.shutdown().await

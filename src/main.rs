@@ -8,10 +8,20 @@ use pgshift::config::Config;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "pgshift", version, about = "Transparent PostgreSQL proxy for zero-downtime migrations")]
+#[command(
+    name = "pgshift",
+    version,
+    about = "Transparent PostgreSQL proxy for zero-downtime migrations"
+)]
 struct Cli {
     /// Config file (TOML).
-    #[arg(short, long, global = true, default_value = "proxy.toml", env = "PGSHIFT_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "proxy.toml",
+        env = "PGSHIFT_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,13 +54,20 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
     // Each session holds two or three sockets: use all the descriptors allowed.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open-files limit");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgshift: cannot start the runtime: {e}");

@@ -39,7 +39,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pgshift");
         let client_connections = Counter::default();
-        registry.register("client_connections", "Client connections accepted", client_connections.clone());
+        registry.register(
+            "client_connections",
+            "Client connections accepted",
+            client_connections.clone(),
+        );
         let client_sessions_active = Gauge::default();
         registry.register(
             "client_sessions_active",
@@ -47,11 +51,23 @@ impl Metrics {
             client_sessions_active.clone(),
         );
         let rejected = Family::<Labels, Counter>::default();
-        registry.register("client_rejected", "Client connections refused, by reason", rejected.clone());
-        let client_rejected_too_many = rejected.get_or_create(&vec![("reason", "too_many_clients")]).clone();
-        let client_rejected_startup = rejected.get_or_create(&vec![("reason", "startup_failed")]).clone();
+        registry.register(
+            "client_rejected",
+            "Client connections refused, by reason",
+            rejected.clone(),
+        );
+        let client_rejected_too_many = rejected
+            .get_or_create(&vec![("reason", "too_many_clients")])
+            .clone();
+        let client_rejected_startup = rejected
+            .get_or_create(&vec![("reason", "startup_failed")])
+            .clone();
         let client_tls = Counter::default();
-        registry.register("client_tls_sessions", "Client connections that negotiated TLS", client_tls.clone());
+        registry.register(
+            "client_tls_sessions",
+            "Client connections that negotiated TLS",
+            client_tls.clone(),
+        );
         let protocol_errors = Counter::default();
         registry.register(
             "client_protocol_errors",
@@ -65,17 +81,37 @@ impl Metrics {
             source_connect_failures.clone(),
         );
         let logins = Family::<Labels, Counter>::default();
-        registry.register("target_logins", "Proxy logins to the target, by result", logins.clone());
+        registry.register(
+            "target_logins",
+            "Proxy logins to the target, by result",
+            logins.clone(),
+        );
         let target_logins_ok = logins.get_or_create(&vec![("result", "ok")]).clone();
         let target_logins_failed = logins.get_or_create(&vec![("result", "failed")]).clone();
         let target_links_up = Gauge::default();
-        registry.register("target_links_up", "Per-session target connections currently up", target_links_up.clone());
+        registry.register(
+            "target_links_up",
+            "Per-session target connections currently up",
+            target_links_up.clone(),
+        );
         let target_links_lost = Counter::default();
-        registry.register("target_links_lost", "Target connections lost after login", target_links_lost.clone());
+        registry.register(
+            "target_links_lost",
+            "Target connections lost after login",
+            target_links_lost.clone(),
+        );
         let cancels = Family::<Labels, Counter>::default();
-        registry.register("cancel_requests", "CancelRequests received, by outcome", cancels.clone());
-        let cancel_forwarded = cancels.get_or_create(&vec![("result", "forwarded")]).clone();
-        let cancel_unknown_key = cancels.get_or_create(&vec![("result", "unknown_key")]).clone();
+        registry.register(
+            "cancel_requests",
+            "CancelRequests received, by outcome",
+            cancels.clone(),
+        );
+        let cancel_forwarded = cancels
+            .get_or_create(&vec![("result", "forwarded")])
+            .clone();
+        let cancel_unknown_key = cancels
+            .get_or_create(&vec![("result", "unknown_key")])
+            .clone();
         Self {
             registry,
             client_connections,

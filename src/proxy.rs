@@ -40,7 +40,12 @@ impl Proxy {
         let metrics = Arc::new(Metrics::new());
         let source = Upstream::new("source", &config.source)?;
         let targets = if config.target.session_links {
-            let passfile = config.target.passfile.as_deref().map(PassFile::load).transpose()?;
+            let passfile = config
+                .target
+                .passfile
+                .as_deref()
+                .map(PassFile::load)
+                .transpose()?;
             Some(Arc::new(TargetLinks {
                 upstream: Upstream::new("target", &config.target)?,
                 passfile,
@@ -51,9 +56,9 @@ impl Proxy {
             None
         };
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(tokio_rustls::TlsAcceptor::from(crate::net::tls::server_config(cert, key)?))
-            }
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::net::tls::server_config(cert, key)?,
+            )),
             _ => None,
         };
         Ok(Self {

@@ -56,7 +56,9 @@ impl Upstream {
             .with_context(|| format!("cannot connect to {} at {}", self.name, self.addr()))?;
         tcp.set_nodelay(true)?;
         set_keepalive(&tcp);
-        let Some(tls) = &self.tls else { return Ok(Stream::Plain(tcp)) };
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
         let mut tcp = tcp;
         let mut req = [0u8; 8];
         req[..4].copy_from_slice(&8i32.to_be_bytes());
@@ -64,25 +66,39 @@ impl Upstream {
         tcp.write_all(&req).await?;
         // Exactly one byte: anything after it belongs to the TLS handshake and
         // must not be read as plaintext (CVE-2021-23222).
-        let answer = tcp.read_u8().await.context("server closed the connection after SSLRequest")?;
+        let answer = tcp
+            .read_u8()
+            .await
+            .context("server closed the connection after SSLRequest")?;
         match answer {
             b'S' => {
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let tls = connector
                     .connect(super::tls::server_name(&self.host), tcp)
                     .await
-                    .with_context(|| format!("TLS handshake with {} at {} failed", self.name, self.addr()))?;
+                    .with_context(|| {
+                        format!("TLS handshake with {} at {} failed", self.name, self.addr())
+                    })?;
                 Ok(Stream::ClientTls(Box::new(tls)))
             }
             b'N' if self.sslmode == SslMode::Prefer => Ok(Stream::Plain(tcp)),
-            b'N' => bail!("{} at {} does not support SSL, but sslmode requires it", self.name, self.addr()),
-            other => bail!("{} answered SSLRequest with unexpected byte {other:#04x}", self.name),
+            b'N' => bail!(
+                "{} at {} does not support SSL, but sslmode requires it",
+                self.name,
+                self.addr()
+            ),
+            other => bail!(
+                "{} answered SSLRequest with unexpected byte {other:#04x}",
+                self.name
+            ),
         }
     }
 }
 
 /// TCP keepalive so a vanished peer is noticed on an idle connection.
 pub fn set_keepalive(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }

@@ -27,8 +27,8 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
     if certs.is_empty() {
         bail!("no certificate in {}", cert.display());
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key).with_context(|| format!("cannot read private key {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read private key {}", key.display()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -41,7 +41,9 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
 
 pub fn load_roots(ca: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read CA file {}", ca.display()))? {
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("cannot read CA file {}", ca.display()))?
+    {
         roots.add(cert.with_context(|| format!("invalid PEM in {}", ca.display()))?)?;
     }
     if roots.is_empty() {
@@ -51,24 +53,38 @@ pub fn load_roots(ca: &Path) -> anyhow::Result<RootCertStore> {
 }
 
 /// TLS for the proxy's connections to a server, following libpq's sslmode.
-pub fn client_config(mode: SslMode, ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+pub fn client_config(
+    mode: SslMode,
+    ca: Option<&Path>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
     let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca) {
-        (SslMode::VerifyFull, Some(ca)) => WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider()).build()?,
+        (SslMode::VerifyFull, Some(ca)) => {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                .build()?
+        }
         (SslMode::VerifyCa, Some(ca)) => Arc::new(ChainOnly(
-            WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider()).build()?,
+            WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                .build()?,
         )),
-        (SslMode::VerifyFull | SslMode::VerifyCa, None) => bail!("sslmode verify-ca/verify-full needs sslrootcert"),
+        (SslMode::VerifyFull | SslMode::VerifyCa, None) => {
+            bail!("sslmode verify-ca/verify-full needs sslrootcert")
+        }
         _ => Arc::new(NoVerification(provider())),
     };
-    let mut cfg = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    let mut cfg = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Arc::new(cfg))
 }
 
 /// The server name to present (SNI) and, under verify-full, to check.
 pub fn server_name(host: &str) -> ServerName<'static> {
-    ServerName::try_from(host.to_string()).unwrap_or_else(|_| ServerName::try_from("localhost").expect("valid name"))
+    ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("valid name"))
 }
 
 /// sslmode=verify-ca: the chain must lead to the CA; the name is not checked.
@@ -84,7 +100,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

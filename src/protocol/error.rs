@@ -23,7 +23,12 @@ pub fn error_response(severity: Severity, code: &str, message: &str) -> BytesMut
     let mut b = BytesMut::with_capacity(32 + message.len());
     b.put_u8(b'E');
     b.put_i32(0);
-    for (field, value) in [(b'S', severity.as_str()), (b'V', severity.as_str()), (b'C', code), (b'M', message)] {
+    for (field, value) in [
+        (b'S', severity.as_str()),
+        (b'V', severity.as_str()),
+        (b'C', code),
+        (b'M', message),
+    ] {
         b.put_u8(field);
         // Field values are C strings: never let an interior NUL cut one short.
         b.extend(value.bytes().filter(|&c| c != 0));
@@ -51,7 +56,9 @@ pub fn parse_error_fields(mut body: &[u8]) -> ErrorFields<'_> {
         if field == 0 {
             break;
         }
-        let Some(nul) = rest.iter().position(|&c| c == 0) else { break };
+        let Some(nul) = rest.iter().position(|&c| c == 0) else {
+            break;
+        };
         let value = std::str::from_utf8(&rest[..nul]).ok();
         match field {
             b'V' => out.severity = value,
@@ -73,7 +80,10 @@ mod tests {
     fn build_and_parse_roundtrip() {
         let e = error_response(Severity::Fatal, "08P01", "bad\0 thing");
         assert_eq!(e[0], b'E');
-        assert_eq!(i32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize, e.len() - 1);
+        assert_eq!(
+            i32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize,
+            e.len() - 1
+        );
         let f = parse_error_fields(&e[5..]);
         assert_eq!(f.severity, Some("FATAL"));
         assert_eq!(f.code, Some("08P01"));

@@ -53,7 +53,11 @@ pub fn decode_header(buf: &[u8], max_body: usize) -> Result<Option<Header>, Fram
     }
     let body_len = (len - 4) as usize;
     if body_len > max_body {
-        return Err(FrameError::TooLarge { tag, len: body_len, max: max_body });
+        return Err(FrameError::TooLarge {
+            tag,
+            len: body_len,
+            max: max_body,
+        });
     }
     Ok(Some(Header { tag, body_len }))
 }
@@ -120,17 +124,29 @@ mod tests {
 
     #[test]
     fn header_rejects_short_and_negative_lengths() {
-        assert!(matches!(decode_header(b"Q\0\0\0\x03", 100), Err(FrameError::BadLength { .. })));
-        assert!(matches!(decode_header(b"Q\xff\xff\xff\xff", 100), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            decode_header(b"Q\0\0\0\x03", 100),
+            Err(FrameError::BadLength { .. })
+        ));
+        assert!(matches!(
+            decode_header(b"Q\xff\xff\xff\xff", 100),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 
     #[test]
     fn header_bounds_body() {
         assert_eq!(
             decode_header(b"Q\0\0\0\x0e", 100),
-            Ok(Some(Header { tag: b'Q', body_len: 10 }))
+            Ok(Some(Header {
+                tag: b'Q',
+                body_len: 10
+            }))
         );
-        assert!(matches!(decode_header(b"Q\0\0\x10\0", 100), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_header(b"Q\0\0\x10\0", 100),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[tokio::test]
@@ -138,11 +154,20 @@ mod tests {
         let data: &[u8] = b"Z\0\0\0\x05IQ\0\0\0\x05x";
         let mut rd = data;
         let mut buf = BytesMut::new();
-        let m = read_message(&mut rd, &mut buf, 1024).await.unwrap().unwrap();
+        let m = read_message(&mut rd, &mut buf, 1024)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((m.tag, m.body()), (b'Z', &b"I"[..]));
-        let m = read_message(&mut rd, &mut buf, 1024).await.unwrap().unwrap();
+        let m = read_message(&mut rd, &mut buf, 1024)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((m.tag, m.body()), (b'Q', &b"x"[..]));
-        assert!(read_message(&mut rd, &mut buf, 1024).await.unwrap().is_none());
+        assert!(read_message(&mut rd, &mut buf, 1024)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -34,14 +34,28 @@ pub const READY_FOR_QUERY: u8 = b'Z';
 pub fn is_frontend_tag(tag: u8) -> bool {
     matches!(
         tag,
-        BIND | CLOSE | COPY_DATA | COPY_DONE | COPY_FAIL | DESCRIBE | EXECUTE | FLUSH | FUNCTION_CALL | PARSE
-            | PASSWORD | QUERY | SYNC | TERMINATE
+        BIND | CLOSE
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | FUNCTION_CALL
+            | PARSE
+            | PASSWORD
+            | QUERY
+            | SYNC
+            | TERMINATE
     )
 }
 
 /// Splits one NUL-terminated string off the front of `buf`.
 pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], FrameError> {
-    let nul = buf.iter().position(|&b| b == 0).ok_or(FrameError::Malformed("missing string terminator"))?;
+    let nul = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(FrameError::Malformed("missing string terminator"))?;
     let s = &buf[..nul];
     *buf = &buf[nul + 1..];
     Ok(s)
@@ -59,18 +73,24 @@ pub fn parse_parse(body: &[u8]) -> Result<(&[u8], &[u8]), FrameError> {
     let name = take_cstr(&mut b)?;
     let query = take_cstr(&mut b)?;
     if b.len() < 2 {
-        return Err(FrameError::Malformed("Parse message without parameter count"));
+        return Err(FrameError::Malformed(
+            "Parse message without parameter count",
+        ));
     }
     let n = u16::from_be_bytes([b[0], b[1]]) as usize;
     if b.len() != 2 + 4 * n {
-        return Err(FrameError::Malformed("Parse message parameter count does not match its length"));
+        return Err(FrameError::Malformed(
+            "Parse message parameter count does not match its length",
+        ));
     }
     Ok((name, query))
 }
 
 /// Close: ('S' or 'P', name).
 pub fn parse_close(body: &[u8]) -> Result<(u8, &[u8]), FrameError> {
-    let (&kind, mut rest) = body.split_first().ok_or(FrameError::Malformed("empty Close message"))?;
+    let (&kind, mut rest) = body
+        .split_first()
+        .ok_or(FrameError::Malformed("empty Close message"))?;
     if kind != b'S' && kind != b'P' {
         return Err(FrameError::Malformed("invalid Close message subtype"));
     }

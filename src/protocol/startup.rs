@@ -75,7 +75,9 @@ pub enum StartupError {
     BadLength,
     #[error("{0}")]
     Malformed(&'static str),
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{LATEST_MINOR}")]
+    #[error(
+        "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{LATEST_MINOR}"
+    )]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -83,11 +85,18 @@ pub enum StartupError {
 
 impl StartupMessage {
     pub fn new(major: u16, minor: u16, params: Vec<(String, String)>) -> Self {
-        Self { major, minor, params }
+        Self {
+            major,
+            minor,
+            params,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn params(&self) -> &[(String, String)] {
@@ -128,9 +137,15 @@ impl StartupMessage {
             params.push((key, value));
         }
         if !rest.is_empty() {
-            return Err(StartupError::Malformed("invalid startup packet layout: expected terminator as last byte"));
+            return Err(StartupError::Malformed(
+                "invalid startup packet layout: expected terminator as last byte",
+            ));
         }
-        Ok(Self { major, minor, params })
+        Ok(Self {
+            major,
+            minor,
+            params,
+        })
     }
 }
 
@@ -138,14 +153,18 @@ fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
     let nul = rest
         .iter()
         .position(|&b| b == 0)
-        .ok_or(StartupError::Malformed("invalid startup packet layout: expected terminator as last byte"))?;
+        .ok_or(StartupError::Malformed(
+            "invalid startup packet layout: expected terminator as last byte",
+        ))?;
     let s = String::from_utf8_lossy(&rest[..nul]).into_owned();
     *rest = &rest[nul + 1..];
     Ok(s)
 }
 
 /// Reads and decodes one startup-phase packet.
-pub async fn read_startup_packet<R: AsyncRead + Unpin>(rd: &mut R) -> Result<StartupPacket, StartupError> {
+pub async fn read_startup_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+) -> Result<StartupPacket, StartupError> {
     let mut len_buf = [0u8; 4];
     rd.read_exact(&mut len_buf).await?;
     let len = i32::from_be_bytes(len_buf);
@@ -182,7 +201,9 @@ pub fn decode_startup_body(body: &[u8]) -> Result<StartupPacket, StartupError> {
             if major != 3 {
                 return Err(StartupError::UnsupportedVersion { major, minor });
             }
-            Ok(StartupPacket::Startup(StartupMessage::parse(major, minor, rest)?))
+            Ok(StartupPacket::Startup(StartupMessage::parse(
+                major, minor, rest,
+            )?))
         }
     }
 }
@@ -216,18 +237,25 @@ mod tests {
     #[test]
     fn decodes_startup_params_and_roundtrips() {
         let body = packet(3 << 16, b"user\0alice\0database\0db\0\0");
-        let StartupPacket::Startup(m) = decode_startup_body(&body).unwrap() else { panic!() };
+        let StartupPacket::Startup(m) = decode_startup_body(&body).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.get("user"), Some("alice"));
         assert_eq!(m.database(), Some("db"));
         let enc = m.encode(0);
         assert_eq!(&enc[4..], &body[..]);
-        assert_eq!(u32::from_be_bytes([enc[0], enc[1], enc[2], enc[3]]) as usize, enc.len());
+        assert_eq!(
+            u32::from_be_bytes([enc[0], enc[1], enc[2], enc[3]]) as usize,
+            enc.len()
+        );
     }
 
     #[test]
     fn database_defaults_to_user() {
         let body = packet(3 << 16, b"user\0bob\0\0");
-        let StartupPacket::Startup(m) = decode_startup_body(&body).unwrap() else { panic!() };
+        let StartupPacket::Startup(m) = decode_startup_body(&body).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.database(), Some("bob"));
     }
 
@@ -247,9 +275,16 @@ mod tests {
 
     #[test]
     fn decodes_requests() {
-        assert!(matches!(decode_startup_body(&packet(SSL_REQUEST_CODE, b"")), Ok(StartupPacket::SslRequest)));
-        assert!(matches!(decode_startup_body(&packet(GSSENC_REQUEST_CODE, b"")), Ok(StartupPacket::GssEncRequest)));
-        let StartupPacket::Cancel(k) = decode_startup_body(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x07abcd")).unwrap()
+        assert!(matches!(
+            decode_startup_body(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(StartupPacket::SslRequest)
+        ));
+        assert!(matches!(
+            decode_startup_body(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(StartupPacket::GssEncRequest)
+        ));
+        let StartupPacket::Cancel(k) =
+            decode_startup_body(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x07abcd")).unwrap()
         else {
             panic!()
         };
@@ -259,10 +294,15 @@ mod tests {
 
     #[test]
     fn cancel_key_encodings() {
-        let k = CancelKey { pid: 42, secret: Bytes::from_static(b"wxyz") };
+        let k = CancelKey {
+            pid: 42,
+            secret: Bytes::from_static(b"wxyz"),
+        };
         let c = k.encode_cancel_request();
         assert_eq!(c.len(), 16);
-        let StartupPacket::Cancel(back) = decode_startup_body(&c[4..]).unwrap() else { panic!() };
+        let StartupPacket::Cancel(back) = decode_startup_body(&c[4..]).unwrap() else {
+            panic!()
+        };
         assert_eq!(back, k);
         let kd = k.encode_backend_key_data();
         assert_eq!(CancelKey::from_backend_key_data(&kd[5..]).unwrap(), k);
@@ -272,6 +312,9 @@ mod tests {
     fn npv_message_layout() {
         let m = negotiate_protocol_version(2, &["_pq_.x"]);
         assert_eq!(m[0], b'v');
-        assert_eq!(i32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize, m.len() - 1);
+        assert_eq!(
+            i32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize,
+            m.len() - 1
+        );
     }
 }

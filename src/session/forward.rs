@@ -67,7 +67,12 @@ pub enum PumpError {
 
 /// Moves messages from `rd` to `wr` until EOF, an error, or the inspector
 /// asks to stop. `buf` may already hold bytes read earlier.
-pub async fn pump<R, W, I>(rd: &mut R, wr: &mut W, buf: &mut BytesMut, insp: &mut I) -> Result<PumpEnd, PumpError>
+pub async fn pump<R, W, I>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    insp: &mut I,
+) -> Result<PumpEnd, PumpError>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
@@ -88,14 +93,21 @@ where
                 }
                 continue;
             }
-            let Some(h) = decode_header(&buf[pos..], MAX_STREAMED_MESSAGE)? else { break };
+            let Some(h) = decode_header(&buf[pos..], MAX_STREAMED_MESSAGE)? else {
+                break;
+            };
             if !insp.wants_body(h.tag) {
                 insp.header(h.tag)?;
                 streaming = h.frame_len();
                 continue;
             }
             if h.body_len > insp.max_inspected() {
-                return Err(FrameError::TooLarge { tag: h.tag, len: h.body_len, max: insp.max_inspected() }.into());
+                return Err(FrameError::TooLarge {
+                    tag: h.tag,
+                    len: h.body_len,
+                    max: insp.max_inspected(),
+                }
+                .into());
             }
             let available = buf.len() - pos;
             if available < h.frame_len() {
@@ -126,7 +138,9 @@ where
             buf.reserve(READ_CHUNK);
         }
         if rd.read_buf(buf).await.map_err(PumpError::Read)? == 0 {
-            return Ok(PumpEnd::Eof { mid_message: !buf.is_empty() || streaming > 0 });
+            return Ok(PumpEnd::Eof {
+                mid_message: !buf.is_empty() || streaming > 0,
+            });
         }
     }
 }
@@ -155,7 +169,11 @@ mod tests {
         }
         fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
             self.inspected.push((tag, body.to_vec()));
-            Ok(if tag == b'X' { Verdict::ForwardAndStop } else { Verdict::Forward })
+            Ok(if tag == b'X' {
+                Verdict::ForwardAndStop
+            } else {
+                Verdict::Forward
+            })
         }
     }
 
@@ -201,11 +219,17 @@ mod tests {
         let input = msg(b'Q', &[b'a'; 65]);
         let mut buf = BytesMut::new();
         let r = pump(&mut &input[..], &mut Vec::new(), &mut buf, &mut probe).await;
-        assert!(matches!(r, Err(PumpError::Protocol(FrameError::TooLarge { .. }))));
+        assert!(matches!(
+            r,
+            Err(PumpError::Protocol(FrameError::TooLarge { .. }))
+        ));
         let mut buf = BytesMut::new();
         let bad: &[u8] = b"Q\0\0\0\x02";
         let r = pump(&mut &bad[..], &mut Vec::new(), &mut buf, &mut probe).await;
-        assert!(matches!(r, Err(PumpError::Protocol(FrameError::BadLength { .. }))));
+        assert!(matches!(
+            r,
+            Err(PumpError::Protocol(FrameError::BadLength { .. }))
+        ));
     }
 
     #[tokio::test]
@@ -214,7 +238,9 @@ mod tests {
         let input = &msg(b'd', b"abcdef")[..7];
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
-        let r = pump(&mut &input[..], &mut out, &mut buf, &mut probe).await.unwrap();
+        let r = pump(&mut &input[..], &mut out, &mut buf, &mut probe)
+            .await
+            .unwrap();
         assert!(matches!(r, PumpEnd::Eof { mid_message: true }));
         // Streamed bytes were forwarded as they came.
         assert_eq!(out.len(), 7);

@@ -36,10 +36,17 @@ const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one accepted connection. `_permit` holds its slot under
 /// `limits.max_client_connections` until the session ends.
-pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
     let id = proxy.next_session_id();
     proxy.metrics.client_connections.inc();
-    run(proxy, tcp, id).instrument(tracing::info_span!("session", id, %peer)).await
+    run(proxy, tcp, id)
+        .instrument(tracing::info_span!("session", id, %peer))
+        .await
 }
 
 async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
@@ -51,7 +58,10 @@ async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
     let startup = match timeout_at(deadline, negotiate(&proxy, &mut client)).await {
         Ok(Ok(Negotiated::Startup(m))) => m,
         Ok(Ok(Negotiated::Cancel(key))) => {
-            proxy.cancels.cancel(&key, &proxy.source, &proxy.metrics).await;
+            proxy
+                .cancels
+                .cancel(&key, &proxy.source, &proxy.metrics)
+                .await;
             return;
         }
         Ok(Err(f)) => return reject(&proxy, client.as_mut(), f).await,
@@ -59,11 +69,12 @@ async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
     };
     let Some(mut client) = client else { return };
 
-    let established = match timeout_at(deadline, connect_source(&proxy, &mut client, &startup)).await {
-        Ok(Ok(e)) => e,
-        Ok(Err(f)) => return reject(&proxy, Some(&mut client), f).await,
-        Err(_) => return reject(&proxy, Some(&mut client), startup_timeout()).await,
-    };
+    let established =
+        match timeout_at(deadline, connect_source(&proxy, &mut client, &startup)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(f)) => return reject(&proxy, Some(&mut client), f).await,
+            Err(_) => return reject(&proxy, Some(&mut client), startup_timeout()).await,
+        };
     info!(
         user = startup.get("user").unwrap_or_default(),
         database = startup.database().unwrap_or_default(),
@@ -126,7 +137,11 @@ impl std::fmt::Display for End {
         match self {
             End::Client(Ok(PumpEnd::Stopped)) => write!(f, "client terminated"),
             End::Client(Ok(PumpEnd::Eof { mid_message })) => {
-                write!(f, "client disconnected{}", if *mid_message { " mid-message" } else { "" })
+                write!(
+                    f,
+                    "client disconnected{}",
+                    if *mid_message { " mid-message" } else { "" }
+                )
             }
             End::Client(Err(e)) => write!(f, "client error: {e}"),
             End::Server(Ok(PumpEnd::Stopped)) => write!(f, "drained for shutdown"),
@@ -157,7 +172,12 @@ fn split(stream: &mut Stream) -> (BoxRead<'_>, BoxWrite<'_>) {
 }
 
 async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -> End {
-    let Established { mut server, mut client_buf, mut server_buf, cancel_guard: _cancel_guard } = est;
+    let Established {
+        mut server,
+        mut client_buf,
+        mut server_buf,
+        cancel_guard: _cancel_guard,
+    } = est;
     let shared = Shared::default();
     let mut statements = PreparedStatements::new(MAX_TRACKED_STATEMENTS);
     let mut shutdown = proxy.shutdown.clone();
@@ -172,8 +192,18 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
             max_inspected: proxy.config.limits.max_message_bytes,
         };
         let mut backend = BackendInspector { shared: &shared };
-        let to_server = pump(&mut *client_rd, &mut *server_wr, &mut client_buf, &mut frontend);
-        let to_client = pump(&mut *server_rd, &mut *client_wr, &mut server_buf, &mut backend);
+        let to_server = pump(
+            &mut *client_rd,
+            &mut *server_wr,
+            &mut client_buf,
+            &mut frontend,
+        );
+        let to_client = pump(
+            &mut *server_rd,
+            &mut *client_wr,
+            &mut server_buf,
+            &mut backend,
+        );
         tokio::pin!(to_server, to_client);
         let mut seen_messages = 0;
         loop {
@@ -204,32 +234,42 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
         }
     };
     if statements.overflowed {
-        warn!("more than {MAX_TRACKED_STATEMENTS} prepared statements; later ones were not tracked");
+        warn!(
+            "more than {MAX_TRACKED_STATEMENTS} prepared statements; later ones were not tracked"
+        );
     }
 
     // What the client is told, if anything, and whether the source gets a
     // polite Terminate before the connection closes.
     let (notice, terminate_server) = match &end {
         End::Client(Ok(PumpEnd::Stopped)) => (None, false), // Terminate already forwarded
-        End::Client(Ok(PumpEnd::Eof { .. })) | End::Client(Err(PumpError::Read(_) | PumpError::Write(_))) => {
-            (None, false)
-        }
+        End::Client(Ok(PumpEnd::Eof { .. }))
+        | End::Client(Err(PumpError::Read(_) | PumpError::Write(_))) => (None, false),
         End::Client(Err(PumpError::Protocol(e))) => {
             proxy.metrics.protocol_errors.inc();
             (Some((sqlstate::PROTOCOL_VIOLATION, e.to_string())), false)
         }
         End::Server(Ok(PumpEnd::Stopped)) | End::Shutdown => (
-            Some((sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())),
+            Some((
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command".into(),
+            )),
             true,
         ),
-        End::Server(Ok(PumpEnd::Eof { .. })) | End::Server(Err(PumpError::Read(_) | PumpError::Write(_))) => {
-            (None, false)
-        }
-        End::Server(Err(PumpError::Protocol(e))) => {
-            (Some((sqlstate::PROTOCOL_VIOLATION, format!("invalid message from the source: {e}"))), false)
-        }
+        End::Server(Ok(PumpEnd::Eof { .. }))
+        | End::Server(Err(PumpError::Read(_) | PumpError::Write(_))) => (None, false),
+        End::Server(Err(PumpError::Protocol(e))) => (
+            Some((
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid message from the source: {e}"),
+            )),
+            false,
+        ),
         End::IdleTimeout => (
-            Some((sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout".into())),
+            Some((
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout".into(),
+            )),
             true,
         ),
     };

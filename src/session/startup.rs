@@ -24,8 +24,8 @@ use crate::protocol::message::{
 };
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{
-    negotiate_protocol_version, read_startup_packet, CancelKey, StartupError, StartupMessage, StartupPacket,
-    LATEST_MINOR,
+    negotiate_protocol_version, read_startup_packet, CancelKey, StartupError, StartupMessage,
+    StartupPacket, LATEST_MINOR,
 };
 use crate::proxy::Proxy;
 
@@ -45,10 +45,18 @@ pub struct Failure {
 
 impl Failure {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), client_told: false }
+        Self {
+            code,
+            message: message.into(),
+            client_told: false,
+        }
     }
     fn told(message: impl Into<String>) -> Self {
-        Self { code: "", message: message.into(), client_told: true }
+        Self {
+            code: "",
+            message: message.into(),
+            client_told: true,
+        }
     }
 }
 
@@ -59,7 +67,9 @@ impl From<StartupError> for Failure {
                 Failure::told("client closed the connection during startup")
             }
             StartupError::Io(e) => Failure::told(format!("I/O error during startup: {e}")),
-            e @ StartupError::UnsupportedVersion { .. } => Failure::new(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()),
+            e @ StartupError::UnsupportedVersion { .. } => {
+                Failure::new(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
+            }
             e => Failure::new(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
         }
     }
@@ -79,33 +89,56 @@ pub async fn negotiate(proxy: &Proxy, client: &mut Option<Stream>) -> Result<Neg
     // Postgres 17 clients may start TLS directly, without SSLRequest.
     if let (Some(acceptor), Some(Stream::Plain(tcp))) = (&proxy.tls, client.as_ref()) {
         let mut first = [0u8; 1];
-        if tcp.peek(&mut first).await.map_err(|e| Failure::told(e.to_string()))? == 1 && first[0] == 0x16 {
+        if tcp
+            .peek(&mut first)
+            .await
+            .map_err(|e| Failure::told(e.to_string()))?
+            == 1
+            && first[0] == 0x16
+        {
             start_tls(acceptor, client, proxy).await?;
             tls_done = true;
         }
     }
     loop {
-        let stream = client.as_mut().ok_or_else(|| Failure::told("connection lost"))?;
+        let stream = client
+            .as_mut()
+            .ok_or_else(|| Failure::told("connection lost"))?;
         match read_startup_packet(stream).await? {
             StartupPacket::SslRequest if tls_done => {
-                return Err(Failure::new(sqlstate::PROTOCOL_VIOLATION, "SSLRequest on an encrypted connection"))
+                return Err(Failure::new(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "SSLRequest on an encrypted connection",
+                ))
             }
             StartupPacket::SslRequest => match &proxy.tls {
                 Some(acceptor) => {
-                    stream.write_all(b"S").await.map_err(|e| Failure::told(e.to_string()))?;
+                    stream
+                        .write_all(b"S")
+                        .await
+                        .map_err(|e| Failure::told(e.to_string()))?;
                     // read_startup_packet reads exactly the packet, so nothing the client
                     // sent early can leak into the TLS session (CVE-2021-23214).
                     start_tls(acceptor, client, proxy).await?;
                     tls_done = true;
                 }
-                None => stream.write_all(b"N").await.map_err(|e| Failure::told(e.to_string()))?,
+                None => stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(|e| Failure::told(e.to_string()))?,
             },
             StartupPacket::GssEncRequest if gss_done || tls_done => {
-                return Err(Failure::new(sqlstate::PROTOCOL_VIOLATION, "unexpected GSSENCRequest"))
+                return Err(Failure::new(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "unexpected GSSENCRequest",
+                ))
             }
             StartupPacket::GssEncRequest => {
                 gss_done = true;
-                stream.write_all(b"N").await.map_err(|e| Failure::told(e.to_string()))?;
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(|e| Failure::told(e.to_string()))?;
             }
             StartupPacket::Cancel(key) => return Ok(Negotiated::Cancel(key)),
             StartupPacket::Startup(m) => {
@@ -129,7 +162,10 @@ async fn start_tls(
     let Some(Stream::Plain(tcp)) = client.take() else {
         return Err(Failure::told("TLS requested twice"));
     };
-    let tls = acceptor.accept(tcp).await.map_err(|e| Failure::told(format!("TLS handshake failed: {e}")))?;
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| Failure::told(format!("TLS handshake failed: {e}")))?;
     proxy.metrics.client_tls.inc();
     *client = Some(Stream::ServerTls(Box::new(tls)));
     Ok(())
@@ -153,12 +189,18 @@ pub async fn connect_source(
 ) -> Result<Established, Failure> {
     let mut server = proxy.source.connect().await.map_err(|e| {
         proxy.metrics.source_connect_failures.inc();
-        Failure::new(sqlstate::CONNECTION_FAILURE, format!("pgshift could not connect to the source: {e:#}"))
+        Failure::new(
+            sqlstate::CONNECTION_FAILURE,
+            format!("pgshift could not connect to the source: {e:#}"),
+        )
     })?;
     let io_err = |e: std::io::Error| Failure::told(format!("I/O error during authentication: {e}"));
 
     let minor = startup.minor.min(LATEST_MINOR);
-    server.write_all(&startup.encode(minor)).await.map_err(io_err)?;
+    server
+        .write_all(&startup.encode(minor))
+        .await
+        .map_err(io_err)?;
     let mut negotiated_minor = minor;
 
     let mut client_buf = BytesMut::with_capacity(1024);
@@ -192,13 +234,18 @@ pub async fn connect_source(
             NEGOTIATE_PROTOCOL_VERSION => {
                 let b = msg.body();
                 if b.len() >= 4 {
-                    negotiated_minor = (u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0xffff) as u16;
+                    negotiated_minor =
+                        (u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0xffff) as u16;
                 }
                 out.extend_from_slice(&msg.frame);
             }
             AUTHENTICATION => {
                 let b = msg.body();
-                let code = if b.len() >= 4 { i32::from_be_bytes([b[0], b[1], b[2], b[3]]) } else { -1 };
+                let code = if b.len() >= 4 {
+                    i32::from_be_bytes([b[0], b[1], b[2], b[3]])
+                } else {
+                    -1
+                };
                 match code {
                     0 => {
                         authenticated = true;
@@ -232,7 +279,12 @@ pub async fn connect_source(
                 out.extend_from_slice(&msg.frame);
                 client.write_all(&out).await.map_err(io_err)?;
                 client.flush().await.map_err(io_err)?;
-                return Ok(Established { server, client_buf, server_buf, cancel_guard });
+                return Ok(Established {
+                    server,
+                    client_buf,
+                    server_buf,
+                    cancel_guard,
+                });
             }
             // ParameterStatus, NoticeResponse and anything else: unchanged.
             _ => out.extend_from_slice(&msg.frame),
@@ -257,7 +309,12 @@ fn without_channel_binding(msg: &Message) -> BytesMut {
     out.put_u8(AUTHENTICATION);
     out.put_i32(0);
     out.put_slice(&body[..4.min(body.len())]);
-    for mech in body.get(4..).unwrap_or_default().split(|&b| b == 0).filter(|m| !m.is_empty()) {
+    for mech in body
+        .get(4..)
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|m| !m.is_empty())
+    {
         if mech != b"SCRAM-SHA-256-PLUS" {
             out.put_slice(mech);
             out.put_u8(0);
@@ -282,6 +339,9 @@ mod tests {
         frame.put_slice(body);
         let out = without_channel_binding(&Message { tag: b'R', frame });
         assert_eq!(&out[5..], b"\0\0\0\x0aSCRAM-SHA-256\0\0");
-        assert_eq!(i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize, out.len() - 1);
+        assert_eq!(
+            i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize,
+            out.len() - 1
+        );
     }
 }

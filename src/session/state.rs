@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::forward::{Inspector, Verdict};
 use crate::protocol::message::{
-    is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, CLOSE, FUNCTION_CALL, PARSE,
-    QUERY, READY_FOR_QUERY, SYNC, TERMINATE,
+    is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, CLOSE,
+    FUNCTION_CALL, PARSE, QUERY, READY_FOR_QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::FrameError;
 
@@ -44,7 +44,8 @@ impl Default for Shared {
 impl Shared {
     /// Idle: no request outstanding and not inside a transaction block.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0 && self.tx_status.load(Ordering::Acquire) == b'I'
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.tx_status.load(Ordering::Acquire) == b'I'
     }
 }
 
@@ -62,7 +63,12 @@ pub struct PreparedStatements {
 
 impl PreparedStatements {
     pub fn new(limit: usize) -> Self {
-        Self { named: HashMap::new(), unnamed: None, limit, overflowed: false }
+        Self {
+            named: HashMap::new(),
+            unnamed: None,
+            limit,
+            overflowed: false,
+        }
     }
 
     pub fn on_parse(&mut self, name: &[u8], query: &[u8]) {
@@ -181,7 +187,9 @@ impl Inspector for BackendInspector<'_> {
         let left = self
             .shared
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            })
             .map_or(0, |prev| prev.saturating_sub(1));
         if left == 0 && status == b'I' && self.shared.draining.load(Ordering::Acquire) {
             return Ok(Verdict::ForwardAndStop);
@@ -190,7 +198,9 @@ impl Inspector for BackendInspector<'_> {
     }
 
     fn writing(&mut self, done: bool, at_boundary: bool) {
-        self.shared.client_at_boundary.store(done && at_boundary, Ordering::Release);
+        self.shared
+            .client_at_boundary
+            .store(done && at_boundary, Ordering::Release);
     }
 }
 
@@ -218,7 +228,11 @@ mod tests {
     fn frontend_inspector_counts_requests_and_rejects_unknown_types() {
         let shared = Shared::default();
         let mut st = PreparedStatements::new(10);
-        let mut i = FrontendInspector { shared: &shared, statements: &mut st, max_inspected: 1024 };
+        let mut i = FrontendInspector {
+            shared: &shared,
+            statements: &mut st,
+            max_inspected: 1024,
+        };
         i.inspect(QUERY, b"select 1\0").unwrap();
         i.header(SYNC).unwrap();
         assert_eq!(shared.in_flight.load(Ordering::Relaxed), 2);
@@ -235,7 +249,10 @@ mod tests {
         shared.draining.store(true, Ordering::Relaxed);
         assert_eq!(b.inspect(READY_FOR_QUERY, b"T").unwrap(), Verdict::Forward);
         assert!(!shared.is_idle());
-        assert_eq!(b.inspect(READY_FOR_QUERY, b"I").unwrap(), Verdict::ForwardAndStop);
+        assert_eq!(
+            b.inspect(READY_FOR_QUERY, b"I").unwrap(),
+            Verdict::ForwardAndStop
+        );
         assert!(shared.is_idle());
         assert!(b.inspect(READY_FOR_QUERY, b"Q").is_err());
     }

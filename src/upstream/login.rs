@@ -54,7 +54,9 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let msg = read_message(stream, &mut buf, LOGIN_MAX_MESSAGE)
             .await?
-            .ok_or_else(|| LoginError::Protocol("server closed the connection during login".into()))?;
+            .ok_or_else(|| {
+                LoginError::Protocol("server closed the connection during login".into())
+            })?;
         let mut body = msg.body();
         match msg.tag {
             AUTHENTICATION => {
@@ -71,20 +73,30 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
                             .ok_or_else(|| LoginError::Protocol("short md5 salt".into()))?;
-                        let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), need()?.as_bytes(), salt);
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            need()?.as_bytes(),
+                            salt,
+                        );
                         frontend::password_message(hash.as_bytes(), &mut out)?;
                     }
                     10 => {
-                        let offers_scram = body.split(|&b| b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                        let offers_scram = body
+                            .split(|&b| b == 0)
+                            .any(|m| m == SCRAM_SHA_256.as_bytes());
                         if !offers_scram {
-                            return Err(LoginError::Protocol("server offers no SASL mechanism we support".into()));
+                            return Err(LoginError::Protocol(
+                                "server offers no SASL mechanism we support".into(),
+                            ));
                         }
                         let s = ScramSha256::new(need()?.as_bytes(), ChannelBinding::unsupported());
                         frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
                         scram = Some(s);
                     }
                     11 => {
-                        let mut s = scram.take().ok_or_else(|| LoginError::Protocol("SASL continue without SASL".into()))?;
+                        let mut s = scram.take().ok_or_else(|| {
+                            LoginError::Protocol("SASL continue without SASL".into())
+                        })?;
                         // The PBKDF2 step is deliberately expensive: keep it off the async workers.
                         let data = body.to_vec();
                         let (s, r) = tokio::task::spawn_blocking(move || {
@@ -98,8 +110,11 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                         scram = Some(s);
                     }
                     12 => {
-                        let s = scram.as_mut().ok_or_else(|| LoginError::Protocol("SASL final without SASL".into()))?;
-                        s.finish(body).map_err(|e| LoginError::Protocol(format!("SCRAM: {e}")))?;
+                        let s = scram.as_mut().ok_or_else(|| {
+                            LoginError::Protocol("SASL final without SASL".into())
+                        })?;
+                        s.finish(body)
+                            .map_err(|e| LoginError::Protocol(format!("SCRAM: {e}")))?;
                     }
                     other => return Err(LoginError::Unsupported(other)),
                 }
@@ -116,7 +131,10 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
             BACKEND_KEY_DATA => {
-                key = Some(CancelKey::from_backend_key_data(body).map_err(|e| LoginError::Protocol(e.to_string()))?)
+                key = Some(
+                    CancelKey::from_backend_key_data(body)
+                        .map_err(|e| LoginError::Protocol(e.to_string()))?,
+                )
             }
             READY_FOR_QUERY => return Ok(LoggedIn { key, leftover: buf }),
             // ParameterStatus, NoticeResponse, NegotiateProtocolVersion: nothing to do.

@@ -22,7 +22,8 @@ impl PassFile {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             if meta.permissions().mode() & 0o077 != 0 {
                 bail!(
                     "{} has group or world access; permissions should be u=rw (0600) or less",
@@ -30,7 +31,8 @@ impl PassFile {
                 );
             }
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         Ok(Self::parse(&text))
     }
 
@@ -48,7 +50,12 @@ impl PassFile {
         let wanted = [host, port.as_str(), database, user];
         self.entries
             .iter()
-            .find(|e| e[..4].iter().zip(wanted).all(|(pat, v)| pat == "*" || pat == v))
+            .find(|e| {
+                e[..4]
+                    .iter()
+                    .zip(wanted)
+                    .all(|(pat, v)| pat == "*" || pat == v)
+            })
             .map(|e| e[4].as_str())
     }
 }

@@ -67,11 +67,17 @@ impl TargetLinks {
         let mut failures = 0u32;
         loop {
             let attempt = async {
-                let mut stream = self.upstream.connect().await.map_err(|e| format!("{e:#}"))?;
-                let logged_in = login(&mut stream, &startup, password.as_deref()).await.map_err(|e| match e {
-                    LoginError::Io(e) => format!("I/O error during login: {e}"),
-                    e => e.to_string(),
-                })?;
+                let mut stream = self
+                    .upstream
+                    .connect()
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let logged_in = login(&mut stream, &startup, password.as_deref())
+                    .await
+                    .map_err(|e| match e {
+                        LoginError::Io(e) => format!("I/O error during login: {e}"),
+                        e => e.to_string(),
+                    })?;
                 Ok::<_, String>((stream, logged_in.leftover))
             };
             let connected = tokio::select! {

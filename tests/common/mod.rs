@@ -30,10 +30,18 @@ impl Clusters {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let c = Clusters {
             host: var("PGSHIFT_HOST").unwrap_or_else(|| "127.0.0.1".into()),
-            source_port: var("PGSHIFT_SOURCE_PORT").and_then(|p| p.parse().ok()).unwrap_or(54321),
-            target_port: var("PGSHIFT_TARGET_PORT").and_then(|p| p.parse().ok()).unwrap_or(54322),
-            dir: var("PGSHIFT_CLUSTER_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".clusters")),
-            pg_bin: var("PGSHIFT_PG_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+            source_port: var("PGSHIFT_SOURCE_PORT")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(54321),
+            target_port: var("PGSHIFT_TARGET_PORT")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(54322),
+            dir: var("PGSHIFT_CLUSTER_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join(".clusters")),
+            pg_bin: var("PGSHIFT_PG_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
         };
         for port in [c.source_port, c.target_port] {
             if TcpStream::connect((c.host.as_str(), port)).is_err() {
@@ -61,23 +69,44 @@ impl Clusters {
 
     /// libpq connection string straight to the source.
     pub fn source_url(&self, user: &str, db: &str) -> String {
-        format!("host={} port={} user={user} dbname={db}", self.host, self.source_port)
+        format!(
+            "host={} port={} user={user} dbname={db}",
+            self.host, self.source_port
+        )
     }
     pub fn target_url(&self, user: &str, db: &str) -> String {
-        format!("host={} port={} user={user} dbname={db}", self.host, self.target_port)
+        format!(
+            "host={} port={} user={user} dbname={db}",
+            self.host, self.target_port
+        )
     }
 
     /// Runs SQL as the superuser directly on one cluster; panics on failure.
     pub fn sql(&self, port: u16, db: &str, sql: &str) -> String {
-        let out = psql(&format!("host={} port={port} user={SUPERUSER} dbname={db}", self.host), &["-Atq", "-c", sql], None);
-        assert!(out.status.success(), "psql on port {port} failed for {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = psql(
+            &format!(
+                "host={} port={port} user={SUPERUSER} dbname={db}",
+                self.host
+            ),
+            &["-Atq", "-c", sql],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "psql on port {port} failed for {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     }
 
     /// A fresh database of this name on both clusters (dropped first).
     pub fn fresh_db(&self, name: &str) {
         for port in [self.source_port, self.target_port] {
-            self.sql(port, "postgres", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            self.sql(
+                port,
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            );
             self.sql(port, "postgres", &format!("CREATE DATABASE {name}"));
             self.sql(port, name, "GRANT ALL ON SCHEMA public TO PUBLIC");
         }
@@ -86,7 +115,11 @@ impl Clusters {
 
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `pgshift` process with its own config, ports and log file.
@@ -96,6 +129,8 @@ pub struct Proxy {
     pub admin_port: u16,
     pub dir: tempfile::TempDir,
     pub clusters: Clusters,
+    /// The admin bearer token, when the config has a token file.
+    pub token: Option<String>,
 }
 
 impl Proxy {
@@ -154,28 +189,58 @@ level = "info"
         let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
             .arg("--config")
             .arg(&cfg_path)
-            .env("RUST_LOG", std::env::var("PGSHIFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PGSHIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start pgshift");
-        let mut p = Proxy { child: Some(child), port, admin_port, dir, clusters };
-        p.wait_listening();
+        let admin = cfg.get("admin").and_then(|a| a.get("addr")).is_some();
+        let token = cfg
+            .get("admin")
+            .and_then(|a| a.get("token_file"))
+            .and_then(|t| t.as_str())
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.trim().to_string());
+        let mut p = Proxy {
+            child: Some(child),
+            port,
+            admin_port,
+            dir,
+            clusters,
+            token,
+        };
+        p.wait_listening(admin);
         p
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits until the proxy serves. Probes the admin API when there is one
+    /// (it is bound after the client listener, and a probe there is not a
+    /// client connection that would show up in the proxy's counters).
+    fn wait_listening(&mut self, admin: bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("pgshift exited at start ({status}):\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let up = if admin {
+                TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+                    && http_get(self.admin_port, "/health", self.token.as_deref()).0 == 200
+            } else {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("pgshift did not listen on {} in time:\n{}", self.port, self.log());
+        panic!(
+            "pgshift did not listen on {} in time:\n{}",
+            self.port,
+            self.log()
+        );
     }
 
     /// libpq connection string through the proxy.
@@ -200,7 +265,7 @@ level = "info"
 
     /// A GET on the admin API; returns (status code, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin_port, path, None)
+        http_get(self.admin_port, path, self.token.as_deref())
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -211,7 +276,10 @@ level = "info"
 
     /// A number from /status by JSON pointer, e.g. "/metrics/target/logins_ok".
     pub fn stat(&self, pointer: &str) -> i64 {
-        self.status().pointer(pointer).and_then(|v| v.as_i64()).unwrap_or_else(|| panic!("no {pointer} in status"))
+        self.status()
+            .pointer(pointer)
+            .and_then(|v| v.as_i64())
+            .unwrap_or_else(|| panic!("no {pointer} in status"))
     }
 
     /// Polls `cond` for up to `secs` seconds.
@@ -227,7 +295,11 @@ level = "info"
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -260,12 +332,21 @@ impl Drop for Proxy {
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin API reachable");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -275,7 +356,11 @@ pub fn psql(conn: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     cmd.arg(conn)
         .args(["-X", "-v", "ON_ERROR_STOP=1", "-w"])
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("psql on PATH");

@@ -1,0 +1,110 @@
+//! Hot-path micro-benchmarks: walking message headers and pumping a
+//! realistic message mix through the forwarder with its inspectors.
+//! Throughput is reported in bytes, so a regression shows as lower GiB/s.
+
+use std::hint::black_box;
+
+use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pgshift::protocol::frame::decode_header;
+use pgshift::session::forward::{pump, MAX_STREAMED_MESSAGE};
+use pgshift::session::state::{BackendInspector, FrontendInspector, PreparedStatements, Shared};
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// What a pgbench -M extended client sends per select-only transaction.
+fn client_stream(n: usize) -> Vec<u8> {
+    let mut one = msg(
+        b'P',
+        b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0",
+    );
+    one.extend(msg(b'B', b"\0\0\0\0\0\x01\0\0\0\x0512345\0\0"));
+    one.extend(msg(b'D', b"P\0"));
+    one.extend(msg(b'E', b"\0\0\0\0\0"));
+    one.extend(msg(b'S', b""));
+    one.repeat(n)
+}
+
+/// What the server answers: ParseComplete, BindComplete, RowDescription,
+/// DataRow, CommandComplete, ReadyForQuery.
+fn server_stream(n: usize) -> Vec<u8> {
+    let mut one = msg(b'1', b"");
+    one.extend(msg(b'2', b""));
+    one.extend(msg(
+        b'T',
+        b"\0\x01abalance\0\0\0\x40\x06\0\x03\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+    ));
+    one.extend(msg(b'D', b"\0\x01\0\0\0\x01\x30"));
+    one.extend(msg(b'C', b"SELECT 1\0"));
+    one.extend(msg(b'Z', b"I"));
+    one.repeat(n)
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let client = client_stream(1000);
+    let server = server_stream(1000);
+
+    let mut g = c.benchmark_group("framing");
+    g.throughput(Throughput::Bytes(server.len() as u64));
+    g.bench_function("walk_headers_server_stream", |b| {
+        b.iter(|| {
+            let mut pos = 0;
+            let mut count = 0;
+            while let Ok(Some(h)) = decode_header(&server[pos..], MAX_STREAMED_MESSAGE) {
+                pos += h.frame_len();
+                count += 1;
+            }
+            black_box(count)
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("pump");
+    g.throughput(Throughput::Bytes(client.len() as u64));
+    g.bench_function("client_to_source_extended", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let shared = Shared::default();
+                let mut st = PreparedStatements::new(1000);
+                let mut insp = FrontendInspector {
+                    shared: &shared,
+                    statements: &mut st,
+                    max_inspected: 1 << 20,
+                };
+                let mut out = Vec::with_capacity(client.len());
+                let mut buf = BytesMut::new();
+                pump(&mut &client[..], &mut out, &mut buf, &mut insp)
+                    .await
+                    .unwrap();
+                black_box(out.len())
+            })
+        })
+    });
+    g.throughput(Throughput::Bytes(server.len() as u64));
+    g.bench_function("source_to_client_extended", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let shared = Shared::default();
+                let mut insp = BackendInspector { shared: &shared };
+                let mut out = Vec::with_capacity(server.len());
+                let mut buf = BytesMut::new();
+                pump(&mut &server[..], &mut out, &mut buf, &mut insp)
+                    .await
+                    .unwrap();
+                black_box(out.len())
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# scripts/test.sh — THE one command that runs pgshift's whole test suite.
+#
+# Usage: scripts/test.sh [CARGO TEST ARGS...] [-- TEST BINARY ARGS...]
+#
+#   scripts/test.sh                        # everything
+#   scripts/test.sh --test e2e             # one integration test target
+#   scripts/test.sh -- some_test_name      # filter, passed to the test binaries
+#
+# What it does:
+#   1. installs what is missing (PostgreSQL, pgbouncer, openssl, psycopg) — scripts/lib.sh
+#   2. raises `ulimit -n` to 65536 (or as high as the hard limit allows)
+#   3. starts the two test clusters (scripts/cluster.sh start) and exports their
+#      environment (scripts/cluster.sh env: PGSHIFT_HOST, PGSHIFT_SOURCE_PORT,
+#      PGSHIFT_TARGET_PORT, PGSHIFT_CLUSTER_DIR, PGSHIFT_PG_BIN, ...), plus PGSHIFT_BIN
+#      (the release binary)
+#   4. cargo build --release --bins
+#   5. cargo test --release [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
+#      (--test-threads=2 is not added if you pass your own --test-threads)
+#   6. stops the clusters on exit, unless PGSHIFT_KEEP_CLUSTERS=1
+#
+# Exit code: cargo test's (or the failing step's). Never reads standard input.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+exec </dev/null
+
+# Split "$@" into cargo args and test-binary args (after the first --).
+cargo_args=()
+bin_args=()
+seen_dashdash=0
+for a in "$@"; do
+    if [[ $seen_dashdash -eq 0 && "$a" == "--" ]]; then
+        seen_dashdash=1
+    elif [[ $seen_dashdash -eq 0 ]]; then
+        cargo_args+=("$a")
+    else
+        bin_args+=("$a")
+    fi
+done
+if [[ " ${bin_args[*]-} " != *" --test-threads"* ]]; then
+    bin_args=(--test-threads=2 "${bin_args[@]+"${bin_args[@]}"}")
+fi
+
+step "installing missing dependencies"
+ensure_deps
+command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH"
+
+step "raising the open-file limit"
+want=65536
+hard="$(ulimit -Hn)"
+if [[ "$hard" != unlimited && "$hard" -lt "$want" ]]; then
+    ulimit -Hn "$want" 2>/dev/null || true
+    hard="$(ulimit -Hn)"
+fi
+if [[ "$hard" == unlimited || "$hard" -ge "$want" ]]; then
+    ulimit -Sn "$want"
+else
+    ulimit -Sn "$hard"
+    warn "hard limit on open files is $hard (< $want); using $hard"
+fi
+log "ulimit -n = $(ulimit -Sn) (hard $(ulimit -Hn))"
+
+cleanup() {
+    local rc=$?
+    if [[ "${PGSHIFT_KEEP_CLUSTERS:-0}" == 1 ]]; then
+        log "PGSHIFT_KEEP_CLUSTERS=1: leaving the clusters running"
+    else
+        step "stopping the test clusters"
+        "$ROOT/scripts/cluster.sh" stop || warn "could not stop the clusters"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+step "starting the test clusters"
+"$ROOT/scripts/cluster.sh" start
+eval "$("$ROOT/scripts/cluster.sh" env)"
+export PGSHIFT_BIN="$ROOT/target/release/pgshift"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+env | grep '^PGSHIFT_' | sort | sed 's/^/    /' >&2
+
+step "cargo build --release --bins"
+cargo build --release --bins
+
+step "cargo test --release ${cargo_args[*]-} -- ${bin_args[*]}"
+set +e
+cargo test --release "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
+rc=$?
+set -e
+if [[ $rc -eq 0 ]]; then
+    log "cargo test passed"
+else
+    log "cargo test FAILED (exit $rc)"
+fi
+exit "$rc"

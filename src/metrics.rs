@@ -17,6 +17,7 @@ pub struct Metrics {
     pub client_sessions_active: Gauge,
     pub client_rejected_too_many: Counter,
     pub client_rejected_startup: Counter,
+    pub client_gone_in_startup: Counter,
     pub client_tls: Counter,
     pub protocol_errors: Counter,
     pub source_connect_failures: Counter,
@@ -62,6 +63,12 @@ impl Metrics {
         let client_rejected_startup = rejected
             .get_or_create(&vec![("reason", "startup_failed")])
             .clone();
+        let client_gone_in_startup = Counter::default();
+        registry.register(
+            "client_gone_in_startup",
+            "Clients that closed the connection before their session was established (e.g. TCP health checks)",
+            client_gone_in_startup.clone(),
+        );
         let client_tls = Counter::default();
         registry.register(
             "client_tls_sessions",
@@ -118,6 +125,7 @@ impl Metrics {
             client_sessions_active,
             client_rejected_too_many,
             client_rejected_startup,
+            client_gone_in_startup,
             client_tls,
             protocol_errors,
             source_connect_failures,
@@ -148,6 +156,7 @@ impl Metrics {
                 "sessions_active": self.client_sessions_active.get(),
                 "rejected_too_many": self.client_rejected_too_many.get(),
                 "rejected_startup": self.client_rejected_startup.get(),
+                "gone_in_startup": self.client_gone_in_startup.get(),
                 "protocol_errors": self.protocol_errors.get(),
             },
             "source": { "connect_failures": self.source_connect_failures.get() },

@@ -18,11 +18,10 @@ use crate::protocol::frame::{decode_header, FrameError, HEADER_LEN};
 /// Postgres' own upper bound for any message (MaxAllocSize - 1).
 pub const MAX_STREAMED_MESSAGE: usize = (1 << 30) - 1;
 
-/// Read granularity; buffers start empty so idle sessions hold little memory.
-const READ_CHUNK: usize = 16 * 1024;
-/// A buffer grown past this (for a large inspected message) is released when
-/// it drains, so one big query does not pin memory for the session's life.
-const KEEP_CAPACITY: usize = 256 * 1024;
+/// Buffers start at this size, so idle sessions hold little memory...
+const MIN_READ: usize = 2 * 1024;
+/// ...and double while reads keep filling them, up to this.
+const MAX_READ: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -80,6 +79,8 @@ where
 {
     // Bytes of a streamed message still to come after what is in `buf`.
     let mut streaming: usize = 0;
+    let mut last_read = 0;
+    let mut last_read_filled = false;
     loop {
         let mut pos = 0;
         let mut stop = false;
@@ -131,17 +132,28 @@ where
         if stop {
             return Ok(PumpEnd::Stopped);
         }
-        if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+        // Size the next read from the last one: grow while reads fill the
+        // space, and give memory back once a drained buffer is far larger than
+        // what recent reads needed (after a big result, or a big query).
+        if buf.is_empty() && buf.capacity() > 4 * MIN_READ && last_read < buf.capacity() / 8 {
             *buf = BytesMut::new();
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        let want = if last_read_filled {
+            (buf.capacity() * 2).clamp(MIN_READ, MAX_READ)
+        } else {
+            MIN_READ
+        };
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
         }
-        if rd.read_buf(buf).await.map_err(PumpError::Read)? == 0 {
+        let spare = buf.capacity() - buf.len();
+        last_read = rd.read_buf(buf).await.map_err(PumpError::Read)?;
+        if last_read == 0 {
             return Ok(PumpEnd::Eof {
                 mid_message: !buf.is_empty() || streaming > 0,
             });
         }
+        last_read_filled = last_read == spare;
     }
 }
 

@@ -101,12 +101,18 @@ fn startup_timeout() -> Failure {
         code: sqlstate::PROTOCOL_VIOLATION,
         message: "timeout expired during startup".into(),
         client_told: false,
+        client_gone: false,
     }
 }
 
 /// Ends a session that never got established, telling the client why when
 /// it still can.
 async fn reject(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) {
+    if f.client_gone {
+        proxy.metrics.client_gone_in_startup.inc();
+        debug!(reason = %f.message, "client left during startup");
+        return;
+    }
     if f.code == sqlstate::PROTOCOL_VIOLATION {
         proxy.metrics.protocol_errors.inc();
     } else {

@@ -41,6 +41,9 @@ pub struct Failure {
     /// The client already got its answer (the source's own error), or the
     /// stream is in no state to carry one.
     pub client_told: bool,
+    /// The client went away by itself (a TCP health check, an impatient
+    /// client): not a rejection, counted apart.
+    pub client_gone: bool,
 }
 
 impl Failure {
@@ -49,6 +52,7 @@ impl Failure {
             code,
             message: message.into(),
             client_told: false,
+            client_gone: false,
         }
     }
     fn told(message: impl Into<String>) -> Self {
@@ -56,6 +60,13 @@ impl Failure {
             code: "",
             message: message.into(),
             client_told: true,
+            client_gone: false,
+        }
+    }
+    fn client_gone(message: impl Into<String>) -> Self {
+        Self {
+            client_gone: true,
+            ..Self::told(message)
         }
     }
 }
@@ -64,9 +75,9 @@ impl From<StartupError> for Failure {
     fn from(e: StartupError) -> Self {
         match e {
             StartupError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Failure::told("client closed the connection during startup")
+                Failure::client_gone("client closed the connection during startup")
             }
-            StartupError::Io(e) => Failure::told(format!("I/O error during startup: {e}")),
+            StartupError::Io(e) => Failure::client_gone(format!("I/O error during startup: {e}")),
             e @ StartupError::UnsupportedVersion { .. } => {
                 Failure::new(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }
@@ -222,7 +233,7 @@ pub async fn connect_source(
                         server.write_all(&m.frame).await.map_err(io_err)?;
                         continue;
                     }
-                    None => return Err(Failure::told("client closed the connection during authentication")),
+                    None => return Err(Failure::client_gone("client closed the connection during authentication")),
                 }
             }
         };

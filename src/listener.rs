@@ -5,19 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::protocol::error::{error_response, Severity};
-use crate::protocol::sqlstate;
 use crate::proxy::{Phase, Proxy};
 
-/// Over-limit connections answered at once with "too many clients" (each is
-/// cheap and short-lived); beyond this they are closed without an answer.
+/// Over-limit connections answered concurrently with "too many clients"
+/// (each is cheap and bounded by the startup timeout); beyond this they are
+/// closed without an answer.
 const MAX_CONCURRENT_REJECTIONS: usize = 256;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -60,8 +58,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Err(_) => {
                         proxy.metrics.client_rejected_too_many.inc();
                         if let Ok(p) = Arc::clone(&rejections).try_acquire_owned() {
+                            let proxy = Arc::clone(&proxy);
                             tokio::spawn(async move {
-                                too_many_clients(tcp).await;
+                                crate::session::refuse_over_limit(proxy, tcp).await;
                                 drop(p);
                             });
                         }
@@ -101,18 +100,4 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     info!("pgshift stopped");
     Ok(())
-}
-
-/// Answers an over-limit connection the way Postgres does: FATAL 53300.
-async fn too_many_clients(mut tcp: TcpStream) {
-    let msg = error_response(
-        Severity::Fatal,
-        sqlstate::TOO_MANY_CONNECTIONS,
-        "sorry, too many clients already",
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        tcp.write_all(&msg).await?;
-        tcp.shutdown().await
-    })
-    .await;
 }

@@ -1,5 +1,6 @@
 //! The `pgshift` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ fn run(config: Config) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // Colour codes only for a terminal, never into log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // Each session holds two or three sockets: use all the descriptors allowed.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {

@@ -157,6 +157,7 @@ impl Metrics {
                 "rejected_too_many": self.client_rejected_too_many.get(),
                 "rejected_startup": self.client_rejected_startup.get(),
                 "gone_in_startup": self.client_gone_in_startup.get(),
+                "tls_sessions": self.client_tls.get(),
                 "protocol_errors": self.protocol_errors.get(),
             },
             "source": { "connect_failures": self.source_connect_failures.get() },

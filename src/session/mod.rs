@@ -120,13 +120,49 @@ async fn reject(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) {
     }
     info!(reason = %f.message, "session not established");
     if let (false, Some(client)) = (f.client_told, client) {
-        let msg = error_response(Severity::Fatal, f.code, &f.message);
-        let _ = timeout(FINAL_WRITE_TIMEOUT, async {
-            client.write_all(&msg).await?;
-            client.flush().await?;
-            client.shutdown().await
-        })
-        .await;
+        send_fatal(client, f.code, &f.message).await;
+    }
+}
+
+/// Writes a FATAL ErrorResponse and closes, giving up on a client that does
+/// not take it within `FINAL_WRITE_TIMEOUT`.
+async fn send_fatal(client: &mut Stream, code: &str, message: &str) {
+    let msg = error_response(Severity::Fatal, code, message);
+    let _ = timeout(FINAL_WRITE_TIMEOUT, async {
+        client.write_all(&msg).await?;
+        client.flush().await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+/// Answers a connection over `limits.max_client_connections` as Postgres
+/// does: SSL/GSS negotiation and the startup packet first (so libpq shows the
+/// message), then `FATAL 53300`. Cancel requests are still honoured, since
+/// cancelling is how a client frees a stuck slot.
+pub async fn refuse_over_limit(proxy: Arc<Proxy>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + Duration::from_millis(proxy.config.limits.startup_timeout_ms);
+    let mut client = Some(Stream::Plain(tcp));
+    match timeout_at(deadline, negotiate(&proxy, &mut client)).await {
+        Ok(Ok(Negotiated::Cancel(key))) => {
+            proxy
+                .cancels
+                .cancel(&key, &proxy.source, &proxy.metrics)
+                .await
+        }
+        Ok(Ok(Negotiated::Startup(_))) => {
+            if let Some(client) = client.as_mut() {
+                send_fatal(
+                    client,
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                )
+                .await;
+            }
+        }
+        // Malformed, gone or too slow: it gets nothing more than a close.
+        _ => {}
     }
 }
 
@@ -230,8 +266,10 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
                     }
                 }
                 _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
+                    // Like Postgres' idle_session_timeout: only sessions idle
+                    // outside a transaction block, with nothing in flight.
                     let now = shared.client_messages.load(Ordering::Relaxed);
-                    if now == seen_messages && shared.in_flight.load(Ordering::Acquire) == 0 {
+                    if now == seen_messages && shared.is_idle() {
                         break End::IdleTimeout;
                     }
                     seen_messages = now;

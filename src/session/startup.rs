@@ -20,7 +20,8 @@ use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, read_message, Message};
 use crate::protocol::message::{
-    AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, NEGOTIATE_PROTOCOL_VERSION, READY_FOR_QUERY,
+    AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, NEGOTIATE_PROTOCOL_VERSION, PASSWORD,
+    READY_FOR_QUERY,
 };
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{
@@ -218,22 +219,34 @@ pub async fn connect_source(
     let mut server_buf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::new();
     let mut first = true;
-    let mut authenticated = false;
+    let mut awaiting_client = false;
     let mut cancel_guard = None;
     loop {
         let msg = tokio::select! {
             m = read_message(&mut server, &mut server_buf, AUTH_MAX_MESSAGE) => {
                 m.map_err(io_err)?.ok_or_else(|| Failure::told("source closed the connection during authentication"))?
             }
-            // Only during authentication does the client have anything to say;
-            // afterwards its early bytes wait in client_buf for the forwarder.
-            m = read_message(client, &mut client_buf, AUTH_MAX_MESSAGE), if !authenticated => {
-                match m.map_err(io_err)? {
-                    Some(m) => {
+            // The client speaks only when the source has asked it something
+            // (a password, a SASL step). Anything it pipelines after that
+            // waits in client_buf for the forwarder, which checks it.
+            m = read_message(client, &mut client_buf, AUTH_MAX_MESSAGE), if awaiting_client => {
+                match m {
+                    Ok(Some(m)) if m.tag == PASSWORD => {
                         server.write_all(&m.frame).await.map_err(io_err)?;
+                        awaiting_client = false;
                         continue;
                     }
-                    None => return Err(Failure::client_gone("client closed the connection during authentication")),
+                    Ok(Some(m)) => {
+                        return Err(Failure::new(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            format!("expected password response, got message type {}", m.tag),
+                        ))
+                    }
+                    Ok(None) => return Err(Failure::client_gone("client closed the connection during authentication")),
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(Failure::new(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
+                    }
+                    Err(e) => return Err(Failure::client_gone(format!("client I/O error during authentication: {e}"))),
                 }
             }
         };
@@ -258,12 +271,16 @@ pub async fn connect_source(
                     -1
                 };
                 match code {
-                    0 => {
-                        authenticated = true;
+                    // AuthenticationOk, SASLFinal: nothing for the client to answer.
+                    0 | 12 => out.extend_from_slice(&msg.frame),
+                    10 => {
+                        awaiting_client = true;
+                        out.extend_from_slice(&without_channel_binding(&msg));
+                    }
+                    _ => {
+                        awaiting_client = true;
                         out.extend_from_slice(&msg.frame);
                     }
-                    10 => out.extend_from_slice(&without_channel_binding(&msg)),
-                    _ => out.extend_from_slice(&msg.frame),
                 }
             }
             BACKEND_KEY_DATA => {

@@ -179,24 +179,9 @@ level = "info"
     /// `|c| c["limits"]["max_client_connections"] = toml_edit::value(5)`.
     pub fn start_with(edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
         let clusters = Clusters::get();
-        let (port, admin_port) = (free_port(), free_port());
+        let (mut port, mut admin_port) = (free_port(), free_port());
         let mut cfg = Self::base_config(&clusters, port, admin_port);
         edit(&mut cfg);
-        let dir = tempfile::tempdir().unwrap();
-        let cfg_path = dir.path().join("proxy.toml");
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("PGSHIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start pgshift");
         let admin = cfg.get("admin").and_then(|a| a.get("addr")).is_some();
         let token = cfg
             .get("admin")
@@ -204,26 +189,65 @@ level = "info"
             .and_then(|t| t.as_str())
             .and_then(|f| std::fs::read_to_string(f).ok())
             .map(|t| t.trim().to_string());
-        let mut p = Proxy {
-            child: Some(child),
-            port,
-            admin_port,
-            dir,
-            clusters,
-            token,
-        };
-        p.wait_listening(admin);
-        p
+        // free_port() releases its port before pgshift binds it, so a parallel
+        // test can take it first: retry with fresh ports when binding fails.
+        for attempt in 1.. {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg_path = dir.path().join("proxy.toml");
+            std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+            let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+                .arg("--config")
+                .arg(&cfg_path)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("PGSHIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start pgshift");
+            let mut p = Proxy {
+                child: Some(child),
+                port,
+                admin_port,
+                dir,
+                clusters: clusters.clone(),
+                token: token.clone(),
+            };
+            match p.wait_listening(admin) {
+                Ok(()) => return p,
+                Err(log)
+                    if attempt < 5
+                        && (log.contains("cannot listen") || log.contains("cannot bind admin")) =>
+                {
+                    let old_port = port;
+                    (port, admin_port) = (free_port(), free_port());
+                    let listen = cfg["listen"]["addr"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    if listen.ends_with(&format!(":{old_port}")) {
+                        cfg["listen"]["addr"] = toml_edit::value(format!("127.0.0.1:{port}"));
+                    }
+                    if admin {
+                        cfg["admin"]["addr"] = toml_edit::value(format!("127.0.0.1:{admin_port}"));
+                    }
+                }
+                Err(log) => panic!("pgshift did not start:\n{log}"),
+            }
+        }
+        unreachable!()
     }
 
-    /// Waits until the proxy serves. Probes the admin API when there is one
-    /// (it is bound after the client listener, and a probe there is not a
-    /// client connection that would show up in the proxy's counters).
-    fn wait_listening(&mut self, admin: bool) {
+    /// Waits until the proxy serves; on failure returns its log. Probes the
+    /// admin API when there is one (it is bound after the client listener, and
+    /// a probe there is not a client connection the proxy would count).
+    fn wait_listening(&mut self, admin: bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("pgshift exited at start ({status}):\n{}", self.log());
+                return Err(format!("exited at start ({status}):\n{}", self.log()));
             }
             let up = if admin {
                 TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
@@ -232,15 +256,15 @@ level = "info"
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             };
             if up {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "pgshift did not listen on {} in time:\n{}",
+        Err(format!(
+            "did not listen on {} in time:\n{}",
             self.port,
             self.log()
-        );
+        ))
     }
 
     /// libpq connection string through the proxy.

@@ -1,0 +1,220 @@
+//! The source restarts under an open session. This restarts the shared
+//! source cluster, so it is the only test in its binary (cargo runs test
+//! binaries one after another).
+mod common;
+use common::*;
+
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// pg_ctl on the source cluster, as the cluster owner (as scripts/cluster.sh
+/// does). The server log goes to its usual file: a postmaster holding our
+/// pipes open would make this wait forever.
+fn pg_ctl_source(c: &Clusters, args: &[&str]) -> std::process::Output {
+    let pg_ctl = pg_tool(c, "pg_ctl").get_program().to_owned();
+    let data = c.dir.join("source");
+    let log = c.dir.join("logs/source.log");
+    let mut cmd = if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(pg_ctl);
+        cmd
+    } else {
+        Command::new(pg_ctl)
+    };
+    cmd.arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null());
+    cmd.output().expect("run pg_ctl")
+}
+
+fn source_up(c: &Clusters) -> bool {
+    TcpStream::connect_timeout(
+        &(std::net::Ipv4Addr::LOCALHOST, c.source_port).into(),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+        && psql(
+            &c.source_url(SUPERUSER, "postgres"),
+            &["-Atc", "select 1"],
+            None,
+        )
+        .status
+        .success()
+}
+
+/// Whatever happens in the test, the source is running again afterwards.
+struct SourceGuard(Clusters);
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        if !source_up(&self.0) {
+            let out = pg_ctl_source(&self.0, &["-w", "-t", "120", "start"]);
+            eprintln!(
+                "restarting the source after the test: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_session_sees_the_source_restart_and_new_sessions_work_after() {
+    let c = Clusters::get();
+    let _guard = SourceGuard(c.clone());
+    let p = tokio::task::block_in_place(Proxy::start);
+    let started_before = tokio::task::block_in_place(|| {
+        c.sql(
+            c.source_port,
+            "postgres",
+            "select pg_postmaster_start_time()",
+        )
+    });
+
+    let (client, conn) = p
+        .pg_config(SUPERUSER, "postgres")
+        .application_name("source_restart")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let pid_before: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A second session sits in an open transaction.
+    let (tx, tx_conn) = p
+        .pg_config(SUPERUSER, "postgres")
+        .application_name("source_restart_tx")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let tx_task = tokio::spawn(tx_conn);
+    tx.batch_execute("begin; select 1").await.unwrap();
+
+    let out = tokio::task::block_in_place(|| {
+        pg_ctl_source(&c, &["-m", "fast", "-w", "-t", "120", "restart"])
+    });
+    assert!(
+        out.status.success(),
+        "pg_ctl restart failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Both sessions end with the source's own shutdown error (or at least a
+    // closed connection), promptly rather than hanging.
+    for (what, task) in [("idle session", task), ("transaction", tx_task)] {
+        let r = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still open 20 s after the source restarted"))
+            .unwrap();
+        eprintln!("{what} ended with: {r:?}");
+        match r {
+            Err(e) if e.code() == Some(&SqlState::ADMIN_SHUTDOWN) => {
+                assert!(
+                    e.as_db_error()
+                        .unwrap()
+                        .message()
+                        .contains("administrator command"),
+                    "{e}"
+                )
+            }
+            Err(e) if e.is_closed() || e.as_db_error().is_none() => {}
+            other => panic!("{what}: expected 57P01 or a closed connection, got {other:?}"),
+        }
+    }
+    assert!(client.is_closed());
+    let e = client
+        .query_one("select 1", &[])
+        .await
+        .expect_err("query on a dead session");
+    assert!(e.is_closed(), "{e}");
+    assert!(tx.batch_execute("commit").await.is_err());
+
+    // The proxy saw the source go, and serves new sessions on the new source.
+    let started = Instant::now();
+    let (client, conn) = loop {
+        match p
+            .pg_config(SUPERUSER, "postgres")
+            .application_name("source_restart_new")
+            .connect(NoTls)
+            .await
+        {
+            Ok(ok) => break ok,
+            // The proxy relays the source's refusals while it starts up.
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                eprintln!("retrying after: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no new session within 30 s: {e}"),
+        }
+    };
+    let task = tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "select pg_backend_pid(), pg_postmaster_start_time()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, i32>(0), pid_before);
+    let started_after = tokio::task::block_in_place(|| {
+        c.sql(
+            c.source_port,
+            "postgres",
+            "select pg_postmaster_start_time()",
+        )
+    });
+    assert_ne!(started_after, started_before, "the source did not restart");
+    assert_eq!(
+        row.get::<_, String>(1),
+        started_after,
+        "not the restarted source"
+    );
+    drop(client);
+    task.await.unwrap().unwrap();
+
+    tokio::task::block_in_place(|| {
+        let out = psql(
+            &p.url(SUPERUSER, "postgres"),
+            &["-Atc", "select inet_server_port()"],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            c.source_port.to_string()
+        );
+        p.wait_for(10, "sessions_active to be 0", |p| {
+            p.stat("/metrics/clients/sessions_active") == 0
+        });
+        // Whichever side the proxy noticed first (the source's close or the
+        // client leaving after the source's FATAL), all four sessions ended.
+        p.wait_for(10, "four sessions closed in the log", |p| {
+            p.log().matches("session closed").count() == 4
+        });
+        let log = p.log();
+        assert!(!log.contains("panicked"), "{log}");
+    });
+}

@@ -22,6 +22,16 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Session worker threads, each a single-threaded runtime (0 = one per core).
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +349,12 @@ impl Config {
             return err(
                 "limits.max_message_bytes",
                 "must be between 1024 and 1073741824".into(),
+            );
+        }
+        if self.runtime.worker_threads > 1024 {
+            return err(
+                "runtime.worker_threads",
+                "must be at most 1024 (0 = one per core)".into(),
             );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

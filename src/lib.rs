@@ -3,6 +3,7 @@
 //!
 //! Where things are:
 //! - `listener`: accept loop, connection limits, graceful shutdown.
+//! - `workers`: the thread-per-core runtimes sessions run on.
 //! - `session`: one client session: `startup` (TLS, auth relay),
 //!   `forward` (the hot path), `state` (what the proxy tracks per session).
 //! - `protocol`: framing and the few message decoders the proxy needs.
@@ -22,3 +23,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod session;
 pub mod upstream;
+pub mod workers;

@@ -1,5 +1,6 @@
 //! The accept loop and the proxy's lifecycle: limits on client connections,
-//! the admin API beside it, and graceful shutdown on SIGTERM/SIGINT.
+//! the admin API beside it, and graceful shutdown on SIGTERM/SIGINT. This
+//! runs on the main thread's runtime; sessions run on the `workers`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::proxy::{Phase, Proxy};
+use crate::workers::Workers;
 
 /// Over-limit connections answered concurrently with "too many clients"
 /// (each is cheap and bounded by the startup timeout); beyond this they are
@@ -26,8 +28,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let max_clients = config.limits.max_client_connections;
     let shutdown_timeout = Duration::from_secs(config.limits.shutdown_timeout_s);
     let admin = config.admin.clone();
+    let workers_wanted = config.runtime.worker_threads;
     let proxy = Arc::new(Proxy::new(config, phase_rx)?);
-    info!(addr = %proxy.config.listen.addr, source = %proxy.source.addr(), tls = proxy.tls.is_some(), "pgshift listening");
+    let workers = Workers::start(workers_wanted, &proxy)?;
+    info!(addr = %proxy.config.listen.addr, source = %proxy.source.addr(), tls = proxy.tls.is_some(), workers = workers.len(), "pgshift listening");
 
     if let Some(addr) = admin.addr {
         let token = admin
@@ -52,9 +56,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(permit) => {
-                        tokio::spawn(crate::session::serve(Arc::clone(&proxy), tcp, peer, permit));
-                    }
+                    Ok(permit) => workers.dispatch(tcp, peer, permit),
                     Err(_) => {
                         proxy.metrics.client_rejected_too_many.inc();
                         if let Ok(p) = Arc::clone(&rejections).try_acquire_owned() {
@@ -98,6 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = phase_tx.send(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all_slots)).await;
     }
+    let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     info!("pgshift stopped");
     Ok(())
 }

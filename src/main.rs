@@ -67,7 +67,8 @@ fn run(config: Config) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open-files limit");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The accept loop, admin API and signals; sessions get their own threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -1,8 +1,8 @@
 //! The proxy's shared context: configuration, upstreams, registries and
 //! metrics, handed to every session and to the admin API.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -32,6 +32,8 @@ pub struct Proxy {
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<Phase>,
+    /// Live sessions per worker thread, set once the workers start.
+    pub worker_loads: OnceLock<Vec<Arc<AtomicUsize>>>,
     next_session_id: AtomicU64,
 }
 
@@ -69,6 +71,7 @@ impl Proxy {
             cancels: Arc::new(CancelRegistry::default()),
             metrics,
             shutdown,
+            worker_loads: OnceLock::new(),
             next_session_id: AtomicU64::new(1),
         })
     }
@@ -88,6 +91,9 @@ impl Proxy {
                 "addr": format!("{}:{}", self.config.target.host, self.config.target.port),
                 "session_links": self.config.target.session_links,
             },
+            "workers": self.worker_loads.get().map(|loads| {
+                loads.iter().map(|l| l.load(Ordering::Relaxed)).collect::<Vec<_>>()
+            }),
             "metrics": self.metrics.snapshot(),
         })
     }

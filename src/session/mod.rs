@@ -27,6 +27,7 @@ use crate::net::connect::set_keepalive;
 use crate::net::Stream;
 use crate::protocol::error::{error_response, Severity};
 use crate::protocol::sqlstate;
+use crate::protocol::startup::StartupMessage;
 use crate::proxy::{Phase, Proxy};
 
 /// Upper bound on tracked named prepared statements per session.
@@ -44,46 +45,14 @@ pub async fn serve(
 ) {
     let id = proxy.next_session_id();
     proxy.metrics.client_connections.inc();
-    run(proxy, tcp, id)
-        .instrument(tracing::info_span!("session", id, %peer))
-        .await
-}
-
-async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
-    let _ = tcp.set_nodelay(true);
-    set_keepalive(&tcp);
-    let deadline = Instant::now() + Duration::from_millis(proxy.config.limits.startup_timeout_ms);
-
-    let mut client = Some(Stream::Plain(tcp));
-    let startup = match timeout_at(deadline, negotiate(&proxy, &mut client)).await {
-        Ok(Ok(Negotiated::Startup(m))) => m,
-        Ok(Ok(Negotiated::Cancel(key))) => {
-            proxy
-                .cancels
-                .cancel(&key, &proxy.source, &proxy.metrics)
-                .await;
-            return;
-        }
-        Ok(Err(f)) => return reject(&proxy, client.as_mut(), f).await,
-        Err(_) => return reject(&proxy, client.as_mut(), startup_timeout()).await,
+    // The span covers startup and the session's end; the forwarding in
+    // between runs outside it, so the hot path pays no span enter/exit.
+    let span = tracing::info_span!("session", id, %peer);
+    let Some((mut client, startup, established)) =
+        establish(&proxy, tcp).instrument(span.clone()).await
+    else {
+        return;
     };
-    let Some(mut client) = client else { return };
-
-    let established =
-        match timeout_at(deadline, connect_source(&proxy, &mut client, &startup)).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(f)) => return reject(&proxy, Some(&mut client), f).await,
-            Err(_) => return reject(&proxy, Some(&mut client), startup_timeout()).await,
-        };
-    info!(
-        user = startup.get("user").unwrap_or_default(),
-        database = startup.database().unwrap_or_default(),
-        application_name = startup.get("application_name").unwrap_or_default(),
-        tls = client.is_tls(),
-        source_tls = established.server.is_tls(),
-        "session established"
-    );
-
     proxy.metrics.client_sessions_active.inc();
     // The target link runs beside the session and never delays it.
     let _target_link = proxy
@@ -93,7 +62,47 @@ async fn run(proxy: Arc<Proxy>, tcp: TcpStream, id: u64) {
         .map(|t| t.open(id, startup.clone()));
     let end = forward_session(&proxy, &mut client, established).await;
     proxy.metrics.client_sessions_active.dec();
-    info!(reason = %end, "session closed");
+    span.in_scope(|| info!(reason = %end, "session closed"));
+}
+
+/// Startup up to an authenticated session, bounded by the startup timeout.
+async fn establish(
+    proxy: &Arc<Proxy>,
+    tcp: TcpStream,
+) -> Option<(Stream, StartupMessage, Established)> {
+    let _ = tcp.set_nodelay(true);
+    set_keepalive(&tcp);
+    let deadline = Instant::now() + Duration::from_millis(proxy.config.limits.startup_timeout_ms);
+
+    let mut client = Some(Stream::Plain(tcp));
+    let startup = match timeout_at(deadline, negotiate(proxy, &mut client)).await {
+        Ok(Ok(Negotiated::Startup(m))) => m,
+        Ok(Ok(Negotiated::Cancel(key))) => {
+            proxy
+                .cancels
+                .cancel(&key, &proxy.source, &proxy.metrics)
+                .await;
+            return None;
+        }
+        Ok(Err(f)) => return reject(proxy, client.as_mut(), f).await,
+        Err(_) => return reject(proxy, client.as_mut(), startup_timeout()).await,
+    };
+    let mut client = client?;
+    let established = match timeout_at(deadline, connect_source(proxy, &mut client, &startup)).await
+    {
+        Ok(Ok(e)) => e,
+        Ok(Err(f)) => return reject(proxy, Some(&mut client), f).await,
+        Err(_) => return reject(proxy, Some(&mut client), startup_timeout()).await,
+    };
+    info!(
+        user = startup.get("user").unwrap_or_default(),
+        database = startup.database().unwrap_or_default(),
+        application_name = startup.get("application_name").unwrap_or_default(),
+        tls = client.is_tls(),
+        source_tls = established.server.is_tls(),
+        "session established"
+    );
+    Some((client, startup, established))
 }
 
 fn startup_timeout() -> Failure {
@@ -106,12 +115,12 @@ fn startup_timeout() -> Failure {
 }
 
 /// Ends a session that never got established, telling the client why when
-/// it still can.
-async fn reject(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) {
+/// it still can. Returns `None` so callers can `return reject(..).await`.
+async fn reject<T>(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) -> Option<T> {
     if f.client_gone {
         proxy.metrics.client_gone_in_startup.inc();
         debug!(reason = %f.message, "client left during startup");
-        return;
+        return None;
     }
     if f.code == sqlstate::PROTOCOL_VIOLATION {
         proxy.metrics.protocol_errors.inc();
@@ -122,6 +131,7 @@ async fn reject(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) {
     if let (false, Some(client)) = (f.client_told, client) {
         send_fatal(client, f.code, &f.message).await;
     }
+    None
 }
 
 /// Writes a FATAL ErrorResponse and closes, giving up on a client that does

@@ -73,12 +73,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let shared = Shared::default();
-                let mut st = PreparedStatements::new(1000);
-                let mut insp = FrontendInspector {
-                    shared: &shared,
-                    statements: &mut st,
-                    max_inspected: 1 << 20,
-                };
+                let mut st = PreparedStatements::new(1000, 1 << 20);
+                let mut insp = FrontendInspector::new(&shared, &mut st, 1 << 20);
                 let mut out = Vec::with_capacity(client.len());
                 let mut buf = BytesMut::new();
                 pump(&mut &client[..], &mut out, &mut buf, &mut insp)

@@ -1,6 +1,8 @@
-//! Cancel keys. Clients get a BackendKeyData minted by the proxy, never the
-//! source's, so a CancelRequest must come through the proxy, which maps it
-//! to the right backend. A guard removes the key when the session ends.
+//! Cancel keys. Clients get a BackendKeyData whose pid is the source
+//! backend's real pid (so it matches `pg_backend_pid()` and the pid in
+//! NotificationResponse, which applications compare) but whose secret is
+//! minted by the proxy. A CancelRequest therefore only works through the
+//! proxy, which maps it to the backend's real key.
 
 use std::sync::Arc;
 
@@ -16,7 +18,7 @@ use crate::protocol::startup::CancelKey;
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    /// Proxy-issued pid -> (proxy-issued secret, the source backend's key).
+    /// Backend pid -> (proxy-issued secret, the source backend's key).
     keys: DashMap<i32, (Bytes, CancelKey)>,
 }
 
@@ -24,18 +26,22 @@ pub struct CancelRegistry {
 pub struct CancelGuard {
     registry: Arc<CancelRegistry>,
     pid: i32,
+    secret: Bytes,
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        self.registry.keys.remove(&self.pid);
+        // Only our own entry: the pid may already belong to a newer backend.
+        self.registry
+            .keys
+            .remove_if(&self.pid, |_, (secret, _)| *secret == self.secret);
     }
 }
 
 impl CancelRegistry {
-    /// Mints a proxy key for a session whose source backend has `source_key`.
-    /// The secret has the length the negotiated protocol allows: 4 bytes in
-    /// 3.0, 32 from 3.2 on.
+    /// Registers a session whose source backend has `source_key` and returns
+    /// the key to give the client: the same pid, a fresh secret of the length
+    /// the negotiated protocol allows (4 bytes in 3.0, 32 from 3.2 on).
     pub fn register(
         self: &Arc<Self>,
         source_key: CancelKey,
@@ -47,17 +53,16 @@ impl CancelRegistry {
             .map(|_| rng.random::<u8>())
             .collect::<Vec<_>>()
             .into();
-        loop {
-            let pid = rng.random_range(1..i32::MAX);
-            if let dashmap::Entry::Vacant(v) = self.keys.entry(pid) {
-                v.insert((secret.clone(), source_key));
-                let guard = CancelGuard {
-                    registry: Arc::clone(self),
-                    pid,
-                };
-                return (CancelKey { pid, secret }, guard);
-            }
-        }
+        let pid = source_key.pid;
+        // An entry already under this pid belongs to a backend that has
+        // exited (Postgres reuses pids): the new session replaces it.
+        self.keys.insert(pid, (secret.clone(), source_key));
+        let guard = CancelGuard {
+            registry: Arc::clone(self),
+            pid,
+            secret: secret.clone(),
+        };
+        (CancelKey { pid, secret }, guard)
     }
 
     /// The source key for a proxy key, if the secret matches.
@@ -97,22 +102,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_resolve_only_with_the_right_secret_and_while_guarded() {
+    fn keys_keep_the_pid_and_resolve_only_with_the_right_secret_while_guarded() {
         let reg = Arc::new(CancelRegistry::default());
         let src = CancelKey {
             pid: 99,
             secret: Bytes::from_static(b"abcd"),
         };
         let (proxy_key, guard) = reg.register(src.clone(), 0);
+        assert_eq!(proxy_key.pid, 99);
         assert_eq!(proxy_key.secret.len(), 4);
-        assert_eq!(reg.resolve(&proxy_key), Some(src));
+        assert_eq!(reg.resolve(&proxy_key), Some(src.clone()));
         let wrong = CancelKey {
-            pid: proxy_key.pid,
+            pid: 99,
             secret: Bytes::from_static(b"zzzz"),
         };
         assert_eq!(reg.resolve(&wrong), None);
         drop(guard);
         assert_eq!(reg.resolve(&proxy_key), None);
+    }
+
+    #[test]
+    fn a_reused_pid_survives_the_old_sessions_guard() {
+        let reg = Arc::new(CancelRegistry::default());
+        let old_src = CancelKey {
+            pid: 7,
+            secret: Bytes::from_static(b"old!"),
+        };
+        let (_, old_guard) = reg.register(old_src, 0);
+        let new_src = CancelKey {
+            pid: 7,
+            secret: Bytes::from_static(b"new!"),
+        };
+        let (new_key, _new_guard) = reg.register(new_src.clone(), 0);
+        drop(old_guard);
+        assert_eq!(reg.resolve(&new_key), Some(new_src));
     }
 
     #[test]

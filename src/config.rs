@@ -288,10 +288,10 @@ impl Config {
                     "must be between 1 and 65535".into(),
                 );
             }
-            if u.connect_timeout_ms == 0 {
+            if !(1..=600_000).contains(&u.connect_timeout_ms) {
                 return err(
                     &format!("{name}.connect_timeout_ms"),
-                    "must be positive".into(),
+                    "must be between 1 and 600000".into(),
                 );
             }
             match (u.sslmode, &u.sslrootcert) {
@@ -320,8 +320,8 @@ impl Config {
                 return err("target.passfile", format!("{e:#}"));
             }
         }
-        if self.target.keepalive_s == 0 {
-            return err("target.keepalive_s", "must be positive".into());
+        if !(1..=86_400).contains(&self.target.keepalive_s) {
+            return err("target.keepalive_s", "must be between 1 and 86400".into());
         }
         if let Some(addr) = self.admin.addr {
             match &self.admin.token_file {
@@ -339,11 +339,26 @@ impl Config {
             }
         }
         let l = &self.limits;
-        if l.max_client_connections == 0 {
-            return err("limits.max_client_connections", "must be positive".into());
+        if !(1..=1_000_000).contains(&l.max_client_connections) {
+            return err(
+                "limits.max_client_connections",
+                "must be between 1 and 1000000".into(),
+            );
         }
-        if l.startup_timeout_ms == 0 {
-            return err("limits.startup_timeout_ms", "must be positive".into());
+        if !(1..=3_600_000).contains(&l.startup_timeout_ms) {
+            return err(
+                "limits.startup_timeout_ms",
+                "must be between 1 and 3600000".into(),
+            );
+        }
+        if l.idle_timeout_s > 31_536_000 {
+            return err(
+                "limits.idle_timeout_s",
+                "must be at most 31536000 (0 = never)".into(),
+            );
+        }
+        if l.shutdown_timeout_s > 86_400 {
+            return err("limits.shutdown_timeout_s", "must be at most 86400".into());
         }
         if !(1024..=(1 << 30)).contains(&l.max_message_bytes) {
             return err(

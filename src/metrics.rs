@@ -78,7 +78,7 @@ impl Metrics {
         let protocol_errors = Counter::default();
         registry.register(
             "client_protocol_errors",
-            "Client connections closed for malformed or oversized messages",
+            "Client connections closed for malformed or oversized messages or a startup timeout",
             protocol_errors.clone(),
         );
         let source_connect_failures = Counter::default();

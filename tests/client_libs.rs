@@ -834,3 +834,36 @@ fn psycopg3_session() {
         "pgshift_scram"
     );
 }
+
+/// The backend pid a client sees in BackendKeyData (libpq's PQbackendPID,
+/// psycopg's `info.backend_pid`) is the real source backend's pid, as
+/// applications compare it with `pg_backend_pid()` and with the pid in
+/// NOTIFY messages to skip their own notifications.
+#[test]
+fn backend_pid_seen_by_the_client_is_the_real_one() {
+    let p = Proxy::start();
+    let script = "import psycopg, sys\n\
+        c = psycopg.connect(sys.argv[1], autocommit=True)\n\
+        c.execute('listen me'); c.execute('notify me')\n\
+        n = next(c.notifies(timeout=5))\n\
+        print(c.info.backend_pid, c.execute('select pg_backend_pid()').fetchone()[0], n.pid)\n";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(p.url(SUPERUSER, "postgres"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(pids.len(), 3, "{text}");
+    assert_eq!(
+        pids[0], pids[1],
+        "PQbackendPID differs from pg_backend_pid()"
+    );
+    assert_eq!(pids[0], pids[2], "own notification carries another pid");
+}

@@ -569,3 +569,50 @@ async fn idle_timeout_spares_sessions_idle_in_a_transaction() {
     let r = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
     assert!(r.is_ok(), "the now idle session was not closed");
 }
+
+/// COPY FROM STDIN over the extended protocol sends a Sync that Postgres
+/// swallows (it arrives in copy-in mode), so a proxy that simply counted
+/// Syncs against ReadyForQuery would think the session busy forever and hold
+/// SIGTERM until the drain deadline. After the copy, the session is idle and
+/// shutdown must be immediate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_after_extended_copy_in_does_not_wait_for_the_deadline() {
+    use futures_util::SinkExt;
+    let mut p = tokio::task::block_in_place(|| {
+        Proxy::start_with(|c| c["limits"]["shutdown_timeout_s"] = toml_edit::value(60))
+    });
+    tokio::task::block_in_place(|| p.clusters.fresh_db("pgshift_t_copy_drain"));
+    let (client, task) = tokio_postgres::connect(&p.url(SUPERUSER, "pgshift_t_copy_drain"), NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(task);
+    client.batch_execute("create table t(a int)").await.unwrap();
+    let sink = client.copy_in("copy t from stdin").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for i in 0..100 {
+        sink.send(bytes::Bytes::from(format!("{i}\n")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 100);
+    assert_eq!(
+        client
+            .query_one("select count(*) from t", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        100
+    );
+
+    let started = std::time::Instant::now();
+    p.signal("TERM");
+    let code = tokio::task::block_in_place(|| p.wait_exit(30));
+    assert_eq!(code, Some(0));
+    // Far below the 60 s deadline: the idle session was closed at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
+    let _ = task.await;
+}

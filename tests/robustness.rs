@@ -522,12 +522,16 @@ fn ssl_and_gssenc_requests_are_declined_then_startup_proceeds() {
     read_until_ready(&mut s);
     s.write_all(&query("select 1")).unwrap();
     assert_eq!(tags(&read_until_ready(&mut s)), "TDCZ");
-    // A second GSSENCRequest is a protocol violation.
-    let mut s = connect(&p);
-    s.write_all(&gss).unwrap();
-    s.read_exact(&mut b).unwrap();
-    s.write_all(&gss).unwrap();
-    expect_error_and_close(&mut s, "08P01");
+    // A second GSSENCRequest or SSLRequest gets what Postgres answers: the
+    // request code read as an unsupported protocol version, 0A000.
+    for req in [&gss, &ssl] {
+        let mut s = connect(&p);
+        s.write_all(req).unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"N");
+        s.write_all(req).unwrap();
+        expect_error_and_close(&mut s, "0A000");
+    }
     assert_healthy(&p);
 }
 

@@ -4,8 +4,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Postgres' own bound on the first packet (MAX_STARTUP_PACKET_LENGTH).
-pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
+/// Postgres' own bound on the first packet: MAX_STARTUP_PACKET_LENGTH,
+/// which does not count the 4-byte length word.
+pub const MAX_STARTUP_PACKET_LEN: usize = 10_000 + 4;
 
 pub const CANCEL_REQUEST_CODE: u32 = (1234 << 16) | 5678;
 pub const SSL_REQUEST_CODE: u32 = (1234 << 16) | 5679;
@@ -61,12 +62,14 @@ impl CancelKey {
     }
 }
 
-/// A StartupMessage: protocol version and parameters, in the client's order.
+/// A StartupMessage: protocol version and parameters, in the client's order
+/// and as the client's raw bytes (a LATIN1 user name must reach the server
+/// unchanged).
 #[derive(Debug, Clone)]
 pub struct StartupMessage {
     pub major: u16,
     pub minor: u16,
-    params: Vec<(String, String)>,
+    params: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +87,7 @@ pub enum StartupError {
 }
 
 impl StartupMessage {
-    pub fn new(major: u16, minor: u16, params: Vec<(String, String)>) -> Self {
+    pub fn new(major: u16, minor: u16, params: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
         Self {
             major,
             minor,
@@ -92,20 +95,28 @@ impl StartupMessage {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&str> {
+    /// A parameter's raw value. When a name repeats, the last one wins, as
+    /// in Postgres.
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
         self.params
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .rev()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
     }
 
-    pub fn params(&self) -> &[(String, String)] {
-        &self.params
+    /// A parameter's value when it is valid UTF-8 (for logs and lookups).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_bytes(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// The database: defaults to the user name, as in Postgres.
     pub fn database(&self) -> Option<&str> {
-        self.get("database").or_else(|| self.get("user"))
+        match self.get_bytes("database") {
+            Some(d) if !d.is_empty() => std::str::from_utf8(d).ok(),
+            _ => self.get("user"),
+        }
     }
 
     /// Encodes the message for a server, with the given minor version.
@@ -115,9 +126,9 @@ impl StartupMessage {
         b.put_u16(self.major);
         b.put_u16(minor);
         for (k, v) in &self.params {
-            b.put_slice(k.as_bytes());
+            b.put_slice(k);
             b.put_u8(0);
-            b.put_slice(v.as_bytes());
+            b.put_slice(v);
             b.put_u8(0);
         }
         b.put_u8(0);
@@ -149,14 +160,14 @@ impl StartupMessage {
     }
 }
 
-fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
+fn take_cstr(rest: &mut &[u8]) -> Result<Vec<u8>, StartupError> {
     let nul = rest
         .iter()
         .position(|&b| b == 0)
         .ok_or(StartupError::Malformed(
             "invalid startup packet layout: expected terminator as last byte",
         ))?;
-    let s = String::from_utf8_lossy(&rest[..nul]).into_owned();
+    let s = rest[..nul].to_vec();
     *rest = &rest[nul + 1..];
     Ok(s)
 }
@@ -248,6 +259,21 @@ mod tests {
             u32::from_be_bytes([enc[0], enc[1], enc[2], enc[3]]) as usize,
             enc.len()
         );
+    }
+
+    #[test]
+    fn raw_bytes_survive_and_last_duplicate_wins() {
+        let body = packet(
+            3 << 16,
+            b"user\0jos\xe9\0user\0bob\0application_name\0a\xff\0\0",
+        );
+        let StartupPacket::Startup(m) = decode_startup_body(&body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.get("user"), Some("bob"));
+        assert_eq!(m.get_bytes("application_name"), Some(&b"a\xff"[..]));
+        assert_eq!(m.get("application_name"), None);
+        assert_eq!(&m.encode(0)[4..], &body[..]);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::frame::{decode_header, FrameError, HEADER_LEN};
 
-/// Postgres' own upper bound for any message (MaxAllocSize - 1).
-pub const MAX_STREAMED_MESSAGE: usize = (1 << 30) - 1;
+/// Postgres' own bound on a message body: PQ_LARGE_MESSAGE_LIMIT
+/// (MaxAllocSize - 1) counts the 4-byte length word too.
+pub const MAX_STREAMED_MESSAGE: usize = (1 << 30) - 2 - 4;
 
 /// Buffers start at this size, so idle sessions hold little memory...
 const MIN_READ: usize = 2 * 1024;
@@ -84,44 +85,56 @@ where
     loop {
         let mut pos = 0;
         let mut stop = false;
-        loop {
+        // Walk what the buffer holds. A malformed message ends the walk with
+        // an error, but the valid messages before it are still forwarded,
+        // as Postgres would have received and answered them.
+        let scanned: Result<(), FrameError> = 'scan: loop {
             if streaming > 0 {
                 let n = streaming.min(buf.len() - pos);
                 pos += n;
                 streaming -= n;
                 if streaming > 0 {
-                    break;
+                    break 'scan Ok(());
                 }
                 continue;
             }
-            let Some(h) = decode_header(&buf[pos..], MAX_STREAMED_MESSAGE)? else {
-                break;
+            let h = match decode_header(&buf[pos..], MAX_STREAMED_MESSAGE) {
+                Ok(Some(h)) => h,
+                Ok(None) => break 'scan Ok(()),
+                Err(e) => break 'scan Err(e),
             };
             if !insp.wants_body(h.tag) {
-                insp.header(h.tag)?;
+                if let Err(e) = insp.header(h.tag) {
+                    break 'scan Err(e);
+                }
                 streaming = h.frame_len();
                 continue;
             }
             if h.body_len > insp.max_inspected() {
-                return Err(FrameError::TooLarge {
+                break 'scan Err(FrameError::TooLarge {
                     tag: h.tag,
                     len: h.body_len,
                     max: insp.max_inspected(),
-                }
-                .into());
+                });
             }
             let available = buf.len() - pos;
             if available < h.frame_len() {
-                buf.reserve(h.frame_len() - available);
-                break;
+                // Grow as the bytes arrive rather than trusting the length
+                // field with a whole allocation up front.
+                buf.reserve((h.frame_len() - available).min(MAX_READ));
+                break 'scan Ok(());
             }
-            let verdict = insp.inspect(h.tag, &buf[pos + HEADER_LEN..pos + h.frame_len()])?;
-            pos += h.frame_len();
-            if verdict == Verdict::ForwardAndStop {
-                stop = true;
-                break;
+            match insp.inspect(h.tag, &buf[pos + HEADER_LEN..pos + h.frame_len()]) {
+                Ok(verdict) => {
+                    pos += h.frame_len();
+                    if verdict == Verdict::ForwardAndStop {
+                        stop = true;
+                        break 'scan Ok(());
+                    }
+                }
+                Err(e) => break 'scan Err(e),
             }
-        }
+        };
         if pos > 0 {
             insp.writing(false, false);
             wr.write_all(&buf[..pos]).await.map_err(PumpError::Write)?;
@@ -129,13 +142,17 @@ where
             insp.writing(true, streaming == 0);
             buf.advance(pos);
         }
+        scanned?;
         if stop {
             return Ok(PumpEnd::Stopped);
         }
         // Size the next read from the last one: grow while reads fill the
-        // space, and give memory back once a drained buffer is far larger than
-        // what recent reads needed (after a big result, or a big query).
-        if buf.is_empty() && buf.capacity() > 4 * MIN_READ && last_read < buf.capacity() / 8 {
+        // space, and give memory back once a buffer is far larger than what
+        // recent reads needed (after a big result, or a big query).
+        if buf.len() < MAX_READ && buf.capacity() > 4 * MAX_READ {
+            *buf = BytesMut::from(&buf[..]);
+        } else if buf.is_empty() && buf.capacity() > 4 * MIN_READ && last_read < buf.capacity() / 8
+        {
             *buf = BytesMut::new();
         }
         let want = if last_read_filled {
@@ -162,10 +179,20 @@ mod tests {
     use super::*;
 
     /// Inspects 'Q', stops after 'X', counts headers.
-    #[derive(Default)]
     struct Probe {
         inspected: Vec<(u8, Vec<u8>)>,
         headers: Vec<u8>,
+        max: usize,
+    }
+
+    impl Default for Probe {
+        fn default() -> Self {
+            Self {
+                inspected: Vec::new(),
+                headers: Vec::new(),
+                max: 64,
+            }
+        }
     }
 
     impl Inspector for Probe {
@@ -173,7 +200,7 @@ mod tests {
             tag == b'Q' || tag == b'X'
         }
         fn max_inspected(&self) -> usize {
-            64
+            self.max
         }
         fn header(&mut self, tag: u8) -> Result<(), FrameError> {
             self.headers.push(tag);
@@ -242,6 +269,70 @@ mod tests {
             r,
             Err(PumpError::Protocol(FrameError::BadLength { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn valid_messages_before_a_bad_one_are_still_forwarded() {
+        let mut probe = Probe::default();
+        let mut input = msg(b'Q', b"select 1\0");
+        input.extend_from_slice(b"Q\0\0\0\x02");
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let r = pump(&mut &input[..], &mut out, &mut buf, &mut probe).await;
+        assert!(matches!(
+            r,
+            Err(PumpError::Protocol(FrameError::BadLength { .. }))
+        ));
+        assert_eq!(out, msg(b'Q', b"select 1\0"));
+    }
+
+    #[tokio::test]
+    async fn a_big_inspected_message_is_not_reserved_up_front_and_is_released() {
+        // A header announcing 50 MB, with only a little body behind it.
+        let mut probe = Probe {
+            max: 64 << 20,
+            ..Probe::default()
+        };
+        let mut input = b"Q".to_vec();
+        input.extend_from_slice(&((50i32 << 20) + 4).to_be_bytes());
+        input.extend_from_slice(&[b'a'; 1000]);
+        let mut buf = BytesMut::new();
+        let r = pump(&mut &input[..], &mut Vec::new(), &mut buf, &mut probe)
+            .await
+            .unwrap();
+        assert!(matches!(r, PumpEnd::Eof { mid_message: true }));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "reserved {} bytes for an unfinished message",
+            buf.capacity()
+        );
+
+        // A 3 MB message that does arrive is forwarded, and its buffer is
+        // given back afterwards.
+        let big = vec![b'b'; 3 << 20];
+        let mut body = big.clone();
+        body.push(0);
+        let input = msg(b'Q', &body);
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            tx.write_all(&input).await.unwrap();
+            // keep the stream open so the pump waits in a read afterwards
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        });
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            pump(&mut rx, &mut out, &mut buf, &mut probe),
+        )
+        .await;
+        writer.await.unwrap();
+        assert_eq!(out.len(), big.len() + 1 + 5);
+        assert!(
+            buf.capacity() <= 4 * MAX_READ,
+            "kept {} bytes after the message",
+            buf.capacity()
+        );
     }
 
     #[tokio::test]

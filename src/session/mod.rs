@@ -30,8 +30,10 @@ use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::{Phase, Proxy};
 
-/// Upper bound on tracked named prepared statements per session.
+/// Upper bounds on tracked prepared statements per session: count, and
+/// bytes of their names and SQL text.
 const MAX_TRACKED_STATEMENTS: usize = 100_000;
+const MAX_TRACKED_STATEMENT_BYTES: usize = 16 << 20;
 /// How long the proxy waits for a client to take a final error message.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -231,18 +233,19 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
         cancel_guard: _cancel_guard,
     } = est;
     let shared = Shared::default();
-    let mut statements = PreparedStatements::new(MAX_TRACKED_STATEMENTS);
+    let mut statements =
+        PreparedStatements::new(MAX_TRACKED_STATEMENTS, MAX_TRACKED_STATEMENT_BYTES);
     let mut shutdown = proxy.shutdown.clone();
     let idle_timeout = Duration::from_secs(proxy.config.limits.idle_timeout_s);
 
     let end = {
         let (mut client_rd, mut client_wr) = split(client);
         let (mut server_rd, mut server_wr) = split(&mut server);
-        let mut frontend = FrontendInspector {
-            shared: &shared,
-            statements: &mut statements,
-            max_inspected: proxy.config.limits.max_message_bytes,
-        };
+        let mut frontend = FrontendInspector::new(
+            &shared,
+            &mut statements,
+            proxy.config.limits.max_message_bytes,
+        );
         let mut backend = BackendInspector { shared: &shared };
         let to_server = pump(
             &mut *client_rd,
@@ -267,7 +270,7 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
                     match phase {
                         Phase::Running => {}
                         Phase::Draining => {
-                            shared.draining.store(true, Ordering::Release);
+                            shared.draining.store(true, Ordering::Relaxed);
                             if shared.is_idle() {
                                 break End::Shutdown;
                             }
@@ -329,7 +332,7 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
     };
     if let Some((code, message)) = notice {
         // Only append a message where the client stream is between messages.
-        if shared.client_at_boundary.load(Ordering::Acquire) {
+        if shared.client_at_boundary.load(Ordering::Relaxed) {
             let msg = error_response(Severity::Fatal, code, &message);
             let _ = timeout(FINAL_WRITE_TIMEOUT, async {
                 client.write_all(&msg).await?;
@@ -340,7 +343,9 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
             debug!("client stream mid-message; closing without a final error");
         }
     }
-    if terminate_server {
+    // A Terminate only between messages: in the middle of a streamed one
+    // (a Bind, a CopyData) it would be read as that message's bytes.
+    if terminate_server && shared.server_at_boundary.load(Ordering::Relaxed) {
         let _ = timeout(FINAL_WRITE_TIMEOUT, server.write_all(b"X\0\0\0\x04")).await;
     }
     let _ = timeout(FINAL_WRITE_TIMEOUT, server.shutdown()).await;

@@ -28,10 +28,15 @@ use crate::protocol::startup::{
     negotiate_protocol_version, read_startup_packet, CancelKey, StartupError, StartupMessage,
     StartupPacket, LATEST_MINOR,
 };
+use crate::protocol::startup::{GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
 use crate::proxy::Proxy;
 
-/// Bound on messages during authentication (Postgres caps auth tokens at 64 KiB).
-const AUTH_MAX_MESSAGE: usize = 1 << 20;
+/// Bound on what a client may send during authentication: Postgres'
+/// PG_MAX_AUTH_TOKEN_LENGTH.
+const CLIENT_AUTH_MAX_MESSAGE: usize = 65_535;
+/// Bound on the source's messages before ReadyForQuery (it is trusted; this
+/// only keeps a broken server from growing the buffer without end).
+const SERVER_AUTH_MAX_MESSAGE: usize = 1 << 20;
 
 /// Why a session ended before it was established.
 #[derive(Debug)]
@@ -96,20 +101,17 @@ pub enum Negotiated {
 /// until a StartupMessage or CancelRequest. Upgrades `client` to TLS when
 /// the client asks for it and the proxy has a certificate.
 pub async fn negotiate(proxy: &Proxy, client: &mut Option<Stream>) -> Result<Negotiated, Failure> {
-    let mut tls_done = false;
+    // As in Postgres: each of SSLRequest and GSSENCRequest may be answered
+    // once, and after TLS is up GSS encryption is no longer on offer.
+    let mut ssl_done = false;
     let mut gss_done = false;
+    let io = |e: std::io::Error| Failure::client_gone(e.to_string());
     // Postgres 17 clients may start TLS directly, without SSLRequest.
     if let (Some(acceptor), Some(Stream::Plain(tcp))) = (&proxy.tls, client.as_ref()) {
         let mut first = [0u8; 1];
-        if tcp
-            .peek(&mut first)
-            .await
-            .map_err(|e| Failure::told(e.to_string()))?
-            == 1
-            && first[0] == 0x16
-        {
+        if tcp.peek(&mut first).await.map_err(io)? == 1 && first[0] == 0x16 {
             start_tls(acceptor, client, proxy).await?;
-            tls_done = true;
+            (ssl_done, gss_done) = (true, true);
         }
     }
     loop {
@@ -117,44 +119,28 @@ pub async fn negotiate(proxy: &Proxy, client: &mut Option<Stream>) -> Result<Neg
             .as_mut()
             .ok_or_else(|| Failure::told("connection lost"))?;
         match read_startup_packet(stream).await? {
-            StartupPacket::SslRequest if tls_done => {
-                return Err(Failure::new(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "SSLRequest on an encrypted connection",
-                ))
-            }
-            StartupPacket::SslRequest => match &proxy.tls {
+            StartupPacket::SslRequest if !ssl_done => match &proxy.tls {
                 Some(acceptor) => {
-                    stream
-                        .write_all(b"S")
-                        .await
-                        .map_err(|e| Failure::told(e.to_string()))?;
+                    stream.write_all(b"S").await.map_err(io)?;
                     // read_startup_packet reads exactly the packet, so nothing the client
                     // sent early can leak into the TLS session (CVE-2021-23214).
                     start_tls(acceptor, client, proxy).await?;
-                    tls_done = true;
+                    (ssl_done, gss_done) = (true, true);
                 }
-                None => stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(|e| Failure::told(e.to_string()))?,
+                None => {
+                    stream.write_all(b"N").await.map_err(io)?;
+                    ssl_done = true;
+                }
             },
-            StartupPacket::GssEncRequest if gss_done || tls_done => {
-                return Err(Failure::new(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "unexpected GSSENCRequest",
-                ))
-            }
-            StartupPacket::GssEncRequest => {
+            StartupPacket::GssEncRequest if !gss_done => {
+                stream.write_all(b"N").await.map_err(io)?;
                 gss_done = true;
-                stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(|e| Failure::told(e.to_string()))?;
             }
+            StartupPacket::SslRequest => return Err(unsupported_request(SSL_REQUEST_CODE)),
+            StartupPacket::GssEncRequest => return Err(unsupported_request(GSSENC_REQUEST_CODE)),
             StartupPacket::Cancel(key) => return Ok(Negotiated::Cancel(key)),
             StartupPacket::Startup(m) => {
-                if m.get("user").is_none_or(str::is_empty) {
+                if m.get_bytes("user").is_none_or(<[u8]>::is_empty) {
                     return Err(Failure::new(
                         sqlstate::INVALID_AUTHORIZATION,
                         "no PostgreSQL user name specified in startup packet",
@@ -164,6 +150,19 @@ pub async fn negotiate(proxy: &Proxy, client: &mut Option<Stream>) -> Result<Neg
             }
         }
     }
+}
+
+/// What Postgres answers to a repeated SSLRequest or GSSENCRequest: the
+/// request code read as a protocol version it does not support.
+fn unsupported_request(code: u32) -> Failure {
+    Failure::new(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!(
+            "unsupported frontend protocol {}.{}: server supports 3.0 to 3.{LATEST_MINOR}",
+            code >> 16,
+            code & 0xffff
+        ),
+    )
 }
 
 async fn start_tls(
@@ -223,13 +222,13 @@ pub async fn connect_source(
     let mut cancel_guard = None;
     loop {
         let msg = tokio::select! {
-            m = read_message(&mut server, &mut server_buf, AUTH_MAX_MESSAGE) => {
+            m = read_message(&mut server, &mut server_buf, SERVER_AUTH_MAX_MESSAGE) => {
                 m.map_err(io_err)?.ok_or_else(|| Failure::told("source closed the connection during authentication"))?
             }
             // The client speaks only when the source has asked it something
             // (a password, a SASL step). Anything it pipelines after that
             // waits in client_buf for the forwarder, which checks it.
-            m = read_message(client, &mut client_buf, AUTH_MAX_MESSAGE), if awaiting_client => {
+            m = read_message(client, &mut client_buf, CLIENT_AUTH_MAX_MESSAGE), if awaiting_client => {
                 match m {
                     Ok(Some(m)) if m.tag == PASSWORD => {
                         server.write_all(&m.frame).await.map_err(io_err)?;
@@ -272,7 +271,10 @@ pub async fn connect_source(
                 };
                 match code {
                     // AuthenticationOk, SASLFinal: nothing for the client to answer.
-                    0 | 12 => out.extend_from_slice(&msg.frame),
+                    0 | 12 => {
+                        awaiting_client = false;
+                        out.extend_from_slice(&msg.frame);
+                    }
                     10 => {
                         awaiting_client = true;
                         out.extend_from_slice(&without_channel_binding(&msg));

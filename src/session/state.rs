@@ -2,18 +2,23 @@
 //! two inspectors that keep it up to date.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::forward::{Inspector, Verdict};
 use crate::protocol::message::{
-    is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, CLOSE,
-    FUNCTION_CALL, PARSE, QUERY, READY_FOR_QUERY, SYNC, TERMINATE,
+    is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE,
+    COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, READY_FOR_QUERY,
+    SYNC, TERMINATE,
 };
 use crate::protocol::FrameError;
 
-/// State both directions of a session touch. Atomics, because the two pumps
-/// run as separate futures; they are never contended in practice.
+/// State both directions of a session touch.
+///
+/// Both pumps and the loop that watches them are futures inside one task,
+/// so they never run at the same time: plain Relaxed loads and stores are
+/// enough (atomics only because the task must be `Send`), and the
+/// read-modify-writes below need no locked instructions.
 pub struct Shared {
     /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
     pub tx_status: AtomicU8,
@@ -22,11 +27,16 @@ pub struct Shared {
     pub in_flight: AtomicU32,
     /// Messages received from the client, for idle detection.
     pub client_messages: AtomicU64,
+    /// The client sent extended-protocol messages not yet closed by a Sync:
+    /// Postgres does not consider such a session idle.
+    pub mid_batch: AtomicBool,
     /// Set on shutdown: end the session at its next idle ReadyForQuery.
     pub draining: AtomicBool,
-    /// Whether the bytes written to the client so far end on a message
-    /// boundary, so the proxy may append an ErrorResponse of its own.
+    /// Whether the bytes written to the client (and to the source) so far
+    /// end on a message boundary, so the proxy may append a message of its
+    /// own (an ErrorResponse to the client, a Terminate to the source).
     pub client_at_boundary: AtomicBool,
+    pub server_at_boundary: AtomicBool,
 }
 
 impl Default for Shared {
@@ -35,47 +45,89 @@ impl Default for Shared {
             tx_status: AtomicU8::new(b'I'),
             in_flight: AtomicU32::new(0),
             client_messages: AtomicU64::new(0),
+            mid_batch: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             client_at_boundary: AtomicBool::new(true),
+            server_at_boundary: AtomicBool::new(true),
         }
     }
 }
 
 impl Shared {
-    /// Idle: no request outstanding and not inside a transaction block.
+    /// Idle as Postgres means it: waiting for a new command outside a
+    /// transaction block, with nothing outstanding.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0
-            && self.tx_status.load(Ordering::Acquire) == b'I'
+        self.in_flight.load(Relaxed) == 0
+            && self.tx_status.load(Relaxed) == b'I'
+            && !self.mid_batch.load(Relaxed)
+    }
+
+    fn add_in_flight(&self, n: u32) {
+        self.in_flight
+            .store(self.in_flight.load(Relaxed).saturating_add(n), Relaxed);
+    }
+
+    fn sub_in_flight(&self, n: u32) -> u32 {
+        let left = self.in_flight.load(Relaxed).saturating_sub(n);
+        self.in_flight.store(left, Relaxed);
+        left
     }
 }
 
 /// Statements the client prepared with Parse, by name, with their SQL text.
 /// Kept for mirroring and routing, which must re-prepare them elsewhere.
-/// Bounded: past `limit` named statements new ones are no longer tracked
-/// (`overflowed` records that), which costs those later features, never
-/// the client.
+///
+/// Bounded by count and by bytes of text: past either limit new statements
+/// are no longer tracked (`overflowed` records that), which costs those
+/// later features, never the client. Statements are recorded as sent; one
+/// the source rejects stays recorded until closed or replaced (confirming
+/// them from ParseComplete comes with mirroring).
 pub struct PreparedStatements {
     named: HashMap<Box<[u8]>, Arc<[u8]>>,
     unnamed: Option<Arc<[u8]>>,
-    limit: usize,
+    max_count: usize,
+    max_bytes: usize,
+    bytes: usize,
     pub overflowed: bool,
 }
 
 impl PreparedStatements {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(max_count: usize, max_bytes: usize) -> Self {
         Self {
             named: HashMap::new(),
             unnamed: None,
-            limit,
+            max_count,
+            max_bytes,
+            bytes: 0,
             overflowed: false,
         }
     }
 
     pub fn on_parse(&mut self, name: &[u8], query: &[u8]) {
         if name.is_empty() {
-            self.unnamed = Some(query.into());
-        } else if self.named.len() < self.limit || self.named.contains_key(name) {
-            self.named.insert(name.into(), query.into());
+            // Drivers re-send the same unnamed statement for every execution:
+            // keep the copy we have instead of making a new one.
+            if self.unnamed.as_deref() == Some(query) {
+                return;
+            }
+            let old = self.unnamed.take().map_or(0, |q| q.len());
+            self.bytes -= old;
+            if self.bytes + query.len() <= self.max_bytes {
+                self.bytes += query.len();
+                self.unnamed = Some(query.into());
+            } else {
+                self.overflowed = true;
+            }
+            return;
+        }
+        let old = self.named.get(name).map(|q| q.len());
+        let fits_count = old.is_some() || self.named.len() < self.max_count;
+        let fits_bytes = self.bytes - old.unwrap_or(0) + name.len() + query.len() <= self.max_bytes;
+        if fits_count && fits_bytes {
+            if let Some(old) = self.named.insert(name.into(), query.into()) {
+                self.bytes -= name.len() + old.len();
+            }
+            self.bytes += name.len() + query.len();
         } else {
             self.overflowed = true;
         }
@@ -83,9 +135,9 @@ impl PreparedStatements {
 
     pub fn on_close(&mut self, name: &[u8]) {
         if name.is_empty() {
-            self.unnamed = None;
-        } else {
-            self.named.remove(name);
+            self.bytes -= self.unnamed.take().map_or(0, |q| q.len());
+        } else if let Some(q) = self.named.remove(name) {
+            self.bytes -= name.len() + q.len();
         }
     }
 
@@ -104,6 +156,11 @@ impl PreparedStatements {
     pub fn is_empty(&self) -> bool {
         self.named.is_empty()
     }
+
+    /// Bytes of names and SQL text held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// Client -> source: validates message types, counts requests, and tracks
@@ -112,6 +169,26 @@ pub struct FrontendInspector<'a> {
     pub shared: &'a Shared,
     pub statements: &'a mut PreparedStatements,
     pub max_inspected: usize,
+    /// Syncs sent since the last Execute or Query. Postgres ignores Syncs
+    /// that reach it during COPY FROM STDIN, and a driver sends one right
+    /// after the Execute that starts the copy: those get no ReadyForQuery
+    /// and are taken back out of `in_flight` when the copy ends.
+    syncs_since_execute: u32,
+}
+
+impl<'a> FrontendInspector<'a> {
+    pub fn new(
+        shared: &'a Shared,
+        statements: &'a mut PreparedStatements,
+        max_inspected: usize,
+    ) -> Self {
+        Self {
+            shared,
+            statements,
+            max_inspected,
+            syncs_since_execute: 0,
+        }
+    }
 }
 
 impl Inspector for FrontendInspector<'_> {
@@ -129,26 +206,49 @@ impl Inspector for FrontendInspector<'_> {
         if !is_frontend_tag(tag) {
             return Err(FrameError::UnknownType(tag));
         }
-        self.shared.client_messages.fetch_add(1, Ordering::Relaxed);
-        if tag == SYNC || tag == FUNCTION_CALL {
-            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let s = self.shared;
+        s.client_messages
+            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
+        match tag {
+            SYNC => {
+                s.add_in_flight(1);
+                s.mid_batch.store(false, Relaxed);
+                self.syncs_since_execute += 1;
+            }
+            FUNCTION_CALL => s.add_in_flight(1),
+            EXECUTE => {
+                s.mid_batch.store(true, Relaxed);
+                self.syncs_since_execute = 0;
+            }
+            BIND | DESCRIBE | FLUSH => s.mid_batch.store(true, Relaxed),
+            COPY_DONE | COPY_FAIL => {
+                s.sub_in_flight(self.syncs_since_execute);
+                self.syncs_since_execute = 0;
+            }
+            _ => {}
         }
         Ok(())
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
-        self.shared.client_messages.fetch_add(1, Ordering::Relaxed);
+        let s = self.shared;
+        s.client_messages
+            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
         match tag {
             QUERY => {
                 parse_query(body)?;
-                self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+                s.add_in_flight(1);
+                self.syncs_since_execute = 0;
             }
             PARSE => {
                 let (name, query) = parse_parse(body)?;
+                s.mid_batch.store(true, Relaxed);
                 self.statements.on_parse(name, query);
             }
             CLOSE => {
-                if let (b'S', name) = parse_close(body)? {
+                let (kind, name) = parse_close(body)?;
+                s.mid_batch.store(true, Relaxed);
+                if kind == b'S' {
                     self.statements.on_close(name);
                 }
             }
@@ -156,6 +256,12 @@ impl Inspector for FrontendInspector<'_> {
             _ => {}
         }
         Ok(Verdict::Forward)
+    }
+
+    fn writing(&mut self, done: bool, at_boundary: bool) {
+        self.shared
+            .server_at_boundary
+            .store(done && at_boundary, Relaxed);
     }
 }
 
@@ -183,15 +289,9 @@ impl Inspector for BackendInspector<'_> {
 
     fn inspect(&mut self, _tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
         let status = parse_ready_for_query(body)?;
-        self.shared.tx_status.store(status, Ordering::Release);
-        let left = self
-            .shared
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(1))
-            })
-            .map_or(0, |prev| prev.saturating_sub(1));
-        if left == 0 && status == b'I' && self.shared.draining.load(Ordering::Acquire) {
+        self.shared.tx_status.store(status, Relaxed);
+        self.shared.sub_in_flight(1);
+        if self.shared.draining.load(Relaxed) && self.shared.is_idle() {
             return Ok(Verdict::ForwardAndStop);
         }
         Ok(Verdict::Forward)
@@ -200,7 +300,7 @@ impl Inspector for BackendInspector<'_> {
     fn writing(&mut self, done: bool, at_boundary: bool) {
         self.shared
             .client_at_boundary
-            .store(done && at_boundary, Ordering::Release);
+            .store(done && at_boundary, Relaxed);
     }
 }
 
@@ -209,8 +309,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statements_track_parse_and_close_with_a_bound() {
-        let mut s = PreparedStatements::new(2);
+    fn statements_track_parse_and_close_within_count_and_byte_bounds() {
+        let mut s = PreparedStatements::new(2, 1024);
         s.on_parse(b"a", b"select 1");
         s.on_parse(b"b", b"select 2");
         s.on_parse(b"c", b"select 3");
@@ -220,33 +320,81 @@ mod tests {
         assert_eq!(s.get(b"a").map(|q| &q[..]), Some(&b"select 10"[..]));
         s.on_parse(b"", b"select 4");
         assert_eq!(s.get(b"").map(|q| &q[..]), Some(&b"select 4"[..]));
+        assert_eq!(s.bytes(), 1 + 9 + 1 + 8 + 8);
         s.on_close(b"a");
+        s.on_close(b"");
         assert!(s.get(b"a").is_none());
+        assert_eq!(s.bytes(), 1 + 8);
+
+        let mut s = PreparedStatements::new(100, 20);
+        s.on_parse(b"big", &[b'x'; 30]);
+        assert!(s.overflowed && s.is_empty() && s.bytes() == 0);
+    }
+
+    #[test]
+    fn unchanged_unnamed_statement_is_not_copied_again() {
+        let mut s = PreparedStatements::new(10, 1024);
+        s.on_parse(b"", b"select $1");
+        let first = Arc::as_ptr(s.get(b"").unwrap());
+        s.on_parse(b"", b"select $1");
+        assert_eq!(Arc::as_ptr(s.get(b"").unwrap()), first);
+        assert_eq!(s.bytes(), 9);
     }
 
     #[test]
     fn frontend_inspector_counts_requests_and_rejects_unknown_types() {
         let shared = Shared::default();
-        let mut st = PreparedStatements::new(10);
-        let mut i = FrontendInspector {
-            shared: &shared,
-            statements: &mut st,
-            max_inspected: 1024,
-        };
+        let mut st = PreparedStatements::new(10, 1024);
+        let mut i = FrontendInspector::new(&shared, &mut st, 1024);
         i.inspect(QUERY, b"select 1\0").unwrap();
         i.header(SYNC).unwrap();
-        assert_eq!(shared.in_flight.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.in_flight.load(Relaxed), 2);
         assert!(matches!(i.header(b'z'), Err(FrameError::UnknownType(b'z'))));
         assert!(i.inspect(QUERY, b"no terminator").is_err());
         assert_eq!(i.inspect(TERMINATE, b"").unwrap(), Verdict::ForwardAndStop);
     }
 
     #[test]
+    fn copy_in_via_extended_protocol_keeps_the_request_count_right() {
+        // What tokio-postgres and libpq send for COPY FROM STDIN with the
+        // extended protocol: the Sync after Execute is swallowed by the
+        // server's copy-in mode, so there is one ReadyForQuery, not two.
+        let shared = Shared::default();
+        let mut st = PreparedStatements::new(10, 1024);
+        let mut f = FrontendInspector::new(&shared, &mut st, 1024);
+        f.header(BIND).unwrap();
+        f.header(EXECUTE).unwrap();
+        f.header(SYNC).unwrap();
+        f.header(b'd').unwrap();
+        f.header(COPY_DONE).unwrap();
+        f.header(SYNC).unwrap();
+        let mut b = BackendInspector { shared: &shared };
+        b.inspect(READY_FOR_QUERY, b"I").unwrap();
+        assert_eq!(shared.in_flight.load(Relaxed), 0);
+        assert!(shared.is_idle());
+    }
+
+    #[test]
+    fn extended_messages_without_sync_are_not_idle() {
+        let shared = Shared::default();
+        let mut st = PreparedStatements::new(10, 1024);
+        let mut f = FrontendInspector::new(&shared, &mut st, 1024);
+        f.inspect(PARSE, b"\0select 1\0\0\0").unwrap();
+        f.header(BIND).unwrap();
+        assert!(!shared.is_idle());
+        f.header(SYNC).unwrap();
+        BackendInspector { shared: &shared }
+            .inspect(READY_FOR_QUERY, b"I")
+            .unwrap();
+        assert!(shared.is_idle());
+    }
+
+    #[test]
     fn backend_inspector_tracks_status_and_stops_when_draining_and_idle() {
         let shared = Shared::default();
-        shared.in_flight.store(2, Ordering::Relaxed);
+        shared.in_flight.store(2, Relaxed);
         let mut b = BackendInspector { shared: &shared };
-        shared.draining.store(true, Ordering::Relaxed);
+        shared.draining.store(true, Relaxed);
         assert_eq!(b.inspect(READY_FOR_QUERY, b"T").unwrap(), Verdict::Forward);
         assert!(!shared.is_idle());
         assert_eq!(

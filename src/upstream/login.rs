@@ -16,6 +16,15 @@ use crate::protocol::startup::{CancelKey, StartupMessage};
 /// Bound on any message during login (auth requests are tiny).
 const LOGIN_MAX_MESSAGE: usize = 1 << 20;
 
+/// SCRAM's key derivation is deliberately expensive (4096 rounds of
+/// HMAC-SHA-256 by default). Cap how many run at once, so a burst of target
+/// logins (the target coming back, thousands of clients connecting) cannot
+/// take every core from the forwarding threads.
+static SCRAM_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::sync::Semaphore::new(cores.div_ceil(2))
+});
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     #[error("server refused the login: {code} {message}")]
@@ -45,7 +54,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     startup: &StartupMessage,
     password: Option<&str>,
 ) -> Result<LoggedIn, LoginError> {
-    let user = startup.get("user").unwrap_or_default().to_string();
+    let user = startup.get_bytes("user").unwrap_or_default().to_vec();
     stream.write_all(&startup.encode(0)).await?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
@@ -74,7 +83,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                             .and_then(|s| s.try_into().ok())
                             .ok_or_else(|| LoginError::Protocol("short md5 salt".into()))?;
                         let hash = postgres_protocol::authentication::md5_hash(
-                            user.as_bytes(),
+                            &user,
                             need()?.as_bytes(),
                             salt,
                         );
@@ -99,6 +108,10 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                         })?;
                         // The PBKDF2 step is deliberately expensive: keep it off the async workers.
                         let data = body.to_vec();
+                        let _slot = SCRAM_SLOTS
+                            .acquire()
+                            .await
+                            .map_err(|e| LoginError::Protocol(e.to_string()))?;
                         let (s, r) = tokio::task::spawn_blocking(move || {
                             let r = s.update(&data);
                             (s, r)

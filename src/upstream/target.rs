@@ -26,6 +26,11 @@ use crate::protocol::message::{ERROR_RESPONSE, READY_FOR_QUERY};
 use crate::protocol::startup::StartupMessage;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a login may take once connected (a target that accepts TCP and
+/// then says nothing must not hold a link forever).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a goodbye may take.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything needed to open target links; shared by all sessions.
 pub struct TargetLinks {
@@ -80,8 +85,11 @@ impl TargetLinks {
                     })?;
                 Ok::<_, String>((stream, logged_in.leftover))
             };
+            let limit = self.upstream.connect_timeout + LOGIN_TIMEOUT;
             let connected = tokio::select! {
-                r = attempt => r,
+                r = tokio::time::timeout(limit, attempt) => {
+                    r.unwrap_or_else(|_| Err(format!("no login within {} s", limit.as_secs())))
+                }
                 _ = &mut stop => return,
             };
             match connected {
@@ -116,8 +124,11 @@ impl TargetLinks {
                     }
                 }
             }
+            // Jitter, so thousands of links do not all retry in the same instant
+            // when the target comes back.
+            let pause = backoff.mul_f64(rand::random_range(0.5..1.5));
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = &mut stop => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -137,8 +148,11 @@ impl TargetLinks {
         loop {
             tokio::select! {
                 _ = &mut *stop => {
-                    let _ = stream.write_all(b"X\0\0\0\x04").await;
-                    let _ = stream.shutdown().await;
+                    let _ = tokio::time::timeout(TERMINATE_TIMEOUT, async {
+                        stream.write_all(b"X\0\0\0\x04").await?;
+                        stream.shutdown().await
+                    })
+                    .await;
                     return Held::Stopped;
                 }
                 _ = ticker.tick() => {

@@ -17,19 +17,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Runs psql and insists it succeeded; returns stdout.
-fn psql_ok(conn: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let out = psql(conn, args, stdin);
-    assert!(
-        out.status.success(),
-        "psql {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 fn show(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",

@@ -83,20 +83,13 @@ impl Clusters {
 
     /// Runs SQL as the superuser directly on one cluster; panics on failure.
     pub fn sql(&self, port: u16, db: &str, sql: &str) -> String {
-        let out = psql(
-            &format!(
-                "host={} port={port} user={SUPERUSER} dbname={db}",
-                self.host
-            ),
-            &["-Atq", "-c", sql],
-            None,
+        let conn = format!(
+            "host={} port={port} user={SUPERUSER} dbname={db}",
+            self.host
         );
-        assert!(
-            out.status.success(),
-            "psql on port {port} failed for {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+        psql_ok(&conn, &["-Atq", "-c", sql], None)
+            .trim_end()
+            .to_string()
     }
 
     /// A fresh database of this name on both clusters (dropped first).
@@ -392,6 +385,21 @@ pub fn psql(conn: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
         child.stdin.take().unwrap().write_all(input).unwrap();
     }
     child.wait_with_output().unwrap()
+}
+
+/// Runs psql and insists it succeeded; returns stdout.
+#[track_caller]
+pub fn psql_ok(conn: &str, args: &[&str], stdin: Option<&[u8]>) -> String {
+    let out = psql(conn, args, stdin);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "psql {args:?} on {conn:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
 }
 
 /// Runs a program from the Postgres bin dir (pgbench, pg_ctl...).

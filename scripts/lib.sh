@@ -8,6 +8,7 @@
 #   log / warn / die      messages on stderr ("[pgshift] ...")
 #   ensure_deps           installs what the scripts and tests need, only if missing:
 #                         Debian packages postgresql postgresql-contrib pgbouncer openssl
+#                         libclang-dev (pg_query's build generates its bindings with it)
 #                         (apt-get update once, then apt-get install -y, never interactive)
 #                         and the Python package psycopg[binary] (pip, only if
 #                         `python3 -c 'import psycopg'` fails). Sets and exports
@@ -110,7 +111,7 @@ _apt_install() {
 ensure_deps() {
     local missing=() pkg bindir tool
     if command -v dpkg-query >/dev/null 2>&1; then
-        for pkg in postgresql postgresql-contrib pgbouncer openssl; do
+        for pkg in postgresql postgresql-contrib pgbouncer openssl libclang-dev; do
             _pkg_installed "$pkg" || missing+=("$pkg")
         done
         # A package may be "installed" while the server binaries are gone; reinstall then.

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod cancel;
+pub mod classify;
 pub mod config;
 pub mod listener;
 pub mod metrics;

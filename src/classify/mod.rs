@@ -1,0 +1,324 @@
+//! The statement classifier shared by mirroring and routing.
+//!
+//! For every statement the proxy sees (each statement of a simple-protocol
+//! string, each Parse text, each PREPARE body) it answers: read, write,
+//! lock, transaction control or session state. The answer on the hot path
+//! comes from a lexical pass (`lexer`) for the shapes it can judge with
+//! certainty; everything else goes to the real Postgres grammar (libpg_query,
+//! `parser`), whose answers are cached per statement text. The corpus tests
+//! below check that the two agree wherever the lexical pass answers.
+//!
+//! Anything neither can classify is a write: mirroring an unneeded statement
+//! costs little, missing a write loses data.
+
+pub mod analyze;
+pub mod lexer;
+mod parser;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lexer::Token;
+
+/// What one statement does, as far as mirroring and routing care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    /// Reads data only: may be routed, is mirrored only inside a write
+    /// transaction.
+    Read,
+    /// Changes data, schema, sequences or anything a target must repeat.
+    Write,
+    /// Takes locks without writing (`SELECT ... FOR UPDATE`, `LOCK`,
+    /// advisory locks): never routed, mirrored only inside a write
+    /// transaction.
+    Lock,
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin { read_only: bool },
+    /// `COMMIT`, `ROLLBACK`, savepoints, `SET TRANSACTION`, two-phase commit.
+    TxnControl,
+    /// Changes session state the mirror must reproduce.
+    Session(SessionOp),
+    /// `EXECUTE name`: whatever `name`'s PREPARE body is.
+    Execute { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOp {
+    /// `SET`, `SET SESSION ...`, `SET ROLE`, `RESET name`.
+    Set,
+    /// `SET LOCAL`: lasts only until the end of the transaction.
+    SetLocal,
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DISCARD ALL | TEMP | PLANS | SEQUENCES`.
+    Discard { all: bool, temp: bool },
+    /// `PREPARE name AS body`.
+    Prepare { name: String, body: Box<Class> },
+    /// `DEALLOCATE name`, or all of them (`None`).
+    Deallocate { name: Option<String> },
+    /// `LISTEN` / `UNLISTEN` / `LOAD`: session state that must stay on the
+    /// source and is not mirrored.
+    SourceOnly,
+}
+
+impl Class {
+    /// Whether the target must run this statement even outside a write
+    /// transaction.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Class::Write)
+    }
+}
+
+/// Functions whose call makes a SELECT a write (sequences, large objects,
+/// notifications, session settings) or a lock.
+const WRITE_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "set_config",
+    "pg_notify",
+    "lo_create",
+    "lo_creat",
+    "lo_import",
+    "lo_unlink",
+    "lo_put",
+    "lo_from_bytea",
+    "lowrite",
+    "lo_truncate",
+    "lo_truncate64",
+    "dblink_exec",
+    "pg_logical_emit_message",
+];
+
+fn is_lock_function(name: &str) -> bool {
+    name.starts_with("pg_advisory") || name.starts_with("pg_try_advisory")
+}
+
+/// The classifier's configuration: functions the operator names as writing.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Lower-cased function names, bare (`audit_log`) or schema-qualified
+    /// (`app.audit_log`); a bare name matches in any schema.
+    pub write_functions: Vec<String>,
+}
+
+impl Rules {
+    pub fn new(write_functions: &[String]) -> Self {
+        Self {
+            write_functions: write_functions
+                .iter()
+                .map(|f| f.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Classifies a function by its (possibly qualified, lower-cased) name.
+    fn function(&self, qualified: &str) -> Option<Class> {
+        let bare = qualified.rsplit('.').next().unwrap_or(qualified);
+        if WRITE_FUNCTIONS.contains(&bare) {
+            return Some(Class::Write);
+        }
+        if is_lock_function(bare) {
+            return Some(Class::Lock);
+        }
+        if self
+            .write_functions
+            .iter()
+            .any(|w| w == qualified || w == bare)
+        {
+            return Some(Class::Write);
+        }
+        None
+    }
+}
+
+impl Rules {
+    /// Whether a call to a function with this bare name might write or lock
+    /// in some schema (the lexical pass does not resolve qualification).
+    fn may_write_or_lock(&self, bare: &str) -> bool {
+        self.function(bare).is_some()
+            || self
+                .write_functions
+                .iter()
+                .any(|w| w.rsplit('.').next() == Some(bare))
+    }
+}
+
+/// Upper bound on the text cached per classifier.
+const CACHE_BYTES: usize = 8 << 20;
+
+/// Classifies statements, caching what the parser had to decide.
+///
+/// One per worker thread (or per session owner): no locking on the hot path.
+pub struct Classifier {
+    rules: Arc<Rules>,
+    cache: HashMap<Box<str>, Arc<[Class]>>,
+    cache_bytes: usize,
+    /// Statements the lexical pass decided / the parser decided / cache hits.
+    pub stats: Stats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub lexical: u64,
+    pub parsed: u64,
+    pub cached: u64,
+}
+
+impl Classifier {
+    pub fn new(rules: Arc<Rules>) -> Self {
+        Self {
+            rules,
+            cache: HashMap::new(),
+            cache_bytes: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    /// Classifies each statement of a query string (one entry per
+    /// non-empty statement; an empty string gives none).
+    pub fn classify(&mut self, sql: &str) -> Arc<[Class]> {
+        if let Some(c) = self.lexical_all(sql) {
+            self.stats.lexical += 1;
+            return c.into();
+        }
+        if let Some(c) = self.cache.get(sql) {
+            self.stats.cached += 1;
+            return Arc::clone(c);
+        }
+        self.stats.parsed += 1;
+        let classes: Arc<[Class]> = parser::classify(sql, &self.rules).into();
+        if self.cache_bytes + sql.len() > CACHE_BYTES {
+            // Simple and bounded: start over rather than track recency.
+            self.cache.clear();
+            self.cache_bytes = 0;
+        }
+        self.cache_bytes += sql.len();
+        self.cache.insert(sql.into(), Arc::clone(&classes));
+        classes
+    }
+
+    fn lexical_all(&self, sql: &str) -> Option<Vec<Class>> {
+        let stmts = lexer::split(sql).ok()?;
+        stmts.iter().map(|s| lexical(s, &self.rules)).collect()
+    }
+}
+
+/// Lower-cased words and structure of one statement, for the lexical pass.
+struct Shape<'a> {
+    words: Vec<(Token<'a>, usize)>,
+}
+
+impl<'a> Shape<'a> {
+    fn word(&self, i: usize) -> Option<String> {
+        match self.words.get(i)?.0 {
+            Token::Word(w) => Some(w.to_ascii_lowercase()),
+            _ => None,
+        }
+    }
+    fn is(&self, i: usize, kw: &str) -> bool {
+        matches!(self.words.get(i), Some((Token::Word(w), _)) if w.eq_ignore_ascii_case(kw))
+    }
+    fn any_word(&self, kws: &[&str]) -> bool {
+        self.words.iter().any(
+            |(t, _)| matches!(t, Token::Word(w) if kws.iter().any(|k| w.eq_ignore_ascii_case(k))),
+        )
+    }
+}
+
+/// The lexical pass: `Some(class)` only when the statement's shape makes the
+/// answer certain; `None` sends it to the parser.
+fn lexical(stmt: &str, rules: &Rules) -> Option<Class> {
+    let mut words = Vec::new();
+    lexer::tokens(stmt, |t, at| words.push((t, at))).ok()?;
+    let s = Shape { words };
+    let first = s.word(0)?;
+    match first.as_str() {
+        "select" | "values" | "table" | "with" | "show" => {
+            if first == "show" {
+                return Some(Class::Read);
+            }
+            // Anything that could make a query write or lock, or a
+            // syntax the lexer does not follow, goes to the parser.
+            if s.any_word(&[
+                "insert", "update", "delete", "merge", "into", "for", "share", "lock",
+            ]) {
+                return None;
+            }
+            // Function calls: a word followed by `(`, possibly qualified.
+            for (i, (t, _)) in s.words.iter().enumerate() {
+                let name = match t {
+                    Token::Word(w) => w.to_ascii_lowercase(),
+                    Token::Quoted(q) => q.to_string(),
+                    _ => continue,
+                };
+                if matches!(s.words.get(i + 1), Some((Token::Open, _)))
+                    && rules.may_write_or_lock(&name)
+                {
+                    return None;
+                }
+            }
+            Some(Class::Read)
+        }
+        "insert" | "update" | "delete" | "merge" | "truncate" | "create" | "alter" | "drop"
+        | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "vacuum" | "analyze"
+        | "analyse" | "refresh" | "call" | "do" | "notify" | "reassign" | "checkpoint"
+        | "import" => {
+            // `CREATE FUNCTION ... BEGIN ATOMIC ... END` has `;` inside its
+            // body, which only the parser splits right.
+            if s.any_word(&["atomic"]) {
+                return None;
+            }
+            Some(Class::Write)
+        }
+        "lock" => Some(Class::Lock),
+        "begin" | "start" => {
+            if first == "start" && !s.is(1, "transaction") {
+                return None;
+            }
+            if first == "begin" && s.is(1, "atomic") {
+                return None;
+            }
+            let read_only = s
+                .words
+                .windows(2)
+                .any(|w| matches!((w[0].0, w[1].0), (Token::Word(a), Token::Word(b)) if a.eq_ignore_ascii_case("read") && b.eq_ignore_ascii_case("only")));
+            Some(Class::Begin { read_only })
+        }
+        "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => {
+            // COMMIT PREPARED / ROLLBACK PREPARED finish another
+            // transaction's writes: the parser decides those.
+            if s.any_word(&["prepared"]) {
+                return None;
+            }
+            Some(Class::TxnControl)
+        }
+        "set" => {
+            if s.is(1, "transaction") || s.is(1, "constraints") {
+                Some(Class::TxnControl)
+            } else if s.is(1, "local") {
+                Some(Class::Session(SessionOp::SetLocal))
+            } else {
+                Some(Class::Session(SessionOp::Set))
+            }
+        }
+        "reset" => {
+            if s.is(1, "all") {
+                Some(Class::Session(SessionOp::ResetAll))
+            } else {
+                Some(Class::Session(SessionOp::Set))
+            }
+        }
+        "listen" | "unlisten" | "load" => Some(Class::Session(SessionOp::SourceOnly)),
+        "fetch" | "move" | "close" => Some(Class::Read),
+        // COPY, EXPLAIN, PREPARE, EXECUTE, DEALLOCATE, DISCARD, DECLARE and
+        // anything unusual: the parser.
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,298 @@
+//! The classifier corpus: every case the mirror and the router must get
+//! right, checked through the public entry point and, wherever the lexical
+//! pass answers, checked against the parser too.
+
+use super::*;
+
+fn rules() -> Rules {
+    Rules::new(&["audit_log".to_string(), "app.bump".to_string()])
+}
+
+/// Classifies through both paths; the lexical answer, when given, must equal
+/// the parser's.
+fn class(sql: &str) -> Vec<Class> {
+    let r = rules();
+    let parsed = parser::classify(sql, &r);
+    if let Ok(stmts) = lexer::split(sql) {
+        let lex: Option<Vec<Class>> = stmts.iter().map(|s| lexical(s, &r)).collect();
+        if let Some(lex) = lex {
+            assert_eq!(
+                lex, parsed,
+                "lexical pass disagrees with the parser on {sql:?}"
+            );
+        }
+    }
+    let mut c = Classifier::new(Arc::new(r));
+    let via = c.classify(sql).to_vec();
+    assert_eq!(
+        via, parsed,
+        "classifier disagrees with the parser on {sql:?}"
+    );
+    via
+}
+
+fn one(sql: &str) -> Class {
+    let v = class(sql);
+    assert_eq!(v.len(), 1, "{sql:?} gave {v:?}");
+    v.into_iter().next().unwrap()
+}
+
+use Class::*;
+
+#[test]
+fn plain_reads() {
+    for sql in [
+        "SELECT 1",
+        "select abalance from pgbench_accounts where aid = 42",
+        "SELECT * FROM t WHERE a IN (SELECT b FROM u) ORDER BY 1 LIMIT 5",
+        "VALUES (1), (2)",
+        "TABLE t",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        "SHOW search_path",
+        "SELECT count(*), lower(name) FROM t GROUP BY 2",
+        "SELECT pg_sleep(0)",
+        "EXPLAIN SELECT * FROM t",
+        "EXPLAIN (ANALYZE false) DELETE FROM t",
+        "EXPLAIN DELETE FROM t",
+        "COPY t TO STDOUT",
+        "COPY (SELECT * FROM t) TO STDOUT",
+        "FETCH 10 FROM c",
+        "DECLARE c CURSOR FOR SELECT * FROM t",
+        "SELECT updated_at, \"update\" FROM t", // words that only look like keywords
+        "SELECT 'nextval(1)', $$ insert into t $$ FROM t",
+    ] {
+        assert_eq!(one(sql), Read, "{sql}");
+    }
+}
+
+#[test]
+fn writes_of_every_shape() {
+    for sql in [
+        "INSERT INTO t VALUES (1)",
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+        "INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING",
+        "UPDATE t SET v = 1",
+        "DELETE FROM t",
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.v",
+        "TRUNCATE t",
+        "CREATE TABLE x (a int)",
+        "ALTER TABLE x ADD b int",
+        "DROP TABLE x",
+        "CREATE INDEX CONCURRENTLY i ON t (a)",
+        "GRANT SELECT ON t TO public",
+        "REVOKE SELECT ON t FROM public",
+        "VACUUM t",
+        "ANALYZE t",
+        "VACUUM (ANALYZE) t",
+        "NOTIFY chan, 'payload'",
+        "CALL proc(1)",
+        "DO $$ BEGIN INSERT INTO t VALUES (1); END $$",
+        "DO $body$ BEGIN PERFORM 1; END $body$ LANGUAGE plpgsql",
+        "COPY t FROM STDIN",
+        "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
+        "COPY (INSERT INTO t VALUES (1) RETURNING *) TO STDOUT",
+        "WITH x AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM x",
+        "WITH x AS (UPDATE t SET v = 2 RETURNING *) SELECT * FROM x",
+        "WITH x AS (DELETE FROM t RETURNING *) SELECT count(*) FROM x",
+        "SELECT * INTO newtable FROM t",
+        "EXPLAIN ANALYZE UPDATE t SET v = 1",
+        "EXPLAIN (ANALYZE, BUFFERS) INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE true) DELETE FROM t",
+        "SELECT nextval('s')",
+        "SELECT pg_catalog.setval('s', 10)",
+        "SELECT \"nextval\"('s')",
+        "SELECT set_config('search_path', 'x', false)",
+        "SELECT pg_notify('c', 'x')",
+        "SELECT lo_create(0)",
+        "SELECT audit_log('x')",   // configured write function
+        "SELECT app.bump(1)",      // configured, schema-qualified
+        "SELECT x.audit_log('y')", // a bare configured name matches any schema
+        "SELECT * FROM t WHERE a = (SELECT nextval('s'))",
+        "COMMIT PREPARED 'gid'",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+        "REFRESH MATERIALIZED VIEW m",
+        "CHECKPOINT",
+        "SECURITY LABEL ON TABLE t IS 'x'",
+    ] {
+        assert_eq!(one(sql), Write, "{sql}");
+    }
+}
+
+#[test]
+fn configured_names_only_match_where_they_should() {
+    // app.bump is configured qualified: another schema's bump is a read.
+    assert_eq!(one("SELECT other.bump(1)"), Read);
+    assert_eq!(one("SELECT bump_count FROM t"), Read);
+}
+
+#[test]
+fn locks_are_neither_reads_nor_writes() {
+    for sql in [
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR SHARE",
+        "SELECT * FROM t FOR NO KEY UPDATE",
+        "SELECT * FROM t FOR KEY SHARE",
+        "SELECT * FROM t WHERE id IN (SELECT id FROM u FOR UPDATE SKIP LOCKED)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT pg_try_advisory_xact_lock(1, 2)",
+        "LOCK TABLE t IN ACCESS EXCLUSIVE MODE",
+        "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
+    ] {
+        assert_eq!(one(sql), Lock, "{sql}");
+    }
+    // A write anywhere wins over a lock.
+    assert_eq!(
+        one("SELECT pg_advisory_lock(1), nextval('s')"),
+        Write,
+        "write beats lock"
+    );
+}
+
+#[test]
+fn transaction_control() {
+    assert_eq!(one("BEGIN"), Begin { read_only: false });
+    assert_eq!(
+        one("begin transaction isolation level serializable"),
+        Begin { read_only: false }
+    );
+    assert_eq!(one("BEGIN READ ONLY"), Begin { read_only: true });
+    assert_eq!(
+        one("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+        Begin { read_only: true }
+    );
+    assert_eq!(
+        one("START TRANSACTION READ WRITE"),
+        Begin { read_only: false }
+    );
+    for sql in [
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "SAVEPOINT a",
+        "RELEASE SAVEPOINT a",
+        "ROLLBACK TO SAVEPOINT a",
+        "PREPARE TRANSACTION 'gid'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET CONSTRAINTS ALL DEFERRED",
+        "COMMIT AND CHAIN",
+    ] {
+        assert_eq!(one(sql), TxnControl, "{sql}");
+    }
+}
+
+#[test]
+fn session_state() {
+    assert_eq!(
+        one("SET search_path = app, public"),
+        Session(SessionOp::Set)
+    );
+    assert_eq!(
+        one("SET SESSION statement_timeout TO 0"),
+        Session(SessionOp::Set)
+    );
+    assert_eq!(
+        one("set local work_mem = '64MB'"),
+        Session(SessionOp::SetLocal)
+    );
+    assert_eq!(one("RESET search_path"), Session(SessionOp::Set));
+    assert_eq!(one("RESET ALL"), Session(SessionOp::ResetAll));
+    assert_eq!(one("SET ROLE app"), Session(SessionOp::Set));
+    assert_eq!(
+        one("DISCARD ALL"),
+        Session(SessionOp::Discard {
+            all: true,
+            temp: true
+        })
+    );
+    assert_eq!(
+        one("DISCARD TEMP"),
+        Session(SessionOp::Discard {
+            all: false,
+            temp: true
+        })
+    );
+    assert_eq!(
+        one("DISCARD PLANS"),
+        Session(SessionOp::Discard {
+            all: false,
+            temp: false
+        })
+    );
+    assert_eq!(
+        one("PREPARE ins (int) AS INSERT INTO t VALUES ($1)"),
+        Session(SessionOp::Prepare {
+            name: "ins".into(),
+            body: Box::new(Write)
+        })
+    );
+    assert_eq!(
+        one("PREPARE sel AS SELECT * FROM t WHERE id = $1"),
+        Session(SessionOp::Prepare {
+            name: "sel".into(),
+            body: Box::new(Read)
+        })
+    );
+    assert_eq!(one("EXECUTE ins(1)"), Execute { name: "ins".into() });
+    assert_eq!(
+        one("DEALLOCATE ins"),
+        Session(SessionOp::Deallocate {
+            name: Some("ins".into())
+        })
+    );
+    assert_eq!(
+        one("DEALLOCATE ALL"),
+        Session(SessionOp::Deallocate { name: None })
+    );
+    assert_eq!(one("LISTEN chan"), Session(SessionOp::SourceOnly));
+    assert_eq!(one("UNLISTEN *"), Session(SessionOp::SourceOnly));
+}
+
+#[test]
+fn multi_statement_strings_are_split_and_each_part_classified() {
+    assert_eq!(
+        class("BEGIN; UPDATE t SET v = 1; SELECT 1; COMMIT;"),
+        vec![Begin { read_only: false }, Write, Read, TxnControl]
+    );
+    // A `;` inside a string, a comment or a dollar quote does not split.
+    assert_eq!(
+        class("SELECT ';' /* ; */ -- ;\n; DO $$ BEGIN UPDATE t SET v = 1; END $$"),
+        vec![Read, Write]
+    );
+    assert!(class("").is_empty());
+    assert!(class(" ; -- nothing").is_empty());
+}
+
+#[test]
+fn comments_and_quoting_never_fool_it() {
+    assert_eq!(one("/* SELECT */ DELETE FROM t"), Write);
+    assert_eq!(one("-- DELETE\nSELECT 1"), Read);
+    assert_eq!(one("SELECT '; DELETE FROM t'"), Read);
+    assert_eq!(one("SELECT $x$ ; DELETE FROM t; $x$"), Read);
+    assert_eq!(one("SELECT /* nextval('s') */ 1"), Read);
+    assert_eq!(
+        one("/* a /* nested */ comment */ INSERT INTO t VALUES (1)"),
+        Write
+    );
+    assert_eq!(one("  \n\tselect 1 for update"), Lock);
+}
+
+#[test]
+fn what_cannot_be_classified_is_a_write() {
+    assert_eq!(class("SELEC 1"), vec![Write]);
+    assert_eq!(class("SELECT 'unterminated"), vec![Write]);
+    assert_eq!(class("FOO BAR"), vec![Write]);
+}
+
+#[test]
+fn the_lexical_pass_answers_the_common_shapes_and_the_cache_the_rest() {
+    let mut c = Classifier::new(Arc::new(rules()));
+    c.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
+    c.classify("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1");
+    c.classify("BEGIN");
+    assert_eq!(c.stats.lexical, 3);
+    assert_eq!(c.stats.parsed, 0);
+    c.classify("SELECT * FROM t FOR UPDATE");
+    c.classify("SELECT * FROM t FOR UPDATE");
+    assert_eq!((c.stats.parsed, c.stats.cached), (1, 1));
+}

@@ -89,7 +89,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let shared = Shared::default();
-                let mut insp = BackendInspector { shared: &shared };
+                let mut insp = BackendInspector::new(&shared);
                 let mut out = Vec::with_capacity(server.len());
                 let mut buf = BytesMut::new();
                 pump(&mut &server[..], &mut out, &mut buf, &mut insp)

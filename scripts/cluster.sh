@@ -301,6 +301,17 @@ EOF
         SQL "$name" postgres -c "CREATE ROLE pgshift_src_only LOGIN CREATEDB NOSUPERUSER"
     fi
     SQL "$name" template1 -c "GRANT CREATE ON SCHEMA public TO PUBLIC"
+    if [[ "$name" == target ]]; then
+        # The mirror's progress table (see docs/mirroring.md), created by the
+        # owner as an operator would, in template1 so every database made
+        # from it has one.
+        SQL "$name" template1 <<'EOF'
+CREATE SCHEMA pgshift_mirror;
+CREATE TABLE pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+GRANT USAGE ON SCHEMA pgshift_mirror TO PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON pgshift_mirror.progress TO PUBLIC;
+EOF
+    fi
     SQL "$name" postgres -c "CREATE DATABASE pgshift_demo"
     # Sanity: the md5 role really has an MD5 hash, the others SCRAM.
     local got

@@ -24,6 +24,123 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Write mirroring; absent = no mirror (and no spool directory).
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// What the mirror does when the spool reaches `max_spool_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Stop mirroring and record the gap: the target needs a re-sync.
+    StopMirroring,
+    /// Hold commit acknowledgements until the spool has room.
+    Backpressure,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Mirror writes to the target. Can be switched live (SIGHUP).
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    #[serde(default = "default_max_spool_bytes")]
+    pub max_spool_bytes: u64,
+    #[serde(default = "default_on_full")]
+    pub on_full: OnFull,
+    /// Functions that write, so `SELECT f()` is mirrored (and never routed).
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    /// Largest unit of work captured whole in memory.
+    #[serde(default = "default_max_txn_bytes")]
+    pub max_txn_bytes: usize,
+    /// Flush the spool to stable storage this often (0 = leave it to the OS).
+    #[serde(default = "default_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
+    /// JSON-lines log of divergences (default: `<spool_dir>/divergences.jsonl`).
+    pub divergence_log: Option<PathBuf>,
+    /// How long one unit may take on the target before it counts as failed.
+    #[serde(default = "default_apply_timeout_ms")]
+    pub apply_timeout_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            spool_dir: default_spool_dir(),
+            max_spool_bytes: default_max_spool_bytes(),
+            on_full: default_on_full(),
+            write_functions: Vec::new(),
+            max_txn_bytes: default_max_txn_bytes(),
+            fsync_interval_ms: default_fsync_interval_ms(),
+            divergence_log: None,
+            apply_timeout_ms: default_apply_timeout_ms(),
+        }
+    }
+}
+
+impl MirrorConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if !((1 << 20)..=(1 << 50)).contains(&self.max_spool_bytes) {
+            return err(
+                "mirror.max_spool_bytes",
+                "must be between 1048576 (1 MiB) and 2^50",
+            );
+        }
+        if !((64 << 10)..=(1 << 30)).contains(&self.max_txn_bytes) {
+            return err(
+                "mirror.max_txn_bytes",
+                "must be between 65536 and 1073741824",
+            );
+        }
+        if !(100..=3_600_000).contains(&self.apply_timeout_ms) {
+            return err("mirror.apply_timeout_ms", "must be between 100 and 3600000");
+        }
+        if self.fsync_interval_ms > 3_600_000 {
+            return err(
+                "mirror.fsync_interval_ms",
+                "must be at most 3600000 (0 = never)",
+            );
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return err("mirror.spool_dir", "must not be empty");
+        }
+        if let Some(f) = self
+            .write_functions
+            .iter()
+            .find(|f| f.trim().is_empty() || f.contains(char::is_whitespace))
+        {
+            return Err((
+                "mirror.write_functions".into(),
+                format!("{f:?} is not a function name"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("pgshift-spool")
+}
+fn default_max_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_on_full() -> OnFull {
+    OnFull::StopMirroring
+}
+fn default_max_txn_bytes() -> usize {
+    64 << 20
+}
+fn default_fsync_interval_ms() -> u64 {
+    1000
+}
+fn default_apply_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -253,6 +370,12 @@ impl Config {
             fix(&mut u.passfile);
         }
         fix(&mut self.admin.token_file);
+        if let Some(m) = self.mirror.as_mut() {
+            fix(&mut m.divergence_log);
+            if m.spool_dir.is_relative() {
+                m.spool_dir = base.join(&m.spool_dir);
+            }
+        }
     }
 
     /// Semantic checks; the error names the offending key.
@@ -319,6 +442,9 @@ impl Config {
             if let Err(e) = crate::upstream::passfile::PassFile::load(pf) {
                 return err("target.passfile", format!("{e:#}"));
             }
+        }
+        if let Some(m) = &self.mirror {
+            m.validate()?;
         }
         if !(1..=86_400).contains(&self.target.keepalive_s) {
             return err("target.keepalive_s", "must be between 1 and 86400".into());

@@ -19,6 +19,7 @@ pub mod classify;
 pub mod config;
 pub mod listener;
 pub mod metrics;
+pub mod mirror;
 pub mod net;
 pub mod protocol;
 pub mod proxy;

@@ -20,7 +20,7 @@ use crate::workers::Workers;
 /// closed without an answer.
 const MAX_CONCURRENT_REJECTIONS: usize = 256;
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let listener = TcpListener::bind(config.listen.addr)
         .await
@@ -48,10 +48,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let applier = start_mirror(&proxy, phase_tx.subscribe())?;
+
     let slots = Arc::new(Semaphore::new(max_clients));
     let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -74,6 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+            _ = sighup.recv() => reload(&proxy, &config_path),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -101,6 +105,77 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all_slots)).await;
     }
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+    // Sessions are gone; let the applier finish the unit it is on and stop.
+    let _ = phase_tx.send(Phase::Closing);
+    if let Some(a) = applier {
+        let _ = tokio::task::spawn_blocking(move || a.join()).await;
+    }
     info!("pgshift stopped");
     Ok(())
+}
+
+/// Starts the mirror's applier (its own thread and runtime, so replaying on
+/// the target never shares a thread with client sessions) and the spool's
+/// periodic flush.
+fn start_mirror(
+    proxy: &Arc<Proxy>,
+    phase: watch::Receiver<Phase>,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    let (Some(mirror), Some(cfg)) = (proxy.mirror.clone(), proxy.config.mirror.clone()) else {
+        return Ok(None);
+    };
+    let upstream = crate::net::connect::Upstream::new("target", &proxy.config.target)?;
+    let passfile = proxy
+        .config
+        .target
+        .passfile
+        .as_deref()
+        .map(crate::upstream::passfile::PassFile::load)
+        .transpose()?;
+    if cfg.fsync_interval_ms > 0 {
+        let m = Arc::clone(&mirror);
+        let every = Duration::from_millis(cfg.fsync_interval_ms);
+        std::thread::Builder::new()
+            .name("pgshift-spool-sync".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(e) = m.spool.sync() {
+                    warn!(error = %e, "spool fsync failed");
+                }
+            })?;
+    }
+    let applier = crate::mirror::apply::Applier::new(mirror, upstream, passfile);
+    let handle = std::thread::Builder::new()
+        .name("pgshift-mirror".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(applier.run(phase)),
+                Err(e) => error!(error = %e, "cannot start the mirror applier"),
+            }
+        })?;
+    Ok(Some(handle))
+}
+
+/// SIGHUP: re-reads the config file. What can change live is applied; the
+/// rest is reported as needing a restart. An invalid file changes nothing.
+fn reload(proxy: &Proxy, path: &std::path::Path) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "config reload rejected; keeping the running config");
+            return;
+        }
+    };
+    match (&proxy.mirror, &new.mirror) {
+        (Some(m), Some(nm)) => m.set_enabled(nm.enabled),
+        (Some(m), None) => m.set_enabled(false),
+        (None, Some(_)) => {
+            warn!("config reload: [mirror] was added; it takes effect after a restart")
+        }
+        (None, None) => {}
+    }
+    info!("config reloaded");
 }

@@ -27,7 +27,115 @@ pub struct Metrics {
     pub target_links_lost: Counter,
     pub cancel_forwarded: Counter,
     pub cancel_unknown_key: Counter,
+    pub mirror: MirrorMetrics,
     started: std::time::Instant,
+}
+
+type DynLabels = Vec<(&'static str, String)>;
+
+/// The write mirror's metrics (see `mirror`).
+pub struct MirrorMetrics {
+    pub spooled: Counter,
+    pub applied: Counter,
+    pub lag_transactions: Gauge,
+    /// Milliseconds (Prometheus gauges here are integers); exported as
+    /// `pgshift_mirror_lag_milliseconds`.
+    pub lag_ms: Gauge,
+    pub spool_bytes: Gauge,
+    pub divergences: Family<DynLabels, Counter>,
+    pub target_errors: Family<DynLabels, Counter>,
+    pub nondeterministic: Gauge,
+    pub gaps: Counter,
+    pub lost_transactions: Counter,
+    pub backpressure_waits: Counter,
+    pub enabled: Gauge,
+    pub target_connections: Gauge,
+}
+
+impl MirrorMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            spooled: Counter::default(),
+            applied: Counter::default(),
+            lag_transactions: Gauge::default(),
+            lag_ms: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            divergences: Family::default(),
+            target_errors: Family::default(),
+            nondeterministic: Gauge::default(),
+            gaps: Counter::default(),
+            lost_transactions: Counter::default(),
+            backpressure_waits: Counter::default(),
+            enabled: Gauge::default(),
+            target_connections: Gauge::default(),
+        };
+        r.register(
+            "mirror_spooled_transactions",
+            "Committed write units appended to the mirror spool",
+            m.spooled.clone(),
+        );
+        r.register(
+            "mirror_applied_transactions",
+            "Spooled units applied to the target",
+            m.applied.clone(),
+        );
+        r.register(
+            "mirror_lag_transactions",
+            "Spooled units not yet applied to the target",
+            m.lag_transactions.clone(),
+        );
+        r.register(
+            "mirror_lag_milliseconds",
+            "Age of the oldest unapplied unit's source commit",
+            m.lag_ms.clone(),
+        );
+        r.register(
+            "mirror_spool_bytes",
+            "Bytes of spool on disk",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "mirror_divergences",
+            "Mirrored statements whose target outcome differed from the source's, by statement fingerprint",
+            m.divergences.clone(),
+        );
+        r.register(
+            "mirror_target_errors",
+            "Errors the target returned while applying, by SQLSTATE class",
+            m.target_errors.clone(),
+        );
+        r.register(
+            "mirror_nondeterministic_statements",
+            "Distinct mirrored write fingerprints flagged as non-deterministic",
+            m.nondeterministic.clone(),
+        );
+        r.register(
+            "mirror_gaps",
+            "Times the mirror lost continuity (spool full or failing, oversized unit, disabled): the target needs a re-sync",
+            m.gaps.clone(),
+        );
+        r.register(
+            "mirror_lost_transactions",
+            "Committed write units that did not reach the spool (counted within gaps)",
+            m.lost_transactions.clone(),
+        );
+        r.register(
+            "mirror_backpressure_waits",
+            "Commit acknowledgements held back because the spool was full (on_full = backpressure)",
+            m.backpressure_waits.clone(),
+        );
+        r.register(
+            "mirror_enabled",
+            "1 while write mirroring is on",
+            m.enabled.clone(),
+        );
+        r.register(
+            "mirror_target_connections",
+            "Connections the mirror holds open to the target",
+            m.target_connections.clone(),
+        );
+        m
+    }
 }
 
 impl Default for Metrics {
@@ -119,8 +227,10 @@ impl Metrics {
         let cancel_unknown_key = cancels
             .get_or_create(&vec![("result", "unknown_key")])
             .clone();
+        let mirror = MirrorMetrics::register(&mut registry);
         Self {
             registry,
+            mirror,
             client_connections,
             client_sessions_active,
             client_rejected_too_many,

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use crate::net::connect::Upstream;
 use crate::upstream::passfile::PassFile;
 use crate::upstream::target::TargetLinks;
@@ -28,6 +29,8 @@ pub struct Proxy {
     pub config: Config,
     pub source: Upstream,
     pub targets: Option<Arc<TargetLinks>>,
+    /// The write mirror, when `[mirror]` is configured.
+    pub mirror: Option<Arc<Mirror>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
@@ -57,6 +60,11 @@ impl Proxy {
         } else {
             None
         };
+        let mirror = config
+            .mirror
+            .as_ref()
+            .map(|m| Mirror::open(m, Arc::clone(&metrics)))
+            .transpose()?;
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
             (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
                 crate::net::tls::server_config(cert, key)?,
@@ -67,6 +75,7 @@ impl Proxy {
             config,
             source,
             targets,
+            mirror,
             tls,
             cancels: Arc::new(CancelRegistry::default()),
             metrics,
@@ -95,6 +104,7 @@ impl Proxy {
                 loads.iter().map(|l| l.load(Ordering::Relaxed)).collect::<Vec<_>>()
             }),
             "metrics": self.metrics.snapshot(),
+            "mirror": self.mirror.as_ref().map(|m| m.status()),
         })
     }
 }

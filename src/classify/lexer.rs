@@ -18,8 +18,10 @@ pub enum Token<'a> {
     Close,
     /// `;` at any depth.
     Semicolon,
-    /// A string, number, parameter, operator or other punctuation.
-    Other,
+    /// A string, number or parameter.
+    Literal,
+    /// An operator or other punctuation character.
+    Other(u8),
 }
 
 /// The lexer failed to make sense of the text (an unterminated literal or
@@ -71,7 +73,7 @@ pub fn tokens<'a>(sql: &'a str, mut f: impl FnMut(Token<'a>, usize)) -> Result<(
             }
             b'\'' => {
                 i = skip_string(b, i + 1, false)?;
-                f(Token::Other, i);
+                f(Token::Literal, i);
             }
             b'"' => {
                 let start = i + 1;
@@ -94,7 +96,7 @@ pub fn tokens<'a>(sql: &'a str, mut f: impl FnMut(Token<'a>, usize)) -> Result<(
                     while i < b.len() && b[i].is_ascii_digit() {
                         i += 1;
                     }
-                    f(Token::Other, i);
+                    f(Token::Literal, i);
                     continue;
                 }
                 let mut j = i + 1;
@@ -108,7 +110,7 @@ pub fn tokens<'a>(sql: &'a str, mut f: impl FnMut(Token<'a>, usize)) -> Result<(
                 let body = j + 1;
                 let end = find(&b[body..], tag).ok_or(Unclear)?;
                 i = body + end + tag.len();
-                f(Token::Other, i);
+                f(Token::Literal, i);
             }
             b'(' => {
                 f(Token::Open, i);
@@ -133,7 +135,7 @@ pub fn tokens<'a>(sql: &'a str, mut f: impl FnMut(Token<'a>, usize)) -> Result<(
                 if b.get(i) == Some(&b'\'') && word.len() == 1 {
                     let escapes = word.eq_ignore_ascii_case("e");
                     i = skip_string(b, i + 1, escapes)?;
-                    f(Token::Other, i);
+                    f(Token::Literal, i);
                 } else if word.eq_ignore_ascii_case("u")
                     && b.get(i) == Some(&b'&')
                     && matches!(b.get(i + 1), Some(b'\'') | Some(b'"'))
@@ -149,10 +151,10 @@ pub fn tokens<'a>(sql: &'a str, mut f: impl FnMut(Token<'a>, usize)) -> Result<(
                 {
                     i += 1;
                 }
-                f(Token::Other, i);
+                f(Token::Literal, i);
             }
             _ => {
-                f(Token::Other, i);
+                f(Token::Other(c), i);
                 i += 1;
             }
         }
@@ -176,6 +178,31 @@ fn skip_string(b: &[u8], mut i: usize, backslash: bool) -> Result<usize, Unclear
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A key equal for statements that differ only in literals, parameters,
+/// comments, case and white space: a cheap stand-in for a fingerprint, to
+/// cache per-statement analysis. `None` when the lexer is unsure.
+pub fn shape_key(sql: &str) -> Option<String> {
+    let mut key = String::with_capacity(sql.len());
+    tokens(sql, |t, _| match t {
+        Token::Word(w) => {
+            key.push(' ');
+            key.extend(w.chars().map(|c| c.to_ascii_lowercase()));
+        }
+        Token::Quoted(q) => {
+            key.push_str(" \"");
+            key.push_str(q);
+            key.push('"');
+        }
+        Token::Open => key.push('('),
+        Token::Close => key.push(')'),
+        Token::Semicolon => key.push(';'),
+        Token::Literal => key.push('?'),
+        Token::Other(c) => key.push(c as char),
+    })
+    .ok()?;
+    Some(key)
 }
 
 /// Splits a query string into its statements (byte ranges, trimmed of the
@@ -221,7 +248,7 @@ mod tests {
             Token::Open => v.push("(".into()),
             Token::Close => v.push(")".into()),
             Token::Semicolon => v.push(";".into()),
-            Token::Other => {}
+            Token::Literal | Token::Other(_) => {}
         })
         .unwrap();
         v
@@ -249,6 +276,22 @@ mod tests {
         assert_eq!(tokens("select 'open", |_, _| {}), Err(Unclear));
         assert_eq!(tokens("select /* open", |_, _| {}), Err(Unclear));
         assert_eq!(tokens("select $x$ open", |_, _| {}), Err(Unclear));
+    }
+
+    #[test]
+    fn shape_key_ignores_literals_but_not_operators() {
+        assert_eq!(
+            shape_key("UPDATE t SET v = v + 5 WHERE id = 7"),
+            shape_key("update t  set v = v + 3 where id = $1 -- x")
+        );
+        assert_ne!(
+            shape_key("SELECT a FROM t WHERE a = 1"),
+            shape_key("SELECT a FROM t WHERE a > 1")
+        );
+        assert_ne!(
+            shape_key("SELECT a FROM t"),
+            shape_key("SELECT a FROM \"T\"")
+        );
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl StartupMessage {
         }
     }
 
+    /// All parameters, in the order the client sent them.
+    pub fn params(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        &self.params
+    }
+
     /// A parameter's raw value. When a name repeats, the last one wins, as
     /// in Postgres.
     pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {

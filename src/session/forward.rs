@@ -8,7 +8,9 @@
 //! streamed through as they arrive, whatever their size, without waiting for
 //! their end. Nothing is re-encoded; the only copy is the socket read itself.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -45,7 +47,16 @@ pub trait Inspector {
     /// Called before a write (`false`) and after it (`true`, with whether the
     /// bytes written end on a message boundary).
     fn writing(&mut self, _done: bool, _at_boundary: bool) {}
+    /// Sees exactly the bytes about to be written (mirroring captures them).
+    fn forwarding(&mut self, _bytes: &[u8]) {}
+    /// Something that must finish before those bytes go out (a commit
+    /// acknowledgement waiting for spool space).
+    fn hold(&mut self) -> Option<Hold<'_>> {
+        None
+    }
 }
+
+pub type Hold<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 #[derive(Debug)]
 pub enum PumpEnd {
@@ -136,6 +147,10 @@ where
             }
         };
         if pos > 0 {
+            insp.forwarding(&buf[..pos]);
+            if let Some(wait) = insp.hold() {
+                wait.await;
+            }
             insp.writing(false, false);
             wr.write_all(&buf[..pos]).await.map_err(PumpError::Write)?;
             wr.flush().await.map_err(PumpError::Write)?;

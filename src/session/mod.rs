@@ -62,7 +62,7 @@ pub async fn serve(
         .as_ref()
         .filter(|_| startup.get("replication").is_none())
         .map(|t| t.open(id, startup.clone()));
-    let end = forward_session(&proxy, &mut client, established).await;
+    let end = forward_session(&proxy, &mut client, established, id, &startup).await;
     proxy.metrics.client_sessions_active.dec();
     span.in_scope(|| info!(reason = %end, "session closed"));
 }
@@ -225,7 +225,13 @@ fn split(stream: &mut Stream) -> (BoxRead<'_>, BoxWrite<'_>) {
     }
 }
 
-async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -> End {
+async fn forward_session(
+    proxy: &Proxy,
+    client: &mut Stream,
+    est: Established,
+    id: u64,
+    startup: &StartupMessage,
+) -> End {
     let Established {
         mut server,
         mut client_buf,
@@ -233,6 +239,19 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
         cancel_guard: _cancel_guard,
     } = est;
     let shared = Shared::default();
+    // Replication connections speak another protocol: never mirrored.
+    let capture = proxy
+        .mirror
+        .as_ref()
+        .filter(|_| startup.get("replication").is_none())
+        .map(|m| {
+            std::sync::Mutex::new(crate::mirror::capture::Capture::new(
+                std::sync::Arc::clone(&m.rules),
+                id,
+                startup.params().to_vec(),
+                m.max_txn_bytes,
+            ))
+        });
     let mut statements =
         PreparedStatements::new(MAX_TRACKED_STATEMENTS, MAX_TRACKED_STATEMENT_BYTES);
     let mut shutdown = proxy.shutdown.clone();
@@ -246,7 +265,12 @@ async fn forward_session(proxy: &Proxy, client: &mut Stream, est: Established) -
             &mut statements,
             proxy.config.limits.max_message_bytes,
         );
-        let mut backend = BackendInspector { shared: &shared };
+        frontend.capture = capture.as_ref();
+        let mut backend = BackendInspector::new(&shared);
+        if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {
+            backend.mirror = Some((m, c));
+            backend.max_inspected = proxy.config.limits.max_message_bytes;
+        }
         let to_server = pump(
             &mut *client_rd,
             &mut *server_wr,

@@ -3,9 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::forward::{Inspector, Verdict};
+use super::forward::{Hold, Inspector, Verdict};
+use crate::mirror::capture::{Capture, Finished};
+use crate::mirror::record::TxnRecord;
+use crate::mirror::{Mirror, Spooled};
 use crate::protocol::message::{
     is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE,
     COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, READY_FOR_QUERY,
@@ -174,6 +177,8 @@ pub struct FrontendInspector<'a> {
     /// after the Execute that starts the copy: those get no ReadyForQuery
     /// and are taken back out of `in_flight` when the copy ends.
     syncs_since_execute: u32,
+    /// The mirror's view of this session, when mirroring is configured.
+    pub capture: Option<&'a Mutex<Capture>>,
 }
 
 impl<'a> FrontendInspector<'a> {
@@ -187,6 +192,7 @@ impl<'a> FrontendInspector<'a> {
             statements,
             max_inspected,
             syncs_since_execute: 0,
+            capture: None,
         }
     }
 }
@@ -263,23 +269,71 @@ impl Inspector for FrontendInspector<'_> {
             .server_at_boundary
             .store(done && at_boundary, Relaxed);
     }
+
+    fn forwarding(&mut self, bytes: &[u8]) {
+        if let Some(c) = self.capture {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .client_bytes(bytes);
+        }
+    }
 }
 
 /// Source -> client: follows ReadyForQuery for the transaction status and
 /// the end of each request, and ends a draining session once it is idle.
+/// With mirroring, it also shows the mirror what the source answered, and
+/// puts each committed write unit in the spool before the client sees the
+/// commit acknowledgement.
 pub struct BackendInspector<'a> {
     pub shared: &'a Shared,
+    pub mirror: Option<(&'a Mirror, &'a Mutex<Capture>)>,
+    /// Largest inspected message (ErrorResponse bodies, with mirroring).
+    pub max_inspected: usize,
+    /// A unit waiting for spool space (`on_full = "backpressure"`).
+    pending: Option<Box<TxnRecord>>,
+}
+
+impl<'a> BackendInspector<'a> {
+    pub fn new(shared: &'a Shared) -> Self {
+        Self {
+            shared,
+            mirror: None,
+            max_inspected: 16,
+            pending: None,
+        }
+    }
+
+    fn mirror_message(&mut self, tag: u8, body: &[u8]) {
+        let Some((mirror, capture)) = self.mirror else {
+            return;
+        };
+        let finished = capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server_message(tag, body, mirror.capturing());
+        match finished {
+            Finished::Nothing => {}
+            Finished::Mirror(rec) => {
+                if let Spooled::Full(rec) = mirror.spool_record(rec) {
+                    self.pending = Some(rec);
+                }
+            }
+            Finished::Lost { bytes } => mirror.lost(&format!(
+                "a committed unit of {bytes} bytes exceeded mirror.max_txn_bytes and was not mirrored; mirroring stopped, the target needs a re-sync"
+            )),
+        }
+    }
 }
 
 impl Inspector for BackendInspector<'_> {
     #[inline]
     fn wants_body(&self, tag: u8) -> bool {
         tag == READY_FOR_QUERY
+            || (self.mirror.is_some() && matches!(tag, b'C' | b'E' | b'I' | b's'))
     }
 
     fn max_inspected(&self) -> usize {
-        // Only ReadyForQuery is inspected, and it has a one-byte body.
-        16
+        self.max_inspected
     }
 
     #[inline]
@@ -287,8 +341,13 @@ impl Inspector for BackendInspector<'_> {
         Ok(())
     }
 
-    fn inspect(&mut self, _tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+        if tag != READY_FOR_QUERY {
+            self.mirror_message(tag, body);
+            return Ok(Verdict::Forward);
+        }
         let status = parse_ready_for_query(body)?;
+        self.mirror_message(tag, body);
         self.shared.tx_status.store(status, Relaxed);
         self.shared.sub_in_flight(1);
         if self.shared.draining.load(Relaxed) && self.shared.is_idle() {
@@ -301,6 +360,22 @@ impl Inspector for BackendInspector<'_> {
         self.shared
             .client_at_boundary
             .store(done && at_boundary, Relaxed);
+    }
+
+    fn hold(&mut self) -> Option<Hold<'_>> {
+        let rec = self.pending.take()?;
+        let (mirror, _) = self.mirror?;
+        mirror.metrics.mirror.backpressure_waits.inc();
+        Some(Box::pin(async move {
+            let mut rec = rec;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                match mirror.spool_record(rec) {
+                    Spooled::Done => return,
+                    Spooled::Full(r) => rec = r,
+                }
+            }
+        }))
     }
 }
 
@@ -368,7 +443,7 @@ mod tests {
         f.header(b'd').unwrap();
         f.header(COPY_DONE).unwrap();
         f.header(SYNC).unwrap();
-        let mut b = BackendInspector { shared: &shared };
+        let mut b = BackendInspector::new(&shared);
         b.inspect(READY_FOR_QUERY, b"I").unwrap();
         assert_eq!(shared.in_flight.load(Relaxed), 0);
         assert!(shared.is_idle());
@@ -383,7 +458,7 @@ mod tests {
         f.header(BIND).unwrap();
         assert!(!shared.is_idle());
         f.header(SYNC).unwrap();
-        BackendInspector { shared: &shared }
+        BackendInspector::new(&shared)
             .inspect(READY_FOR_QUERY, b"I")
             .unwrap();
         assert!(shared.is_idle());
@@ -393,7 +468,7 @@ mod tests {
     fn backend_inspector_tracks_status_and_stops_when_draining_and_idle() {
         let shared = Shared::default();
         shared.in_flight.store(2, Relaxed);
-        let mut b = BackendInspector { shared: &shared };
+        let mut b = BackendInspector::new(&shared);
         shared.draining.store(true, Relaxed);
         assert_eq!(b.inspect(READY_FOR_QUERY, b"T").unwrap(), Verdict::Forward);
         assert!(!shared.is_idle());

@@ -1,0 +1,873 @@
+//! The applier: replays spooled units on the target, one at a time, in
+//! spool order, each on a target connection that carries its session's
+//! state, and compares every outcome with the source's.
+//!
+//! Exactly once: each database on the target holds a progress row
+//! (`pgshift_mirror.progress`, keyed by the spool's id) that the applier
+//! updates *inside* the transaction it applies, so a unit and its progress
+//! mark commit together. After a restart or a lost connection the applier
+//! reads the row and skips what is already there. Units that cannot carry
+//! the mark inside their transaction (VACUUM, several transactions in one
+//! query string, ...) are marked right after, and counted as applied at
+//! least once.
+//!
+//! Each unit goes out as one write (state sync, re-prepares, the unit's own
+//! messages, the mark) and its answers are read back in one pass: one round
+//! trip per unit.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::record::{Outcome, TxnRecord};
+use super::report::{Divergence, NonDeterministic};
+use super::spool::SpoolReader;
+use super::Mirror;
+use crate::classify::analyze::{analyze, Analysis};
+use crate::classify::lexer;
+use crate::net::connect::Upstream;
+use crate::net::Stream;
+use crate::protocol::error::parse_error_fields;
+use crate::protocol::frame::{read_message, HEADER_LEN};
+use crate::protocol::message::take_cstr;
+use crate::protocol::startup::StartupMessage;
+use crate::proxy::Phase;
+use crate::upstream::login::login;
+use crate::upstream::passfile::PassFile;
+
+/// The progress table. Creating it needs CREATE on the database; an
+/// operator can run this once as the database owner instead (and grant
+/// SELECT, INSERT, UPDATE on it to the application roles).
+pub const PROGRESS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgshift_mirror; \
+    CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())";
+
+/// Close target connections of sessions idle this long.
+const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// Give up on a unit after this many failed attempts (timeouts, lost
+/// connections while it ran) and record it as a divergence.
+const MAX_ATTEMPTS: u32 = 5;
+const MAX_TARGET_MESSAGE: usize = 1 << 30;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+struct Conn {
+    stream: Stream,
+    buf: BytesMut,
+    database: String,
+    /// Session state version this connection has (None = unknown).
+    state_version: Option<u64>,
+    /// Prepared statements on this connection: name -> Parse message.
+    prepared: HashMap<Vec<u8>, Vec<u8>>,
+    last_used: Instant,
+}
+
+/// Why a unit could not be applied now.
+enum Retry {
+    /// Connecting or logging in failed.
+    Connect(String),
+    /// The connection broke or timed out while the unit was in flight.
+    Lost(String),
+}
+
+/// One response group: the answers up to a ReadyForQuery.
+#[derive(Debug, Default)]
+struct Answer {
+    outcomes: Vec<Outcome>,
+    /// Error messages, by position in `outcomes`.
+    errors: Vec<(usize, String)>,
+    status: u8,
+    rows: Vec<Vec<Option<String>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Internal,
+    Mark,
+    Segment(usize),
+}
+
+pub struct Applier {
+    mirror: Arc<Mirror>,
+    upstream: Upstream,
+    passfile: Option<PassFile>,
+    conns: HashMap<u64, Conn>,
+    /// Progress per target database: the last seq applied there, or None
+    /// when the progress table is unavailable (no privileges).
+    progress: HashMap<String, Option<u64>>,
+    analyses: HashMap<String, Arc<Analysis>>,
+    /// Non-deterministic default columns per (database, table).
+    defaults: HashMap<(String, String), Vec<(String, String)>>,
+    attempts: u32,
+}
+
+impl Applier {
+    pub fn new(mirror: Arc<Mirror>, upstream: Upstream, passfile: Option<PassFile>) -> Self {
+        Self {
+            mirror,
+            upstream,
+            passfile,
+            conns: HashMap::new(),
+            progress: HashMap::new(),
+            analyses: HashMap::new(),
+            defaults: HashMap::new(),
+            attempts: 0,
+        }
+    }
+
+    /// Applies records until shutdown reaches Closing.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<Phase>) {
+        let spool_dir = self.mirror.spool.dir().to_path_buf();
+        let applied_path = spool_dir.join("applied");
+        let local_applied: u64 = std::fs::read_to_string(&applied_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mut next = (local_applied + 1).max(self.mirror.spool.first_seq());
+        self.mirror.applied_seq.store(next - 1, Ordering::Relaxed);
+        let mut reader = SpoolReader::new(&spool_dir);
+        let mut backoff = Duration::from_millis(100);
+        let mut last_housekeeping = Instant::now();
+        let mut saved = next - 1;
+        info!(from_seq = next, spool_id = %self.mirror.spool.id, "mirror applier started");
+        loop {
+            if *shutdown.borrow() == Phase::Closing {
+                break;
+            }
+            if last_housekeeping.elapsed() >= Duration::from_secs(1) {
+                last_housekeeping = Instant::now();
+                let applied = next - 1;
+                if applied != saved {
+                    let tmp = spool_dir.join("applied.tmp");
+                    if std::fs::write(&tmp, applied.to_string()).is_ok() {
+                        let _ = std::fs::rename(&tmp, &applied_path);
+                    }
+                    saved = applied;
+                }
+                self.mirror.spool.release(applied);
+                self.conns.retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
+                self.publish_gauges(next);
+            }
+            if next > self.mirror.spool.last_seq() {
+                self.mirror.oldest_unapplied_us.store(0, Ordering::Relaxed);
+                self.publish_gauges(next);
+                let appended = self.mirror.spool.appended.notified();
+                tokio::select! {
+                    _ = appended => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let rec = match reader.read(next) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    // Not on disk: released already (applied) or a gap in
+                    // numbering after a torn tail; move to what exists.
+                    let first = self.mirror.spool.first_seq();
+                    if next < first {
+                        next = first;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    warn!(seq = next, error = %e, "unreadable spool record; skipping it");
+                    self.mirror
+                        .report
+                        .gap(&format!("spool record {next} unreadable: {e}"), next);
+                    self.mirror.metrics.mirror.gaps.inc();
+                    next += 1;
+                    continue;
+                }
+            };
+            self.mirror
+                .oldest_unapplied_us
+                .store(rec.committed_at_us, Ordering::Relaxed);
+            match self.apply(&rec).await {
+                Ok(()) => {
+                    self.attempts = 0;
+                    backoff = Duration::from_millis(100);
+                    self.mirror.report.set_apply_state(None);
+                    self.mirror.metrics.mirror.applied.inc();
+                    self.mirror.applied_seq.store(rec.seq, Ordering::Relaxed);
+                    next += 1;
+                }
+                Err(retry) => {
+                    let (msg, counts) = match retry {
+                        Retry::Connect(m) => (format!("cannot reach the target: {m}"), false),
+                        Retry::Lost(m) => (format!("lost the target while applying: {m}"), true),
+                    };
+                    self.conns.remove(&rec.session);
+                    if counts {
+                        self.attempts += 1;
+                    }
+                    if self.attempts >= MAX_ATTEMPTS {
+                        self.give_up(&rec, &msg);
+                        self.attempts = 0;
+                        self.mirror.applied_seq.store(rec.seq, Ordering::Relaxed);
+                        next += 1;
+                        continue;
+                    }
+                    self.mirror
+                        .report
+                        .set_apply_state(Some(format!("waiting at seq {}: {msg}", rec.seq)));
+                    warn!(seq = rec.seq, error = %msg, "mirror apply delayed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        let applied = next - 1;
+        let _ = std::fs::write(&applied_path, applied.to_string());
+        for (_, mut c) in self.conns.drain() {
+            let _ = c.stream.write_all(b"X\0\0\0\x04").await;
+        }
+        info!(applied_seq = applied, "mirror applier stopped");
+    }
+
+    fn publish_gauges(&self, next: u64) {
+        let m = &self.mirror.metrics.mirror;
+        let last = self.mirror.spool.last_seq();
+        m.lag_transactions.set(last.saturating_sub(next - 1) as i64);
+        let oldest = self.mirror.oldest_unapplied_us.load(Ordering::Relaxed);
+        m.lag_ms.set(if oldest == 0 {
+            0
+        } else {
+            (super::capture::now_us().saturating_sub(oldest) / 1000) as i64
+        });
+        m.spool_bytes.set(self.mirror.spool.bytes() as i64);
+        m.target_connections.set(self.conns.len() as i64);
+        m.nondeterministic
+            .set(self.mirror.report.nondeterministic_count() as i64);
+    }
+
+    fn give_up(&self, rec: &TxnRecord, why: &str) {
+        let d = Divergence {
+            time_us: super::capture::now_us(),
+            seq: rec.seq,
+            session: rec.session,
+            fingerprint: "apply-failed".into(),
+            statement: first_statement(rec),
+            source: "committed".into(),
+            target: format!("not applied after {MAX_ATTEMPTS} attempts"),
+            target_error: Some(why.to_string()),
+            segment: 0,
+            position: 0,
+        };
+        self.mirror
+            .metrics
+            .mirror
+            .divergences
+            .get_or_create(&vec![("fingerprint", d.fingerprint.clone())])
+            .inc();
+        self.mirror.report.divergence(d);
+    }
+
+    async fn connect(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
+        let user = rec.param("user").unwrap_or_default().to_string();
+        let database = rec.database().to_string();
+        let password = self
+            .passfile
+            .as_ref()
+            .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, &database, &user))
+            .map(str::to_owned);
+        let params = rec
+            .startup
+            .iter()
+            .filter(|(k, _)| k != b"replication")
+            .cloned()
+            .collect();
+        let startup = StartupMessage::new(3, 0, params);
+        let limit = self.upstream.connect_timeout + Duration::from_secs(15);
+        let attempt = async {
+            let mut stream = self
+                .upstream
+                .connect()
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let li = login(&mut stream, &startup, password.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((stream, li.leftover))
+        };
+        let (stream, buf) = tokio::time::timeout(limit, attempt)
+            .await
+            .map_err(|_| Retry::Connect("login timed out".into()))?
+            .map_err(Retry::Connect)?;
+        let mut conn = Conn {
+            stream,
+            buf,
+            database: database.clone(),
+            state_version: None,
+            prepared: HashMap::new(),
+            last_used: Instant::now(),
+        };
+        if !self.progress.contains_key(&database) {
+            let p = self.setup_progress(&mut conn).await?;
+            self.progress.insert(database, p);
+        }
+        Ok(conn)
+    }
+
+    /// Creates (if needed) and reads this database's progress row.
+    async fn setup_progress(&self, conn: &mut Conn) -> Result<Option<u64>, Retry> {
+        let id = &self.mirror.spool.id;
+        // Separate messages: creating the table needs CREATE on the
+        // database, which an operator may have done for us already.
+        let mut out = BytesMut::new();
+        query(&mut out, PROGRESS_DDL);
+        query(
+            &mut out,
+            &format!("INSERT INTO pgshift_mirror.progress (spool_id, seq) VALUES ('{id}', 0) ON CONFLICT DO NOTHING"),
+        );
+        query(
+            &mut out,
+            &format!("SELECT seq FROM pgshift_mirror.progress WHERE spool_id = '{id}'"),
+        );
+        let answers = self.round_trip(conn, &out, 3).await?;
+        let failed = answers[2]
+            .errors
+            .first()
+            .or(answers[1].errors.first())
+            .map(|(_, e)| e.clone());
+        if let Some(e) = failed {
+            let created = answers[0]
+                .errors
+                .first()
+                .map(|(_, e)| e.as_str())
+                .unwrap_or("");
+            warn!(database = %conn.database, error = %e, create_error = %created,
+                "cannot use the mirror progress table on the target; applying at least once (see docs/mirroring.md to create it)");
+            self.mirror.report.set_apply_state(Some(format!(
+                "progress table unavailable in database {}: {e}",
+                conn.database
+            )));
+            return Ok(None);
+        }
+        let seq = answers[2]
+            .rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|s| s.parse().ok());
+        Ok(seq)
+    }
+
+    /// Writes `out` and reads `groups` ReadyForQuery-terminated answers.
+    async fn round_trip(
+        &self,
+        conn: &mut Conn,
+        out: &[u8],
+        groups: usize,
+    ) -> Result<Vec<Answer>, Retry> {
+        let io = async {
+            conn.stream.write_all(out).await?;
+            conn.stream.flush().await?;
+            let mut answers = Vec::with_capacity(groups);
+            let mut cur = Answer::default();
+            while answers.len() < groups {
+                let msg = read_message(&mut conn.stream, &mut conn.buf, MAX_TARGET_MESSAGE)
+                    .await?
+                    .ok_or_else(|| std::io::Error::other("target closed the connection"))?;
+                let body = msg.body();
+                match msg.tag {
+                    b'C' => cur.outcomes.push(Outcome::Complete(
+                        String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body))
+                            .into_owned(),
+                    )),
+                    b'E' => {
+                        let f = parse_error_fields(body);
+                        cur.errors.push((
+                            cur.outcomes.len(),
+                            f.message.unwrap_or_default().to_string(),
+                        ));
+                        cur.outcomes
+                            .push(Outcome::Error(f.code.unwrap_or("XX000").to_string()));
+                    }
+                    b'I' => cur.outcomes.push(Outcome::Empty),
+                    b's' => cur.outcomes.push(Outcome::Suspended),
+                    b'D' => cur.rows.push(data_row(body)),
+                    b'Z' => {
+                        cur.status = body.first().copied().unwrap_or(b'I');
+                        answers.push(std::mem::take(&mut cur));
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, std::io::Error>(answers)
+        };
+        match tokio::time::timeout(self.mirror.apply_timeout, io).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => Err(Retry::Lost(e.to_string())),
+            Err(_) => Err(Retry::Lost(format!(
+                "no answer within {} ms",
+                self.mirror.apply_timeout.as_millis()
+            ))),
+        }
+    }
+
+    fn analysis(&mut self, sql: &str) -> Arc<Analysis> {
+        let key = lexer::shape_key(sql).unwrap_or_else(|| sql.to_string());
+        if let Some(a) = self.analyses.get(&key) {
+            return Arc::clone(a);
+        }
+        if self.analyses.len() > 50_000 {
+            self.analyses.clear();
+        }
+        let a = Arc::new(analyze(sql));
+        self.analyses.insert(key, Arc::clone(&a));
+        a
+    }
+
+    async fn apply(&mut self, rec: &TxnRecord) -> Result<(), Retry> {
+        let mut conn = match self.conns.remove(&rec.session) {
+            Some(c) => c,
+            None => self.connect(rec).await?,
+        };
+        let r = self.apply_on(&mut conn, rec).await;
+        if r.is_ok() {
+            conn.last_used = Instant::now();
+            self.conns.insert(rec.session, conn);
+        }
+        r
+    }
+
+    async fn apply_on(&mut self, conn: &mut Conn, rec: &TxnRecord) -> Result<(), Retry> {
+        let progress = self.progress.get(&conn.database).copied().flatten();
+        if progress.is_some_and(|p| rec.seq <= p) {
+            return Ok(()); // applied before a restart or a lost connection
+        }
+        // What the unit's statements are, for the outcome check, the
+        // non-determinism flags and the choice of how to mark progress.
+        let statements: Vec<Vec<String>> = rec
+            .segments
+            .iter()
+            .map(|s| segment_statements(&s.messages, conn))
+            .collect();
+        let mut transactional = true;
+        let mut txn_control = false;
+        for text in statements.iter().flatten() {
+            let a = self.analysis(text);
+            transactional &= !a.non_transactional;
+            txn_control |= a.transaction_control;
+            self.check_determinism(conn, text, &a).await?;
+        }
+
+        let mut out = BytesMut::new();
+        let mut expect = Vec::new();
+        if conn.state_version != Some(rec.state_version) {
+            query(&mut out, "DEALLOCATE ALL");
+            query(&mut out, "RESET ALL");
+            expect.extend([Expect::Internal, Expect::Internal]);
+            for s in &rec.state {
+                query(&mut out, &String::from_utf8_lossy(s));
+                expect.push(Expect::Internal);
+            }
+            conn.prepared.clear();
+        }
+        let mut prepared_any = false;
+        for (name, parse) in &rec.prepared {
+            if conn.prepared.get(name) != Some(parse) {
+                if conn.prepared.contains_key(name) || name.is_empty() {
+                    close_statement(&mut out, name);
+                }
+                out.extend_from_slice(parse);
+                conn.prepared.insert(name.clone(), parse.clone());
+                prepared_any = true;
+            }
+        }
+        if prepared_any {
+            out.extend_from_slice(b"S\0\0\0\x04");
+            expect.push(Expect::Internal);
+        }
+        let mark = progress.map(|_| {
+            format!(
+                "UPDATE pgshift_mirror.progress SET seq = {}, applied_at = now() WHERE spool_id = '{}'",
+                rec.seq, self.mirror.spool.id
+            )
+        });
+        let single_autocommit = rec.segments.len() == 1 && rec.segments[0].status == b'I';
+        let first_opens = rec.segments.first().is_some_and(|s| s.status == b'T');
+        let mut marked_inside = false;
+        if let (Some(m), true) = (&mark, single_autocommit && transactional && !txn_control) {
+            // An autocommit unit: wrap it with the mark in one transaction.
+            query(&mut out, "BEGIN");
+            query(&mut out, m);
+            expect.extend([Expect::Internal, Expect::Mark]);
+            out.extend_from_slice(&rec.segments[0].messages);
+            expect.push(Expect::Segment(0));
+            query(&mut out, "COMMIT");
+            expect.push(Expect::Internal);
+        } else {
+            for (i, seg) in rec.segments.iter().enumerate() {
+                out.extend_from_slice(&seg.messages);
+                expect.push(Expect::Segment(i));
+                if i == 0 && first_opens {
+                    // The transaction is open after the first segment: the
+                    // mark commits (or rolls back) with it.
+                    if let Some(m) = &mark {
+                        query(&mut out, m);
+                        expect.push(Expect::Mark);
+                        marked_inside = true;
+                    }
+                }
+            }
+            if !marked_inside {
+                if let Some(m) = &mark {
+                    query(&mut out, m);
+                    expect.push(Expect::Mark);
+                }
+                self.mirror.report.at_least_once();
+            }
+        }
+        let answers = self.round_trip(conn, &out, expect.len()).await?;
+        for seg in &rec.segments {
+            track_prepared(&seg.messages, conn);
+        }
+        conn.state_version = Some(rec.post_state_version);
+        for (e, a) in expect.iter().zip(&answers) {
+            for (_, msg) in &a.errors {
+                let _ = msg;
+            }
+            for o in &a.outcomes {
+                if let Outcome::Error(code) = o {
+                    self.mirror.report.target_error(code);
+                    self.mirror
+                        .metrics
+                        .mirror
+                        .target_errors
+                        .get_or_create(&vec![("class", code.get(..2).unwrap_or("??").to_string())])
+                        .inc();
+                }
+            }
+            match e {
+                Expect::Segment(i) => self.compare(rec, *i, a, &statements[*i]),
+                Expect::Mark => {
+                    if let Some((_, msg)) = a.errors.first() {
+                        warn!(seq = rec.seq, error = %msg, "could not record mirror progress on the target");
+                    }
+                }
+                Expect::Internal => {
+                    if let Some((_, msg)) = a.errors.first() {
+                        warn!(seq = rec.seq, error = %msg, "target rejected the mirror's session setup");
+                    }
+                }
+            }
+        }
+        if let Some(p) = self.progress.get_mut(&conn.database) {
+            if p.is_some() {
+                *p = Some(rec.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// The outcome check: the target must answer each step as the source did.
+    fn compare(&self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
+        let source = &rec.segments[i];
+        let n = source.outcomes.len().max(target.outcomes.len());
+        for pos in 0..n {
+            let s = source.outcomes.get(pos);
+            let t = target.outcomes.get(pos);
+            if s == t {
+                continue;
+            }
+            let statement = statements
+                .get(pos)
+                .or(statements.last())
+                .cloned()
+                .unwrap_or_default();
+            let fingerprint = if statement.is_empty() {
+                "unknown".to_string()
+            } else {
+                crate::classify::analyze::analyze(&statement).fingerprint
+            };
+            let d = Divergence {
+                time_us: super::capture::now_us(),
+                seq: rec.seq,
+                session: rec.session,
+                fingerprint: fingerprint.clone(),
+                statement,
+                source: s.map_or("nothing".into(), |o| o.to_string()),
+                target: t.map_or("nothing".into(), |o| o.to_string()),
+                target_error: target
+                    .errors
+                    .iter()
+                    .find(|(p, _)| *p == pos)
+                    .map(|(_, m)| m.clone()),
+                segment: i,
+                position: pos,
+            };
+            self.mirror
+                .metrics
+                .mirror
+                .divergences
+                .get_or_create(&vec![("fingerprint", fingerprint)])
+                .inc();
+            self.mirror.report.divergence(d);
+            // One divergence per segment: what follows an error is skipped
+            // on both sides anyway.
+            return;
+        }
+    }
+
+    /// Flags statements whose replay cannot produce the source's values.
+    async fn check_determinism(
+        &mut self,
+        conn: &mut Conn,
+        text: &str,
+        a: &Analysis,
+    ) -> Result<(), Retry> {
+        if a.written_tables.is_empty() {
+            return Ok(());
+        }
+        let mut reasons: Vec<String> = a
+            .nondeterministic
+            .iter()
+            .map(|f| format!("calls {f}()"))
+            .collect();
+        if let Some((table, cols)) = &a.insert {
+            let key = (conn.database.clone(), table.clone());
+            if !self.defaults.contains_key(&key) {
+                let d = self.volatile_defaults(conn, table).await?;
+                self.defaults.insert(key.clone(), d);
+            }
+            for (col, expr) in self.defaults.get(&key).into_iter().flatten() {
+                if cols.is_empty() || !cols.iter().any(|c| c == col) {
+                    reasons.push(format!("column {col} defaults to {expr}"));
+                }
+            }
+        }
+        if !reasons.is_empty() {
+            let flagged = self.mirror.report.nondeterministic(NonDeterministic {
+                fingerprint: a.fingerprint.clone(),
+                statement: super::report::truncate(text, 500),
+                tables: a.written_tables.clone(),
+                reasons,
+            });
+            if flagged {
+                self.mirror
+                    .metrics
+                    .mirror
+                    .nondeterministic
+                    .set(self.mirror.report.nondeterministic_count() as i64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Columns of `table` (as the session resolves it) whose default or
+    /// identity generates values: serial, identity, now(), random UUIDs.
+    async fn volatile_defaults(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+    ) -> Result<Vec<(String, String)>, Retry> {
+        let lit = table.replace('\'', "''");
+        let sql = format!(
+            "SELECT a.attname, CASE WHEN a.attidentity <> '' THEN 'identity' ELSE pg_get_expr(d.adbin, d.adrelid) END \
+             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = to_regclass('{lit}') AND a.attnum > 0 AND NOT a.attisdropped \
+             AND (a.attidentity <> '' OR d.adbin IS NOT NULL)"
+        );
+        let mut out = BytesMut::new();
+        query(&mut out, &sql);
+        let answers = self.round_trip(conn, &out, 1).await?;
+        let mut v = Vec::new();
+        for row in &answers[0].rows {
+            if let [Some(col), Some(expr)] = &row[..] {
+                let e = expr.to_ascii_lowercase();
+                let volatile = e == "identity"
+                    || [
+                        "nextval(",
+                        "now(",
+                        "random(",
+                        "uuid",
+                        "clock_timestamp(",
+                        "current_timestamp",
+                        "statement_timestamp(",
+                        "transaction_timestamp(",
+                        "localtimestamp",
+                        "current_date",
+                        "current_time",
+                        "timeofday(",
+                    ]
+                    .iter()
+                    .any(|f| e.contains(f));
+                if volatile {
+                    v.push((col.clone(), expr.clone()));
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// Appends a simple Query message.
+fn query(out: &mut BytesMut, sql: &str) {
+    out.put_u8(b'Q');
+    out.put_u32((4 + sql.len() + 1) as u32);
+    out.put_slice(sql.as_bytes());
+    out.put_u8(0);
+}
+
+fn close_statement(out: &mut BytesMut, name: &[u8]) {
+    out.put_u8(b'C');
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+}
+
+fn data_row(body: &[u8]) -> Vec<Option<String>> {
+    let mut v = Vec::new();
+    if body.len() < 2 {
+        return v;
+    }
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut b = &body[2..];
+    for _ in 0..n {
+        if b.len() < 4 {
+            break;
+        }
+        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        b = &b[4..];
+        if len < 0 {
+            v.push(None);
+            continue;
+        }
+        let len = (len as usize).min(b.len());
+        v.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+        b = &b[len..];
+    }
+    v
+}
+
+/// Walks the frames of a segment's messages.
+fn frames(mut msgs: &[u8], mut f: impl FnMut(u8, &[u8])) {
+    while msgs.len() >= HEADER_LEN {
+        let len = u32::from_be_bytes([msgs[1], msgs[2], msgs[3], msgs[4]]) as usize;
+        let total = 1 + len;
+        if len < 4 || msgs.len() < total {
+            return;
+        }
+        f(msgs[0], &msgs[HEADER_LEN..total]);
+        msgs = &msgs[total..];
+    }
+}
+
+/// The statements a segment runs, in the order their outcomes come back:
+/// each statement of a Query, and the statement behind each Execute.
+fn segment_statements(msgs: &[u8], conn: &Conn) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut parsed: HashMap<Vec<u8>, String> = HashMap::new();
+    let mut portals: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    let text_of = |name: &[u8], parsed: &HashMap<Vec<u8>, String>| -> String {
+        if let Some(t) = parsed.get(name) {
+            return t.clone();
+        }
+        conn.prepared
+            .get(name)
+            .and_then(|p| {
+                let mut b = &p[HEADER_LEN..];
+                take_cstr(&mut b).ok()?;
+                take_cstr(&mut b)
+                    .ok()
+                    .map(|t| String::from_utf8_lossy(t).into_owned())
+            })
+            .unwrap_or_default()
+    };
+    frames(msgs, |tag, body| {
+        let mut b = body;
+        match tag {
+            b'Q' => {
+                if let Ok(t) = take_cstr(&mut b) {
+                    let t = String::from_utf8_lossy(t);
+                    match lexer::split(&t) {
+                        Ok(parts) if !parts.is_empty() => {
+                            out.extend(parts.iter().map(|p| p.to_string()))
+                        }
+                        _ => out.push(t.into_owned()),
+                    }
+                }
+            }
+            b'P' => {
+                if let (Ok(n), Ok(t)) = (take_cstr(&mut b), take_cstr(&mut b)) {
+                    parsed.insert(n.to_vec(), String::from_utf8_lossy(t).into_owned());
+                }
+            }
+            b'B' => {
+                if let (Ok(p), Ok(s)) = (take_cstr(&mut b), take_cstr(&mut b)) {
+                    portals.insert(p.to_vec(), s.to_vec());
+                }
+            }
+            b'E' => {
+                if let Ok(p) = take_cstr(&mut b) {
+                    let stmt = portals.get(p).cloned().unwrap_or_default();
+                    out.push(text_of(&stmt, &parsed));
+                }
+            }
+            _ => {}
+        }
+    });
+    out
+}
+
+/// Keeps the connection's prepared-statement map in step with what a
+/// replayed segment did.
+fn track_prepared(msgs: &[u8], conn: &mut Conn) {
+    frames(msgs, |tag, body| {
+        let mut b = body;
+        match tag {
+            b'P' => {
+                if let Ok(n) = take_cstr(&mut b) {
+                    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+                    frame.push(b'P');
+                    frame.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                    frame.extend_from_slice(body);
+                    conn.prepared.insert(n.to_vec(), frame);
+                }
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                let mut b = &body[1..];
+                if let Ok(n) = take_cstr(&mut b) {
+                    conn.prepared.remove(n);
+                }
+            }
+            b'Q' => {
+                conn.prepared.remove(&b""[..]);
+                let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+                if text.contains("deallocate") || text.contains("discard") {
+                    conn.prepared.clear();
+                }
+            }
+            _ => {}
+        }
+    });
+}
+
+fn first_statement(rec: &TxnRecord) -> String {
+    let mut s = String::new();
+    if let Some(seg) = rec.segments.first() {
+        frames(&seg.messages, |tag, body| {
+            if s.is_empty() && (tag == b'Q' || tag == b'P') {
+                let mut b = body;
+                if tag == b'P' {
+                    let _ = take_cstr(&mut b);
+                }
+                if let Ok(t) = take_cstr(&mut b) {
+                    s = String::from_utf8_lossy(t).into_owned();
+                }
+            }
+        });
+    }
+    s
+}

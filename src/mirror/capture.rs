@@ -1,0 +1,544 @@
+//! The session side of mirroring: follows one client session's traffic and
+//! turns each committed unit of work that wrote something into a spool
+//! record.
+//!
+//! A *segment* is the client messages up to one ReadyForQuery (a Query, or
+//! extended-protocol messages up to a Sync), with what the source answered.
+//! A *unit* is the segments from one idle ReadyForQuery to the next: an
+//! autocommit statement, or a whole transaction block. A unit is mirrored
+//! when it wrote something and the source committed it; it is replayed on
+//! the target message for message, so the target runs the same transaction
+//! with the same statements, savepoints and failures.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::record::{Outcome, Segment, TxnRecord};
+use crate::classify::{Class, Classifier, Rules, SessionOp};
+use crate::protocol::error::parse_error_fields;
+use crate::protocol::frame::{decode_header, HEADER_LEN};
+use crate::protocol::message::take_cstr;
+
+/// Most session-state statements kept for rebuilding a target connection.
+const MAX_STATE: usize = 256;
+
+thread_local! {
+    /// One classifier (and parse cache) per worker thread.
+    static CLASSIFIER: RefCell<Option<Classifier>> = const { RefCell::new(None) };
+}
+
+fn classify(rules: &Arc<Rules>, sql: &str) -> Arc<[Class]> {
+    CLASSIFIER.with(|c| {
+        let mut c = c.borrow_mut();
+        let stale = c.as_ref().is_none_or(|c| !Arc::ptr_eq(c.rules(), rules));
+        if stale {
+            *c = Some(Classifier::new(Arc::clone(rules)));
+        }
+        match c.as_mut() {
+            Some(c) => c.classify(sql),
+            None => Arc::from(vec![Class::Write]),
+        }
+    })
+}
+
+/// A prepared statement as the session defined it.
+#[derive(Clone)]
+struct Statement {
+    /// The whole Parse message, to re-prepare it on the target.
+    parse: Arc<[u8]>,
+    class: Class,
+    text: Arc<str>,
+}
+
+#[derive(Default)]
+struct Seg {
+    bytes: Vec<u8>,
+    write: bool,
+    /// Session-state statements executed in this segment.
+    session: Vec<(String, SessionOp)>,
+    /// Statements bound here that the unit did not parse itself.
+    uses: Vec<(Vec<u8>, Arc<[u8]>)>,
+}
+
+impl Seg {
+    fn extend(&mut self, other: Seg) {
+        self.bytes.extend_from_slice(&other.bytes);
+        self.write |= other.write;
+        self.session.extend(other.session);
+        self.uses.extend(other.uses);
+    }
+}
+
+/// What a finished unit asks of the caller.
+pub enum Finished {
+    /// Nothing to mirror.
+    Nothing,
+    /// Append this record to the spool before the client sees the commit.
+    Mirror(Box<TxnRecord>),
+    /// A committed write could not be captured whole (`max_txn_bytes`):
+    /// the target misses it, which must be recorded as a gap.
+    Lost { bytes: usize },
+}
+
+pub struct Capture {
+    rules: Arc<Rules>,
+    session: u64,
+    startup: Vec<(Vec<u8>, Vec<u8>)>,
+    max_txn_bytes: usize,
+    /// An incomplete message at the end of what was forwarded so far.
+    partial: Vec<u8>,
+    open: Seg,
+    /// Closed segments waiting for their ReadyForQuery.
+    closed: VecDeque<Seg>,
+    syncs_since_execute: usize,
+    /// The unit so far.
+    unit: Vec<Segment>,
+    unit_write: bool,
+    unit_commit: bool,
+    unit_error: bool,
+    unit_session: Vec<(String, SessionOp)>,
+    unit_uses: Vec<(Vec<u8>, Arc<[u8]>)>,
+    /// Statement names the unit parsed itself (it re-prepares those).
+    unit_parsed: Vec<Vec<u8>>,
+    unit_bytes: usize,
+    overflow: bool,
+    /// Answers to the segment awaiting its ReadyForQuery.
+    outcomes: Vec<Outcome>,
+    statements: HashMap<Vec<u8>, Statement>,
+    statement_bytes: usize,
+    portals: HashMap<Vec<u8>, Vec<u8>>,
+    /// SQL-level PREPAREs: name -> whether the body writes.
+    sql_prepared: HashMap<String, bool>,
+    /// Session state: (PREPARE name, statement text) in execution order.
+    state: Vec<(Option<String>, String)>,
+    state_version: u64,
+    /// Whether any unit of this session was mirrored (its target connection
+    /// may hold temp tables that a DISCARD must drop).
+    mirrored_any: bool,
+    /// ReadyForQuery messages that matched no request (a desync).
+    pub desyncs: u64,
+}
+
+const MAX_STATEMENT_BYTES: usize = 16 << 20;
+
+impl Capture {
+    pub fn new(
+        rules: Arc<Rules>,
+        session: u64,
+        startup: Vec<(Vec<u8>, Vec<u8>)>,
+        max_txn_bytes: usize,
+    ) -> Self {
+        Self {
+            rules,
+            session,
+            startup,
+            max_txn_bytes,
+            partial: Vec::new(),
+            open: Seg::default(),
+            closed: VecDeque::new(),
+            syncs_since_execute: 0,
+            unit: Vec::new(),
+            unit_write: false,
+            unit_commit: false,
+            unit_error: false,
+            unit_session: Vec::new(),
+            unit_uses: Vec::new(),
+            unit_parsed: Vec::new(),
+            unit_bytes: 0,
+            overflow: false,
+            outcomes: Vec::new(),
+            statements: HashMap::new(),
+            statement_bytes: 0,
+            portals: HashMap::new(),
+            sql_prepared: HashMap::new(),
+            state: Vec::new(),
+            state_version: 0,
+            mirrored_any: false,
+            desyncs: 0,
+        }
+    }
+
+    /// Sees the bytes about to be written to the source (any cut).
+    pub fn client_bytes(&mut self, mut bytes: &[u8]) {
+        if !self.partial.is_empty() {
+            // Complete the pending message first.
+            let need = match decode_header(&self.partial, usize::MAX >> 1) {
+                Ok(Some(h)) => h.frame_len() - self.partial.len(),
+                Ok(None) => HEADER_LEN - self.partial.len(),
+                Err(_) => {
+                    self.partial.clear();
+                    return;
+                }
+            };
+            let take = need.min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if let Ok(Some(h)) = decode_header(&self.partial, usize::MAX >> 1) {
+                if self.partial.len() == h.frame_len() {
+                    let msg = std::mem::take(&mut self.partial);
+                    self.client_message(&msg);
+                }
+            }
+            if !self.partial.is_empty() || bytes.is_empty() {
+                if !bytes.is_empty() {
+                    self.client_bytes(bytes);
+                }
+                return;
+            }
+        }
+        while !bytes.is_empty() {
+            match decode_header(bytes, usize::MAX >> 1) {
+                Ok(Some(h)) if bytes.len() >= h.frame_len() => {
+                    let (msg, rest) = bytes.split_at(h.frame_len());
+                    self.client_message(msg);
+                    bytes = rest;
+                }
+                Ok(_) => {
+                    self.partial.extend_from_slice(bytes);
+                    return;
+                }
+                Err(_) => return, // the pump reports malformed input
+            }
+        }
+    }
+
+    fn store(&mut self, msg: &[u8], copy: bool) {
+        let room = self.unit_bytes + msg.len() <= self.max_txn_bytes;
+        if !room {
+            self.overflow = true;
+        }
+        self.unit_bytes += msg.len();
+        // Copy data belongs to the request that started the copy: with the
+        // simple protocol that Query is already closed.
+        let seg = if copy && self.open.bytes.is_empty() && !self.closed.is_empty() {
+            self.closed.back_mut().unwrap_or(&mut self.open)
+        } else {
+            &mut self.open
+        };
+        if room {
+            seg.bytes.extend_from_slice(msg);
+        }
+    }
+
+    fn close_segment(&mut self) {
+        self.closed.push_back(std::mem::take(&mut self.open));
+    }
+
+    fn client_message(&mut self, msg: &[u8]) {
+        let tag = msg[0];
+        let body = &msg[HEADER_LEN..];
+        match tag {
+            b'Q' => {
+                self.store(msg, false);
+                let text = cstr_text(body);
+                self.query(&text);
+                self.syncs_since_execute = 0;
+                self.close_segment();
+            }
+            b'P' => {
+                self.store(msg, false);
+                let mut b = body;
+                let (Ok(name), Ok(text)) = (take_cstr(&mut b), take_cstr(&mut b)) else {
+                    return;
+                };
+                let text = String::from_utf8_lossy(text);
+                let classes = classify(&self.rules, &text);
+                let class = match &classes[..] {
+                    [c] => c.clone(),
+                    [] => Class::Read,
+                    _ => Class::Write,
+                };
+                let st = Statement {
+                    parse: Arc::from(msg),
+                    class,
+                    text: Arc::from(text.as_ref()),
+                };
+                if let Some(old) = self.statements.remove(name) {
+                    self.statement_bytes -= old.parse.len();
+                }
+                if !self.unit_parsed.iter().any(|n| n == name) {
+                    self.unit_parsed.push(name.to_vec());
+                }
+                if self.statement_bytes + msg.len() <= MAX_STATEMENT_BYTES {
+                    self.statement_bytes += msg.len();
+                    self.statements.insert(name.to_vec(), st);
+                }
+            }
+            b'B' => {
+                self.store(msg, false);
+                let mut b = body;
+                let (Ok(portal), Ok(stmt)) = (take_cstr(&mut b), take_cstr(&mut b)) else {
+                    return;
+                };
+                self.portals.insert(portal.to_vec(), stmt.to_vec());
+                if !self.unit_parsed.iter().any(|n| n == stmt) {
+                    if let Some(st) = self.statements.get(stmt) {
+                        self.open.uses.push((stmt.to_vec(), Arc::clone(&st.parse)));
+                    }
+                }
+            }
+            b'E' => {
+                self.store(msg, false);
+                self.syncs_since_execute = 0;
+                let mut b = body;
+                let Ok(portal) = take_cstr(&mut b) else {
+                    return;
+                };
+                let st = self
+                    .portals
+                    .get(portal)
+                    .and_then(|s| self.statements.get(s))
+                    .map(|s| (s.class.clone(), Arc::clone(&s.text)));
+                match st {
+                    Some((class, text)) => self.statement(&text, class),
+                    // Unknown portal: the source will say; assume a write.
+                    None => self.open.write = true,
+                }
+            }
+            b'C' => {
+                self.store(msg, false);
+                let mut b = body;
+                if let (Some(&kind), true) = (b.first(), b.len() > 1) {
+                    b = &b[1..];
+                    if let Ok(name) = take_cstr(&mut b) {
+                        if kind == b'S' {
+                            if let Some(old) = self.statements.remove(name) {
+                                self.statement_bytes -= old.parse.len();
+                            }
+                        } else {
+                            self.portals.remove(name);
+                        }
+                    }
+                }
+            }
+            b'S' => {
+                self.store(msg, false);
+                self.syncs_since_execute += 1;
+                self.close_segment();
+            }
+            b'F' => {
+                // Fast-path function calls are large-object writes in practice.
+                self.store(msg, false);
+                self.open.write = true;
+                self.close_segment();
+            }
+            b'd' => self.store(msg, true),
+            b'c' | b'f' => {
+                // The Syncs sent after the Execute that began a COPY were
+                // ignored by the server: they do not end a request.
+                let k = std::mem::take(&mut self.syncs_since_execute).min(self.closed.len());
+                if k > 0 {
+                    let mut merged = Seg::default();
+                    for s in self.closed.drain(self.closed.len() - k..) {
+                        merged.extend(s);
+                    }
+                    merged.extend(std::mem::take(&mut self.open));
+                    self.open = merged;
+                }
+                self.store(msg, true);
+            }
+            b'X' => {}
+            _ => self.store(msg, false), // Describe, Flush
+        }
+    }
+
+    fn query(&mut self, text: &str) {
+        let classes = classify(&self.rules, text);
+        let parts = crate::classify::lexer::split(text).unwrap_or_default();
+        for (i, class) in classes.iter().enumerate() {
+            let part = if parts.len() == classes.len() {
+                parts[i]
+            } else {
+                text
+            };
+            self.statement(part, class.clone());
+        }
+    }
+
+    /// One statement executed in the open segment.
+    fn statement(&mut self, text: &str, class: Class) {
+        match class {
+            Class::Write => self.open.write = true,
+            Class::Execute { name } if self.sql_prepared.get(&name).copied().unwrap_or(true) => {
+                self.open.write = true
+            }
+            Class::Session(op) => {
+                match &op {
+                    SessionOp::Prepare { name, body } => {
+                        self.sql_prepared.insert(name.clone(), body.is_write());
+                    }
+                    SessionOp::Deallocate { name: Some(n) } => {
+                        self.sql_prepared.remove(n);
+                    }
+                    SessionOp::Deallocate { name: None } => self.sql_prepared.clear(),
+                    SessionOp::Discard { all, temp } => {
+                        if *all {
+                            self.sql_prepared.clear();
+                        }
+                        // The target connection may hold this session's temp
+                        // tables: it must drop them too.
+                        if *temp && self.mirrored_any {
+                            self.open.write = true;
+                        }
+                    }
+                    _ => {}
+                }
+                self.open.session.push((text.to_string(), op));
+            }
+            _ => {}
+        }
+    }
+
+    /// Sees a message from the source that matters to the mirror; returns
+    /// a finished unit at an idle ReadyForQuery.
+    pub fn server_message(&mut self, tag: u8, body: &[u8], mirror_on: bool) -> Finished {
+        match tag {
+            b'C' => {
+                let t = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body));
+                if t == "COMMIT" || t == "PREPARE TRANSACTION" || t == "COMMIT PREPARED" {
+                    self.unit_commit = true;
+                }
+                self.outcomes.push(Outcome::Complete(t.into_owned()));
+            }
+            b'E' => {
+                let code = parse_error_fields(body).code.unwrap_or("XX000").to_string();
+                self.unit_error = true;
+                self.outcomes.push(Outcome::Error(code));
+            }
+            b'I' => self.outcomes.push(Outcome::Empty),
+            b's' => self.outcomes.push(Outcome::Suspended),
+            b'Z' => {
+                let status = body.first().copied().unwrap_or(b'I');
+                return self.ready(status, mirror_on);
+            }
+            _ => {}
+        }
+        Finished::Nothing
+    }
+
+    fn ready(&mut self, status: u8, mirror_on: bool) -> Finished {
+        let Some(seg) = self.closed.pop_front() else {
+            // A ReadyForQuery we cannot match to a request: start over
+            // rather than mirror something misaligned.
+            self.desyncs += 1;
+            self.reset_unit();
+            return Finished::Nothing;
+        };
+        self.unit_write |= seg.write;
+        self.unit_session.extend(seg.session);
+        self.unit_uses.extend(seg.uses);
+        let ended_rollback =
+            matches!(self.outcomes.last(), Some(Outcome::Complete(t)) if t == "ROLLBACK");
+        self.unit.push(Segment {
+            messages: seg.bytes,
+            status,
+            outcomes: std::mem::take(&mut self.outcomes),
+        });
+        if status != b'I' {
+            return Finished::Nothing;
+        }
+        // The unit is over. Did any of it commit on the source?
+        let committed = self.unit_commit || (!self.unit_error && !ended_rollback);
+        let pre_version = self.state_version;
+        // The record carries the state from before the unit: the unit's own
+        // SETs and PREPAREs are replayed with it.
+        let pre_state: Vec<Vec<u8>> = if committed && self.unit_write && mirror_on {
+            self.state
+                .iter()
+                .map(|(_, t)| t.clone().into_bytes())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if committed {
+            let ops = std::mem::take(&mut self.unit_session);
+            for (text, op) in ops {
+                self.apply_state(text, op);
+            }
+        }
+        let result = if committed && self.unit_write && mirror_on {
+            if self.overflow {
+                Finished::Lost {
+                    bytes: self.unit_bytes,
+                }
+            } else {
+                self.mirrored_any = true;
+                let mut prepared: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                for (name, parse) in self.unit_uses.drain(..) {
+                    if !prepared
+                        .iter()
+                        .any(|(n, p)| *n == name && p[..] == parse[..])
+                    {
+                        prepared.push((name, parse.to_vec()));
+                    }
+                }
+                Finished::Mirror(Box::new(TxnRecord {
+                    seq: 0,
+                    session: self.session,
+                    committed_at_us: now_us(),
+                    startup: self.startup.clone(),
+                    state_version: pre_version,
+                    state: pre_state,
+                    post_state_version: self.state_version,
+                    prepared,
+                    segments: std::mem::take(&mut self.unit),
+                }))
+            }
+        } else {
+            Finished::Nothing
+        };
+        self.reset_unit();
+        result
+    }
+
+    fn apply_state(&mut self, text: String, op: SessionOp) {
+        match op {
+            SessionOp::Set => {
+                self.state.retain(|(_, t)| *t != text);
+                self.state.push((None, text));
+            }
+            SessionOp::ResetAll => self.state.retain(|(p, _)| p.is_some()),
+            SessionOp::Discard { all: true, .. } => self.state.clear(),
+            SessionOp::Prepare { name, .. } => {
+                self.state.retain(|(p, _)| p.as_deref() != Some(&name));
+                self.state.push((Some(name), text));
+            }
+            SessionOp::Deallocate { name: Some(n) } => {
+                self.state.retain(|(p, _)| p.as_deref() != Some(&n))
+            }
+            SessionOp::Deallocate { name: None } => self.state.retain(|(p, _)| p.is_none()),
+            SessionOp::SetLocal | SessionOp::SourceOnly | SessionOp::Discard { .. } => return,
+        }
+        if self.state.len() > MAX_STATE {
+            self.state.remove(0);
+        }
+        self.state_version += 1;
+    }
+
+    fn reset_unit(&mut self) {
+        self.unit.clear();
+        self.unit_write = false;
+        self.unit_commit = false;
+        self.unit_error = false;
+        self.unit_session.clear();
+        self.unit_uses.clear();
+        self.unit_parsed.clear();
+        self.unit_bytes =
+            self.open.bytes.len() + self.closed.iter().map(|s| s.bytes.len()).sum::<usize>();
+        self.overflow = false;
+        self.portals.retain(|p, _| !p.is_empty());
+    }
+}
+
+fn cstr_text(body: &[u8]) -> String {
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    String::from_utf8_lossy(&body[..end]).into_owned()
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,195 @@
+//! Write mirroring: every committed write reaches the target, in the order
+//! the source acknowledged the commits, and none is lost silently.
+//!
+//! - `capture`: per session, on the hot path: follows the traffic and turns
+//!   each committed unit of work that wrote into a record.
+//! - `spool`: the records on local disk, appended before the client sees
+//!   the commit acknowledgement.
+//! - `apply`: one task off the hot path that replays records in spool order
+//!   on per-session target connections and checks every outcome.
+//! - `report`: divergences, non-deterministic statements, gaps: what an
+//!   operator must know.
+
+pub mod apply;
+pub mod capture;
+pub mod record;
+pub mod report;
+pub mod spool;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::error;
+
+use self::record::TxnRecord;
+use self::report::Report;
+use self::spool::{AppendError, Spool};
+use crate::classify::Rules;
+use crate::config::{MirrorConfig, OnFull};
+use crate::metrics::Metrics;
+
+pub struct Mirror {
+    enabled: AtomicBool,
+    /// Set when a gap stopped mirroring (`on_full = "stop_mirroring"`, or
+    /// the spool failing): nothing more is captured until a restart.
+    stopped: AtomicBool,
+    pub rules: Arc<Rules>,
+    pub spool: Spool,
+    pub on_full: OnFull,
+    pub max_txn_bytes: usize,
+    pub apply_timeout: Duration,
+    pub report: Report,
+    pub metrics: Arc<Metrics>,
+    /// Highest seq applied (or skipped as already applied) on the target.
+    pub applied_seq: AtomicU64,
+    /// Source commit time of the oldest unapplied record (0 = caught up).
+    pub oldest_unapplied_us: AtomicU64,
+}
+
+/// What a session must do after handing a record over.
+pub enum Spooled {
+    Done,
+    /// The spool is full and the policy is backpressure: hold the commit
+    /// acknowledgement and try again.
+    Full(Box<TxnRecord>),
+}
+
+impl Mirror {
+    pub fn open(cfg: &MirrorConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let spool = Spool::open(&cfg.spool_dir, cfg.max_spool_bytes).map_err(|e| {
+            anyhow::anyhow!("cannot open the spool in {}: {e}", cfg.spool_dir.display())
+        })?;
+        let log = cfg
+            .divergence_log
+            .clone()
+            .unwrap_or_else(|| cfg.spool_dir.join("divergences.jsonl"));
+        let report = Report::open(&log, &cfg.spool_dir)?;
+        let m = Arc::new(Self {
+            enabled: AtomicBool::new(cfg.enabled),
+            stopped: AtomicBool::new(false),
+            rules: Arc::new(Rules::new(&cfg.write_functions)),
+            spool,
+            on_full: cfg.on_full,
+            max_txn_bytes: cfg.max_txn_bytes,
+            apply_timeout: Duration::from_millis(cfg.apply_timeout_ms),
+            report,
+            metrics,
+            applied_seq: AtomicU64::new(0),
+            oldest_unapplied_us: AtomicU64::new(0),
+        });
+        m.metrics.mirror.enabled.set(cfg.enabled as i64);
+        m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
+        Ok(m)
+    }
+
+    /// Whether sessions should capture their writes now.
+    pub fn capturing(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed) && !self.stopped.load(Ordering::Relaxed)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Switches mirroring on or off (config reload). Switching it off
+    /// opens a gap: writes made meanwhile never reach the target.
+    pub fn set_enabled(&self, on: bool) {
+        let was = self.enabled.swap(on, Ordering::Relaxed);
+        if was != on {
+            self.metrics.mirror.enabled.set(on as i64);
+            if on {
+                self.report.gap_closed("mirroring re-enabled");
+            } else {
+                self.metrics.mirror.gaps.inc();
+                self.report.gap(
+                    "mirroring disabled by configuration: writes from now on are not mirrored",
+                    self.spool.last_seq(),
+                );
+            }
+        }
+    }
+
+    /// Appends a committed unit to the spool, applying the `on_full`
+    /// policy. Called by the session before it forwards the commit
+    /// acknowledgement.
+    pub fn spool_record(&self, rec: Box<TxnRecord>) -> Spooled {
+        if self.stopped.load(Ordering::Relaxed) {
+            self.metrics.mirror.lost_transactions.inc();
+            return Spooled::Done;
+        }
+        match self.spool.append(&rec) {
+            Ok(_) => {
+                self.metrics.mirror.spooled.inc();
+                self.metrics
+                    .mirror
+                    .spool_bytes
+                    .set(self.spool.bytes() as i64);
+                Spooled::Done
+            }
+            Err(AppendError::Full { used, max }) if self.on_full == OnFull::Backpressure => {
+                let _ = (used, max);
+                Spooled::Full(rec)
+            }
+            Err(e) => {
+                self.stop(&format!(
+                    "{e}; mirroring stopped, the target needs a re-sync"
+                ));
+                self.metrics.mirror.lost_transactions.inc();
+                Spooled::Done
+            }
+        }
+    }
+
+    /// A committed write that could not be captured (too large).
+    pub fn lost(&self, why: &str) {
+        self.metrics.mirror.lost_transactions.inc();
+        self.stop(why);
+    }
+
+    fn stop(&self, why: &str) {
+        if !self.stopped.swap(true, Ordering::Relaxed) {
+            error!(
+                reason = why,
+                "MIRROR GAP: the target no longer receives every write"
+            );
+            self.metrics.mirror.gaps.inc();
+            self.report.gap(why, self.spool.last_seq());
+        }
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// `GET /status` section.
+    pub fn status(&self) -> serde_json::Value {
+        let last = self.spool.last_seq();
+        let applied = self.applied_seq.load(Ordering::Relaxed).min(last);
+        let oldest = self.oldest_unapplied_us.load(Ordering::Relaxed);
+        let lag_s = if oldest == 0 || applied >= last {
+            0.0
+        } else {
+            (capture::now_us().saturating_sub(oldest)) as f64 / 1e6
+        };
+        let m = &self.metrics.mirror;
+        serde_json::json!({
+            "enabled": self.enabled(),
+            "state": if self.stopped() { "stopped" } else if !self.enabled() { "disabled" } else if applied >= last { "caught_up" } else { "applying" },
+            "spooled_seq": last,
+            "applied_seq": applied,
+            "spooled_transactions": m.spooled.get(),
+            "applied_transactions": m.applied.get(),
+            "lag_transactions": last - applied,
+            "lag_seconds": lag_s,
+            "spool_bytes": self.spool.bytes(),
+            "max_spool_bytes": self.spool.max_bytes(),
+            "spool_dir": self.spool.dir().display().to_string(),
+            "on_full": format!("{:?}", self.on_full),
+            "lost_transactions": m.lost_transactions.get(),
+            "backpressure_waits": m.backpressure_waits.get(),
+            "target_connections": m.target_connections.get(),
+            "report": self.report.status(),
+        })
+    }
+}

@@ -1,0 +1,238 @@
+//! What the mirror tells an operator: divergences (the target answered a
+//! mirrored statement differently from the source), statements that cannot
+//! replay to identical values, target errors, and gaps in the mirror.
+//!
+//! Divergences go to a JSON-lines log once per statement fingerprint (later
+//! ones are counted); gaps are also appended to `gaps.jsonl` in the spool
+//! directory, so a restart does not make them disappear.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use serde_json::json;
+use tracing::warn;
+
+/// Bound on the distinct fingerprints tracked in memory.
+const MAX_FINGERPRINTS: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    pub time_us: u64,
+    pub seq: u64,
+    pub session: u64,
+    pub fingerprint: String,
+    pub statement: String,
+    pub source: String,
+    pub target: String,
+    /// The target's error message, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_error: Option<String>,
+    /// Which segment of the unit and which outcome in it.
+    pub segment: usize,
+    pub position: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Counted {
+    count: u64,
+    first: Divergence,
+    last_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NonDeterministic {
+    pub fingerprint: String,
+    pub statement: String,
+    pub tables: Vec<String>,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    divergences: BTreeMap<String, Counted>,
+    total_divergences: u64,
+    target_errors: BTreeMap<String, u64>,
+    nondeterministic: BTreeMap<String, NonDeterministic>,
+    gaps: Vec<serde_json::Value>,
+    /// What the applier is doing or waiting for, when not simply applying.
+    apply_state: Option<String>,
+    /// Units applied without an in-transaction progress marker.
+    at_least_once: u64,
+}
+
+pub struct Report {
+    log: Mutex<Option<File>>,
+    log_path: PathBuf,
+    gaps_path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Report {
+    pub fn open(log_path: &Path, spool_dir: &Path) -> anyhow::Result<Self> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+        let gaps_path = spool_dir.join("gaps.jsonl");
+        let mut inner = Inner::default();
+        if let Ok(text) = std::fs::read_to_string(&gaps_path) {
+            inner.gaps = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+        }
+        Ok(Self {
+            log: Mutex::new(Some(log)),
+            log_path: log_path.to_path_buf(),
+            gaps_path,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a divergence; returns whether it was the first for its
+    /// fingerprint (and so was logged).
+    pub fn divergence(&self, d: Divergence) -> bool {
+        let mut inner = self.inner();
+        inner.total_divergences += 1;
+        let tracked = inner.divergences.len() < MAX_FINGERPRINTS;
+        let first = match inner.divergences.get_mut(&d.fingerprint) {
+            Some(c) => {
+                c.count += 1;
+                c.last_seq = d.seq;
+                false
+            }
+            None => {
+                if tracked {
+                    inner.divergences.insert(
+                        d.fingerprint.clone(),
+                        Counted {
+                            count: 1,
+                            first: d.clone(),
+                            last_seq: d.seq,
+                        },
+                    );
+                }
+                true
+            }
+        };
+        drop(inner);
+        if first {
+            warn!(
+                seq = d.seq,
+                fingerprint = %d.fingerprint,
+                source = %d.source,
+                target = %d.target,
+                statement = %truncate(&d.statement, 200),
+                "mirror divergence: the target answered differently from the source"
+            );
+            let line = serde_json::to_string(&d).unwrap_or_default();
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = log.as_mut() {
+                if let Err(e) = writeln!(f, "{line}") {
+                    warn!(error = %e, path = %self.log_path.display(), "cannot write the divergence log");
+                    *log = None;
+                }
+            }
+        }
+        first
+    }
+
+    pub fn target_error(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("??").to_string();
+        *self.inner().target_errors.entry(class).or_default() += 1;
+    }
+
+    /// Flags a fingerprint as non-deterministic; true the first time.
+    pub fn nondeterministic(&self, n: NonDeterministic) -> bool {
+        let mut inner = self.inner();
+        if inner.nondeterministic.contains_key(&n.fingerprint)
+            || inner.nondeterministic.len() >= MAX_FINGERPRINTS
+        {
+            return false;
+        }
+        warn!(
+            fingerprint = %n.fingerprint,
+            tables = ?n.tables,
+            reasons = ?n.reasons,
+            statement = %truncate(&n.statement, 200),
+            "mirrored write is not deterministic: its values on the target will differ; verify these tables"
+        );
+        inner.nondeterministic.insert(n.fingerprint.clone(), n);
+        true
+    }
+
+    pub fn nondeterministic_count(&self) -> usize {
+        self.inner().nondeterministic.len()
+    }
+
+    pub fn gap(&self, why: &str, at_seq: u64) {
+        let g = json!({
+            "time_us": super::capture::now_us(),
+            "after_seq": at_seq,
+            "reason": why,
+        });
+        if let Ok(mut f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.gaps_path)
+        {
+            let _ = writeln!(f, "{g}");
+        }
+        self.inner().gaps.push(g);
+    }
+
+    pub fn gap_closed(&self, why: &str) {
+        self.gap(why, 0);
+    }
+
+    pub fn set_apply_state(&self, s: Option<String>) {
+        self.inner().apply_state = s;
+    }
+
+    pub fn at_least_once(&self) {
+        self.inner().at_least_once += 1;
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let inner = self.inner();
+        json!({
+            "apply_state": inner.apply_state,
+            "divergences_total": inner.total_divergences,
+            "divergences": inner.divergences.iter().map(|(fp, c)| json!({
+                "fingerprint": fp,
+                "count": c.count,
+                "last_seq": c.last_seq,
+                "statement": truncate(&c.first.statement, 500),
+                "source": c.first.source,
+                "target": c.first.target,
+                "target_error": c.first.target_error,
+            })).collect::<Vec<_>>(),
+            "divergence_log": self.log_path.display().to_string(),
+            "target_errors_by_class": inner.target_errors,
+            "nondeterministic": inner.nondeterministic.values().collect::<Vec<_>>(),
+            "gaps": inner.gaps,
+            "needs_resync": inner.gaps.iter().any(|g| g["after_seq"] != 0),
+            "applied_without_progress_marker": inner.at_least_once,
+        })
+    }
+}
+
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

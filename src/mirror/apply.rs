@@ -38,7 +38,7 @@ use crate::protocol::frame::{read_message, HEADER_LEN};
 use crate::protocol::message::take_cstr;
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Phase;
-use crate::upstream::login::login;
+use crate::upstream::login::connect_and_login;
 use crate::upstream::passfile::PassFile;
 
 /// The progress table. Creating it needs CREATE on the database; an
@@ -263,23 +263,11 @@ impl Applier {
             segment: 0,
             position: 0,
         };
-        self.mirror
-            .metrics
-            .mirror
-            .divergences
-            .get_or_create(&vec![("fingerprint", d.fingerprint.clone())])
-            .inc();
-        self.mirror.report.divergence(d);
+        self.mirror.divergence(d);
     }
 
     async fn connect(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
-        let user = rec.param("user").unwrap_or_default().to_string();
         let database = rec.database().to_string();
-        let password = self
-            .passfile
-            .as_ref()
-            .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, &database, &user))
-            .map(str::to_owned);
         let params = rec
             .startup
             .iter()
@@ -287,21 +275,8 @@ impl Applier {
             .cloned()
             .collect();
         let startup = StartupMessage::new(3, 0, params);
-        let limit = self.upstream.connect_timeout + Duration::from_secs(15);
-        let attempt = async {
-            let mut stream = self
-                .upstream
-                .connect()
-                .await
-                .map_err(|e| format!("{e:#}"))?;
-            let li = login(&mut stream, &startup, password.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((stream, li.leftover))
-        };
-        let (stream, buf) = tokio::time::timeout(limit, attempt)
+        let (stream, buf) = connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
             .await
-            .map_err(|_| Retry::Connect("login timed out".into()))?
             .map_err(Retry::Connect)?;
         let mut conn = Conn {
             stream,
@@ -320,7 +295,7 @@ impl Applier {
 
     /// Creates (if needed) and reads this database's progress row.
     async fn setup_progress(&self, conn: &mut Conn) -> Result<Option<u64>, Retry> {
-        let id = &self.mirror.spool.id;
+        let id = self.mirror.spool.id.replace('\'', "''");
         // Separate messages: creating the table needs CREATE on the
         // database, which an operator may have done for us already.
         let mut out = BytesMut::new();
@@ -491,7 +466,8 @@ impl Applier {
         let mark = progress.map(|_| {
             format!(
                 "UPDATE pgshift_mirror.progress SET seq = {}, applied_at = now() WHERE spool_id = '{}'",
-                rec.seq, self.mirror.spool.id
+                rec.seq,
+                self.mirror.spool.id.replace('\'', "''")
             )
         });
         let single_autocommit = rec.segments.len() == 1 && rec.segments[0].status == b'I';
@@ -534,9 +510,6 @@ impl Applier {
         }
         conn.state_version = Some(rec.post_state_version);
         for (e, a) in expect.iter().zip(&answers) {
-            for (_, msg) in &a.errors {
-                let _ = msg;
-            }
             for o in &a.outcomes {
                 if let Outcome::Error(code) = o {
                     self.mirror.report.target_error(code);
@@ -571,7 +544,7 @@ impl Applier {
     }
 
     /// The outcome check: the target must answer each step as the source did.
-    fn compare(&self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
+    fn compare(&mut self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
         let source = &rec.segments[i];
         let n = source.outcomes.len().max(target.outcomes.len());
         for pos in 0..n {
@@ -588,13 +561,13 @@ impl Applier {
             let fingerprint = if statement.is_empty() {
                 "unknown".to_string()
             } else {
-                crate::classify::analyze::analyze(&statement).fingerprint
+                self.analysis(&statement).fingerprint.clone()
             };
             let d = Divergence {
                 time_us: super::capture::now_us(),
                 seq: rec.seq,
                 session: rec.session,
-                fingerprint: fingerprint.clone(),
+                fingerprint,
                 statement,
                 source: s.map_or("nothing".into(), |o| o.to_string()),
                 target: t.map_or("nothing".into(), |o| o.to_string()),
@@ -606,13 +579,7 @@ impl Applier {
                 segment: i,
                 position: pos,
             };
-            self.mirror
-                .metrics
-                .mirror
-                .divergences
-                .get_or_create(&vec![("fingerprint", fingerprint)])
-                .inc();
-            self.mirror.report.divergence(d);
+            self.mirror.divergence(d);
             // One divergence per segment: what follows an error is skipped
             // on both sides anyway.
             return;

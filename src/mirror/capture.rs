@@ -161,47 +161,33 @@ impl Capture {
     }
 
     /// Sees the bytes about to be written to the source (any cut).
-    pub fn client_bytes(&mut self, mut bytes: &[u8]) {
-        if !self.partial.is_empty() {
-            // Complete the pending message first.
-            let need = match decode_header(&self.partial, usize::MAX >> 1) {
-                Ok(Some(h)) => h.frame_len() - self.partial.len(),
-                Ok(None) => HEADER_LEN - self.partial.len(),
-                Err(_) => {
-                    self.partial.clear();
-                    return;
-                }
-            };
-            let take = need.min(bytes.len());
-            self.partial.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if let Ok(Some(h)) = decode_header(&self.partial, usize::MAX >> 1) {
-                if self.partial.len() == h.frame_len() {
-                    let msg = std::mem::take(&mut self.partial);
-                    self.client_message(&msg);
-                }
-            }
-            if !self.partial.is_empty() || bytes.is_empty() {
-                if !bytes.is_empty() {
-                    self.client_bytes(bytes);
-                }
-                return;
-            }
+    pub fn client_bytes(&mut self, bytes: &[u8]) {
+        if self.partial.is_empty() {
+            let used = self.messages(bytes);
+            self.partial.extend_from_slice(&bytes[used..]);
+        } else {
+            // Only a message cut across reads is copied here first.
+            let mut pending = std::mem::take(&mut self.partial);
+            pending.extend_from_slice(bytes);
+            let used = self.messages(&pending);
+            pending.drain(..used);
+            self.partial = pending;
         }
-        while !bytes.is_empty() {
-            match decode_header(bytes, usize::MAX >> 1) {
-                Ok(Some(h)) if bytes.len() >= h.frame_len() => {
-                    let (msg, rest) = bytes.split_at(h.frame_len());
-                    self.client_message(msg);
-                    bytes = rest;
-                }
-                Ok(_) => {
-                    self.partial.extend_from_slice(bytes);
-                    return;
-                }
-                Err(_) => return, // the pump reports malformed input
+    }
+
+    /// Handles the complete messages at the start of `bytes`; returns how
+    /// many bytes they took. A malformed header stops it (the pump reports
+    /// it and ends the session).
+    fn messages(&mut self, bytes: &[u8]) -> usize {
+        let mut used = 0;
+        while let Ok(Some(h)) = decode_header(&bytes[used..], usize::MAX >> 1) {
+            if bytes.len() - used < h.frame_len() {
+                break;
             }
+            self.client_message(&bytes[used..used + h.frame_len()]);
+            used += h.frame_len();
         }
+        used
     }
 
     fn store(&mut self, msg: &[u8], copy: bool) {
@@ -346,13 +332,18 @@ impl Capture {
 
     fn query(&mut self, text: &str) {
         let classes = classify(&self.rules, text);
-        let parts = crate::classify::lexer::split(text).unwrap_or_default();
+        // Statement texts matter only for session state; split only then.
+        let parts = if classes.len() > 1 && classes.iter().any(|c| matches!(c, Class::Session(_))) {
+            crate::classify::lexer::split(text).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for (i, class) in classes.iter().enumerate() {
-            let part = if parts.len() == classes.len() {
-                parts[i]
-            } else {
-                text
-            };
+            let part = parts
+                .get(i)
+                .filter(|_| parts.len() == classes.len())
+                .copied()
+                .unwrap_or(text);
             self.statement(part, class.clone());
         }
     }

@@ -99,7 +99,8 @@ impl Mirror {
         if was != on {
             self.metrics.mirror.enabled.set(on as i64);
             if on {
-                self.report.gap_closed("mirroring re-enabled");
+                self.report
+                    .gap_closed("mirroring re-enabled", self.spool.last_seq());
             } else {
                 self.metrics.mirror.gaps.inc();
                 self.report.gap(
@@ -127,8 +128,7 @@ impl Mirror {
                     .set(self.spool.bytes() as i64);
                 Spooled::Done
             }
-            Err(AppendError::Full { used, max }) if self.on_full == OnFull::Backpressure => {
-                let _ = (used, max);
+            Err(AppendError::Full { .. }) if self.on_full == OnFull::Backpressure => {
                 Spooled::Full(rec)
             }
             Err(e) => {
@@ -139,6 +139,16 @@ impl Mirror {
                 Spooled::Done
             }
         }
+    }
+
+    /// Records a divergence in the report and the per-fingerprint metric.
+    pub fn divergence(&self, d: report::Divergence) {
+        self.metrics
+            .mirror
+            .divergences
+            .get_or_create(&vec![("fingerprint", d.fingerprint.clone())])
+            .inc();
+        self.report.divergence(d);
     }
 
     /// A committed write that could not be captured (too large).

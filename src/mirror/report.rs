@@ -174,9 +174,20 @@ impl Report {
         self.inner().nondeterministic.len()
     }
 
+    /// Records a gap: writes after `at_seq` may be missing on the target.
     pub fn gap(&self, why: &str, at_seq: u64) {
+        self.event("gap", why, at_seq);
+    }
+
+    /// Records that mirroring resumed after a gap (the gap still stands).
+    pub fn gap_closed(&self, why: &str, at_seq: u64) {
+        self.event("resumed", why, at_seq);
+    }
+
+    fn event(&self, kind: &str, why: &str, at_seq: u64) {
         let g = json!({
             "time_us": super::capture::now_us(),
+            "kind": kind,
             "after_seq": at_seq,
             "reason": why,
         });
@@ -188,10 +199,6 @@ impl Report {
             let _ = writeln!(f, "{g}");
         }
         self.inner().gaps.push(g);
-    }
-
-    pub fn gap_closed(&self, why: &str) {
-        self.gap(why, 0);
     }
 
     pub fn set_apply_state(&self, s: Option<String>) {
@@ -220,7 +227,7 @@ impl Report {
             "target_errors_by_class": inner.target_errors,
             "nondeterministic": inner.nondeterministic.values().collect::<Vec<_>>(),
             "gaps": inner.gaps,
-            "needs_resync": inner.gaps.iter().any(|g| g["after_seq"] != 0),
+            "needs_resync": inner.gaps.iter().any(|g| g["kind"] == "gap"),
             "applied_without_progress_marker": inner.at_least_once,
         })
     }

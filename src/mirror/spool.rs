@@ -341,7 +341,7 @@ impl SpoolReader {
         if self.file.is_none() || self.next > want {
             self.open_at(want)?;
         }
-        for _ in 0..2 {
+        loop {
             let Some(f) = self.file.as_mut() else {
                 return Ok(None);
             };
@@ -362,22 +362,19 @@ impl SpoolReader {
                     }
                     None => {
                         // End of this segment (or of what is written so
-                        // far): rewind over any partial frame, then try the
-                        // segment that starts at `want`.
+                        // far): rewind over any partial frame, then go on in
+                        // the segment that starts where this one ended.
                         f.seek(SeekFrom::Start(pos))?;
                         break;
                     }
                 }
             }
-            let next_path = segment_path(&self.dir, want);
-            if next_path.exists() {
-                self.file = Some(BufReader::new(File::open(next_path)?));
-                self.next = want;
-            } else {
+            let next_path = segment_path(&self.dir, self.next);
+            if !next_path.exists() {
                 return Ok(None);
             }
+            self.file = Some(BufReader::new(File::open(next_path)?));
         }
-        Ok(None)
     }
 
     fn open_at(&mut self, want: u64) -> io::Result<()> {
@@ -460,8 +457,24 @@ mod tests {
             }
         }
         assert!(n > 5 && spool.bytes() <= 2000);
-        // One segment only (small records): releasing keeps the live one.
+        // All in the live segment: releasing cannot delete it.
         spool.release(n);
         assert_eq!(spool.first_seq(), 1);
+
+        // Segments rotate at an eighth of the bound (128 KiB here).
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        for _ in 0..40 {
+            spool.append(&rec(1, 10_000)).unwrap();
+        }
+        let before = spool.bytes();
+        assert!(list_segments(dir.path()).unwrap().len() >= 3);
+        spool.release(20);
+        assert!(spool.first_seq() > 1 && spool.first_seq() <= 21);
+        assert!(spool.bytes() < before);
+        // Everything after the released point is still readable.
+        let mut r = SpoolReader::new(dir.path());
+        assert!(r.read(spool.first_seq()).unwrap().is_some());
+        assert_eq!(r.read(40).unwrap().unwrap().seq, 40);
     }
 }

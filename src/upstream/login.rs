@@ -8,6 +8,8 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::net::connect::Upstream;
+use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::read_message;
 use crate::protocol::message::{AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY};
@@ -15,6 +17,37 @@ use crate::protocol::startup::{CancelKey, StartupMessage};
 
 /// Bound on any message during login (auth requests are tiny).
 const LOGIN_MAX_MESSAGE: usize = 1 << 20;
+/// How long a login may take once connected (a server that accepts TCP and
+/// then says nothing must not hold a connection attempt forever).
+pub const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Connects to `upstream` and logs in with `startup`, using the password
+/// `passfile` holds for its user and database, within the connect timeout
+/// plus `LOGIN_TIMEOUT`. Returns the stream and any bytes read past the
+/// login's ReadyForQuery; errors are one line for logs and status.
+pub async fn connect_and_login(
+    upstream: &Upstream,
+    passfile: Option<&super::passfile::PassFile>,
+    startup: &StartupMessage,
+) -> Result<(Stream, BytesMut), String> {
+    let user = startup.get("user").unwrap_or_default();
+    let database = startup.database().unwrap_or_default();
+    let password = passfile.and_then(|pf| pf.lookup(&upstream.host, upstream.port, database, user));
+    let limit = upstream.connect_timeout + LOGIN_TIMEOUT;
+    let attempt = async {
+        let mut stream = upstream.connect().await.map_err(|e| format!("{e:#}"))?;
+        let logged_in = login(&mut stream, startup, password)
+            .await
+            .map_err(|e| match e {
+                LoginError::Io(e) => format!("I/O error during login: {e}"),
+                e => e.to_string(),
+            })?;
+        Ok((stream, logged_in.leftover))
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no login within {} s", limit.as_secs())))
+}
 
 /// SCRAM's key derivation is deliberately expensive (4096 rounds of
 /// HMAC-SHA-256 by default). Cap how many run at once, so a burst of target

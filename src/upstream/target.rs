@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::login::{login, LoginError};
+use super::login::connect_and_login;
 use super::passfile::PassFile;
 use crate::metrics::Metrics;
 use crate::net::connect::Upstream;
@@ -26,9 +26,6 @@ use crate::protocol::message::{ERROR_RESPONSE, READY_FOR_QUERY};
 use crate::protocol::startup::StartupMessage;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How long a login may take once connected (a target that accepts TCP and
-/// then says nothing must not hold a link forever).
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a goodbye may take.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,33 +60,12 @@ impl TargetLinks {
     async fn run(&self, session_id: u64, startup: StartupMessage, mut stop: oneshot::Receiver<()>) {
         let user = startup.get("user").unwrap_or_default().to_string();
         let database = startup.database().unwrap_or_default().to_string();
-        let password = self
-            .passfile
-            .as_ref()
-            .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, &database, &user))
-            .map(str::to_owned);
         let mut backoff = Duration::from_secs(1);
         let mut failures = 0u32;
         loop {
-            let attempt = async {
-                let mut stream = self
-                    .upstream
-                    .connect()
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
-                let logged_in = login(&mut stream, &startup, password.as_deref())
-                    .await
-                    .map_err(|e| match e {
-                        LoginError::Io(e) => format!("I/O error during login: {e}"),
-                        e => e.to_string(),
-                    })?;
-                Ok::<_, String>((stream, logged_in.leftover))
-            };
-            let limit = self.upstream.connect_timeout + LOGIN_TIMEOUT;
+            let attempt = connect_and_login(&self.upstream, self.passfile.as_ref(), &startup);
             let connected = tokio::select! {
-                r = tokio::time::timeout(limit, attempt) => {
-                    r.unwrap_or_else(|_| Err(format!("no login within {} s", limit.as_secs())))
-                }
+                r = attempt => r,
                 _ = &mut stop => return,
             };
             match connected {

@@ -131,7 +131,16 @@ fn top_level(node: &N, a: &mut Analysis) {
         | N::DropSubscriptionStmt(_) => a.non_transactional = true,
         N::IndexStmt(i) => a.non_transactional |= i.concurrent,
         N::DropStmt(d) => a.non_transactional |= d.concurrent,
+        // DISCARD ALL and whole-schema/database REINDEX refuse a transaction block.
+        N::DiscardStmt(d) => {
+            a.non_transactional |= d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32
+        }
         N::ReindexStmt(r) => {
+            use pg_query::protobuf::ReindexObjectType as R;
+            a.non_transactional |= matches!(
+                R::try_from(r.kind),
+                Ok(R::ReindexObjectSchema | R::ReindexObjectSystem | R::ReindexObjectDatabase)
+            );
             a.non_transactional |= r
                 .params
                 .iter()
@@ -260,6 +269,10 @@ mod tests {
         assert_eq!(a.nondeterministic, ["gen_random_uuid", "now"]);
         assert!(analyze("VACUUM t").non_transactional);
         assert!(!analyze("ANALYZE t").non_transactional);
+        assert!(analyze("DISCARD ALL").non_transactional);
+        assert!(!analyze("DISCARD TEMP").non_transactional);
+        assert!(analyze("REINDEX SCHEMA s").non_transactional);
+        assert!(!analyze("REINDEX TABLE t").non_transactional);
         assert!(analyze("CREATE INDEX CONCURRENTLY i ON t (a)").non_transactional);
         assert!(analyze("COMMIT PREPARED 'x'").non_transactional);
         assert!(analyze("BEGIN").transaction_control);

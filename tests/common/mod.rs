@@ -6,6 +6,8 @@
 //! cannot reach them fails with instructions rather than skipping.
 #![allow(dead_code)]
 
+pub mod mirror;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

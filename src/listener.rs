@@ -139,7 +139,7 @@ fn start_mirror(
             .name("pgshift-spool-sync".into())
             .spawn(move || loop {
                 std::thread::sleep(every);
-                if let Err(e) = m.spool.sync() {
+                if let Err(e) = m.spool.sync().and_then(|()| m.inflight.sync()) {
                     warn!(error = %e, "spool fsync failed");
                 }
             })?;

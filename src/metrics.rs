@@ -47,6 +47,8 @@ pub struct MirrorMetrics {
     pub nondeterministic: Gauge,
     pub gaps: Counter,
     pub lost_transactions: Counter,
+    pub in_doubt: Counter,
+    pub already_applied: Counter,
     pub backpressure_waits: Counter,
     pub enabled: Gauge,
     pub target_connections: Gauge,
@@ -65,6 +67,8 @@ impl MirrorMetrics {
             nondeterministic: Gauge::default(),
             gaps: Counter::default(),
             lost_transactions: Counter::default(),
+            in_doubt: Counter::default(),
+            already_applied: Counter::default(),
             backpressure_waits: Counter::default(),
             enabled: Gauge::default(),
             target_connections: Gauge::default(),
@@ -118,6 +122,16 @@ impl MirrorMetrics {
             "mirror_lost_transactions",
             "Committed write units that did not reach the spool (counted within gaps)",
             m.lost_transactions.clone(),
+        );
+        r.register(
+            "mirror_in_doubt_transactions",
+            "Write units whose source commit is unknown because the proxy or the session died with the commit in flight; listed in gaps.jsonl",
+            m.in_doubt.clone(),
+        );
+        r.register(
+            "mirror_skipped_already_applied",
+            "Spooled units found already applied on the target (re-read after a restart or a lost connection) and not applied again",
+            m.already_applied.clone(),
         );
         r.register(
             "mirror_backpressure_waits",

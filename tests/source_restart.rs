@@ -4,79 +4,15 @@
 mod common;
 use common::*;
 
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// pg_ctl on the source cluster, as the cluster owner (as scripts/cluster.sh
-/// does). The server log goes to its usual file: a postmaster holding our
-/// pipes open would make this wait forever.
-fn pg_ctl_source(c: &Clusters, args: &[&str]) -> std::process::Output {
-    let pg_ctl = pg_tool(c, "pg_ctl").get_program().to_owned();
-    let data = c.dir.join("source");
-    let log = c.dir.join("logs/source.log");
-    let mut cmd = if is_root() {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(pg_ctl);
-        cmd
-    } else {
-        Command::new(pg_ctl)
-    };
-    cmd.arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(&log)
-        .args(args)
-        .current_dir("/")
-        .stdin(Stdio::null());
-    cmd.output().expect("run pg_ctl")
-}
-
-fn source_up(c: &Clusters) -> bool {
-    TcpStream::connect_timeout(
-        &(std::net::Ipv4Addr::LOCALHOST, c.source_port).into(),
-        Duration::from_secs(1),
-    )
-    .is_ok()
-        && psql(
-            &c.source_url(SUPERUSER, "postgres"),
-            &["-Atc", "select 1"],
-            None,
-        )
-        .status
-        .success()
-}
-
-/// Whatever happens in the test, the source is running again afterwards.
-struct SourceGuard(Clusters);
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        if !source_up(&self.0) {
-            let out = pg_ctl_source(&self.0, &["-w", "-t", "120", "start"]);
-            eprintln!(
-                "restarting the source after the test: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn open_session_sees_the_source_restart_and_new_sessions_work_after() {
     let c = Clusters::get();
-    let _guard = SourceGuard(c.clone());
+    let _guard = ClusterGuard::new(&c, "source");
     let p = tokio::task::block_in_place(Proxy::start);
     let started_before = tokio::task::block_in_place(|| {
         c.sql(
@@ -109,7 +45,7 @@ async fn open_session_sees_the_source_restart_and_new_sessions_work_after() {
     tx.batch_execute("begin; select 1").await.unwrap();
 
     let out = tokio::task::block_in_place(|| {
-        pg_ctl_source(&c, &["-m", "fast", "-w", "-t", "120", "restart"])
+        pg_ctl(&c, "source", &["-m", "fast", "-w", "-t", "120", "restart"])
     });
     assert!(
         out.status.success(),

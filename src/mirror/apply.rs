@@ -190,18 +190,27 @@ impl Applier {
                 .oldest_unapplied_us
                 .store(rec.committed_at_us, Ordering::Relaxed);
             match self.apply(&rec).await {
-                Ok(()) => {
+                Ok(now) => {
                     self.attempts = 0;
                     backoff = Duration::from_millis(100);
                     self.mirror.report.set_apply_state(None);
-                    self.mirror.metrics.mirror.applied.inc();
+                    if now {
+                        self.mirror.metrics.mirror.applied.inc();
+                    } else {
+                        self.mirror.metrics.mirror.already_applied.inc();
+                    }
                     self.mirror.applied_seq.store(rec.seq, Ordering::Relaxed);
                     next += 1;
                 }
                 Err(retry) => {
                     let (msg, counts) = match retry {
                         Retry::Connect(m) => (format!("cannot reach the target: {m}"), false),
-                        Retry::Lost(m) => (format!("lost the target while applying: {m}"), true),
+                        Retry::Lost(m) => {
+                            // The unit may have committed before the link
+                            // died: read the target's progress row again.
+                            self.progress.remove(rec.database());
+                            (format!("lost the target while applying: {m}"), true)
+                        }
                     };
                     self.conns.remove(&rec.session);
                     if counts {
@@ -402,7 +411,8 @@ impl Applier {
         a
     }
 
-    async fn apply(&mut self, rec: &TxnRecord) -> Result<(), Retry> {
+    /// Applies one unit; `Ok(false)` when the target had applied it already.
+    async fn apply(&mut self, rec: &TxnRecord) -> Result<bool, Retry> {
         let mut conn = match self.conns.remove(&rec.session) {
             Some(c) => c,
             None => self.connect(rec).await?,
@@ -415,10 +425,10 @@ impl Applier {
         r
     }
 
-    async fn apply_on(&mut self, conn: &mut Conn, rec: &TxnRecord) -> Result<(), Retry> {
+    async fn apply_on(&mut self, conn: &mut Conn, rec: &TxnRecord) -> Result<bool, Retry> {
         let progress = self.progress.get(&conn.database).copied().flatten();
         if progress.is_some_and(|p| rec.seq <= p) {
-            return Ok(()); // applied before a restart or a lost connection
+            return Ok(false); // applied before a restart or a lost connection
         }
         // What the unit's statements are, for the outcome check, the
         // non-determinism flags and the choice of how to mark progress.
@@ -540,7 +550,7 @@ impl Applier {
                 *p = Some(rec.seq);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The outcome check: the target must answer each step as the source did.

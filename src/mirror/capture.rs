@@ -15,6 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::inflight::{self, InFlight};
 use super::record::{Outcome, Segment, TxnRecord};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::protocol::error::parse_error_fields;
@@ -60,6 +61,8 @@ struct Seg {
     session: Vec<(String, SessionOp)>,
     /// Statements bound here that the unit did not parse itself.
     uses: Vec<(Vec<u8>, Arc<[u8]>)>,
+    /// Has transaction control (COMMIT, END, PREPARE TRANSACTION, ...).
+    commitish: bool,
 }
 
 impl Seg {
@@ -68,6 +71,7 @@ impl Seg {
         self.write |= other.write;
         self.session.extend(other.session);
         self.uses.extend(other.uses);
+        self.commitish |= other.commitish;
     }
 }
 
@@ -119,6 +123,14 @@ pub struct Capture {
     mirrored_any: bool,
     /// ReadyForQuery messages that matched no request (a desync).
     pub desyncs: u64,
+    /// This session's slot in the in-flight journal.
+    journal: Option<(Arc<InFlight>, u32)>,
+    /// When the slot was armed (0 = not armed).
+    armed_at_us: u64,
+    /// Whether the last ReadyForQuery said "in a transaction block".
+    in_block: bool,
+    /// The unit's statement texts, for the in-flight journal.
+    unit_text: String,
 }
 
 const MAX_STATEMENT_BYTES: usize = 16 << 20;
@@ -129,7 +141,9 @@ impl Capture {
         session: u64,
         startup: Vec<(Vec<u8>, Vec<u8>)>,
         max_txn_bytes: usize,
+        journal: Option<Arc<InFlight>>,
     ) -> Self {
+        let journal = journal.and_then(|j| j.acquire().map(|slot| (j, slot)));
         Self {
             rules,
             session,
@@ -157,7 +171,77 @@ impl Capture {
             state_version: 0,
             mirrored_any: false,
             desyncs: 0,
+            journal,
+            armed_at_us: 0,
+            in_block: false,
+            unit_text: String::new(),
         }
+    }
+
+    /// Keeps statement text for the journal (bounded; the rest is cut).
+    fn note_text(&mut self, text: &str) {
+        if self.journal.is_none() || self.unit_text.len() >= inflight::MAX_TEXT {
+            return;
+        }
+        if !self.unit_text.is_empty() {
+            self.unit_text.push_str("; ");
+        }
+        let room = inflight::MAX_TEXT.saturating_sub(self.unit_text.len());
+        let mut end = text.len().min(room);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.unit_text.push_str(&text[..end]);
+    }
+
+    /// Called as a request closes, before it is forwarded: arms the
+    /// journal when the request may commit a write (a COMMIT, or a write
+    /// outside a transaction block). Erring towards arming is harmless.
+    fn maybe_arm(&mut self) {
+        let Some((journal, slot)) = &self.journal else {
+            return;
+        };
+        let Some(seg) = self.closed.back() else {
+            return;
+        };
+        let wrote = self.unit_write || self.closed.iter().any(|s| s.write);
+        // With requests still unanswered, the block status is not known.
+        let may_commit = seg.commitish || !self.in_block || self.closed.len() > 1;
+        if wrote && may_commit {
+            let now = now_us();
+            journal.arm(*slot, self.session, now, &self.unit_text);
+            if self.armed_at_us == 0 {
+                self.armed_at_us = now;
+            }
+        }
+    }
+
+    /// Called after a ReadyForQuery was handled (and any record spooled):
+    /// disarms the journal once nothing is in flight.
+    pub fn settle(&mut self) {
+        if self.armed_at_us != 0
+            && self.unit.is_empty()
+            && self.closed.is_empty()
+            && self.open.bytes.is_empty()
+        {
+            if let Some((journal, slot)) = &self.journal {
+                journal.disarm(*slot);
+            }
+            self.armed_at_us = 0;
+        }
+    }
+
+    /// At the end of the session: the statements of a unit whose commit was
+    /// in flight (its outcome on the source is unknown), if any.
+    pub fn end(&mut self) -> Option<(u64, String)> {
+        if self.armed_at_us == 0 {
+            return None;
+        }
+        if let Some((journal, slot)) = &self.journal {
+            journal.disarm(*slot);
+        }
+        let at = std::mem::take(&mut self.armed_at_us);
+        Some((at, std::mem::take(&mut self.unit_text)))
     }
 
     /// Sees the bytes about to be written to the source (any cut).
@@ -222,6 +306,7 @@ impl Capture {
                 self.query(&text);
                 self.syncs_since_execute = 0;
                 self.close_segment();
+                self.maybe_arm();
             }
             b'P' => {
                 self.store(msg, false);
@@ -278,7 +363,10 @@ impl Capture {
                     .and_then(|s| self.statements.get(s))
                     .map(|s| (s.class.clone(), Arc::clone(&s.text)));
                 match st {
-                    Some((class, text)) => self.statement(&text, class),
+                    Some((class, text)) => {
+                        self.note_text(&text);
+                        self.statement(&text, class)
+                    }
                     // Unknown portal: the source will say; assume a write.
                     None => self.open.write = true,
                 }
@@ -303,12 +391,15 @@ impl Capture {
                 self.store(msg, false);
                 self.syncs_since_execute += 1;
                 self.close_segment();
+                self.maybe_arm();
             }
             b'F' => {
                 // Fast-path function calls are large-object writes in practice.
                 self.store(msg, false);
                 self.open.write = true;
+                self.note_text("(fast-path function call)");
                 self.close_segment();
+                self.maybe_arm();
             }
             b'd' => self.store(msg, true),
             b'c' | b'f' => {
@@ -332,6 +423,7 @@ impl Capture {
 
     fn query(&mut self, text: &str) {
         let classes = classify(&self.rules, text);
+        self.note_text(text);
         // Statement texts matter only for session state; split only then.
         let parts = if classes.len() > 1 && classes.iter().any(|c| matches!(c, Class::Session(_))) {
             crate::classify::lexer::split(text).unwrap_or_default()
@@ -352,6 +444,7 @@ impl Capture {
     fn statement(&mut self, text: &str, class: Class) {
         match class {
             Class::Write => self.open.write = true,
+            Class::TxnControl => self.open.commitish = true,
             Class::Execute { name } if self.sql_prepared.get(&name).copied().unwrap_or(true) => {
                 self.open.write = true
             }
@@ -402,6 +495,7 @@ impl Capture {
             b's' => self.outcomes.push(Outcome::Suspended),
             b'Z' => {
                 let status = body.first().copied().unwrap_or(b'I');
+                self.in_block = status != b'I';
                 return self.ready(status, mirror_on);
             }
             _ => {}
@@ -516,6 +610,7 @@ impl Capture {
         self.unit_session.clear();
         self.unit_uses.clear();
         self.unit_parsed.clear();
+        self.unit_text.clear();
         self.unit_bytes =
             self.open.bytes.len() + self.closed.iter().map(|s| s.bytes.len()).sum::<usize>();
         self.overflow = false;
@@ -532,4 +627,12 @@ pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some((journal, slot)) = &self.journal {
+            journal.release(*slot);
+        }
+    }
 }

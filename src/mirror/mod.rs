@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod inflight;
 pub mod record;
 pub mod report;
 pub mod spool;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use tracing::error;
 
+use self::inflight::InFlight;
 use self::record::TxnRecord;
 use self::report::Report;
 use self::spool::{AppendError, Spool};
@@ -36,6 +38,8 @@ pub struct Mirror {
     stopped: AtomicBool,
     pub rules: Arc<Rules>,
     pub spool: Spool,
+    /// Units on their way to a commit on the source (see `inflight`).
+    pub inflight: Arc<InFlight>,
     pub on_full: OnFull,
     pub max_txn_bytes: usize,
     pub apply_timeout: Duration,
@@ -65,11 +69,18 @@ impl Mirror {
             .clone()
             .unwrap_or_else(|| cfg.spool_dir.join("divergences.jsonl"));
         let report = Report::open(&log, &cfg.spool_dir)?;
+        let (inflight, left) = InFlight::open(&cfg.spool_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the in-flight journal in {}: {e}",
+                cfg.spool_dir.display()
+            )
+        })?;
         let m = Arc::new(Self {
             enabled: AtomicBool::new(cfg.enabled),
             stopped: AtomicBool::new(false),
             rules: Arc::new(Rules::new(&cfg.write_functions)),
             spool,
+            inflight: Arc::new(inflight),
             on_full: cfg.on_full,
             max_txn_bytes: cfg.max_txn_bytes,
             apply_timeout: Duration::from_millis(cfg.apply_timeout_ms),
@@ -80,6 +91,14 @@ impl Mirror {
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
+        for d in left {
+            m.in_doubt(
+                d.session,
+                d.time_us,
+                &d.statements,
+                "the proxy stopped while this unit's commit was on its way to the source",
+            );
+        }
         Ok(m)
     }
 
@@ -151,6 +170,21 @@ impl Mirror {
         self.report.divergence(d);
     }
 
+    /// A unit whose commit on the source is unknown (the proxy died, or the
+    /// session ended, with the commit in flight): it is not on the target
+    /// and may be on the source.
+    pub fn in_doubt(&self, session: u64, time_us: u64, statements: &str, why: &str) {
+        error!(
+            session,
+            statements,
+            reason = why,
+            "MIRROR IN DOUBT: a write may have committed on the source without reaching the target"
+        );
+        self.metrics.mirror.in_doubt.inc();
+        self.report
+            .in_doubt(session, time_us, statements, why, self.spool.last_seq());
+    }
+
     /// A committed write that could not be captured (too large).
     pub fn lost(&self, why: &str) {
         self.metrics.mirror.lost_transactions.inc();
@@ -197,6 +231,8 @@ impl Mirror {
             "spool_dir": self.spool.dir().display().to_string(),
             "on_full": format!("{:?}", self.on_full),
             "lost_transactions": m.lost_transactions.get(),
+            "in_doubt_transactions": m.in_doubt.get(),
+            "skipped_already_applied": m.already_applied.get(),
             "backpressure_waits": m.backpressure_waits.get(),
             "target_connections": m.target_connections.get(),
             "report": self.report.status(),

@@ -18,6 +18,8 @@ use tracing::warn;
 
 /// Bound on the distinct fingerprints tracked in memory.
 const MAX_FINGERPRINTS: usize = 10_000;
+/// Gap events listed in status (the log keeps every one).
+const MAX_GAPS_SHOWN: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Divergence {
@@ -57,7 +59,10 @@ struct Inner {
     total_divergences: u64,
     target_errors: BTreeMap<String, u64>,
     nondeterministic: BTreeMap<String, NonDeterministic>,
+    /// The latest gap events (all of them are in gaps.jsonl).
     gaps: Vec<serde_json::Value>,
+    gap_count: u64,
+    in_doubt_count: u64,
     /// What the applier is doing or waiting for, when not simply applying.
     apply_state: Option<String>,
     /// Units applied without an in-transaction progress marker.
@@ -81,10 +86,19 @@ impl Report {
         let gaps_path = spool_dir.join("gaps.jsonl");
         let mut inner = Inner::default();
         if let Ok(text) = std::fs::read_to_string(&gaps_path) {
-            inner.gaps = text
+            for g in text
                 .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            {
+                match g["kind"].as_str() {
+                    Some("gap") => inner.gap_count += 1,
+                    Some("in_doubt") => inner.in_doubt_count += 1,
+                    _ => {}
+                }
+                inner.gaps.push(g);
+            }
+            let excess = inner.gaps.len().saturating_sub(MAX_GAPS_SHOWN);
+            inner.gaps.drain(..excess);
         }
         Ok(Self {
             log: Mutex::new(Some(log)),
@@ -191,6 +205,11 @@ impl Report {
             "after_seq": at_seq,
             "reason": why,
         });
+        self.record_gap(g);
+    }
+
+    /// Appends to gaps.jsonl and keeps the latest in memory for status.
+    fn record_gap(&self, g: serde_json::Value) {
         if let Ok(mut f) = OpenOptions::new()
             .create(true)
             .append(true)
@@ -198,7 +217,30 @@ impl Report {
         {
             let _ = writeln!(f, "{g}");
         }
-        self.inner().gaps.push(g);
+        let mut inner = self.inner();
+        match g["kind"].as_str() {
+            Some("gap") => inner.gap_count += 1,
+            Some("in_doubt") => inner.in_doubt_count += 1,
+            _ => {}
+        }
+        if inner.gaps.len() >= MAX_GAPS_SHOWN {
+            inner.gaps.remove(0);
+        }
+        inner.gaps.push(g);
+    }
+
+    /// A unit whose source commit is unknown; kept in gaps.jsonl.
+    pub fn in_doubt(&self, session: u64, time_us: u64, statements: &str, why: &str, at_seq: u64) {
+        let g = json!({
+            "time_us": super::capture::now_us(),
+            "kind": "in_doubt",
+            "after_seq": at_seq,
+            "reason": why,
+            "session": session,
+            "started_us": time_us,
+            "statements": statements,
+        });
+        self.record_gap(g);
     }
 
     pub fn set_apply_state(&self, s: Option<String>) {
@@ -227,7 +269,11 @@ impl Report {
             "target_errors_by_class": inner.target_errors,
             "nondeterministic": inner.nondeterministic.values().collect::<Vec<_>>(),
             "gaps": inner.gaps,
-            "needs_resync": inner.gaps.iter().any(|g| g["kind"] == "gap"),
+            // Writes may be missing on the target: a gap, or units whose
+            // source commit is unknown.
+            "needs_resync": inner.gap_count + inner.in_doubt_count > 0,
+            "gaps_total": inner.gap_count,
+            "in_doubt": inner.in_doubt_count,
             "applied_without_progress_marker": inner.at_least_once,
         })
     }

@@ -250,6 +250,7 @@ async fn forward_session(
                 id,
                 startup.params().to_vec(),
                 m.max_txn_bytes,
+                Some(std::sync::Arc::clone(&m.inflight)),
             ))
         });
     let mut statements =
@@ -314,6 +315,17 @@ async fn forward_session(
             }
         }
     };
+    if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {
+        let left = c.lock().unwrap_or_else(|p| p.into_inner()).end();
+        if let Some((at, statements)) = left {
+            m.in_doubt(
+                id,
+                at,
+                &statements,
+                "the session ended while this unit's commit was on its way to the source",
+            );
+        }
+    }
     if statements.overflowed {
         warn!(
             "more than {MAX_TRACKED_STATEMENTS} prepared statements; later ones were not tracked"

@@ -311,6 +311,7 @@ impl<'a> BackendInspector<'a> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .server_message(tag, body, mirror.capturing());
+        let ready = tag == READY_FOR_QUERY;
         match finished {
             Finished::Nothing => {}
             Finished::Mirror(rec) => {
@@ -321,6 +322,10 @@ impl<'a> BackendInspector<'a> {
             Finished::Lost { bytes } => mirror.lost(&format!(
                 "a committed unit of {bytes} bytes exceeded mirror.max_txn_bytes and was not mirrored; mirroring stopped, the target needs a re-sync"
             )),
+        }
+        // The unit is in the spool (or needs none): its journal slot can go.
+        if ready && self.pending.is_none() {
+            capture.lock().unwrap_or_else(|p| p.into_inner()).settle();
         }
     }
 }
@@ -364,14 +369,17 @@ impl Inspector for BackendInspector<'_> {
 
     fn hold(&mut self) -> Option<Hold<'_>> {
         let rec = self.pending.take()?;
-        let (mirror, _) = self.mirror?;
+        let (mirror, capture) = self.mirror?;
         mirror.metrics.mirror.backpressure_waits.inc();
         Some(Box::pin(async move {
             let mut rec = rec;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 match mirror.spool_record(rec) {
-                    Spooled::Done => return,
+                    Spooled::Done => {
+                        capture.lock().unwrap_or_else(|p| p.into_inner()).settle();
+                        return;
+                    }
                     Spooled::Full(r) => rec = r,
                 }
             }

@@ -410,6 +410,90 @@ pub fn pg_tool(c: &Clusters, tool: &str) -> Command {
     Command::new(if p.exists() { p } else { PathBuf::from(tool) })
 }
 
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// pg_ctl on one cluster ("source" or "target"), as the cluster owner (as
+/// scripts/cluster.sh does). The server log goes to its usual file: a
+/// postmaster holding our pipes open would make this wait forever.
+pub fn pg_ctl(c: &Clusters, which: &str, args: &[&str]) -> Output {
+    let pg_ctl = pg_tool(c, "pg_ctl").get_program().to_owned();
+    let data = c.dir.join(which);
+    let log = c.dir.join(format!("logs/{which}.log"));
+    let mut cmd = if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(pg_ctl);
+        cmd
+    } else {
+        Command::new(pg_ctl)
+    };
+    cmd.arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null());
+    cmd.output().expect("run pg_ctl")
+}
+
+/// Whether a cluster accepts queries.
+pub fn cluster_up(c: &Clusters, port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &(std::net::Ipv4Addr::LOCALHOST, port).into(),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+        && psql(
+            &format!(
+                "host={} port={port} user={SUPERUSER} dbname=postgres",
+                c.host
+            ),
+            &["-Atc", "select 1"],
+            None,
+        )
+        .status
+        .success()
+}
+
+/// Whatever happens in a test that stops a cluster, it runs again after.
+pub struct ClusterGuard {
+    c: Clusters,
+    which: &'static str,
+}
+
+impl ClusterGuard {
+    pub fn new(c: &Clusters, which: &'static str) -> Self {
+        Self {
+            c: c.clone(),
+            which,
+        }
+    }
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        let port = if self.which == "source" {
+            self.c.source_port
+        } else {
+            self.c.target_port
+        };
+        if !cluster_up(&self.c, port) {
+            let out = pg_ctl(&self.c, self.which, &["-w", "-t", "120", "start"]);
+            eprintln!(
+                "restarting the {} after the test: {}",
+                self.which,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }

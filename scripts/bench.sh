@@ -10,7 +10,9 @@
 #   CLIENTS   pgbench -c (default 8)          THREADS  pgbench -j (default 2)
 #   SCALE     pgbench -i -s (default 10)
 #   OUT       also write the result table (markdown) to this file (default: stdout only)
-#   BENCH_PGSHIFT_CONFIG  use this pgshift config file as is (must listen on 127.0.0.1:6433)
+#   BENCH_PGSHIFT_CONFIG  use this pgshift config file as is (must listen on 127.0.0.1:6433;
+#             no pgshift-mirror instance then)
+#   BENCH_MIRROR=0  leave out the pgshift-mirror instance
 #   PGSHIFT_BIN  the proxy binary (default target/release/pgshift, built first)
 #   PGSHIFT_KEEP_CLUSTERS=1  leave the test clusters running at the end
 #   Quick check: DURATION=3 ROUNDS=1 SCALE=1 scripts/bench.sh
@@ -27,6 +29,11 @@
 #              -> the repo root, where proxy.toml lives), written to a temp file; if
 #              proxy.toml is missing, a guessed minimal config.
 #              If pgshift does not build or start, it is skipped with a message.
+#   pgshift-mirror  the same binary and config with [mirror] enabled = true (spool in the
+#              run directory), port 6435, admin 127.0.0.1:9932. The target database gets
+#              the same pgbench -i, so the mirror replays TPC-B onto matching rows. After
+#              each of its runs the script records the mirror's counters and waits for it
+#              to drain before the next run (so the applier does not steal CPU from it).
 # Workloads: select-only -M simple, -M extended, -M prepared; TPC-B -M simple.
 # Within each round and workload the targets run one after another, in an order that
 # rotates from one round/workload to the next.
@@ -36,6 +43,9 @@
 # median CPU time per transaction (utime+stime from /proc/<pid>/stat before and after the
 # run, in clock ticks of `getconf CLK_TCK`, divided by "number of transactions actually
 # processed"). Raw pgbench outputs stay in target/bench/<timestamp>/.
+# For pgshift-mirror also: TPS with mirroring on vs off (median of the per-round
+# ratios, pgshift-mirror / pgshift, which ran back to back), units applied during
+# the run per second, lag at the end of the run, and how fast the backlog drained.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -59,6 +69,10 @@ DIRECT_PORT=54321
 TARGET_PORT=54322
 PGSHIFT_PORT=6433
 PGSHIFT_ADMIN_PORT=9931
+PGSHIFT_MIRROR_PORT=6435
+PGSHIFT_MIRROR_ADMIN_PORT=9932
+BENCH_MIRROR="${BENCH_MIRROR:-1}"
+declare -A PX_PID=()
 PGBOUNCER_PORT=6434
 POOL_SIZE=$((CLIENTS + 2))
 MAX_CLIENT_CONN=200
@@ -68,12 +82,13 @@ RUN_DIR="$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN_DIR"
 RESULTS="$RUN_DIR/results.tsv"
 : >"$RESULTS"
+MIRROR_TSV="$RUN_DIR/mirror.tsv"
+: >"$MIRROR_TSV"
 CLK_TCK="$(getconf CLK_TCK)"
 
-PGSHIFT_PID=""
 PGBOUNCER_PID=""
 BOUNCER_DIR=""
-PGSHIFT_CONFIG=""
+PGSHIFT_CONFIGS=()
 
 stop_pid() { # stop_pid PID NAME: SIGTERM, bounded wait, then SIGKILL
     local pid="$1" name="$2" i
@@ -91,10 +106,13 @@ stop_pid() { # stop_pid PID NAME: SIGTERM, bounded wait, then SIGKILL
 cleanup() {
     local rc=$?
     set +e
-    stop_pid "$PGSHIFT_PID" pgshift
-    [[ -n "$PGSHIFT_PID" ]] && wait "$PGSHIFT_PID" 2>/dev/null
+    local name
+    for name in "${!PX_PID[@]}"; do
+        stop_pid "${PX_PID[$name]}" "$name"
+        wait "${PX_PID[$name]}" 2>/dev/null
+    done
     stop_pid "$PGBOUNCER_PID" pgbouncer
-    [[ -n "$PGSHIFT_CONFIG" ]] && rm -f "$PGSHIFT_CONFIG"
+    [[ ${#PGSHIFT_CONFIGS[@]} -gt 0 ]] && rm -f "${PGSHIFT_CONFIGS[@]}"
     if [[ "${PGSHIFT_KEEP_CLUSTERS:-0}" == 1 ]]; then
         log "PGSHIFT_KEEP_CLUSTERS=1: leaving the clusters running"
     else
@@ -113,7 +131,7 @@ eval "$("$ROOT/scripts/cluster.sh" env)"
 export PGUSER=postgres PGCONNECT_TIMEOUT=10
 unset PGHOST PGPORT PGDATABASE PGPASSWORD PGSSLMODE
 
-for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT"; do
+for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" "$PGSHIFT_MIRROR_PORT" "$PGSHIFT_MIRROR_ADMIN_PORT"; do
     port_open "$H" "$p" && die "$H:$p is already in use; stop whatever listens there first"
 done
 
@@ -168,97 +186,105 @@ psql -X -At -h "$H" -p "$PGBOUNCER_PORT" -d "$DB" -c 'select 1' >/dev/null \
 log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') running (pid $PGBOUNCER_PID)"
 
 # ---------------------------------------------------------------- pgshift
-PGSHIFT_OK=0
-start_pgshift() {
-    step "building and starting pgshift on $H:$PGSHIFT_PORT"
-    if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
-        tail -n 20 "$RUN_DIR/cargo-build.log" >&2
-        warn "pgshift does not build (log: $RUN_DIR/cargo-build.log); benchmarking without it"
-        return 1
+# Two instances of the same binary and config, run interleaved: "pgshift" with
+# mirroring off (passthrough) and "pgshift-mirror" with it on.
+declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT)
+declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT)
+BUILT=0
+start_pgshift() { # start_pgshift NAME MIRROR(on|off)
+    local name="$1" mirror="$2" port="${PX_PORT[$1]}" admin="${PX_ADMIN[$1]}" cfg
+    step "starting $name on $H:$port (mirroring $mirror)"
+    if ((!BUILT)); then
+        if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
+            tail -n 20 "$RUN_DIR/cargo-build.log" >&2
+            warn "pgshift does not build (log: $RUN_DIR/cargo-build.log); benchmarking without it"
+            return 1
+        fi
+        BUILT=1
     fi
+    cfg="$(mktemp /tmp/pgshift-bench-XXXXXX.toml)"
+    PGSHIFT_CONFIGS+=("$cfg")
     if [[ -n "${BENCH_PGSHIFT_CONFIG:-}" ]]; then
-        PGSHIFT_CONFIG="$(mktemp /tmp/pgshift-bench-XXXXXX.toml)"
-        cp "$BENCH_PGSHIFT_CONFIG" "$PGSHIFT_CONFIG"
+        [[ "$name" == pgshift ]] || { warn "BENCH_PGSHIFT_CONFIG is set: no $name instance"; return 1; }
+        cp "$BENCH_PGSHIFT_CONFIG" "$cfg"
     elif [[ -f "$ROOT/proxy.toml" ]]; then
-        PGSHIFT_CONFIG="$(mktemp /tmp/pgshift-bench-XXXXXX.toml)"
+        rm -rf "$RUN_DIR/spool-$name"
         python3 - "$ROOT/proxy.toml" "$PGSHIFT_CLUSTER_DIR" "$ROOT" \
-            "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" >"$PGSHIFT_CONFIG" <<'PY'
+            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" >"$cfg" <<'PY'
 import re, sys
-src, cluster_dir, root, port, admin_port = sys.argv[1:]
+src, cluster_dir, root, port, admin_port, mirror, spool = sys.argv[1:]
+section, seen_mirror = "", False
 for line in open(src):
+    m = re.match(r"^\s*\[([a-z_]+)\]", line)
+    if m:
+        section = m.group(1)
+        seen_mirror |= section == "mirror"
     line = re.sub(r"(?<![0-9])6432(?![0-9])", port, line)
     line = re.sub(r"(?<![0-9])9930(?![0-9])", admin_port, line)
     line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
     line = re.sub(r"sslmode=[a-z-]+", "sslmode=disable", line)
+    if section == "mirror" and re.match(r"^\s*enabled\s*=", line):
+        line = f"enabled = {'true' if mirror == 'on' else 'false'}\n"
+    if section == "mirror" and re.match(r"^\s*spool_dir\s*=", line):
+        line = f'spool_dir = "{spool}"\n'
     # Relative paths: resolved against proxy.toml's dir by pgshift; make them absolute.
     m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
-    if m and re.search(r"(cert|key|file|path|dir)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
+    if m and re.search(r"(cert|key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
         val = m.group(2)
         val = cluster_dir + val[len(".clusters"):] if val.startswith(".clusters/") else root + "/" + val
         line = m.group(1) + val + m.group(3)
     sys.stdout.write(line)
+if mirror == "on" and not seen_mirror:
+    sys.stdout.write(f'\n[mirror]\nenabled = true\nspool_dir = "{spool}"\n')
 PY
     else
-        warn "proxy.toml not found; using a guessed minimal config"
-        PGSHIFT_CONFIG="$(mktemp /tmp/pgshift-bench-XXXXXX.toml)"
-        cat >"$PGSHIFT_CONFIG" <<EOF
-listen = "$H:$PGSHIFT_PORT"
-admin_listen = "$H:$PGSHIFT_ADMIN_PORT"
-
-[source]
-host = "$H"
-port = $DIRECT_PORT
-sslmode = "disable"
-
-[target]
-host = "$H"
-port = $TARGET_PORT
-sslmode = "disable"
-EOF
+        warn "proxy.toml not found; benchmarking without pgshift"
+        return 1
     fi
-    cp "$PGSHIFT_CONFIG" "$RUN_DIR/pgshift.toml"
-    local bin="${PGSHIFT_BIN:-$ROOT/target/release/pgshift}"
+    cp "$cfg" "$RUN_DIR/$name.toml"
+    local bin="${PGSHIFT_BIN:-$ROOT/target/release/pgshift}" pid
     if [[ ! -x "$bin" ]]; then
         warn "$bin not found; benchmarking without pgshift"
         return 1
     fi
-    "$bin" --config "$PGSHIFT_CONFIG" >"$RUN_DIR/pgshift.log" 2>&1 &
-    PGSHIFT_PID=$!
-    if ! wait_port "$H" "$PGSHIFT_PORT" 30 "$PGSHIFT_PID"; then
-        tail -n 20 "$RUN_DIR/pgshift.log" >&2
-        warn "pgshift did not start listening on $H:$PGSHIFT_PORT (config: $RUN_DIR/pgshift.toml, log: $RUN_DIR/pgshift.log); benchmarking without it"
-        stop_pid "$PGSHIFT_PID" pgshift
-        PGSHIFT_PID=""
+    "$bin" --config "$cfg" >"$RUN_DIR/$name.log" 2>&1 &
+    pid=$!
+    PX_PID[$name]=$pid
+    if ! wait_port "$H" "$port" 30 "$pid"; then
+        tail -n 20 "$RUN_DIR/$name.log" >&2
+        warn "$name did not start listening on $H:$port (config: $RUN_DIR/$name.toml, log: $RUN_DIR/$name.log); benchmarking without it"
+        stop_pid "$pid" "$name"
+        unset "PX_PID[$name]"
         return 1
     fi
-    if ! psql -X -At -h "$H" -p "$PGSHIFT_PORT" -d "$DB" -c 'select 1' >"$RUN_DIR/pgshift-check.log" 2>&1; then
-        cat "$RUN_DIR/pgshift-check.log" >&2
-        warn "pgshift is listening but a query through it failed; benchmarking without it"
-        stop_pid "$PGSHIFT_PID" pgshift
-        PGSHIFT_PID=""
+    if ! psql -X -At -h "$H" -p "$port" -d "$DB" -c 'select 1' >"$RUN_DIR/$name-check.log" 2>&1; then
+        cat "$RUN_DIR/$name-check.log" >&2
+        warn "$name is listening but a query through it failed; benchmarking without it"
+        stop_pid "$pid" "$name"
+        unset "PX_PID[$name]"
         return 1
     fi
-    log "pgshift running (pid $PGSHIFT_PID)"
+    log "$name running (pid $pid)"
 }
-if start_pgshift; then PGSHIFT_OK=1; fi
+TARGETS=(direct pgbouncer)
+if start_pgshift pgshift off; then TARGETS+=(pgshift); fi
+if [[ "$BENCH_MIRROR" == 1 ]] && start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
 
 # ---------------------------------------------------------------- runs
-TARGETS=(direct pgbouncer)
-((PGSHIFT_OK)) && TARGETS+=(pgshift)
 WORKLOADS=(select-simple select-extended select-prepared tpcb-simple)
 
 port_of() {
     case "$1" in
         direct) echo "$DIRECT_PORT" ;;
         pgbouncer) echo "$PGBOUNCER_PORT" ;;
-        pgshift) echo "$PGSHIFT_PORT" ;;
+        *) echo "${PX_PORT[$1]}" ;;
     esac
 }
 pid_of() {
     case "$1" in
+        direct) echo "" ;;
         pgbouncer) echo "$PGBOUNCER_PID" ;;
-        pgshift) echo "$PGSHIFT_PID" ;;
-        *) echo "" ;;
+        *) echo "${PX_PID[$1]:-}" ;;
     esac
 }
 workload_args() {
@@ -268,6 +294,40 @@ workload_args() {
         select-prepared) echo "-S -n -M prepared" ;;
         tpcb-simple) echo "-M simple" ;;
     esac
+}
+
+# CPU ticks of a whole cluster: the postmaster with its reaped children, plus the
+# live children (backends, walwriter, ...).
+cluster_cpu_ticks() {
+    python3 - "$1" <<'PY'
+import os, sys
+pm = int(open(os.path.join(sys.argv[1], "postmaster.pid")).readline())
+def fields(pid):
+    s = open(f"/proc/{pid}/stat").read()
+    return s[s.rindex(")") + 2:].split()
+f = fields(pm)
+total = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    try:
+        f = fields(pid)
+        if int(f[1]) == pm:
+            total += int(f[11]) + int(f[12])
+    except (OSError, ValueError, IndexError):
+        pass
+print(total)
+PY
+}
+
+# The mirror's counters from the admin API: processed spooled lag_txns lag_s divergences
+mirror_status() {
+    python3 - "$1" <<'PY'
+import json, sys, urllib.request
+s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=10))["mirror"]
+print(s["applied_transactions"] + s["skipped_already_applied"], s["spooled_transactions"],
+      s["lag_transactions"], s["lag_seconds"], s["report"]["divergences_total"])
+PY
 }
 
 FAILED_BASELINE=0
@@ -280,12 +340,30 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         printf '%s\t%s\t%s\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
         return 0
     fi
+    local m0="" m1="" m2="" drain_start drain_s="" i p0 s0 p1 s1 l1 ls1 p2 d2 tc0="" tc1=""
+    if [[ "$tgt" == pgshift-mirror ]]; then
+        m0="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
+        tc0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
+    fi
     [[ -n "$pid" ]] && before="$(proc_cpu_ticks "$pid" || true)"
     rc=0
     # shellcheck disable=SC2046
     timeout $((DURATION + 120)) pgbench -h "$H" -p "$port" -c "$CLIENTS" -j "$THREADS" \
         -T "$DURATION" $(workload_args "$wl") "$DB" >"$out" 2>&1 || rc=$?
     [[ -n "$pid" ]] && after="$(proc_cpu_ticks "$pid" || true)"
+    if [[ -n "$m0" ]]; then
+        # The mirror at the end of the run, then how long its backlog takes.
+        m1="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
+        drain_start=$(date +%s.%N)
+        for ((i = 0; i < 6000; i++)); do
+            m2="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
+            [[ "$(awk '{print $3}' <<<"$m2")" == 0 ]] && break
+            sleep 0.1
+        done
+        drain_s="$(awk -v a="$drain_start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b - a}')"
+        [[ "$(awk '{print $3}' <<<"$m2")" == 0 ]] || warn "  $tgt: the mirror did not drain within 10 min"
+        tc1="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
+    fi
     tps="$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' "$out" | head -1)"
     lat="$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$out" | head -1)"
     txns="$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$out" | head -1)"
@@ -294,10 +372,20 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         warn "  $tgt: pgbench failed (exit $rc, output $out)"
         tail -n 5 "$out" >&2
         printf '%s\t%s\t%s\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
-        [[ "$tgt" == pgshift ]] || FAILED_BASELINE=1
+        [[ "$tgt" == pgshift* ]] || FAILED_BASELINE=1
         return 0
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$round" "$wl" "$tgt" "$tps" "$lat" "$txns" "$ticks" >>"$RESULTS"
+    if [[ -n "$m1" && -n "$m2" ]]; then
+        # round workload processed_in_run spooled_in_run lag_end_txns lag_end_s drain_s
+        # processed_in_drain divergences target_cluster_ticks
+        read -r p0 s0 _ _ _ <<<"$m0"
+        read -r p1 s1 l1 ls1 _ <<<"$m1"
+        read -r p2 _ _ _ d2 <<<"$m2"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$wl" $((p1 - p0)) $((s1 - s0)) "$l1" "$ls1" \
+            "$drain_s" $((p2 - p1)) "$d2" "$([[ -n "$tc0" && -n "$tc1" ]] && echo $((tc1 - tc0)))" >>"$MIRROR_TSV"
+        log "  mirror: applied $((p1 - p0)) of $((s1 - s0)) spooled during the run, lag at end $l1 units (${ls1}s), drained in ${drain_s}s, divergences $d2"
+    fi
     log "  $tgt: tps $tps, latency avg $lat ms, $txns txns${ticks:+, proxy cpu $ticks ticks}"
 }
 
@@ -317,9 +405,9 @@ done
 # ---------------------------------------------------------------- report
 step "results"
 TABLE="$RUN_DIR/results.md"
-python3 - "$RESULTS" "$CLK_TCK" >"$TABLE" <<'EOF'
+python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" >"$TABLE" <<'EOF'
 import sys, statistics
-path, clk = sys.argv[1], int(sys.argv[2])
+path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 workloads, targets, data = [], [], {}
 for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
@@ -332,7 +420,7 @@ for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
     d["tps"].append(float(tps)); d["lat"].append(float(lat))
     if ticks != "" and int(txns) > 0:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
-order = {"direct": 0, "pgbouncer": 1, "pgshift": 2}
+order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mirror": 3}
 targets.sort(key=lambda t: order.get(t, 9))
 med = lambda xs: statistics.median(xs) if xs else None
 print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn |")
@@ -350,10 +438,48 @@ for wl in workloads:
         ratio = f"{tps / base:.3f}" if (tps is not None and base) else "-"
         cpu_s = "-" if tgt == "direct" else (f"{cpu:.1f}" if cpu is not None else "-")
         print(f"| {wl} | {tgt} | {tps_s} | {lat_s} | {ratio} | {cpu_s} |")
+
+# Mirroring on vs off: per-round ratios (the two ran in the same round).
+by_round = {}
+for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
+    if status == "ok":
+        by_round[(rnd, wl, tgt)] = float(tps)
+ratios = {}
+for (rnd, wl, tgt), tps in by_round.items():
+    if tgt == "pgshift-mirror" and (rnd, wl, "pgshift") in by_round:
+        ratios.setdefault(wl, []).append(tps / by_round[(rnd, wl, "pgshift")])
+mrows = [l.rstrip("\n").split("\t") for l in open(mirror_path) if l.strip()]
+if ratios or mrows:
+    print()
+    print("Mirroring on vs off (pgshift-mirror / pgshift TPS, same round), and the mirror's apply figures:")
+    print()
+    print("| workload | TPS ratio, median | per round | units spooled/s | applied/s during the run | lag at end (units, s) | drain s | drain rate units/s | target Postgres CPU µs/unit | divergences |")
+    print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|")
+    for wl in workloads:
+        rs = ratios.get(wl, [])
+        mr = [r for r in mrows if r[1] == wl]
+        if not rs and not mr:
+            continue
+        rs_s = " ".join(f"{r:.3f}" for r in rs)
+        med_r = f"{statistics.median(rs):.3f}" if rs else "-"
+        if mr:
+            spooled = statistics.median(int(r[3]) / duration for r in mr)
+            applied = statistics.median(int(r[2]) / duration for r in mr)
+            lags = " ".join(f"{r[4]} ({float(r[5]):.1f})" for r in mr)
+            drain = statistics.median(float(r[6]) for r in mr)
+            rates = [int(r[7]) / float(r[6]) for r in mr if float(r[6]) > 0 and int(r[7]) > 0]
+            rate = f"{statistics.median(rates):.0f}" if rates else "-"
+            divs = max(int(r[8]) for r in mr)
+            tcpu = [int(r[9]) / clk * 1e6 / (int(r[2]) + int(r[7])) for r in mr
+                    if len(r) > 9 and r[9] and int(r[2]) + int(r[7]) > 0]
+            tcpu_s = f"{statistics.median(tcpu):.0f}" if tcpu else "-"
+            print(f"| {wl} | {med_r} | {rs_s} | {spooled:.0f} | {applied:.0f} | {lags} | {drain:.1f} | {rate} | {tcpu_s} | {divs} |")
+        else:
+            print(f"| {wl} | {med_r} | {rs_s} | - | - | - | - | - | - | - |")
 EOF
 {
     echo "pgbench: ROUNDS=$ROUNDS DURATION=${DURATION}s CLIENTS=$CLIENTS THREADS=$THREADS SCALE=$SCALE; $(nproc) cores; $(psql -X -At -h "$H" -p "$DIRECT_PORT" -d postgres -c 'show server_version') ; medians over rounds"
-    ((PGSHIFT_OK)) || echo "pgshift: NOT BENCHMARKED (it did not build or start; see above)"
+    [[ " ${TARGETS[*]} " == *" pgshift "* ]] || echo "pgshift: NOT BENCHMARKED (it did not build or start; see above)"
     echo
     cat "$TABLE"
 } >"$RUN_DIR/report.md"

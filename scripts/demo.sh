@@ -14,8 +14,11 @@
 #   4. through the proxy, database pgshift_demo as user postgres:
 #        pgbench -i -s 2;  pgbench -c 4 -j 2 -T 10 (TPC-B);  pgbench -S -M prepared -c 4 -j 2 -T 10
 #        psql: select version(), inet_server_port()  (must be the source, 54321), row counts
-#   5. curl -s http://127.0.0.1:9930/status (if curl exists)
-#   6. SIGTERM to the proxy, stop the clusters (unless --keep)
+#   5. write mirroring (on in proxy.toml): wait until the target has applied every spooled
+#      unit, then compare the pgbench tables on source and target directly (history
+#      without its mtime column, which replays to a different timestamp)
+#   6. curl -s http://127.0.0.1:9930/status (if curl exists)
+#   7. SIGTERM to the proxy, stop the clusters (unless --keep)
 #
 # Overrides (for testing this script itself): PGSHIFT_BIN (proxy binary, default
 # target/release/pgshift), PGSHIFT_DEMO_CONFIG (config file, default proxy.toml).
@@ -137,6 +140,45 @@ log "pgbench_accounts has $accounts rows"
 [[ "$accounts" == 200000 ]] || die "expected 200000 rows in pgbench_accounts, got '$accounts'"
 timeout 30 psql -X -v ON_ERROR_STOP=1 \
     -c 'select count(*) as history_rows, sum(delta) as total_delta from pgbench_history'
+
+mirror="$(python3 - "$ADMIN_PORT" <<'PY'
+import json, sys, time, urllib.request
+def status():
+    return json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=10))["mirror"]
+m = status()
+if not m or not m["enabled"]:
+    print("off")
+    sys.exit(0)
+deadline = time.time() + 120
+while m["lag_transactions"] > 0 and time.time() < deadline:
+    time.sleep(0.2)
+    m = status()
+print("caught_up" if m["lag_transactions"] == 0 else "behind",
+      m["applied_transactions"], m["spooled_transactions"], m["report"]["divergences_total"])
+PY
+)"
+if [[ "$mirror" == off ]]; then
+    log "write mirroring is off in $CONFIG; not comparing the target"
+else
+    read -r state applied spooled divergences <<<"$mirror"
+    step "write mirror: $applied of $spooled units applied on the target ($state), $divergences divergences"
+    [[ "$state" == caught_up ]] || die "the mirror did not catch up within 120 s"
+    same=1
+    for q in "select * from pgbench_accounts order by aid" \
+        "select * from pgbench_branches order by bid" \
+        "select * from pgbench_tellers order by tid" \
+        "select tid, bid, aid, delta from pgbench_history order by tid, bid, aid, delta"; do
+        src="$(psql -X -At -h "$PGSHIFT_HOST" -p "$PGSHIFT_SOURCE_PORT" -c "$q" | md5sum)"
+        tgt="$(psql -X -At -h "$PGSHIFT_HOST" -p "$PGSHIFT_TARGET_PORT" -c "$q" | md5sum)"
+        if [[ "$src" == "$tgt" ]]; then
+            log "same on source and target: $q"
+        else
+            warn "DIFFERENT on source and target: $q"
+            same=0
+        fi
+    done
+    ((same)) || die "the target does not match the source"
+fi
 
 if command -v curl >/dev/null 2>&1; then
     step "admin status: curl -s http://$PROXY_HOST:$ADMIN_PORT/status"

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -39,7 +39,7 @@ pub enum OnFull {
     Backpressure,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorConfig {
     /// Mirror writes to the target. Can be switched live (SIGHUP).
@@ -143,7 +143,7 @@ fn default_apply_timeout_ms() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Session worker threads, each a single-threaded runtime (0 = one per core).
@@ -151,7 +151,7 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     pub addr: SocketAddr,
@@ -176,7 +176,7 @@ pub enum SslMode {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub host: String,
@@ -196,7 +196,7 @@ pub struct UpstreamConfig {
     pub keepalive_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where the admin HTTP API listens; omit to disable it.
@@ -215,7 +215,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     #[serde(default = "default_max_clients")]
@@ -247,7 +247,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter (`info`, `pgshift=debug`, ...); `RUST_LOG` wins.
@@ -586,6 +586,16 @@ port = 54321
 host = "127.0.0.1"
 port = 54322
 "#;
+
+    #[test]
+    fn the_example_proxy_toml_is_valid_and_mirrors() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join("proxy.toml")).unwrap();
+        let c = Config::parse(&text, "proxy.toml", Some(root)).unwrap();
+        let m = c.mirror.expect("proxy.toml has a [mirror] section");
+        assert!(m.enabled);
+        assert_eq!(m.spool_dir, root.join(".pgshift/spool"));
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -159,8 +159,9 @@ fn start_mirror(
     Ok(Some(handle))
 }
 
-/// SIGHUP: re-reads the config file. What can change live is applied; the
-/// rest is reported as needing a restart. An invalid file changes nothing.
+/// SIGHUP: re-reads the config file. Only `mirror.enabled` changes live so
+/// far; any other changed section is logged as needing a restart. An invalid
+/// file changes nothing.
 fn reload(proxy: &Proxy, path: &std::path::Path) {
     let new = match Config::load(path) {
         Ok(c) => c,
@@ -176,6 +177,28 @@ fn reload(proxy: &Proxy, path: &std::path::Path) {
             warn!("config reload: [mirror] was added; it takes effect after a restart")
         }
         (None, None) => {}
+    }
+    let old = &proxy.config;
+    // The mirror section compared without `enabled`, which was applied above.
+    let mirror_rest = new.mirror.clone().map(|mut m| {
+        m.enabled = old.mirror.as_ref().is_some_and(|o| o.enabled);
+        m
+    });
+    let changed = [
+        ("listen", old.listen != new.listen),
+        ("source", old.source != new.source),
+        ("target", old.target != new.target),
+        ("admin", old.admin != new.admin),
+        ("limits", old.limits != new.limits),
+        ("log", old.log != new.log),
+        ("runtime", old.runtime != new.runtime),
+        ("mirror", old.mirror.is_some() && old.mirror != mirror_rest),
+    ];
+    for (section, _) in changed.iter().filter(|(_, c)| *c) {
+        warn!(
+            section,
+            "config reload: this section changed but is not reloaded live; restart to apply it"
+        );
     }
     info!("config reloaded");
 }

@@ -60,6 +60,7 @@ fn run(config: Config, path: PathBuf) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         // Colour codes only for a terminal, never into log files.
         .with_ansi(std::io::stderr().is_terminal())
         .init();

@@ -361,21 +361,11 @@ fn sigkill_mid_load_then_restart_resumes_without_applying_anything_twice() {
     pgbench_ok(&p, db, &["-i", "-s", "1", "-q"]);
     p.wait_mirror_drained(60);
 
-    let load = pg_tool(&c, "pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &p.port.to_string(),
-            "-U",
-            SUPERUSER,
-        ])
-        .args(["-M", "simple", "-c", "8", "-j", "2", "-T", "30", "-n"])
-        .arg(db)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = pgbench_spawn(
+        &p,
+        db,
+        &["-M", "simple", "-c", "8", "-j", "2", "-T", "30", "-n"],
+    );
     std::thread::sleep(std::time::Duration::from_secs(6));
     let mut p = p;
     p.signal("KILL");
@@ -479,4 +469,64 @@ fn sigkill_mid_load_then_restart_resumes_without_applying_anything_twice() {
         in_doubt.len(),
         missing.len()
     );
+}
+
+/// Conflicting, order-dependent writes from concurrent sessions: each one
+/// rewrites a hot row from its previous value, so the target ends equal only
+/// if every pair was applied in the source's commit order. Known to fail:
+/// the spool is in the order the proxy *read* the commit acknowledgements,
+/// and a worker thread descheduled between the source's commit and reading
+/// its acknowledgement lets a later, conflicting commit be spooled first.
+/// TPC-B does not show this (its updates commute). See docs/mirroring.md,
+/// "Commit order".
+#[test]
+#[ignore = "known defect (issue 3 open): spool order is acknowledgement order, not commit order"]
+fn conflicting_order_dependent_writes_replay_in_commit_order() {
+    let spool = tempfile::tempdir().unwrap();
+    let p = mirrored_proxy(spool.path());
+    let c = &p.clusters;
+    let db = "mirror_order";
+    c.fresh_db(db);
+    psql_ok(
+        &p.url(SUPERUSER, db),
+        &[
+            "-c",
+            "CREATE TABLE hot(id int PRIMARY KEY, v bigint NOT NULL)",
+            "-c",
+            "INSERT INTO hot VALUES (1, 1), (2, 1)",
+        ],
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let block = dir.path().join("block.sql");
+    std::fs::write(
+        &block,
+        "\\set k random(1, 1000000000)\nBEGIN;\nUPDATE hot SET v = (v * 31 + :k) % 1000000007 WHERE id = 1;\nEND;\n",
+    )
+    .unwrap();
+    let auto = dir.path().join("auto.sql");
+    std::fs::write(
+        &auto,
+        "\\set k random(1, 1000000000)\nUPDATE hot SET v = (v * 31 + :k) % 1000000007 WHERE id = 2;\n",
+    )
+    .unwrap();
+    pgbench_ok(
+        &p,
+        db,
+        &[
+            "-n",
+            "-f",
+            block.to_str().unwrap(),
+            "-f",
+            auto.to_str().unwrap(),
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            "20",
+        ],
+    );
+    p.wait_mirror_drained(120);
+    assert_same(c, db, "select * from hot order by id");
 }

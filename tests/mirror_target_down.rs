@@ -6,7 +6,6 @@ mod common;
 use common::mirror::*;
 use common::*;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -26,21 +25,7 @@ fn target_stopped_20s_under_write_load_costs_clients_nothing_and_catches_up() {
     );
     let before = p.wait_mirror_drained(60);
 
-    let load = pg_tool(&c, "pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &p.port.to_string(),
-            "-U",
-            SUPERUSER,
-        ])
-        .args(["-c", "4", "-j", "2", "-T", "40", "-n"])
-        .arg(db)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = pgbench_spawn(&p, db, &["-c", "4", "-j", "2", "-T", "40", "-n"]);
     std::thread::sleep(Duration::from_secs(8));
 
     let out = pg_ctl(&c, "target", &["-m", "fast", "-w", "-t", "60", "stop"]);

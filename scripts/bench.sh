@@ -12,7 +12,7 @@
 #   OUT       also write the result table (markdown) to this file (default: stdout only)
 #   BENCH_PGSHIFT_CONFIG  use this pgshift config file as is (must listen on 127.0.0.1:6433;
 #             no pgshift-mirror instance then)
-#   BENCH_MIRROR=0  leave out the pgshift-mirror instance
+#   BENCH_MIRROR=0  leave out the pgshift-mirror and pgshift-spool instances
 #   PGSHIFT_BIN  the proxy binary (default target/release/pgshift, built first)
 #   PGSHIFT_KEEP_CLUSTERS=1  leave the test clusters running at the end
 #   Quick check: DURATION=3 ROUNDS=1 SCALE=1 scripts/bench.sh
@@ -34,6 +34,9 @@
 #              the same pgbench -i, so the mirror replays TPC-B onto matching rows. After
 #              each of its runs the script records the mirror's counters and waits for it
 #              to drain before the next run (so the applier does not steal CPU from it).
+#   pgshift-spool  the same with mirroring on but [target] port 9 (nothing listens):
+#              sessions capture and spool every committed write, nothing is applied.
+#              Port 6436, admin 9933. Its spool (run directory) grows by every write.
 # Workloads: select-only -M simple, -M extended, -M prepared; TPC-B -M simple.
 # Within each round and workload the targets run one after another, in an order that
 # rotates from one round/workload to the next.
@@ -71,6 +74,9 @@ PGSHIFT_PORT=6433
 PGSHIFT_ADMIN_PORT=9931
 PGSHIFT_MIRROR_PORT=6435
 PGSHIFT_MIRROR_ADMIN_PORT=9932
+PGSHIFT_SPOOL_PORT=6436
+PGSHIFT_SPOOL_ADMIN_PORT=9933
+UNREACHABLE_PORT=9   # nothing listens there: connections are refused at once
 BENCH_MIRROR="${BENCH_MIRROR:-1}"
 declare -A PX_PID=()
 PGBOUNCER_PORT=6434
@@ -131,7 +137,8 @@ eval "$("$ROOT/scripts/cluster.sh" env)"
 export PGUSER=postgres PGCONNECT_TIMEOUT=10
 unset PGHOST PGPORT PGDATABASE PGPASSWORD PGSSLMODE
 
-for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" "$PGSHIFT_MIRROR_PORT" "$PGSHIFT_MIRROR_ADMIN_PORT"; do
+for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" "$PGSHIFT_MIRROR_PORT" "$PGSHIFT_MIRROR_ADMIN_PORT" \
+    "$PGSHIFT_SPOOL_PORT" "$PGSHIFT_SPOOL_ADMIN_PORT"; do
     port_open "$H" "$p" && die "$H:$p is already in use; stop whatever listens there first"
 done
 
@@ -186,13 +193,18 @@ psql -X -At -h "$H" -p "$PGBOUNCER_PORT" -d "$DB" -c 'select 1' >/dev/null \
 log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') running (pid $PGBOUNCER_PID)"
 
 # ---------------------------------------------------------------- pgshift
-# Two instances of the same binary and config, run interleaved: "pgshift" with
-# mirroring off (passthrough) and "pgshift-mirror" with it on.
-declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT)
-declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT)
+# Three instances of the same binary and config, run interleaved: "pgshift" with
+# mirroring off (passthrough), "pgshift-mirror" with it on, and "pgshift-spool" with
+# it on but the target unreachable, so that only the hot-path capture and the spool
+# appends cost anything (nothing is applied, no target Postgres competes for CPU).
+declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
+    [pgshift-spool]=$PGSHIFT_SPOOL_PORT)
+declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
+    [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT)
 BUILT=0
-start_pgshift() { # start_pgshift NAME MIRROR(on|off)
+start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT]
     local name="$1" mirror="$2" port="${PX_PORT[$1]}" admin="${PX_ADMIN[$1]}" cfg
+    local target_port="${3:-$TARGET_PORT}"
     step "starting $name on $H:$port (mirroring $mirror)"
     if ((!BUILT)); then
         if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
@@ -210,9 +222,9 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off)
     elif [[ -f "$ROOT/proxy.toml" ]]; then
         rm -rf "$RUN_DIR/spool-$name"
         python3 - "$ROOT/proxy.toml" "$PGSHIFT_CLUSTER_DIR" "$ROOT" \
-            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" >"$cfg" <<'PY'
+            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" >"$cfg" <<'PY'
 import re, sys
-src, cluster_dir, root, port, admin_port, mirror, spool = sys.argv[1:]
+src, cluster_dir, root, port, admin_port, mirror, spool, target_port = sys.argv[1:]
 section, seen_mirror = "", False
 for line in open(src):
     m = re.match(r"^\s*\[([a-z_]+)\]", line)
@@ -223,6 +235,8 @@ for line in open(src):
     line = re.sub(r"(?<![0-9])9930(?![0-9])", admin_port, line)
     line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
     line = re.sub(r"sslmode=[a-z-]+", "sslmode=disable", line)
+    if section == "target" and re.match(r"^\s*port\s*=", line):
+        line = f"port = {target_port}\n"
     if section == "mirror" and re.match(r"^\s*enabled\s*=", line):
         line = f"enabled = {'true' if mirror == 'on' else 'false'}\n"
     if section == "mirror" and re.match(r"^\s*spool_dir\s*=", line):
@@ -268,7 +282,10 @@ PY
 }
 TARGETS=(direct pgbouncer)
 if start_pgshift pgshift off; then TARGETS+=(pgshift); fi
-if [[ "$BENCH_MIRROR" == 1 ]] && start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
+if [[ "$BENCH_MIRROR" == 1 ]]; then
+    if start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
+    if start_pgshift pgshift-spool on "$UNREACHABLE_PORT"; then TARGETS+=(pgshift-spool); fi
+fi
 
 # ---------------------------------------------------------------- runs
 WORKLOADS=(select-simple select-extended select-prepared tpcb-simple)
@@ -420,7 +437,7 @@ for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
     d["tps"].append(float(tps)); d["lat"].append(float(lat))
     if ticks != "" and int(txns) > 0:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
-order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mirror": 3}
+order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mirror": 3, "pgshift-spool": 4}
 targets.sort(key=lambda t: order.get(t, 9))
 med = lambda xs: statistics.median(xs) if xs else None
 print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn |")
@@ -444,10 +461,12 @@ by_round = {}
 for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
     if status == "ok":
         by_round[(rnd, wl, tgt)] = float(tps)
-ratios = {}
+ratios, spool_ratios = {}, {}
 for (rnd, wl, tgt), tps in by_round.items():
     if tgt == "pgshift-mirror" and (rnd, wl, "pgshift") in by_round:
         ratios.setdefault(wl, []).append(tps / by_round[(rnd, wl, "pgshift")])
+    if tgt == "pgshift-spool" and (rnd, wl, "pgshift") in by_round:
+        spool_ratios.setdefault(wl, []).append(tps / by_round[(rnd, wl, "pgshift")])
 mrows = [l.rstrip("\n").split("\t") for l in open(mirror_path) if l.strip()]
 if ratios or mrows:
     print()
@@ -476,6 +495,16 @@ if ratios or mrows:
             print(f"| {wl} | {med_r} | {rs_s} | {spooled:.0f} | {applied:.0f} | {lags} | {drain:.1f} | {rate} | {tcpu_s} | {divs} |")
         else:
             print(f"| {wl} | {med_r} | {rs_s} | - | - | - | - | - | - | - |")
+if spool_ratios:
+    print()
+    print("Capture and spool only (pgshift-spool: mirroring on, target unreachable) / pgshift TPS, same round:")
+    print()
+    print("| workload | TPS ratio, median | per round |")
+    print("|---|---:|---|")
+    for wl in workloads:
+        rs = spool_ratios.get(wl, [])
+        if rs:
+            print(f"| {wl} | {statistics.median(rs):.3f} | {' '.join(f'{r:.3f}' for r in rs)} |")
 EOF
 {
     echo "pgbench: ROUNDS=$ROUNDS DURATION=${DURATION}s CLIENTS=$CLIENTS THREADS=$THREADS SCALE=$SCALE; $(nproc) cores; $(psql -X -At -h "$H" -p "$DIRECT_PORT" -d postgres -c 'show server_version') ; medians over rounds"

@@ -129,6 +129,9 @@ pub struct Capture {
     armed_at_us: u64,
     /// Whether the last ReadyForQuery said "in a transaction block".
     in_block: bool,
+    /// Whether the mirror was capturing at the last server message: nothing
+    /// is armed while it is off (those units would not be mirrored anyway).
+    capturing: bool,
     /// The unit's statement texts, for the in-flight journal.
     unit_text: String,
 }
@@ -174,6 +177,7 @@ impl Capture {
             journal,
             armed_at_us: 0,
             in_block: false,
+            capturing: true,
             unit_text: String::new(),
         }
     }
@@ -198,7 +202,7 @@ impl Capture {
     /// journal when the request may commit a write (a COMMIT, or a write
     /// outside a transaction block). Erring towards arming is harmless.
     fn maybe_arm(&mut self) {
-        let Some((journal, slot)) = &self.journal else {
+        let Some((journal, slot)) = self.journal.as_ref().filter(|_| self.capturing) else {
             return;
         };
         let Some(seg) = self.closed.back() else {
@@ -478,6 +482,7 @@ impl Capture {
     /// Sees a message from the source that matters to the mirror; returns
     /// a finished unit at an idle ReadyForQuery.
     pub fn server_message(&mut self, tag: u8, body: &[u8], mirror_on: bool) -> Finished {
+        self.capturing = mirror_on;
         match tag {
             b'C' => {
                 let t = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body));
@@ -634,5 +639,110 @@ impl Drop for Capture {
         if let Some((journal, slot)) = &self.journal {
             journal.release(*slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    /// The source's answer to one simple Query: its tag, then ReadyForQuery.
+    fn answer(c: &mut Capture, tag: &str, status: u8) -> Finished {
+        let mut body = tag.as_bytes().to_vec();
+        body.push(0);
+        assert!(matches!(
+            c.server_message(b'C', &body, true),
+            Finished::Nothing
+        ));
+        c.server_message(b'Z', &[status], true)
+    }
+
+    fn capture(journal: &Arc<InFlight>) -> Capture {
+        Capture::new(
+            Arc::new(Rules::new(&[])),
+            7,
+            vec![(b"user".to_vec(), b"u".to_vec())],
+            1 << 20,
+            Some(Arc::clone(journal)),
+        )
+    }
+
+    #[test]
+    fn a_commit_in_flight_is_armed_and_settles_once_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = InFlight::open(dir.path()).unwrap();
+        let journal = Arc::new(journal);
+
+        // An explicit block: only the COMMIT may commit, so only it arms.
+        let mut c = capture(&journal);
+        c.client_bytes(&query("BEGIN"));
+        answer(&mut c, "BEGIN", b'T');
+        c.client_bytes(&query("UPDATE t SET v = 1"));
+        assert_eq!(c.armed_at_us, 0, "a write inside a block cannot commit");
+        answer(&mut c, "UPDATE 1", b'T');
+        c.client_bytes(&query("COMMIT"));
+        assert_ne!(c.armed_at_us, 0, "the COMMIT may commit the write");
+        let Finished::Mirror(rec) = answer(&mut c, "COMMIT", b'I') else {
+            panic!("the committed block is mirrored");
+        };
+        assert_eq!(rec.segments.len(), 3);
+        c.settle();
+        assert_eq!(c.armed_at_us, 0);
+
+        // A read never arms; an autocommit write does, before it is sent.
+        c.client_bytes(&query("SELECT 1"));
+        assert_eq!(c.armed_at_us, 0);
+        answer(&mut c, "SELECT 1", b'I');
+        c.client_bytes(&query("INSERT INTO t VALUES (2)"));
+        assert_ne!(c.armed_at_us, 0);
+        // The process dies here: no settle, no Drop.
+        std::mem::forget(c);
+
+        let (_, left) = InFlight::open(dir.path()).unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].session, 7);
+        assert_eq!(left[0].statements, "INSERT INTO t VALUES (2)");
+    }
+
+    #[test]
+    fn a_session_ending_with_a_commit_in_flight_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = InFlight::open(dir.path()).unwrap();
+        let journal = Arc::new(journal);
+        let mut c = capture(&journal);
+        c.client_bytes(&query("BEGIN"));
+        answer(&mut c, "BEGIN", b'T');
+        c.client_bytes(&query("DELETE FROM t"));
+        answer(&mut c, "DELETE 3", b'T');
+        c.client_bytes(&query("COMMIT"));
+        // The source connection drops before the answer.
+        let (_, text) = c.end().expect("in doubt");
+        assert_eq!(text, "BEGIN; DELETE FROM t; COMMIT");
+        assert!(c.end().is_none(), "reported once");
+        // A failed block arms at COMMIT and is not mirrored.
+        let mut c = capture(&journal);
+        c.client_bytes(&query("BEGIN"));
+        answer(&mut c, "BEGIN", b'T');
+        c.client_bytes(&query("UPDATE t SET v = 1/0"));
+        c.server_message(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0", true);
+        assert!(matches!(
+            c.server_message(b'Z', b"E", true),
+            Finished::Nothing
+        ));
+        c.client_bytes(&query("COMMIT"));
+        assert!(matches!(
+            answer(&mut c, "ROLLBACK", b'I'),
+            Finished::Nothing
+        ));
+        c.settle();
+        assert!(c.end().is_none());
     }
 }

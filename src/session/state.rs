@@ -307,12 +307,10 @@ impl<'a> BackendInspector<'a> {
         let Some((mirror, capture)) = self.mirror else {
             return;
         };
-        let finished = capture
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .server_message(tag, body, mirror.capturing());
-        let ready = tag == READY_FOR_QUERY;
-        match finished {
+        // Held throughout: the session's other pump runs on this same thread,
+        // so this lock is never contended.
+        let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+        match capture.server_message(tag, body, mirror.capturing()) {
             Finished::Nothing => {}
             Finished::Mirror(rec) => {
                 if let Spooled::Full(rec) = mirror.spool_record(rec) {
@@ -324,8 +322,8 @@ impl<'a> BackendInspector<'a> {
             )),
         }
         // The unit is in the spool (or needs none): its journal slot can go.
-        if ready && self.pending.is_none() {
-            capture.lock().unwrap_or_else(|p| p.into_inner()).settle();
+        if tag == READY_FOR_QUERY && self.pending.is_none() {
+            capture.settle();
         }
     }
 }

@@ -665,6 +665,23 @@ mod tests {
         c.server_message(b'Z', &[status], true)
     }
 
+    /// A fresh journal in a temporary directory.
+    fn journal() -> (tempfile::TempDir, Arc<InFlight>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = InFlight::open(dir.path()).unwrap();
+        (dir, Arc::new(journal))
+    }
+
+    /// Runs `statement` one request at a time inside BEGIN, with the source
+    /// answering `tag`: the session is then in a block that wrote.
+    fn block_with(c: &mut Capture, statement: &str, tag: &str) {
+        c.client_bytes(&query("BEGIN"));
+        answer(c, "BEGIN", b'T');
+        c.client_bytes(&query(statement));
+        assert_eq!(c.armed_at_us, 0, "a write inside a block cannot commit");
+        answer(c, tag, b'T');
+    }
+
     fn capture(journal: &Arc<InFlight>) -> Capture {
         Capture::new(
             Arc::new(Rules::new(&[])),
@@ -677,17 +694,11 @@ mod tests {
 
     #[test]
     fn a_commit_in_flight_is_armed_and_settles_once_spooled() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = InFlight::open(dir.path()).unwrap();
-        let journal = Arc::new(journal);
+        let (dir, journal) = journal();
 
         // An explicit block: only the COMMIT may commit, so only it arms.
         let mut c = capture(&journal);
-        c.client_bytes(&query("BEGIN"));
-        answer(&mut c, "BEGIN", b'T');
-        c.client_bytes(&query("UPDATE t SET v = 1"));
-        assert_eq!(c.armed_at_us, 0, "a write inside a block cannot commit");
-        answer(&mut c, "UPDATE 1", b'T');
+        block_with(&mut c, "UPDATE t SET v = 1", "UPDATE 1");
         c.client_bytes(&query("COMMIT"));
         assert_ne!(c.armed_at_us, 0, "the COMMIT may commit the write");
         let Finished::Mirror(rec) = answer(&mut c, "COMMIT", b'I') else {
@@ -714,14 +725,9 @@ mod tests {
 
     #[test]
     fn a_session_ending_with_a_commit_in_flight_reports_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = InFlight::open(dir.path()).unwrap();
-        let journal = Arc::new(journal);
+        let (_dir, journal) = journal();
         let mut c = capture(&journal);
-        c.client_bytes(&query("BEGIN"));
-        answer(&mut c, "BEGIN", b'T');
-        c.client_bytes(&query("DELETE FROM t"));
-        answer(&mut c, "DELETE 3", b'T');
+        block_with(&mut c, "DELETE FROM t", "DELETE 3");
         c.client_bytes(&query("COMMIT"));
         // The source connection drops before the answer.
         let (_, text) = c.end().expect("in doubt");

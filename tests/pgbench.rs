@@ -27,20 +27,9 @@ const SCRAM: Login = Login {
 };
 
 fn pgbench(p: &Proxy, login: &Login, db: &str, args: &[&str]) -> Output {
-    let mut cmd = pg_tool(&p.clusters, "pgbench");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &p.port.to_string(),
-        "-U",
-        login.user,
-    ])
-    .args(args)
-    .arg(db)
-    .env_remove("PGPASSWORD")
-    .env("PGPASSFILE", "/nonexistent")
-    .env("PGCONNECT_TIMEOUT", "20");
+    let mut cmd = pgbench_cmd(p, login.user, db, args);
+    cmd.env_remove("PGPASSWORD")
+        .env("PGPASSFILE", "/nonexistent");
     if let Some(pw) = login.password {
         cmd.env("PGPASSWORD", pw);
     }

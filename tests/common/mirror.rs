@@ -75,30 +75,16 @@ pub fn assert_same(c: &Clusters, db: &str, sql: &str) {
     );
 }
 
-fn pgbench_cmd(p: &Proxy, db: &str, args: &[&str]) -> std::process::Command {
-    let mut cmd = pg_tool(&p.clusters, "pgbench");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &p.port.to_string(),
-        "-U",
-        SUPERUSER,
-    ])
-    .args(args)
-    .arg(db)
-    .env("PGCONNECT_TIMEOUT", "20");
-    cmd
-}
-
 /// Runs pgbench through the proxy as the superuser.
 pub fn pgbench(p: &Proxy, db: &str, args: &[&str]) -> Output {
-    pgbench_cmd(p, db, args).output().expect("run pgbench")
+    pgbench_cmd(p, SUPERUSER, db, args)
+        .output()
+        .expect("run pgbench")
 }
 
 /// Starts pgbench through the proxy in the background (output captured).
 pub fn pgbench_spawn(p: &Proxy, db: &str, args: &[&str]) -> std::process::Child {
-    pgbench_cmd(p, db, args)
+    pgbench_cmd(p, SUPERUSER, db, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

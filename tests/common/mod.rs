@@ -494,6 +494,16 @@ impl Drop for ClusterGuard {
     }
 }
 
+/// pgbench through the proxy as `user`, with a bounded connect timeout.
+pub fn pgbench_cmd(p: &Proxy, user: &str, db: &str, args: &[&str]) -> Command {
+    let mut cmd = pg_tool(&p.clusters, "pgbench");
+    cmd.args(["-h", "127.0.0.1", "-p", &p.port.to_string(), "-U", user])
+        .args(args)
+        .arg(db)
+        .env("PGCONNECT_TIMEOUT", "20");
+    cmd
+}
+
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }

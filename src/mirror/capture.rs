@@ -184,7 +184,7 @@ impl Capture {
 
     /// Keeps statement text for the journal (bounded; the rest is cut).
     fn note_text(&mut self, text: &str) {
-        if self.journal.is_none() || self.unit_text.len() >= inflight::MAX_TEXT {
+        if self.journal.is_none() || !self.capturing || self.unit_text.len() >= inflight::MAX_TEXT {
             return;
         }
         if !self.unit_text.is_empty() {

@@ -307,7 +307,7 @@ EOF
         # from it has one.
         SQL "$name" template1 <<'EOF'
 CREATE SCHEMA pgshift_mirror;
-CREATE TABLE pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, above bigint[] NOT NULL DEFAULT '{}', applied_at timestamptz NOT NULL DEFAULT now());
 GRANT USAGE ON SCHEMA pgshift_mirror TO PUBLIC;
 GRANT SELECT, INSERT, UPDATE ON pgshift_mirror.progress TO PUBLIC;
 EOF

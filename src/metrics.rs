@@ -49,6 +49,9 @@ pub struct MirrorMetrics {
     pub lost_transactions: Counter,
     pub in_doubt: Counter,
     pub already_applied: Counter,
+    pub unordered: Counter,
+    pub order_waits: Counter,
+    pub order_probe_failures: Counter,
     pub backpressure_waits: Counter,
     pub enabled: Gauge,
     pub target_connections: Gauge,
@@ -69,6 +72,9 @@ impl MirrorMetrics {
             lost_transactions: Counter::default(),
             in_doubt: Counter::default(),
             already_applied: Counter::default(),
+            unordered: Counter::default(),
+            order_waits: Counter::default(),
+            order_probe_failures: Counter::default(),
             backpressure_waits: Counter::default(),
             enabled: Gauge::default(),
             target_connections: Gauge::default(),
@@ -132,6 +138,21 @@ impl MirrorMetrics {
             "mirror_skipped_already_applied",
             "Spooled units found already applied on the target (re-read after a restart or a lost connection) and not applied again",
             m.already_applied.clone(),
+        );
+        r.register(
+            "mirror_units_without_order_key",
+            "Spooled units whose shape carries no order probe (DDL or COPY outside a block, multi-statement strings, pipelined requests); applied where they were spooled",
+            m.unordered.clone(),
+        );
+        r.register(
+            "mirror_order_waits",
+            "Times the applier waited for a commit in flight on another session before applying a unit",
+            m.order_waits.clone(),
+        );
+        r.register(
+            "mirror_order_probe_failures",
+            "Order probes the source answered with an error (the unit is applied where it was spooled)",
+            m.order_probe_failures.clone(),
         );
         r.register(
             "mirror_backpressure_waits",

@@ -473,14 +473,15 @@ fn sigkill_mid_load_then_restart_resumes_without_applying_anything_twice() {
 
 /// Conflicting, order-dependent writes from concurrent sessions: each one
 /// rewrites a hot row from its previous value, so the target ends equal only
-/// if every pair was applied in the source's commit order. Known to fail:
-/// the spool is in the order the proxy *read* the commit acknowledgements,
-/// and a worker thread descheduled between the source's commit and reading
-/// its acknowledgement lets a later, conflicting commit be spooled first.
-/// TPC-B does not show this (its updates commute). See docs/mirroring.md,
-/// "Commit order".
+/// if every pair was applied in the source's commit order. Acknowledgement
+/// order is not enough: Postgres releases a transaction's locks before it
+/// acknowledges the commit, and a proxy thread descheduled in between lets a
+/// later, conflicting commit be spooled first (before the order probe, this
+/// test failed on every run). One row is rewritten in explicit blocks, the
+/// other by autocommit statements, in all three pgbench protocol modes, so
+/// every probe shape is used; each mode must leave the rows equal and every
+/// unit with an order key.
 #[test]
-#[ignore = "known defect (issue 3 open): spool order is acknowledgement order, not commit order"]
 fn conflicting_order_dependent_writes_replay_in_commit_order() {
     let spool = tempfile::tempdir().unwrap();
     let p = mirrored_proxy(spool.path());
@@ -510,23 +511,121 @@ fn conflicting_order_dependent_writes_replay_in_commit_order() {
         "\\set k random(1, 1000000000)\nUPDATE hot SET v = (v * 31 + :k) % 1000000007 WHERE id = 2;\n",
     )
     .unwrap();
-    pgbench_ok(
-        &p,
-        db,
+    // The CREATE TABLE above is DDL outside a block: it has no key.
+    let unkeyed = p.wait_mirror_drained(60)["units_without_order_key"].clone();
+    for mode in ["simple", "extended", "prepared"] {
+        pgbench_ok(
+            &p,
+            db,
+            &[
+                "-n",
+                "-M",
+                mode,
+                "-f",
+                block.to_str().unwrap(),
+                "-f",
+                auto.to_str().unwrap(),
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "10",
+            ],
+        );
+        let status = p.wait_mirror_drained(120);
+        assert_same(c, db, "select * from hot order by id");
+        assert_eq!(
+            status["units_without_order_key"], unkeyed,
+            "mode {mode}: some units had no order key: {status:#}"
+        );
+        assert_eq!(
+            status["report"]["divergences_total"], 0,
+            "mode {mode}: {status:#}"
+        );
+    }
+}
+
+/// Where the source refuses the order probe (EXECUTE on
+/// `pg_current_wal_insert_lsn()` revoked from the role), the proxy learns it
+/// from a probe that only checks, before it would append one to a client's
+/// autocommit write: clients see no error, every write still reaches the
+/// target, and the units without an order key are counted.
+#[test]
+fn a_source_that_refuses_the_order_probe_costs_clients_nothing() {
+    let spool = tempfile::tempdir().unwrap();
+    let p = mirrored_proxy(spool.path());
+    let c = &p.clusters;
+    let db = "mirror_noprobe";
+    c.fresh_db(db);
+    psql_ok(
+        &p.url(SUPERUSER, db),
         &[
-            "-n",
-            "-f",
-            block.to_str().unwrap(),
-            "-f",
-            auto.to_str().unwrap(),
             "-c",
-            "8",
-            "-j",
-            "2",
-            "-T",
-            "20",
+            "CREATE TABLE t(id int PRIMARY KEY, v bigint NOT NULL)",
+            "-c",
+            "INSERT INTO t VALUES (1, 0), (2, 0)",
+            "-c",
+            "GRANT ALL ON t TO PUBLIC",
         ],
+        None,
     );
-    p.wait_mirror_drained(120);
-    assert_same(c, db, "select * from hot order by id");
+    c.sql(
+        c.source_port,
+        db,
+        "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC",
+    );
+    let before = p.wait_mirror_drained(60)["units_without_order_key"]
+        .as_u64()
+        .unwrap();
+    let user = "pgshift_trust";
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("w.sql");
+    std::fs::write(
+        &script,
+        "UPDATE t SET v = v + 1 WHERE id = 1;\nBEGIN;\nUPDATE t SET v = v + 1 WHERE id = 2;\nCOMMIT;\n",
+    )
+    .unwrap();
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench_cmd(
+            &p,
+            user,
+            db,
+            &[
+                "-n",
+                "-M",
+                mode,
+                "-f",
+                script.to_str().unwrap(),
+                "-c",
+                "2",
+                "-t",
+                "50",
+            ],
+        )
+        .output()
+        .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode}: {report}");
+        assert!(!report.contains("error"), "{mode}: {report}");
+    }
+    let m = p.wait_mirror_drained(120);
+    assert_same(c, db, "select * from t order by id");
+    assert_eq!(
+        c.sql(c.source_port, db, "select v from t order by id"),
+        "300\n300",
+        "every write committed on the source"
+    );
+    // Only the first sessions' probes checked: after one refusal, this
+    // user and database get no more probes.
+    let unkeyed = m["units_without_order_key"].as_u64().unwrap() - before;
+    assert_eq!(unkeyed, 600, "{m:#}");
+    let metrics = p.metrics_text();
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgshift_mirror_order_probe_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no probe failure metric:\n{metrics}"));
+    assert!((1..=6).contains(&failures), "{failures} probe failures");
 }

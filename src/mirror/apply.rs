@@ -1,12 +1,16 @@
 //! The applier: replays spooled units on the target, one at a time, in
-//! spool order, each on a target connection that carries its session's
-//! state, and compares every outcome with the source's.
+//! source commit order (`order::Sequencer` picks the next one), each on a
+//! target connection that carries its session's state, and compares every
+//! outcome with the source's.
 //!
 //! Exactly once: each database on the target holds a progress row
 //! (`pgshift_mirror.progress`, keyed by the spool's id) that the applier
 //! updates *inside* the transaction it applies, so a unit and its progress
-//! mark commit together. After a restart or a lost connection the applier
-//! reads the row and skips what is already there. Units that cannot carry
+//! mark commit together. The row holds the spool position up to which
+//! everything is applied, and the few positions above it applied early
+//! (commit order differs a little from spool order). After a restart or a
+//! lost connection the applier reads the row and skips what is already
+//! there. Units that cannot carry
 //! the mark inside their transaction (VACUUM, several transactions in one
 //! query string, ...) are marked right after, and counted as applied at
 //! least once.
@@ -25,6 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::order::{Entry, Sequencer};
 use super::record::{Outcome, TxnRecord};
 use super::report::{Divergence, NonDeterministic};
 use super::spool::SpoolReader;
@@ -45,7 +50,34 @@ use crate::upstream::passfile::PassFile;
 /// operator can run this once as the database owner instead (and grant
 /// SELECT, INSERT, UPDATE on it to the application roles).
 pub const PROGRESS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgshift_mirror; \
-    CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())";
+    CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
+    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS above bigint[] NOT NULL DEFAULT '{}'";
+
+/// Units read ahead of the one being applied, at most (count, bytes). The
+/// sequencer needs the units spooled after the next one in commit order.
+const MAX_BUFFERED: usize = 100_000;
+const MAX_BUFFERED_BYTES: usize = 256 << 20;
+
+/// What a target database's progress row says is applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Progress {
+    low: u64,
+    above: Vec<u64>,
+}
+
+impl Progress {
+    fn has(&self, seq: u64) -> bool {
+        seq <= self.low || self.above.contains(&seq)
+    }
+
+    /// Reads `above` as Postgres prints a bigint[] (`{1,2}`).
+    fn parse_above(text: &str) -> Vec<u64> {
+        text.trim_matches(|c| c == '{' || c == '}')
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    }
+}
 
 /// Close target connections of sessions idle this long.
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
@@ -91,14 +123,95 @@ enum Expect {
     Segment(usize),
 }
 
+/// The spool as the applier reads it: records read ahead, and the
+/// sequencer that orders them.
+struct Feed {
+    reader: SpoolReader,
+    /// Next seq to read.
+    next: u64,
+    seq: Sequencer,
+    records: HashMap<u64, TxnRecord>,
+    bytes: usize,
+}
+
+impl Feed {
+    /// Reads what the spool has beyond what is buffered (within the read
+    /// ahead bound); returns how many records were added.
+    fn refill(&mut self, mirror: &Mirror) -> usize {
+        let mut added = 0;
+        while self.next <= mirror.spool.last_seq()
+            && self.records.len() < MAX_BUFFERED
+            && self.bytes < MAX_BUFFERED_BYTES
+        {
+            match self.reader.read(self.next) {
+                Ok(Some(rec)) => {
+                    self.bytes += record_bytes(&rec);
+                    self.seq.push(Entry {
+                        seq: rec.seq,
+                        key: rec.order.clone(),
+                    });
+                    self.records.insert(rec.seq, rec);
+                    self.next += 1;
+                    added += 1;
+                }
+                Ok(None) => {
+                    // Not on disk: released already (applied); move to
+                    // what exists.
+                    let first = mirror.spool.first_seq();
+                    if self.next < first {
+                        self.next = first;
+                        self.seq.skip_to(first - 1);
+                    } else {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let seq = self.next;
+                    warn!(seq, error = %e, "unreadable spool record; skipping it");
+                    mirror
+                        .report
+                        .gap(&format!("spool record {seq} unreadable: {e}"), seq);
+                    mirror.metrics.mirror.gaps.inc();
+                    self.seq.skip_to(seq);
+                    self.next += 1;
+                }
+            }
+        }
+        added
+    }
+
+    /// Removes unit `seq` as done; `rec` is its record if the caller took
+    /// it out of `records`.
+    fn take(&mut self, seq: u64, rec: Option<&TxnRecord>) {
+        self.seq.applied(seq);
+        let gone = self.records.remove(&seq);
+        if let Some(r) = gone.as_ref().or(rec) {
+            self.bytes = self.bytes.saturating_sub(record_bytes(r));
+        }
+    }
+
+    /// When the oldest unapplied unit was acknowledged (spool order is
+    /// close enough to time order for a lag figure).
+    fn oldest_committed_us(&self) -> u64 {
+        self.seq
+            .first()
+            .and_then(|s| self.records.get(&s))
+            .map_or(0, |r| r.committed_at_us)
+    }
+}
+
+fn record_bytes(r: &TxnRecord) -> usize {
+    r.segments.iter().map(|s| s.messages.len()).sum::<usize>() + 256
+}
+
 pub struct Applier {
     mirror: Arc<Mirror>,
     upstream: Upstream,
     passfile: Option<PassFile>,
     conns: HashMap<u64, Conn>,
-    /// Progress per target database: the last seq applied there, or None
-    /// when the progress table is unavailable (no privileges).
-    progress: HashMap<String, Option<u64>>,
+    /// Progress per target database, or None when the progress table is
+    /// unavailable (no privileges).
+    progress: HashMap<String, Option<Progress>>,
     analyses: HashMap<String, Arc<Analysis>>,
     /// Non-deterministic default columns per (database, table).
     defaults: HashMap<(String, String), Vec<(String, String)>>,
@@ -127,34 +240,48 @@ impl Applier {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        let mut next = (local_applied + 1).max(self.mirror.spool.first_seq());
-        self.mirror.applied_seq.store(next - 1, Ordering::Relaxed);
-        let mut reader = SpoolReader::new(&spool_dir);
+        let start = (local_applied + 1).max(self.mirror.spool.first_seq());
+        self.mirror.applied_seq.store(start - 1, Ordering::Relaxed);
+        let mut feed = Feed {
+            reader: SpoolReader::new(&spool_dir),
+            next: start,
+            seq: Sequencer::new(start - 1),
+            records: HashMap::new(),
+            bytes: 0,
+        };
         let mut backoff = Duration::from_millis(100);
         let mut last_housekeeping = Instant::now();
-        let mut saved = next - 1;
-        info!(from_seq = next, spool_id = %self.mirror.spool.id, "mirror applier started");
+        let mut saved = start - 1;
+        let mut waiting_for_order = false;
+        info!(from_seq = start, spool_id = %self.mirror.spool.id, "mirror applier started");
         loop {
             if *shutdown.borrow() == Phase::Closing {
                 break;
             }
+            let low = feed.seq.low();
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
-                let applied = next - 1;
-                if applied != saved {
+                if low != saved {
                     let tmp = spool_dir.join("applied.tmp");
-                    if std::fs::write(&tmp, applied.to_string()).is_ok() {
+                    if std::fs::write(&tmp, low.to_string()).is_ok() {
                         let _ = std::fs::rename(&tmp, &applied_path);
                     }
-                    saved = applied;
+                    saved = low;
                 }
-                self.mirror.spool.release(applied);
+                self.mirror.spool.release(low);
                 self.conns.retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
-                self.publish_gauges(next);
+                self.publish_gauges(low);
             }
-            if next > self.mirror.spool.last_seq() {
+            feed.refill(&self.mirror);
+            let mirror = Arc::clone(&self.mirror);
+            let settled = mirror.inflight.settled.notified();
+            let inflight = &mirror.inflight;
+            let Some(choice) = feed
+                .seq
+                .choose(|run, slot, arm| inflight.is_settled(run, slot, arm))
+            else {
                 self.mirror.oldest_unapplied_us.store(0, Ordering::Relaxed);
-                self.publish_gauges(next);
+                self.publish_gauges(low);
                 let appended = self.mirror.spool.appended.notified();
                 tokio::select! {
                     _ = appended => {}
@@ -162,34 +289,36 @@ impl Applier {
                     _ = shutdown.changed() => {}
                 }
                 continue;
-            }
-            let rec = match reader.read(next) {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    // Not on disk: released already (applied) or a gap in
-                    // numbering after a torn tail; move to what exists.
-                    let first = self.mirror.spool.first_seq();
-                    if next < first {
-                        next = first;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    warn!(seq = next, error = %e, "unreadable spool record; skipping it");
-                    self.mirror
-                        .report
-                        .gap(&format!("spool record {next} unreadable: {e}"), next);
-                    self.mirror.metrics.mirror.gaps.inc();
-                    next += 1;
-                    continue;
-                }
             };
+            if !choice.ready {
+                // A commit in flight on another session may still come
+                // with a lower key: wait for it to be spooled or dropped.
+                if !waiting_for_order {
+                    self.mirror.metrics.mirror.order_waits.inc();
+                    waiting_for_order = true;
+                }
+                tokio::select! {
+                    _ = settled => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            waiting_for_order = false;
+            // What settled may have just been spooled: look again with it.
+            if feed.refill(&self.mirror) > 0 {
+                continue;
+            }
+            let seq = choice.seq;
             self.mirror
                 .oldest_unapplied_us
-                .store(rec.committed_at_us, Ordering::Relaxed);
-            match self.apply(&rec).await {
+                .store(feed.oldest_committed_us(), Ordering::Relaxed);
+            let Some(rec) = feed.records.remove(&seq) else {
+                feed.take(seq, None);
+                continue;
+            };
+            let after = feed.seq.if_applied(seq);
+            match self.apply(&rec, &after).await {
                 Ok(now) => {
                     self.attempts = 0;
                     backoff = Duration::from_millis(100);
@@ -199,8 +328,10 @@ impl Applier {
                     } else {
                         self.mirror.metrics.mirror.already_applied.inc();
                     }
-                    self.mirror.applied_seq.store(rec.seq, Ordering::Relaxed);
-                    next += 1;
+                    feed.take(seq, Some(&rec));
+                    self.mirror
+                        .applied_seq
+                        .store(feed.seq.low(), Ordering::Relaxed);
                 }
                 Err(retry) => {
                     let (msg, counts) = match retry {
@@ -219,14 +350,17 @@ impl Applier {
                     if self.attempts >= MAX_ATTEMPTS {
                         self.give_up(&rec, &msg);
                         self.attempts = 0;
-                        self.mirror.applied_seq.store(rec.seq, Ordering::Relaxed);
-                        next += 1;
+                        feed.take(seq, Some(&rec));
+                        self.mirror
+                            .applied_seq
+                            .store(feed.seq.low(), Ordering::Relaxed);
                         continue;
                     }
                     self.mirror
                         .report
                         .set_apply_state(Some(format!("waiting at seq {}: {msg}", rec.seq)));
                     warn!(seq = rec.seq, error = %msg, "mirror apply delayed; retrying");
+                    feed.records.insert(rec.seq, rec);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => {}
@@ -235,7 +369,7 @@ impl Applier {
                 }
             }
         }
-        let applied = next - 1;
+        let applied = feed.seq.low();
         let _ = std::fs::write(&applied_path, applied.to_string());
         for (_, mut c) in self.conns.drain() {
             let _ = c.stream.write_all(b"X\0\0\0\x04").await;
@@ -243,10 +377,10 @@ impl Applier {
         info!(applied_seq = applied, "mirror applier stopped");
     }
 
-    fn publish_gauges(&self, next: u64) {
+    fn publish_gauges(&self, applied: u64) {
         let m = &self.mirror.metrics.mirror;
         let last = self.mirror.spool.last_seq();
-        m.lag_transactions.set(last.saturating_sub(next - 1) as i64);
+        m.lag_transactions.set(last.saturating_sub(applied) as i64);
         let oldest = self.mirror.oldest_unapplied_us.load(Ordering::Relaxed);
         m.lag_ms.set(if oldest == 0 {
             0
@@ -303,7 +437,7 @@ impl Applier {
     }
 
     /// Creates (if needed) and reads this database's progress row.
-    async fn setup_progress(&self, conn: &mut Conn) -> Result<Option<u64>, Retry> {
+    async fn setup_progress(&self, conn: &mut Conn) -> Result<Option<Progress>, Retry> {
         let id = self.mirror.spool.id.replace('\'', "''");
         // Separate messages: creating the table needs CREATE on the
         // database, which an operator may have done for us already.
@@ -315,7 +449,7 @@ impl Applier {
         );
         query(
             &mut out,
-            &format!("SELECT seq FROM pgshift_mirror.progress WHERE spool_id = '{id}'"),
+            &format!("SELECT seq, above FROM pgshift_mirror.progress WHERE spool_id = '{id}'"),
         );
         let answers = self.round_trip(conn, &out, 3).await?;
         let failed = answers[2]
@@ -337,12 +471,15 @@ impl Applier {
             )));
             return Ok(None);
         }
-        let seq = answers[2]
-            .rows
-            .first()
+        let row = answers[2].rows.first();
+        let low = row
             .and_then(|r| r.first().cloned().flatten())
             .and_then(|s| s.parse().ok());
-        Ok(seq)
+        let above = row
+            .and_then(|r| r.get(1).cloned().flatten())
+            .map(|a| Progress::parse_above(&a))
+            .unwrap_or_default();
+        Ok(low.map(|low| Progress { low, above }))
     }
 
     /// Writes `out` and reads `groups` ReadyForQuery-terminated answers.
@@ -412,12 +549,13 @@ impl Applier {
     }
 
     /// Applies one unit; `Ok(false)` when the target had applied it already.
-    async fn apply(&mut self, rec: &TxnRecord) -> Result<bool, Retry> {
+    /// `after` is the progress once this unit is applied.
+    async fn apply(&mut self, rec: &TxnRecord, after: &(u64, Vec<u64>)) -> Result<bool, Retry> {
         let mut conn = match self.conns.remove(&rec.session) {
             Some(c) => c,
             None => self.connect(rec).await?,
         };
-        let r = self.apply_on(&mut conn, rec).await;
+        let r = self.apply_on(&mut conn, rec, after).await;
         if r.is_ok() {
             conn.last_used = Instant::now();
             self.conns.insert(rec.session, conn);
@@ -425,9 +563,14 @@ impl Applier {
         r
     }
 
-    async fn apply_on(&mut self, conn: &mut Conn, rec: &TxnRecord) -> Result<bool, Retry> {
-        let progress = self.progress.get(&conn.database).copied().flatten();
-        if progress.is_some_and(|p| rec.seq <= p) {
+    async fn apply_on(
+        &mut self,
+        conn: &mut Conn,
+        rec: &TxnRecord,
+        after: &(u64, Vec<u64>),
+    ) -> Result<bool, Retry> {
+        let progress = self.progress.get(&conn.database).cloned().flatten();
+        if progress.as_ref().is_some_and(|p| p.has(rec.seq)) {
             return Ok(false); // applied before a restart or a lost connection
         }
         // What the unit's statements are, for the outcome check, the
@@ -473,10 +616,12 @@ impl Applier {
             out.extend_from_slice(b"S\0\0\0\x04");
             expect.push(Expect::Internal);
         }
-        let mark = progress.map(|_| {
+        let mark = progress.as_ref().map(|_| {
+            let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
             format!(
-                "UPDATE pgshift_mirror.progress SET seq = {}, applied_at = now() WHERE spool_id = '{}'",
-                rec.seq,
+                "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', applied_at = now() WHERE spool_id = '{}'",
+                after.0,
+                above.join(","),
                 self.mirror.spool.id.replace('\'', "''")
             )
         });
@@ -547,7 +692,10 @@ impl Applier {
         }
         if let Some(p) = self.progress.get_mut(&conn.database) {
             if p.is_some() {
-                *p = Some(rec.seq);
+                *p = Some(Progress {
+                    low: after.0,
+                    above: after.1.clone(),
+                });
             }
         }
         Ok(true)

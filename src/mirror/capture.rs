@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::inflight::{self, InFlight};
+use super::order::{OrderKey, Probe};
 use super::record::{Outcome, Segment, TxnRecord};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::protocol::error::parse_error_fields;
@@ -127,6 +128,18 @@ pub struct Capture {
     journal: Option<(Arc<InFlight>, u32)>,
     /// When the slot was armed (0 = not armed).
     armed_at_us: u64,
+    /// The arm number the journal gave (see `inflight`).
+    arm_no: u64,
+    /// The order probe riding on the request in flight, if any.
+    pub probe: Probe,
+    /// The unit's order key, once its probe answered.
+    unit_lsn: Option<u64>,
+    /// "user\0database", for the mirror's record of where probes work.
+    pub probe_key: String,
+    /// Whether probes work in this session (None: not known yet).
+    pub probe_works: Option<bool>,
+    /// A probe sent only to learn `probe_works` is in flight.
+    pub probe_check: bool,
     /// Whether the last ReadyForQuery said "in a transaction block".
     in_block: bool,
     /// Whether the mirror was capturing at the last server message: nothing
@@ -147,6 +160,15 @@ impl Capture {
         journal: Option<Arc<InFlight>>,
     ) -> Self {
         let journal = journal.and_then(|j| j.acquire().map(|slot| (j, slot)));
+        let param = |k: &str| {
+            startup
+                .iter()
+                .rev()
+                .find(|(n, _)| n == k.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let user = param("user").unwrap_or_default();
+        let probe_key = format!("{user}\0{}", param("database").unwrap_or(user.clone()));
         Self {
             rules,
             session,
@@ -176,6 +198,12 @@ impl Capture {
             desyncs: 0,
             journal,
             armed_at_us: 0,
+            arm_no: 0,
+            probe: Probe::Idle,
+            unit_lsn: None,
+            probe_key,
+            probe_works: None,
+            probe_check: false,
             in_block: false,
             capturing: true,
             unit_text: String::new(),
@@ -213,7 +241,7 @@ impl Capture {
         let may_commit = seg.commitish || !self.in_block || self.closed.len() > 1;
         if wrote && may_commit {
             let now = now_us();
-            journal.arm(*slot, self.session, now, &self.unit_text);
+            self.arm_no = journal.arm(*slot, self.session, now, &self.unit_text);
             if self.armed_at_us == 0 {
                 self.armed_at_us = now;
             }
@@ -232,7 +260,24 @@ impl Capture {
                 journal.disarm(*slot);
             }
             self.armed_at_us = 0;
+            self.arm_no = 0;
         }
+    }
+
+    /// Whether the open unit wrote something (so its commit gets a probe).
+    pub fn wrote(&self) -> bool {
+        self.capturing
+            && (self.unit_write || self.open.write || self.closed.iter().any(|s| s.write))
+    }
+
+    /// Whether the mirror was capturing at the last server message.
+    pub fn capturing(&self) -> bool {
+        self.capturing
+    }
+
+    /// The open unit's order key arrived.
+    pub fn set_lsn(&mut self, lsn: u64) {
+        self.unit_lsn = Some(lsn);
     }
 
     /// At the end of the session: the statements of a unit whose commit was
@@ -244,6 +289,7 @@ impl Capture {
         if let Some((journal, slot)) = &self.journal {
             journal.disarm(*slot);
         }
+        self.arm_no = 0;
         let at = std::mem::take(&mut self.armed_at_us);
         Some((at, std::mem::take(&mut self.unit_text)))
     }
@@ -574,6 +620,15 @@ impl Capture {
                     post_state_version: self.state_version,
                     prepared,
                     segments: std::mem::take(&mut self.unit),
+                    order: OrderKey {
+                        lsn: self.unit_lsn,
+                        own: self
+                            .journal
+                            .as_ref()
+                            .filter(|_| self.arm_no != 0)
+                            .map(|(_, slot)| (*slot, self.arm_no)),
+                        ..OrderKey::default()
+                    },
                 }))
             }
         } else {
@@ -609,6 +664,7 @@ impl Capture {
 
     fn reset_unit(&mut self) {
         self.unit.clear();
+        self.unit_lsn = None;
         self.unit_write = false;
         self.unit_commit = false;
         self.unit_error = false;

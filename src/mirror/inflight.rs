@@ -13,13 +13,22 @@
 //! check those rows; nothing is guessed.
 //!
 //! The file is an array of fixed-size slots written with single `pwrite`s
-//! into the page cache: a SIGKILL cannot tear one, and no lock is taken.
+//! into the page cache: a SIGKILL cannot tear one.
+//!
+//! In memory, each armed slot also has an *arm number*, new each time the
+//! slot goes from disarmed to armed. The applier uses them to order units
+//! (`order`): a unit spooled while another session's arm was in flight is
+//! applied only once that arm is over.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 const SLOT: usize = 1024;
 const HEADER: usize = 1 + 8 + 8 + 2;
@@ -41,6 +50,13 @@ pub struct InDoubt {
 pub struct InFlight {
     file: File,
     slots: Mutex<Slots>,
+    /// Armed slots and their arm numbers.
+    armed: Mutex<HashMap<u32, u64>>,
+    next_arm: AtomicU64,
+    /// Identifies this process's arms (slots are reused across runs).
+    pub run: u64,
+    /// Woken whenever an arm ends.
+    pub settled: Notify,
 }
 
 #[derive(Default)]
@@ -74,10 +90,15 @@ impl InFlight {
             off += SLOT as u64;
         }
         file.set_len(0)?;
+        let run = super::capture::now_us() ^ ((std::process::id() as u64) << 44);
         Ok((
             Self {
                 file,
                 slots: Mutex::default(),
+                armed: Mutex::default(),
+                next_arm: AtomicU64::new(1),
+                run,
+                settled: Notify::new(),
             },
             left,
         ))
@@ -106,8 +127,20 @@ impl InFlight {
             .push(slot);
     }
 
-    /// Marks `slot` as holding a possibly committing unit.
-    pub fn arm(&self, slot: u32, session: u64, time_us: u64, statements: &str) {
+    /// Marks `slot` as holding a possibly committing unit; returns the arm
+    /// number (unchanged while the slot stays armed).
+    pub fn arm(&self, slot: u32, session: u64, time_us: u64, statements: &str) -> u64 {
+        let arm = *self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(slot)
+            .or_insert_with(|| self.next_arm.fetch_add(1, Ordering::Relaxed));
+        self.write_slot(slot, session, time_us, statements);
+        arm
+    }
+
+    fn write_slot(&self, slot: u32, session: u64, time_us: u64, statements: &str) {
         let mut text = &statements.as_bytes()[..statements.len().min(MAX_TEXT)];
         // Cut on a character boundary.
         while std::str::from_utf8(text).is_err() {
@@ -127,6 +160,35 @@ impl InFlight {
 
     pub fn disarm(&self, slot: u32) {
         let _ = self.file.write_all_at(&[0], slot as u64 * SLOT as u64);
+        let was = self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+        if was.is_some() {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// The arms in flight now, but for `except`'s.
+    pub fn snapshot(&self, except: Option<u32>) -> Vec<(u32, u64)> {
+        let armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        armed
+            .iter()
+            .filter(|(s, _)| Some(**s) != except)
+            .map(|(&s, &a)| (s, a))
+            .collect()
+    }
+
+    /// Whether arm `arm` of `slot` in process `run` is over.
+    pub fn is_settled(&self, run: u64, slot: u32, arm: u64) -> bool {
+        run != self.run
+            || self
+                .armed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&slot)
+                != Some(&arm)
     }
 
     pub fn sync(&self) -> io::Result<()> {
@@ -182,6 +244,17 @@ mod tests {
         assert_eq!(left[1].session, 9);
         assert!(left[1].statements.chars().all(|ch| ch == 'é'));
         assert_eq!(left[1].statements.len(), MAX_TEXT / 2 * 2);
+        // Arm numbers: kept while armed, new after a disarm.
+        let a1 = j.arm(a, 7, 100, "x");
+        assert_eq!(j.arm(a, 7, 101, "x; y"), a1);
+        assert_eq!(j.snapshot(None), vec![(a, a1)]);
+        assert!(j.snapshot(Some(a)).is_empty());
+        assert!(!j.is_settled(j.run, a, a1));
+        assert!(j.is_settled(j.run + 1, a, a1));
+        j.disarm(a);
+        assert!(j.is_settled(j.run, a, a1));
+        assert_ne!(j.arm(a, 7, 102, "z"), a1);
+        j.disarm(a);
         // Reopening cleared the journal; released slots are reused.
         drop(j);
         let (j, left) = InFlight::open(dir.path()).unwrap();

@@ -5,20 +5,25 @@
 //!   each committed unit of work that wrote into a record.
 //! - `spool`: the records on local disk, appended before the client sees
 //!   the commit acknowledgement.
-//! - `apply`: one task off the hot path that replays records in spool order
-//!   on per-session target connections and checks every outcome.
+//! - `order`: the source commit order (a WAL position probed inside each
+//!   unit) and the sequencer that applies units in it.
+//! - `apply`: one task off the hot path that replays records in source
+//!   commit order on per-session target connections and checks every
+//!   outcome.
 //! - `report`: divergences, non-deterministic statements, gaps: what an
 //!   operator must know.
 
 pub mod apply;
 pub mod capture;
 pub mod inflight;
+pub mod order;
 pub mod record;
 pub mod report;
 pub mod spool;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::error;
@@ -49,6 +54,9 @@ pub struct Mirror {
     pub applied_seq: AtomicU64,
     /// Source commit time of the oldest unapplied record (0 = caught up).
     pub oldest_unapplied_us: AtomicU64,
+    /// Per "user\0database": whether the order probe works there. An
+    /// autocommit write gets a probe only where it does (see `order`).
+    probe_works: Mutex<HashMap<String, bool>>,
 }
 
 /// What a session must do after handing a record over.
@@ -88,6 +96,7 @@ impl Mirror {
             metrics,
             applied_seq: AtomicU64::new(0),
             oldest_unapplied_us: AtomicU64::new(0),
+            probe_works: Mutex::default(),
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
@@ -133,14 +142,21 @@ impl Mirror {
     /// Appends a committed unit to the spool, applying the `on_full`
     /// policy. Called by the session before it forwards the commit
     /// acknowledgement.
-    pub fn spool_record(&self, rec: Box<TxnRecord>) -> Spooled {
+    pub fn spool_record(&self, mut rec: Box<TxnRecord>) -> Spooled {
         if self.stopped.load(Ordering::Relaxed) {
             self.metrics.mirror.lost_transactions.inc();
             return Spooled::Done;
         }
+        // Which commits were in flight as this one is spooled: the applier
+        // waits for them before it may apply this unit (see `order`).
+        rec.order.run = self.inflight.run;
+        rec.order.deps = self.inflight.snapshot(rec.order.own.map(|(slot, _)| slot));
         match self.spool.append(&rec) {
             Ok(_) => {
                 self.metrics.mirror.spooled.inc();
+                if rec.order.lsn.is_none() {
+                    self.metrics.mirror.unordered.inc();
+                }
                 self.metrics
                     .mirror
                     .spool_bytes
@@ -157,6 +173,28 @@ impl Mirror {
                 self.metrics.mirror.lost_transactions.inc();
                 Spooled::Done
             }
+        }
+    }
+
+    /// Whether the order probe is known to work for this user and database.
+    pub fn probe_works(&self, key: &str) -> Option<bool> {
+        self.probe_works
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    pub fn set_probe_works(&self, key: &str, works: bool) {
+        let mut m = self.probe_works.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 10_000 {
+            m.clear();
+        }
+        if m.insert(key.to_string(), works) != Some(works) && !works {
+            error!(
+                user_database = %key.replace('\0', "/"),
+                "the order probe (SELECT pg_current_wal_insert_lsn()) fails on the source for this user and database: their autocommit writes are mirrored without an order key; grant EXECUTE on pg_current_wal_insert_lsn() to fix"
+            );
         }
     }
 
@@ -233,6 +271,8 @@ impl Mirror {
             "lost_transactions": m.lost_transactions.get(),
             "in_doubt_transactions": m.in_doubt.get(),
             "skipped_already_applied": m.already_applied.get(),
+            "units_without_order_key": m.unordered.get(),
+            "order_waits": m.order_waits.get(),
             "backpressure_waits": m.backpressure_waits.get(),
             "target_connections": m.target_connections.get(),
             "report": self.report.status(),

@@ -8,6 +8,8 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use super::order::OrderKey;
+
 /// What the source answered to one statement or protocol step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -62,13 +64,16 @@ pub struct TxnRecord {
     /// prepare itself.
     pub prepared: Vec<(Vec<u8>, Vec<u8>)>,
     pub segments: Vec<Segment>,
+    /// Its place in source commit order (see `order`).
+    pub order: OrderKey,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt spool record: {0}")]
 pub struct DecodeError(&'static str);
 
-const VERSION: u8 = 1;
+/// Version 2 added the order key; version 1 records read without one.
+const VERSION: u8 = 2;
 
 fn put_bytes(b: &mut BytesMut, v: &[u8]) {
     b.put_u32(v.len() as u32);
@@ -121,6 +126,17 @@ impl TxnRecord {
         b.put_u8(VERSION);
         b.put_u64(self.session);
         b.put_u64(self.committed_at_us);
+        let k = &self.order;
+        b.put_u64(k.lsn.map_or(0, |l| l.saturating_add(1)));
+        b.put_u64(k.run);
+        let (slot, arm) = k.own.unwrap_or((u32::MAX, 0));
+        b.put_u32(slot);
+        b.put_u64(arm);
+        b.put_u32(k.deps.len() as u32);
+        for &(slot, arm) in &k.deps {
+            b.put_u32(slot);
+            b.put_u64(arm);
+        }
         b.put_u32(self.startup.len() as u32);
         for (k, v) in &self.startup {
             put_bytes(b, k);
@@ -161,7 +177,8 @@ impl TxnRecord {
 
     pub fn decode(seq: u64, mut b: &[u8]) -> Result<Self, DecodeError> {
         let b = &mut b;
-        if get_u8(b)? != VERSION {
+        let version = get_u8(b)?;
+        if version != VERSION && version != 1 {
             return Err(DecodeError("unknown record version"));
         }
         let mut r = TxnRecord {
@@ -170,6 +187,18 @@ impl TxnRecord {
             committed_at_us: get_u64(b)?,
             ..Default::default()
         };
+        if version >= 2 {
+            let lsn = get_u64(b)?;
+            r.order.lsn = lsn.checked_sub(1);
+            r.order.run = get_u64(b)?;
+            let (slot, arm) = (get_u32(b)?, get_u64(b)?);
+            r.order.own = (slot != u32::MAX).then_some((slot, arm));
+            let n = get_u32(b)?;
+            r.order.deps.reserve((n as usize).min(b.len() / 12));
+            for _ in 0..n {
+                r.order.deps.push((get_u32(b)?, get_u64(b)?));
+            }
+        }
         let n = get_u32(b)?;
         r.startup.reserve(capacity(n, b));
         for _ in 0..n {
@@ -259,6 +288,12 @@ mod tests {
                     Outcome::Suspended,
                 ],
             }],
+            order: OrderKey {
+                lsn: Some(0x16B3748),
+                run: 99,
+                own: Some((4, 17)),
+                deps: vec![(1, 5), (2, 9)],
+            },
         };
         let mut b = BytesMut::new();
         r.encode(&mut b);

@@ -7,12 +7,17 @@
 //! one call. Messages nobody inspects (DataRow, CopyData, Bind, ...) are
 //! streamed through as they arrive, whatever their size, without waiting for
 //! their end. Nothing is re-encoded; the only copy is the socket read itself.
+//!
+//! The one exception is the mirror's order probe (`mirror::order`): an
+//! inspector may put a few bytes of its own before a message, replace an
+//! inspected message, or drop a message. Only then is the run assembled in
+//! a fresh buffer before it is written.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::frame::{decode_header, FrameError, HEADER_LEN};
@@ -26,11 +31,18 @@ const MIN_READ: usize = 2 * 1024;
 /// ...and double while reads keep filling them, up to this.
 const MAX_READ: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Forward,
     /// Forward this message, then end the pump.
     ForwardAndStop,
+    /// Do not forward this message (it answers a request the proxy made).
+    Drop,
+    /// Write these bytes first, then the message.
+    Before(Bytes),
+    /// Write these bytes instead of the message (inspected messages only;
+    /// for a streamed one this acts as `Before`).
+    Replace(Bytes),
 }
 
 /// What a pump needs to know about its direction's messages.
@@ -40,14 +52,21 @@ pub trait Inspector {
     fn wants_body(&self, tag: u8) -> bool;
     /// Largest body of an inspected message.
     fn max_inspected(&self) -> usize;
-    /// Sees every streamed message's tag, before its body arrives.
-    fn header(&mut self, tag: u8) -> Result<(), FrameError>;
+    /// How many leading body bytes of a streamed message `header` needs
+    /// (it gets fewer only when the body is shorter).
+    fn peek(&self, _tag: u8) -> usize {
+        0
+    }
+    /// Sees every streamed message's tag (and the first `peek` bytes of its
+    /// body), before the rest of the body arrives.
+    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError>;
     /// Sees an inspected message's complete body.
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError>;
     /// Called before a write (`false`) and after it (`true`, with whether the
     /// bytes written end on a message boundary).
     fn writing(&mut self, _done: bool, _at_boundary: bool) {}
-    /// Sees exactly the bytes about to be written (mirroring captures them).
+    /// Sees the bytes about to be written, as received: without what the
+    /// inspector added or dropped (mirroring captures them).
     fn forwarding(&mut self, _bytes: &[u8]) {}
     /// Something that must finish before those bytes go out (a commit
     /// acknowledgement waiting for spool space).
@@ -91,8 +110,13 @@ where
 {
     // Bytes of a streamed message still to come after what is in `buf`.
     let mut streaming: usize = 0;
+    // Whether those bytes are dropped rather than forwarded.
+    let mut dropping = false;
     let mut last_read = 0;
     let mut last_read_filled = false;
+    // Changes to the bytes in `buf`: (offset, bytes to skip, bytes to put
+    // there). Empty on all but a few runs.
+    let mut edits: Vec<(usize, usize, Bytes)> = Vec::new();
     loop {
         let mut pos = 0;
         let mut stop = false;
@@ -102,11 +126,15 @@ where
         let scanned: Result<(), FrameError> = 'scan: loop {
             if streaming > 0 {
                 let n = streaming.min(buf.len() - pos);
+                if dropping && n > 0 {
+                    edits.push((pos, n, Bytes::new()));
+                }
                 pos += n;
                 streaming -= n;
                 if streaming > 0 {
                     break 'scan Ok(());
                 }
+                dropping = false;
                 continue;
             }
             let h = match decode_header(&buf[pos..], MAX_STREAMED_MESSAGE) {
@@ -115,8 +143,16 @@ where
                 Err(e) => break 'scan Err(e),
             };
             if !insp.wants_body(h.tag) {
-                if let Err(e) = insp.header(h.tag) {
-                    break 'scan Err(e);
+                let want = insp.peek(h.tag).min(h.body_len);
+                if buf.len() - pos < HEADER_LEN + want {
+                    break 'scan Ok(());
+                }
+                let prefix = &buf[pos + HEADER_LEN..pos + HEADER_LEN + want];
+                match insp.header(h.tag, prefix) {
+                    Ok(Verdict::Drop) => dropping = true,
+                    Ok(Verdict::Before(b) | Verdict::Replace(b)) => edits.push((pos, 0, b)),
+                    Ok(_) => {}
+                    Err(e) => break 'scan Err(e),
                 }
                 streaming = h.frame_len();
                 continue;
@@ -137,9 +173,15 @@ where
             }
             match insp.inspect(h.tag, &buf[pos + HEADER_LEN..pos + h.frame_len()]) {
                 Ok(verdict) => {
+                    match verdict {
+                        Verdict::Forward => {}
+                        Verdict::ForwardAndStop => stop = true,
+                        Verdict::Drop => edits.push((pos, h.frame_len(), Bytes::new())),
+                        Verdict::Before(b) => edits.push((pos, 0, b)),
+                        Verdict::Replace(b) => edits.push((pos, h.frame_len(), b)),
+                    }
                     pos += h.frame_len();
-                    if verdict == Verdict::ForwardAndStop {
-                        stop = true;
+                    if stop {
                         break 'scan Ok(());
                     }
                 }
@@ -152,9 +194,17 @@ where
                 wait.await;
             }
             insp.writing(false, false);
-            wr.write_all(&buf[..pos]).await.map_err(PumpError::Write)?;
+            if edits.is_empty() {
+                wr.write_all(&buf[..pos]).await.map_err(PumpError::Write)?;
+            } else {
+                let out = apply_edits(&buf[..pos], &edits);
+                edits.clear();
+                if !out.is_empty() {
+                    wr.write_all(&out).await.map_err(PumpError::Write)?;
+                }
+            }
             wr.flush().await.map_err(PumpError::Write)?;
-            insp.writing(true, streaming == 0);
+            insp.writing(true, streaming == 0 || dropping);
             buf.advance(pos);
         }
         scanned?;
@@ -189,6 +239,20 @@ where
     }
 }
 
+/// The bytes of `run` with `edits` (sorted by offset) applied.
+fn apply_edits(run: &[u8], edits: &[(usize, usize, Bytes)]) -> Vec<u8> {
+    let extra: usize = edits.iter().map(|(_, _, b)| b.len()).sum();
+    let mut out = Vec::with_capacity(run.len() + extra);
+    let mut at = 0;
+    for (off, skip, insert) in edits {
+        out.extend_from_slice(&run[at..*off]);
+        out.extend_from_slice(insert);
+        at = off + skip;
+    }
+    out.extend_from_slice(&run[at..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,16 +281,28 @@ mod tests {
         fn max_inspected(&self) -> usize {
             self.max
         }
-        fn header(&mut self, tag: u8) -> Result<(), FrameError> {
+        fn peek(&self, tag: u8) -> usize {
+            if tag == b'B' {
+                4
+            } else {
+                0
+            }
+        }
+        fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
             self.headers.push(tag);
-            Ok(())
+            Ok(match (tag, prefix) {
+                (b'D', _) => Verdict::Drop,
+                (b'B', b"keep") => Verdict::Before(Bytes::from_static(b"<before>")),
+                _ => Verdict::Forward,
+            })
         }
         fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
             self.inspected.push((tag, body.to_vec()));
-            Ok(if tag == b'X' {
-                Verdict::ForwardAndStop
-            } else {
-                Verdict::Forward
+            Ok(match (tag, body) {
+                (b'X', _) => Verdict::ForwardAndStop,
+                (b'Q', b"drop me\0") => Verdict::Drop,
+                (b'Q', b"replace me\0") => Verdict::Replace(Bytes::from_static(b"<new>")),
+                _ => Verdict::Forward,
             })
         }
     }
@@ -265,6 +341,37 @@ mod tests {
         assert_eq!(probe.headers, vec![b'd']);
         assert_eq!(probe.inspected.len(), 3);
         assert_eq!(probe.inspected[0], (b'Q', b"select 1\0".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn edits_insert_replace_and_drop_messages_even_when_streamed_in_pieces() {
+        let big = vec![7u8; 50_000];
+        let mut input = msg(b'Q', b"drop me\0");
+        input.extend(msg(b'D', &big)); // streamed and dropped across reads
+        input.extend(msg(b'B', b"keep this"));
+        input.extend(msg(b'Q', b"replace me\0"));
+        input.extend(msg(b'B', b"other"));
+        input.extend(msg(b'X', b""));
+        let (mut tx, mut rx) = tokio::io::duplex(5);
+        let feed = input.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in feed.chunks(3) {
+                tx.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut out = Vec::new();
+        let mut probe = Probe::default();
+        let mut buf = BytesMut::new();
+        let end = pump(&mut rx, &mut out, &mut buf, &mut probe).await.unwrap();
+        writer.abort();
+        assert!(matches!(end, PumpEnd::Stopped));
+        let mut want = b"<before>".to_vec();
+        want.extend(msg(b'B', b"keep this"));
+        want.extend_from_slice(b"<new>");
+        want.extend(msg(b'B', b"other"));
+        want.extend(msg(b'X', b""));
+        assert_eq!(out, want);
+        assert_eq!(probe.headers, vec![b'D', b'B', b'B']);
     }
 
     #[tokio::test]

@@ -267,6 +267,7 @@ async fn forward_session(
             proxy.config.limits.max_message_bytes,
         );
         frontend.capture = capture.as_ref();
+        frontend.mirror = proxy.mirror.as_deref().filter(|_| capture.is_some());
         let mut backend = BackendInspector::new(&shared);
         if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {
             backend.mirror = Some((m, c));

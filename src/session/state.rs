@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::forward::{Hold, Inspector, Verdict};
 use crate::mirror::capture::{Capture, Finished};
+use crate::mirror::order::{self, Probe, Shape, Step};
 use crate::mirror::record::TxnRecord;
 use crate::mirror::{Mirror, Spooled};
 use crate::protocol::message::{
@@ -40,6 +41,9 @@ pub struct Shared {
     /// own (an ErrorResponse to the client, a Terminate to the source).
     pub client_at_boundary: AtomicBool,
     pub server_at_boundary: AtomicBool,
+    /// An order probe rides on the request in flight: the backend side
+    /// must look for its answers (see `mirror::order`).
+    pub probe_active: AtomicBool,
 }
 
 impl Default for Shared {
@@ -52,6 +56,7 @@ impl Default for Shared {
             draining: AtomicBool::new(false),
             client_at_boundary: AtomicBool::new(true),
             server_at_boundary: AtomicBool::new(true),
+            probe_active: AtomicBool::new(false),
         }
     }
 }
@@ -179,6 +184,22 @@ pub struct FrontendInspector<'a> {
     syncs_since_execute: u32,
     /// The mirror's view of this session, when mirroring is configured.
     pub capture: Option<&'a Mutex<Capture>>,
+    pub mirror: Option<&'a Mirror>,
+    /// An autocommit extended-protocol write that may get an order probe
+    /// before its Sync.
+    plan: Option<ProbePlan>,
+}
+
+/// What the messages of an extended-protocol request held so far, to know
+/// at its Sync whether a probe fits: one Execute of an INSERT, UPDATE,
+/// DELETE or MERGE, and nothing but Parse, Bind, Describe, Execute, Close
+/// and Flush.
+#[derive(Debug, Default)]
+struct ProbePlan {
+    /// Messages that each get one completion (ParseComplete, ...).
+    completions: u32,
+    executes: u32,
+    fits: bool,
 }
 
 impl<'a> FrontendInspector<'a> {
@@ -193,9 +214,117 @@ impl<'a> FrontendInspector<'a> {
             max_inspected,
             syncs_since_execute: 0,
             capture: None,
+            mirror: None,
+            plan: None,
         }
     }
+
+    /// Whether this message starts a request with nothing else in flight
+    /// (only then is the capture's view current, and the block status known).
+    fn at_request_start(&self) -> bool {
+        self.capture.is_some()
+            && self.shared.in_flight.load(Relaxed) == 0
+            && !self.shared.mid_batch.load(Relaxed)
+    }
+
+    /// Decides on an order probe for a request starting with a statement
+    /// whose text is `sql`: a COMMIT of a block that wrote gets a request of
+    /// its own before it; an autocommit write (`Shape::Dml`, which the
+    /// caller handles) only where probes are known to work. Until that is
+    /// known, the session's first request carries a probe that only checks.
+    fn probe_for_start(&mut self, sql: &[u8], extended: bool) -> Option<(Shape, Verdict)> {
+        let capture = self.capture?;
+        let shape = order::shape(std::str::from_utf8(sql).ok()?);
+        let status = self.shared.tx_status.load(Relaxed);
+        let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.capturing() {
+            return None;
+        }
+        let own_request = || {
+            if extended {
+                order::extended(true)
+            } else {
+                order::standalone_query()
+            }
+        };
+        if c.probe_works.is_none() {
+            c.probe_works = self.mirror.and_then(|m| m.probe_works(&c.probe_key));
+        }
+        if c.probe_works.is_none() && !c.probe_check {
+            c.probe_check = true;
+            c.probe = Probe::Standalone;
+            self.shared.probe_active.store(true, Relaxed);
+            return Some((Shape::Other, Verdict::Before(own_request())));
+        }
+        if c.probe_works == Some(false) {
+            return None;
+        }
+        match shape {
+            Shape::Commit if status == b'T' && c.wrote() => {
+                c.probe = Probe::Standalone;
+                self.shared.probe_active.store(true, Relaxed);
+                Some((shape, Verdict::Before(own_request())))
+            }
+            Shape::Dml if status == b'I' && c.probe_works == Some(true) => {
+                Some((shape, Verdict::Forward))
+            }
+            _ => None,
+        }
+    }
+
+    /// Follows an extended-protocol message for the pending plan.
+    fn plan_message(&mut self, tag: u8, statement: Option<&[u8]>) {
+        let Some(plan) = self.plan.as_mut() else {
+            return;
+        };
+        match tag {
+            PARSE | DESCRIBE | CLOSE => plan.completions += 1,
+            BIND => {
+                plan.completions += 1;
+                let dml = statement
+                    .and_then(|name| self.statements.get(name))
+                    .and_then(|q| std::str::from_utf8(q).ok())
+                    .is_some_and(|q| order::shape(q) == Shape::Dml);
+                plan.fits &= dml;
+            }
+            EXECUTE => {
+                plan.completions += 1;
+                plan.executes += 1;
+            }
+            FLUSH | SYNC => {}
+            _ => plan.fits = false,
+        }
+    }
+
+    /// At the Sync: the probe goes before it when the request fits.
+    fn plan_sync(&mut self) -> Verdict {
+        let Some(plan) = self.plan.take() else {
+            return Verdict::Forward;
+        };
+        let Some(capture) = self.capture else {
+            return Verdict::Forward;
+        };
+        if !plan.fits || plan.executes != 1 {
+            return Verdict::Forward;
+        }
+        capture.lock().unwrap_or_else(|p| p.into_inner()).probe = Probe::Trailing {
+            left: plan.completions,
+            extended: true,
+        };
+        self.shared.probe_active.store(true, Relaxed);
+        Verdict::Before(order::extended(false))
+    }
+
+    /// The statement name a Bind refers to (from its first bytes).
+    fn bind_statement(prefix: &[u8]) -> Option<&[u8]> {
+        let mut b = prefix;
+        let _portal = crate::protocol::message::take_cstr(&mut b).ok()?;
+        crate::protocol::message::take_cstr(&mut b).ok()
+    }
 }
+
+/// Enough of a Bind for its portal and statement names.
+const BIND_PEEK: usize = 256;
 
 impl Inspector for FrontendInspector<'_> {
     #[inline]
@@ -207,10 +336,43 @@ impl Inspector for FrontendInspector<'_> {
         self.max_inspected
     }
 
+    fn peek(&self, tag: u8) -> usize {
+        if tag == BIND && self.capture.is_some() {
+            BIND_PEEK
+        } else {
+            0
+        }
+    }
+
     #[inline]
-    fn header(&mut self, tag: u8) -> Result<(), FrameError> {
+    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
         if !is_frontend_tag(tag) {
             return Err(FrameError::UnknownType(tag));
+        }
+        let mut verdict = Verdict::Forward;
+        if self.capture.is_some() {
+            let statement = if tag == BIND {
+                Self::bind_statement(prefix)
+            } else {
+                None
+            };
+            if tag == BIND && self.at_request_start() {
+                self.plan = None;
+                let text = statement.and_then(|n| self.statements.get(n)).cloned();
+                if let Some((shape, v)) = text.and_then(|t| self.probe_for_start(&t, true)) {
+                    verdict = v;
+                    if shape == Shape::Dml {
+                        self.plan = Some(ProbePlan {
+                            fits: true,
+                            ..ProbePlan::default()
+                        });
+                    }
+                }
+            }
+            self.plan_message(tag, statement);
+            if tag == SYNC {
+                verdict = self.plan_sync();
+            }
         }
         let s = self.shared;
         s.client_messages
@@ -233,23 +395,56 @@ impl Inspector for FrontendInspector<'_> {
             }
             _ => {}
         }
-        Ok(())
+        Ok(verdict)
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
         let s = self.shared;
         s.client_messages
             .store(s.client_messages.load(Relaxed) + 1, Relaxed);
+        let mut verdict = Verdict::Forward;
         match tag {
             QUERY => {
-                parse_query(body)?;
+                let text = parse_query(body)?;
+                if self.at_request_start() {
+                    self.plan = None;
+                    match self.probe_for_start(text, false) {
+                        Some((Shape::Dml, _)) => {
+                            if let Some(c) = self.capture {
+                                c.lock().unwrap_or_else(|p| p.into_inner()).probe =
+                                    Probe::Trailing {
+                                        left: 1,
+                                        extended: false,
+                                    };
+                                s.probe_active.store(true, Relaxed);
+                                verdict = Verdict::Replace(order::appended_query(body));
+                            }
+                        }
+                        Some((_, v)) => verdict = v,
+                        None => {}
+                    }
+                }
+                self.plan = None;
                 s.add_in_flight(1);
                 self.syncs_since_execute = 0;
             }
             PARSE => {
                 let (name, query) = parse_parse(body)?;
+                if self.at_request_start() {
+                    self.plan = None;
+                    if let Some((shape, v)) = self.probe_for_start(query, true) {
+                        verdict = v;
+                        if shape == Shape::Dml {
+                            self.plan = Some(ProbePlan {
+                                fits: true,
+                                ..ProbePlan::default()
+                            });
+                        }
+                    }
+                }
                 s.mid_batch.store(true, Relaxed);
                 self.statements.on_parse(name, query);
+                self.plan_message(tag, None);
             }
             CLOSE => {
                 let (kind, name) = parse_close(body)?;
@@ -257,11 +452,12 @@ impl Inspector for FrontendInspector<'_> {
                 if kind == b'S' {
                     self.statements.on_close(name);
                 }
+                self.plan_message(tag, None);
             }
             TERMINATE => return Ok(Verdict::ForwardAndStop),
             _ => {}
         }
-        Ok(Verdict::Forward)
+        Ok(verdict)
     }
 
     fn writing(&mut self, done: bool, at_boundary: bool) {
@@ -303,6 +499,46 @@ impl<'a> BackendInspector<'a> {
         }
     }
 
+    /// Follows the order probe's answers: `Some(Drop)` for the probe's own
+    /// messages, which the client must not see.
+    fn probe_step(&mut self, tag: u8, body: &[u8]) -> Option<Verdict> {
+        if !self.shared.probe_active.load(Relaxed) {
+            return None;
+        }
+        let (mirror, capture) = self.mirror?;
+        let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
+        let step = c.probe.step(tag, body);
+        if !c.probe.active() {
+            self.shared.probe_active.store(false, Relaxed);
+        }
+        let works = match step {
+            Step::Forward => return None,
+            Step::ForwardFailed => {
+                mirror.metrics.mirror.order_probe_failures.inc();
+                c.probe_works = Some(false);
+                mirror.set_probe_works(&c.probe_key, false);
+                return None;
+            }
+            Step::Drop => return Some(Verdict::Drop),
+            Step::Lsn(lsn) => {
+                if !c.probe_check {
+                    c.set_lsn(lsn);
+                }
+                true
+            }
+            Step::Failed => {
+                mirror.metrics.mirror.order_probe_failures.inc();
+                false
+            }
+        };
+        c.probe_check = false;
+        if c.probe_works != Some(works) {
+            c.probe_works = Some(works);
+            mirror.set_probe_works(&c.probe_key, works);
+        }
+        Some(Verdict::Drop)
+    }
+
     fn mirror_message(&mut self, tag: u8, body: &[u8]) {
         let Some((mirror, capture)) = self.mirror else {
             return;
@@ -339,12 +575,23 @@ impl Inspector for BackendInspector<'_> {
         self.max_inspected
     }
 
+    fn peek(&self, tag: u8) -> usize {
+        if tag == b'D' && self.shared.probe_active.load(Relaxed) {
+            64
+        } else {
+            0
+        }
+    }
+
     #[inline]
-    fn header(&mut self, _tag: u8) -> Result<(), FrameError> {
-        Ok(())
+    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
+        Ok(self.probe_step(tag, prefix).unwrap_or(Verdict::Forward))
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+        if let Some(v) = self.probe_step(tag, body) {
+            return Ok(v);
+        }
         if tag != READY_FOR_QUERY {
             self.mirror_message(tag, body);
             return Ok(Verdict::Forward);
@@ -428,9 +675,12 @@ mod tests {
         let mut st = PreparedStatements::new(10, 1024);
         let mut i = FrontendInspector::new(&shared, &mut st, 1024);
         i.inspect(QUERY, b"select 1\0").unwrap();
-        i.header(SYNC).unwrap();
+        i.header(SYNC, b"").unwrap();
         assert_eq!(shared.in_flight.load(Relaxed), 2);
-        assert!(matches!(i.header(b'z'), Err(FrameError::UnknownType(b'z'))));
+        assert!(matches!(
+            i.header(b'z', b""),
+            Err(FrameError::UnknownType(b'z'))
+        ));
         assert!(i.inspect(QUERY, b"no terminator").is_err());
         assert_eq!(i.inspect(TERMINATE, b"").unwrap(), Verdict::ForwardAndStop);
     }
@@ -443,12 +693,12 @@ mod tests {
         let shared = Shared::default();
         let mut st = PreparedStatements::new(10, 1024);
         let mut f = FrontendInspector::new(&shared, &mut st, 1024);
-        f.header(BIND).unwrap();
-        f.header(EXECUTE).unwrap();
-        f.header(SYNC).unwrap();
-        f.header(b'd').unwrap();
-        f.header(COPY_DONE).unwrap();
-        f.header(SYNC).unwrap();
+        f.header(BIND, b"").unwrap();
+        f.header(EXECUTE, b"").unwrap();
+        f.header(SYNC, b"").unwrap();
+        f.header(b'd', b"").unwrap();
+        f.header(COPY_DONE, b"").unwrap();
+        f.header(SYNC, b"").unwrap();
         let mut b = BackendInspector::new(&shared);
         b.inspect(READY_FOR_QUERY, b"I").unwrap();
         assert_eq!(shared.in_flight.load(Relaxed), 0);
@@ -461,9 +711,9 @@ mod tests {
         let mut st = PreparedStatements::new(10, 1024);
         let mut f = FrontendInspector::new(&shared, &mut st, 1024);
         f.inspect(PARSE, b"\0select 1\0\0\0").unwrap();
-        f.header(BIND).unwrap();
+        f.header(BIND, b"").unwrap();
         assert!(!shared.is_idle());
-        f.header(SYNC).unwrap();
+        f.header(SYNC, b"").unwrap();
         BackendInspector::new(&shared)
             .inspect(READY_FOR_QUERY, b"I")
             .unwrap();

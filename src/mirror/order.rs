@@ -1,0 +1,589 @@
+//! Source commit order for the mirror.
+//!
+//! The spool holds units in the order the proxy *read* commit
+//! acknowledgements, and that is not always the order the source committed
+//! them: Postgres releases a transaction's locks before it sends the
+//! acknowledgement, so a transaction that waited for another's row lock can
+//! be acknowledged, read and spooled first. Replaying such a pair in spool
+//! order changes the result (`v = v * 31 + k` twice, swapped).
+//!
+//! The order key is the source's WAL insert position read *inside* each
+//! unit, after its writes and before its commit: the order probe. If unit B
+//! saw unit A's effects (it waited for A's lock, or its snapshot had A), B's
+//! probe ran after A's commit record was inserted, so `LSN(B) > LSN(A)`.
+//! Independent units may come out in either order, which is harmless.
+//!
+//! The probe rides along with the client's own request, so it costs no
+//! round trip, and its answers are dropped before they reach the client:
+//! - a COMMIT in a block that wrote: a request of our own just before it
+//!   (a simple Query, or for an extended-protocol COMMIT a named
+//!   Parse/Bind/Execute/Close/Sync that leaves the client's unnamed
+//!   statement and portals alone);
+//! - an autocommit INSERT/UPDATE/DELETE/MERGE as a simple Query: the probe
+//!   appended to the query string, so it runs in the same implicit
+//!   transaction after the statement;
+//! - the same with the extended protocol: our Parse/Bind/Execute/Close put
+//!   before the client's Sync.
+//!
+//! Other shapes (DDL and COPY outside a block, multi-statement strings,
+//! pipelined requests) carry no key; they are applied where they were
+//! spooled, as before.
+//!
+//! The applier (`Sequencer`) may apply a unit only once every unit that
+//! could still arrive with a lower key is in: each unit records which
+//! sessions had a commit in flight when it was spooled (the in-flight
+//! journal's armed slots), and waits until those have settled.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::classify::lexer::{self, Token};
+
+/// What the probe asks the source. `pg_current_wal_insert_lsn()` is
+/// callable by any role and reads one spinlock-protected counter.
+pub const PROBE_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// Name of the probe's prepared statement and portal on the source.
+const PROBE_NAME: &[u8] = b"__pgshift_order_probe";
+
+/// A unit's place in source commit order, and what the applier must wait
+/// for before it may apply the unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderKey {
+    /// The probe's WAL position, when the unit's shape allowed a probe.
+    pub lsn: Option<u64>,
+    /// The proxy process that spooled the unit (slots and arm numbers are
+    /// per process).
+    pub run: u64,
+    /// This unit's own in-flight arm: (slot, arm number).
+    pub own: Option<(u32, u64)>,
+    /// Other sessions' arms in flight when the unit was spooled.
+    pub deps: Vec<(u32, u64)>,
+}
+
+/// How a request's first statement relates to the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A lone `COMMIT` / `END` (not `COMMIT PREPARED`).
+    Commit,
+    /// A lone INSERT, UPDATE, DELETE or MERGE.
+    Dml,
+    Other,
+}
+
+/// Looks at the words of `sql` only: the classifier already decided
+/// whether it writes.
+pub fn shape(sql: &str) -> Shape {
+    let mut words: Vec<String> = Vec::with_capacity(2);
+    let mut statements = 0;
+    let mut tokens_in_statement = 0;
+    let mut extra = false;
+    let ok = lexer::tokens(sql, |t, _| match t {
+        Token::Semicolon => {
+            if tokens_in_statement > 0 {
+                statements += 1;
+            }
+            tokens_in_statement = 0;
+        }
+        t => {
+            if tokens_in_statement == 0 && statements > 0 {
+                extra = true;
+            }
+            tokens_in_statement += 1;
+            if let (Token::Word(w), true) = (t, words.len() < 2 && statements == 0) {
+                words.push(w.to_ascii_lowercase());
+            }
+        }
+    });
+    if ok.is_err() || extra || words.is_empty() {
+        return Shape::Other;
+    }
+    match words[0].as_str() {
+        "commit" if words.get(1).map(String::as_str) != Some("prepared") => Shape::Commit,
+        "end" => Shape::Commit,
+        "insert" | "update" | "delete" | "merge" => Shape::Dml,
+        _ => Shape::Other,
+    }
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: &[&[u8]]) {
+    out.put_u8(tag);
+    let len: usize = body.iter().map(|b| b.len()).sum();
+    out.put_i32(len as i32 + 4);
+    for b in body {
+        out.put_slice(b);
+    }
+}
+
+/// The probe as a simple Query of its own (before a simple COMMIT).
+pub fn standalone_query() -> Bytes {
+    let mut out = BytesMut::new();
+    message(&mut out, b'Q', &[PROBE_SQL.as_bytes(), b"\0"]);
+    out.freeze()
+}
+
+/// The probe as named extended-protocol messages, with a Sync of its own
+/// (before an extended COMMIT) or without (before an autocommit Sync).
+pub fn extended(with_sync: bool) -> Bytes {
+    let mut out = BytesMut::new();
+    let name: &[u8] = PROBE_NAME;
+    // Closing first makes the probe immune to a leftover of an earlier one
+    // that failed half-way (closing what does not exist is no error): the
+    // probe must never fail, since before an autocommit Sync its failure
+    // would roll the client's write back.
+    message(&mut out, b'C', &[b"P", name, b"\0"]);
+    message(&mut out, b'C', &[b"S", name, b"\0"]);
+    message(
+        &mut out,
+        b'P',
+        &[
+            name,
+            b"\0",
+            PROBE_SQL.as_bytes(),
+            b"\0",
+            &0i16.to_be_bytes(),
+        ],
+    );
+    // Bind: portal, statement, no parameter formats, no parameters, no
+    // result formats (text).
+    message(
+        &mut out,
+        b'B',
+        &[name, b"\0", name, b"\0", &[0, 0, 0, 0, 0, 0]],
+    );
+    message(&mut out, b'E', &[name, b"\0", &0i32.to_be_bytes()]);
+    // The portal outlives its statement's Close until the transaction
+    // ends: close both.
+    message(&mut out, b'C', &[b"P", name, b"\0"]);
+    message(&mut out, b'C', &[b"S", name, b"\0"]);
+    if with_sync {
+        message(&mut out, b'S', &[]);
+    }
+    out.freeze()
+}
+
+/// The client's Query with the probe appended (an autocommit DML).
+pub fn appended_query(query_body: &[u8]) -> Bytes {
+    let text = query_body.strip_suffix(b"\0").unwrap_or(query_body);
+    let mut out = BytesMut::with_capacity(text.len() + PROBE_SQL.len() + 8);
+    // A newline ends a trailing `--` comment.
+    message(&mut out, b'Q', &[text, b"\n;", PROBE_SQL.as_bytes(), b"\0"]);
+    out.freeze()
+}
+
+/// Parses the probe's DataRow (one text column, `X/Y` in hex).
+pub fn lsn_from_row(body: &[u8]) -> Option<u64> {
+    let cols = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    if cols != 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Where the session is in the answers to a request that carries a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Probe {
+    #[default]
+    Idle,
+    /// Our own request goes first: everything up to and including its
+    /// ReadyForQuery is ours.
+    Standalone,
+    /// The client's answers come first: `left` more completions, then ours
+    /// up to the ReadyForQuery (which is the client's).
+    Trailing {
+        left: u32,
+        extended: bool,
+    },
+    Ours,
+    /// An error ended the request before our part ran.
+    Skipping,
+}
+
+/// What to do with one message from the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Forward,
+    Drop,
+    /// Dropped, and it carried the order key.
+    Lsn(u64),
+    /// Dropped: the probe failed (the unit gets no key).
+    Failed,
+    /// Forwarded: the probe failed after the client's statement, which the
+    /// failure rolled back; the client must see the error.
+    ForwardFailed,
+}
+
+impl Probe {
+    pub fn active(&self) -> bool {
+        *self != Probe::Idle
+    }
+
+    /// Follows one message (`body` may be only a prefix for DataRow).
+    pub fn step(&mut self, tag: u8, body: &[u8]) -> Step {
+        // Asynchronous messages are the client's whatever the state.
+        if matches!(tag, b'N' | b'A' | b'S') {
+            return Step::Forward;
+        }
+        match *self {
+            Probe::Idle => Step::Forward,
+            Probe::Standalone => match tag {
+                b'Z' => {
+                    *self = Probe::Idle;
+                    Step::Drop
+                }
+                b'D' => lsn_from_row(body).map_or(Step::Failed, Step::Lsn),
+                b'E' => Step::Failed,
+                _ => Step::Drop,
+            },
+            Probe::Trailing { left, extended } => {
+                let done = if extended {
+                    matches!(tag, b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'T' | b'n')
+                } else {
+                    matches!(tag, b'C' | b'I')
+                };
+                match tag {
+                    b'E' => *self = Probe::Skipping,
+                    b'Z' => *self = Probe::Idle,
+                    _ if done && left <= 1 => *self = Probe::Ours,
+                    _ if done => {
+                        *self = Probe::Trailing {
+                            left: left - 1,
+                            extended,
+                        }
+                    }
+                    _ => {}
+                }
+                Step::Forward
+            }
+            Probe::Ours => match tag {
+                b'Z' => {
+                    *self = Probe::Idle;
+                    Step::Forward
+                }
+                // The probe failed after the client's statement: the
+                // implicit transaction is rolled back, and the client must
+                // hear why.
+                b'E' => {
+                    *self = Probe::Skipping;
+                    Step::ForwardFailed
+                }
+                b'D' => lsn_from_row(body).map_or(Step::Failed, Step::Lsn),
+                _ => Step::Drop,
+            },
+            Probe::Skipping => {
+                if tag == b'Z' {
+                    *self = Probe::Idle;
+                }
+                Step::Forward
+            }
+        }
+    }
+}
+
+/// One spooled unit as the sequencer sees it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    pub key: OrderKey,
+}
+
+/// Chooses which buffered unit the applier applies next.
+#[derive(Debug, Default)]
+pub struct Sequencer {
+    /// Read from the spool, not yet applied, by seq.
+    buffered: BTreeMap<u64, OrderKey>,
+    /// The buffered units that carry a key, in key order.
+    by_lsn: BTreeSet<(u64, u64)>,
+    /// The buffered units without one.
+    barriers: BTreeSet<u64>,
+    /// Highest seq read from the spool.
+    read_through: u64,
+    /// Seqs applied ahead of a lower unapplied one.
+    applied_above: BTreeSet<u64>,
+}
+
+/// The next unit to apply, and whether the arms it waits for have all
+/// settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub seq: u64,
+    pub ready: bool,
+}
+
+impl Sequencer {
+    pub fn new(read_through: u64) -> Self {
+        Self {
+            read_through,
+            ..Self::default()
+        }
+    }
+
+    pub fn push(&mut self, e: Entry) {
+        self.read_through = self.read_through.max(e.seq);
+        match e.key.lsn {
+            Some(lsn) => self.by_lsn.insert((lsn, e.seq)),
+            None => self.barriers.insert(e.seq),
+        };
+        self.buffered.insert(e.seq, e.key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.buffered.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buffered.is_empty()
+    }
+
+    /// The lowest buffered seq.
+    pub fn first(&self) -> Option<u64> {
+        self.buffered.keys().next().copied()
+    }
+
+    /// `settled(run, slot, arm)` says whether that arm is over.
+    pub fn choose(&self, settled: impl Fn(u64, u32, u64) -> bool) -> Option<Choice> {
+        let barrier = self
+            .barriers
+            .first()
+            .and_then(|b| Some((*b, self.buffered.get(b)?)));
+        // The lowest key before the first unit without one, or spooled
+        // after it while in flight when it was spooled (it belongs before).
+        let keyed = self.by_lsn.iter().map(|&(_, seq)| seq).find(|&seq| {
+            let Some((b, bk)) = barrier else {
+                return true;
+            };
+            seq < b
+                || self
+                    .buffered
+                    .get(&seq)
+                    .is_some_and(|k| k.run == bk.run && k.own.is_some_and(|o| bk.deps.contains(&o)))
+        });
+        let seq = keyed.or(barrier.map(|(b, _)| b))?;
+        let k = self.buffered.get(&seq)?;
+        let ready = k.deps.iter().all(|&(slot, arm)| settled(k.run, slot, arm));
+        Some(Choice { seq, ready })
+    }
+
+    /// Seqs up to `seq` will never be read (released, or unreadable).
+    pub fn skip_to(&mut self, seq: u64) {
+        self.read_through = self.read_through.max(seq);
+    }
+
+    /// What `(low(), above())` will be once `seq` is applied: the progress
+    /// mark written inside that unit's transaction.
+    pub fn if_applied(&self, seq: u64) -> (u64, Vec<u64>) {
+        let low = self
+            .buffered
+            .keys()
+            .find(|&&s| s != seq)
+            .map_or(self.read_through, |s| s - 1);
+        let mut above: Vec<u64> = self
+            .applied_above
+            .iter()
+            .copied()
+            .chain(std::iter::once(seq))
+            .filter(|&s| s > low)
+            .collect();
+        above.sort_unstable();
+        above.dedup();
+        (low, above)
+    }
+
+    /// Takes unit `seq` out as applied.
+    pub fn applied(&mut self, seq: u64) {
+        let Some(k) = self.buffered.remove(&seq) else {
+            return;
+        };
+        match k.lsn {
+            Some(lsn) => self.by_lsn.remove(&(lsn, seq)),
+            None => self.barriers.remove(&seq),
+        };
+        self.applied_above.insert(seq);
+        let low = self.low();
+        self.applied_above = self.applied_above.split_off(&(low + 1));
+    }
+
+    /// Every seq up to this one is applied.
+    pub fn low(&self) -> u64 {
+        self.first().map_or(self.read_through, |s| s - 1)
+    }
+
+    /// Seqs above `low()` already applied.
+    pub fn above(&self) -> impl Iterator<Item = u64> + '_ {
+        self.applied_above.iter().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(shape("COMMIT"), Shape::Commit);
+        assert_eq!(shape("end;"), Shape::Commit);
+        assert_eq!(shape(" /* x */ commit and chain ;"), Shape::Commit);
+        assert_eq!(shape("COMMIT PREPARED 'x'"), Shape::Other);
+        assert_eq!(shape("update t set v = 1 where id = 2;"), Shape::Dml);
+        assert_eq!(shape("-- c\nINSERT INTO t VALUES (1)"), Shape::Dml);
+        assert_eq!(
+            shape("UPDATE t SET v = 1; UPDATE t SET v = 2"),
+            Shape::Other
+        );
+        assert_eq!(shape("UPDATE t SET v = 1; COMMIT"), Shape::Other);
+        assert_eq!(shape("BEGIN"), Shape::Other);
+        assert_eq!(shape("copy t from stdin"), Shape::Other);
+        assert_eq!(shape("update t set s = 'unterminated"), Shape::Other);
+        assert_eq!(shape(""), Shape::Other);
+    }
+
+    #[test]
+    fn appended_query_keeps_the_client_text_first() {
+        let q = appended_query(b"UPDATE t SET v = 1 -- note\0");
+        assert_eq!(
+            &q[5..],
+            b"UPDATE t SET v = 1 -- note\n;SELECT pg_current_wal_insert_lsn()\0"
+        );
+        assert_eq!(
+            i32::from_be_bytes(q[1..5].try_into().unwrap()) as usize,
+            q.len() - 1
+        );
+    }
+
+    fn row(text: &str) -> Vec<u8> {
+        let mut v = 1u16.to_be_bytes().to_vec();
+        v.extend((text.len() as i32).to_be_bytes());
+        v.extend(text.as_bytes());
+        v
+    }
+
+    #[test]
+    fn lsn_parses_and_rejects_garbage() {
+        assert_eq!(lsn_from_row(&row("0/16B3748")), Some(0x16B3748));
+        assert_eq!(lsn_from_row(&row("1A/0")), Some(0x1A << 32));
+        assert_eq!(lsn_from_row(&row("zz")), None);
+        assert_eq!(lsn_from_row(&[0, 1, 0, 0, 0, 9, b'0']), None);
+        assert_eq!(lsn_from_row(&[]), None);
+    }
+
+    #[test]
+    fn standalone_probe_drops_everything_up_to_its_ready_for_query() {
+        let mut p = Probe::Standalone;
+        assert_eq!(p.step(b'T', b""), Step::Drop);
+        assert_eq!(p.step(b'N', b""), Step::Forward);
+        assert_eq!(p.step(b'D', &row("0/10")), Step::Lsn(16));
+        assert_eq!(p.step(b'C', b"SELECT 1\0"), Step::Drop);
+        assert_eq!(p.step(b'Z', b"T"), Step::Drop);
+        assert_eq!(p.step(b'C', b"COMMIT\0"), Step::Forward);
+        assert!(!p.active());
+    }
+
+    #[test]
+    fn trailing_probe_forwards_the_client_part_and_the_final_ready() {
+        // UPDATE ... RETURNING, then our SELECT, in one simple Query.
+        let mut p = Probe::Trailing {
+            left: 1,
+            extended: false,
+        };
+        for tag in [b'T', b'D', b'C'] {
+            assert_eq!(p.step(tag, &row("client")), Step::Forward);
+        }
+        assert_eq!(p.step(b'T', b""), Step::Drop);
+        assert_eq!(p.step(b'D', &row("0/20")), Step::Lsn(32));
+        assert_eq!(p.step(b'C', b""), Step::Drop);
+        assert_eq!(p.step(b'Z', b"I"), Step::Forward);
+        assert!(!p.active());
+
+        // Extended: Parse, Bind, Execute of the client, then ours.
+        let mut p = Probe::Trailing {
+            left: 3,
+            extended: true,
+        };
+        for tag in [b'1', b'2', b'C'] {
+            assert_eq!(p.step(tag, b""), Step::Forward);
+        }
+        for tag in [b'3', b'3', b'1', b'2'] {
+            assert_eq!(p.step(tag, b""), Step::Drop);
+        }
+        assert_eq!(p.step(b'D', &row("0/1")), Step::Lsn(1));
+        for tag in [b'C', b'3', b'3'] {
+            assert_eq!(p.step(tag, b""), Step::Drop);
+        }
+        assert_eq!(p.step(b'Z', b"I"), Step::Forward);
+
+        // The client's statement fails: ours never runs.
+        let mut p = Probe::Trailing {
+            left: 1,
+            extended: false,
+        };
+        assert_eq!(p.step(b'E', b""), Step::Forward);
+        assert_eq!(p.step(b'Z', b"I"), Step::Forward);
+        assert!(!p.active());
+    }
+
+    fn entry(seq: u64, lsn: Option<u64>, own: u32, deps: &[u32]) -> Entry {
+        Entry {
+            seq,
+            key: OrderKey {
+                lsn,
+                run: 1,
+                own: Some((own, 1)),
+                deps: deps.iter().map(|&d| (d, 1)).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn sequencer_applies_by_lsn_once_in_flight_commits_settled() {
+        let mut s = Sequencer::new(0);
+        // Spooled B (lsn 20) while A's commit (slot 1) was in flight; A
+        // comes later with a lower lsn.
+        s.push(entry(1, Some(20), 2, &[1]));
+        let unsettled = |_, slot, _| slot != 1;
+        assert_eq!(
+            s.choose(unsettled),
+            Some(Choice {
+                seq: 1,
+                ready: false
+            })
+        );
+        s.push(entry(2, Some(10), 1, &[]));
+        let c = s.choose(|_, _, _| true).unwrap();
+        assert_eq!(
+            c,
+            Choice {
+                seq: 2,
+                ready: true
+            }
+        );
+        assert_eq!(s.if_applied(2), (0, vec![2]));
+        s.applied(c.seq);
+        assert_eq!(s.if_applied(1), (2, vec![]));
+        assert_eq!(s.low(), 0);
+        assert_eq!(s.above().collect::<Vec<_>>(), vec![2]);
+        let c = s.choose(|_, _, _| true).unwrap();
+        assert_eq!(c.seq, 1);
+        s.applied(c.seq);
+        assert_eq!(s.low(), 2);
+        assert_eq!(s.above().count(), 0);
+        assert_eq!(s.choose(|_, _, _| true), None);
+    }
+
+    #[test]
+    fn a_unit_without_a_key_waits_for_those_before_it_and_their_late_peers() {
+        let mut s = Sequencer::new(0);
+        s.push(entry(1, Some(50), 1, &[]));
+        s.push(entry(2, None, 2, &[3])); // barrier; slot 3 was in flight
+        s.push(entry(3, Some(5), 4, &[])); // after the barrier
+        s.push(entry(4, Some(40), 3, &[])); // slot 3's unit: before it
+        let mut order = Vec::new();
+        while let Some(c) = s.choose(|_, _, _| true) {
+            s.applied(c.seq);
+            order.push(c.seq);
+        }
+        assert_eq!(order, vec![4, 1, 2, 3]);
+    }
+}

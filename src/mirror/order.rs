@@ -71,38 +71,55 @@ pub enum Shape {
     Other,
 }
 
-/// Looks at the words of `sql` only: the classifier already decided
-/// whether it writes.
+/// Looks at the words of `sql` only (the classifier already decided
+/// whether it writes). Runs for every request of a mirrored session, so it
+/// allocates nothing.
 pub fn shape(sql: &str) -> Shape {
-    let mut words: Vec<String> = Vec::with_capacity(2);
+    let mut first: Option<&str> = None;
+    let mut second: Option<&str> = None;
     let mut statements = 0;
-    let mut tokens_in_statement = 0;
+    let mut in_statement = false;
     let mut extra = false;
     let ok = lexer::tokens(sql, |t, _| match t {
         Token::Semicolon => {
-            if tokens_in_statement > 0 {
+            if in_statement {
                 statements += 1;
             }
-            tokens_in_statement = 0;
+            in_statement = false;
         }
         t => {
-            if tokens_in_statement == 0 && statements > 0 {
+            if !in_statement && statements > 0 {
                 extra = true;
             }
-            tokens_in_statement += 1;
-            if let (Token::Word(w), true) = (t, words.len() < 2 && statements == 0) {
-                words.push(w.to_ascii_lowercase());
+            in_statement = true;
+            if let Token::Word(w) = t {
+                if statements == 0 {
+                    if first.is_none() {
+                        first = Some(w);
+                    } else if second.is_none() {
+                        second = Some(w);
+                    }
+                }
+            } else if statements == 0 && first.is_none() {
+                // Something before the first word (a parenthesis): not a
+                // shape the probe handles.
+                extra = true;
             }
         }
     });
-    if ok.is_err() || extra || words.is_empty() {
+    let Some(w) = first.filter(|_| ok.is_ok() && !extra) else {
         return Shape::Other;
-    }
-    match words[0].as_str() {
-        "commit" if words.get(1).map(String::as_str) != Some("prepared") => Shape::Commit,
-        "end" => Shape::Commit,
-        "insert" | "update" | "delete" | "merge" => Shape::Dml,
-        _ => Shape::Other,
+    };
+    let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    if is(w, "commit") && !second.is_some_and(|s| is(s, "prepared")) || is(w, "end") {
+        Shape::Commit
+    } else if ["insert", "update", "delete", "merge"]
+        .iter()
+        .any(|k| is(w, k))
+    {
+        Shape::Dml
+    } else {
+        Shape::Other
     }
 }
 
@@ -162,6 +179,21 @@ pub fn extended(with_sync: bool) -> Bytes {
     out.freeze()
 }
 
+/// The client's COMMIT Query with the probe put first: its answers are
+/// the first three messages (RowDescription, DataRow, CommandComplete).
+pub fn prepended_query(query_body: &[u8]) -> Bytes {
+    let text = query_body.strip_suffix(b"\0").unwrap_or(query_body);
+    let mut out = BytesMut::with_capacity(text.len() + PROBE_SQL.len() + 8);
+    message(&mut out, b'Q', &[PROBE_SQL.as_bytes(), b";", text, b"\0"]);
+    out.freeze()
+}
+
+/// Answers to `extended(false)`: two CloseCompletes, ParseComplete,
+/// BindComplete, DataRow, CommandComplete, two CloseCompletes.
+pub const EXTENDED_ANSWERS: u32 = 8;
+/// Answers to the probe in `prepended_query`.
+pub const PREPENDED_ANSWERS: u32 = 3;
+
 /// The client's Query with the probe appended (an autocommit DML).
 pub fn appended_query(query_body: &[u8]) -> Bytes {
     let text = query_body.strip_suffix(b"\0").unwrap_or(query_body);
@@ -191,6 +223,11 @@ pub enum Probe {
     /// Our own request goes first: everything up to and including its
     /// ReadyForQuery is ours.
     Standalone,
+    /// Our statements go first in the client's request: the first `left`
+    /// answers are ours.
+    Leading {
+        left: u32,
+    },
     /// The client's answers come first: `left` more completions, then ours
     /// up to the ReadyForQuery (which is the client's).
     Trailing {
@@ -238,6 +275,24 @@ impl Probe {
                 b'E' => Step::Failed,
                 _ => Step::Drop,
             },
+            Probe::Leading { left } => {
+                if tag == b'E' {
+                    // Ours failed: the client's COMMIT did not run, and the
+                    // client must hear why.
+                    *self = Probe::Skipping;
+                    return Step::ForwardFailed;
+                }
+                *self = if left <= 1 {
+                    Probe::Idle
+                } else {
+                    Probe::Leading { left: left - 1 }
+                };
+                if tag == b'D' {
+                    lsn_from_row(body).map_or(Step::Failed, Step::Lsn)
+                } else {
+                    Step::Drop
+                }
+            }
             Probe::Trailing { left, extended } => {
                 let done = if extended {
                     matches!(tag, b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'T' | b'n')
@@ -427,6 +482,8 @@ mod tests {
         assert_eq!(shape("end;"), Shape::Commit);
         assert_eq!(shape(" /* x */ commit and chain ;"), Shape::Commit);
         assert_eq!(shape("COMMIT PREPARED 'x'"), Shape::Other);
+        assert_eq!(shape("(select 1)"), Shape::Other);
+        assert_eq!(shape("Delete from t"), Shape::Dml);
         assert_eq!(shape("update t set v = 1 where id = 2;"), Shape::Dml);
         assert_eq!(shape("-- c\nINSERT INTO t VALUES (1)"), Shape::Dml);
         assert_eq!(
@@ -478,6 +535,25 @@ mod tests {
         assert_eq!(p.step(b'C', b"SELECT 1\0"), Step::Drop);
         assert_eq!(p.step(b'Z', b"T"), Step::Drop);
         assert_eq!(p.step(b'C', b"COMMIT\0"), Step::Forward);
+        assert!(!p.active());
+    }
+
+    #[test]
+    fn leading_probe_drops_its_own_answers_then_forwards_the_client_s() {
+        let q = prepended_query(b"END;\0");
+        assert_eq!(&q[5..], b"SELECT pg_current_wal_insert_lsn();END;\0");
+        let mut p = Probe::Leading {
+            left: PREPENDED_ANSWERS,
+        };
+        assert_eq!(p.step(b'T', b""), Step::Drop);
+        assert_eq!(p.step(b'S', b""), Step::Forward);
+        assert_eq!(p.step(b'D', &row("0/30")), Step::Lsn(48));
+        assert_eq!(p.step(b'C', b"SELECT 1\0"), Step::Drop);
+        assert!(!p.active());
+        assert_eq!(p.step(b'C', b"COMMIT\0"), Step::Forward);
+        let mut p = Probe::Leading { left: 3 };
+        assert_eq!(p.step(b'E', b""), Step::ForwardFailed);
+        assert_eq!(p.step(b'Z', b"E"), Step::Forward);
         assert!(!p.active());
     }
 

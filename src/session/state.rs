@@ -234,7 +234,6 @@ impl<'a> FrontendInspector<'a> {
     /// known, the session's first request carries a probe that only checks.
     fn probe_for_start(&mut self, sql: &[u8], extended: bool) -> Option<(Shape, Verdict)> {
         let capture = self.capture?;
-        let shape = order::shape(std::str::from_utf8(sql).ok()?);
         let status = self.shared.tx_status.load(Relaxed);
         let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
         if !c.capturing() {
@@ -256,10 +255,27 @@ impl<'a> FrontendInspector<'a> {
             self.shared.probe_active.store(true, Relaxed);
             return Some((Shape::Other, Verdict::Before(own_request())));
         }
-        if c.probe_works == Some(false) {
+        if c.probe_works == Some(false) || status == b'E' {
             return None;
         }
+        let shape = order::shape(std::str::from_utf8(sql).ok()?);
         match shape {
+            // Where the probe is known to work, it goes first in the
+            // client's own request: one answer flush instead of two.
+            Shape::Commit if status == b'T' && c.wrote() && c.probe_works == Some(true) => {
+                self.shared.probe_active.store(true, Relaxed);
+                if extended {
+                    c.probe = Probe::Leading {
+                        left: order::EXTENDED_ANSWERS,
+                    };
+                    Some((shape, Verdict::Before(order::extended(false))))
+                } else {
+                    c.probe = Probe::Leading {
+                        left: order::PREPENDED_ANSWERS,
+                    };
+                    Some((shape, Verdict::Replace(order::prepended_query(sql))))
+                }
+            }
             Shape::Commit if status == b'T' && c.wrote() => {
                 c.probe = Probe::Standalone;
                 self.shared.probe_active.store(true, Relaxed);

@@ -350,11 +350,12 @@ PY
 FAILED_BASELINE=0
 run_one() { # run_one ROUND WORKLOAD TARGET
     local round="$1" wl="$2" tgt="$3" port pid out before="" after="" rc tps lat txns ticks=""
+    local wbefore="" wafter="" wticks=""
     port="$(port_of "$tgt")"; pid="$(pid_of "$tgt")"
     out="$RUN_DIR/r$round-$wl-$tgt.log"
     if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
         log "  $tgt: process is gone; skipped"
-        printf '%s\t%s\t%s\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
+        printf '%s\t%s\t%s\t\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
         return 0
     fi
     local m0="" m1="" m2="" drain_start drain_s="" i p0 s0 p1 s1 l1 ls1 p2 d2 tc0="" tc1=""
@@ -363,11 +364,13 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         tc0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
     fi
     [[ -n "$pid" ]] && before="$(proc_cpu_ticks "$pid" || true)"
+    [[ "$tgt" == pgshift* ]] && wbefore="$(thread_cpu_ticks "$pid" pgshift-worker || true)"
     rc=0
     # shellcheck disable=SC2046
     timeout $((DURATION + 120)) pgbench -h "$H" -p "$port" -c "$CLIENTS" -j "$THREADS" \
         -T "$DURATION" $(workload_args "$wl") "$DB" >"$out" 2>&1 || rc=$?
     [[ -n "$pid" ]] && after="$(proc_cpu_ticks "$pid" || true)"
+    [[ "$tgt" == pgshift* ]] && wafter="$(thread_cpu_ticks "$pid" pgshift-worker || true)"
     if [[ -n "$m0" ]]; then
         # The mirror at the end of the run, then how long its backlog takes.
         m1="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
@@ -385,14 +388,15 @@ run_one() { # run_one ROUND WORKLOAD TARGET
     lat="$(sed -nE 's/^latency average = ([0-9.]+) ms.*/\1/p' "$out" | head -1)"
     txns="$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$out" | head -1)"
     if [[ -n "$before" && -n "$after" ]]; then ticks=$((after - before)); fi
+    if [[ -n "$wbefore" && -n "$wafter" ]]; then wticks=$((wafter - wbefore)); fi
     if [[ $rc -ne 0 || -z "$tps" || -z "$txns" ]]; then
         warn "  $tgt: pgbench failed (exit $rc, output $out)"
         tail -n 5 "$out" >&2
-        printf '%s\t%s\t%s\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
+        printf '%s\t%s\t%s\t\t\t\t\t\tfailed\n' "$round" "$wl" "$tgt" >>"$RESULTS"
         [[ "$tgt" == pgshift* ]] || FAILED_BASELINE=1
         return 0
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$round" "$wl" "$tgt" "$tps" "$lat" "$txns" "$ticks" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$round" "$wl" "$tgt" "$tps" "$lat" "$txns" "$ticks" "$wticks" >>"$RESULTS"
     if [[ -n "$m1" && -n "$m2" ]]; then
         # round workload processed_in_run spooled_in_run lag_end_txns lag_end_s drain_s
         # processed_in_drain divergences target_cluster_ticks
@@ -403,7 +407,7 @@ run_one() { # run_one ROUND WORKLOAD TARGET
             "$drain_s" $((p2 - p1)) "$d2" "$([[ -n "$tc0" && -n "$tc1" ]] && echo $((tc1 - tc0)))" >>"$MIRROR_TSV"
         log "  mirror: applied $((p1 - p0)) of $((s1 - s0)) spooled during the run, lag at end $l1 units (${ls1}s), drained in ${drain_s}s, divergences $d2"
     fi
-    log "  $tgt: tps $tps, latency avg $lat ms, $txns txns${ticks:+, proxy cpu $ticks ticks}"
+    log "  $tgt: tps $tps, latency avg $lat ms, $txns txns${ticks:+, proxy cpu $ticks ticks}${wticks:+ (session workers $wticks)}"
 }
 
 nt=${#TARGETS[@]}
@@ -427,38 +431,41 @@ import sys, statistics
 path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 workloads, targets, data = [], [], {}
-for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
+for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
     if wl not in workloads: workloads.append(wl)
     if tgt not in targets: targets.append(tgt)
-    d = data.setdefault((wl, tgt), {"tps": [], "lat": [], "cpu": [], "failed": 0})
+    d = data.setdefault((wl, tgt), {"tps": [], "lat": [], "cpu": [], "wcpu": [], "failed": 0})
     if status != "ok":
         d["failed"] += 1
         continue
     d["tps"].append(float(tps)); d["lat"].append(float(lat))
     if ticks != "" and int(txns) > 0:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
+    if wticks != "" and int(txns) > 0:
+        d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
 order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mirror": 3, "pgshift-spool": 4}
 targets.sort(key=lambda t: order.get(t, 9))
 med = lambda xs: statistics.median(xs) if xs else None
-print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn |")
-print("|---|---|---:|---:|---:|---:|")
+print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn | of which session workers |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for wl in workloads:
     base = med(data.get((wl, "direct"), {}).get("tps", []))
     for tgt in targets:
         d = data.get((wl, tgt))
         if d is None: continue
-        tps, lat, cpu = med(d["tps"]), med(d["lat"]), med(d["cpu"])
+        tps, lat, cpu, wcpu = med(d["tps"]), med(d["lat"]), med(d["cpu"]), med(d["wcpu"])
         n = len(d["tps"])
         note = f" ({d['failed']} failed)" if d["failed"] else ""
         tps_s = f"{tps:.0f}{note}" if tps is not None else f"failed ×{d['failed']}"
         lat_s = f"{lat:.3f}" if lat is not None else "-"
         ratio = f"{tps / base:.3f}" if (tps is not None and base) else "-"
         cpu_s = "-" if tgt == "direct" else (f"{cpu:.1f}" if cpu is not None else "-")
-        print(f"| {wl} | {tgt} | {tps_s} | {lat_s} | {ratio} | {cpu_s} |")
+        wcpu_s = f"{wcpu:.1f}" if wcpu is not None else "-"
+        print(f"| {wl} | {tgt} | {tps_s} | {lat_s} | {ratio} | {cpu_s} | {wcpu_s} |")
 
 # Mirroring on vs off: per-round ratios (the two ran in the same round).
 by_round = {}
-for rnd, wl, tgt, tps, lat, txns, ticks, status in rows:
+for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
     if status == "ok":
         by_round[(rnd, wl, tgt)] = float(tps)
 ratios, spool_ratios = {}, {}

@@ -24,6 +24,8 @@
 #                         waits (bounded) for the port; fails early if PID dies
 #   pid_alive PID         true if PID runs (exists and is not a zombie)
 #   proc_cpu_ticks PID    utime+stime of PID (all threads) in clock ticks
+#   thread_cpu_ticks PID PREFIX   the same, summed over PID's threads whose name
+#                         starts with PREFIX (e.g. pgshift-worker: the hot path)
 #
 # Every command these helpers run reads from /dev/null, so nothing ever waits for input.
 
@@ -190,6 +192,21 @@ wait_port() {
 
 # utime+stime (fields 14 and 15 of /proc/PID/stat) in clock ticks; the comm field
 # may contain spaces, so cut everything up to the last ')'.
+thread_cpu_ticks() {
+    local pid="$1" prefix="$2" t stat rest name total=0
+    for t in /proc/"$pid"/task/*; do
+        stat="$(cat "$t/stat" 2>/dev/null)" || continue
+        name="${stat#*(}"
+        name="${name%%)*}"
+        [[ "$name" == "$prefix"* ]] || continue
+        rest="${stat##*) }"
+        # shellcheck disable=SC2086
+        set -- $rest
+        total=$((total + ${12} + ${13}))
+    done
+    echo "$total"
+}
+
 proc_cpu_ticks() {
     local stat rest
     stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1

@@ -253,6 +253,7 @@ impl Applier {
         let mut last_housekeeping = Instant::now();
         let mut saved = start - 1;
         let mut waiting_for_order = false;
+        let mut retry_seq: Option<u64> = None;
         info!(from_seq = start, spool_id = %self.mirror.spool.id, "mirror applier started");
         loop {
             if *shutdown.borrow() == Phase::Closing {
@@ -272,44 +273,53 @@ impl Applier {
                 self.conns.retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
                 self.publish_gauges(low);
             }
-            feed.refill(&self.mirror);
-            let mirror = Arc::clone(&self.mirror);
-            let settled = mirror.inflight.settled.notified();
-            let inflight = &mirror.inflight;
-            let Some(choice) = feed
-                .seq
-                .choose(|run, slot, arm| inflight.is_settled(run, slot, arm))
-            else {
-                self.mirror.oldest_unapplied_us.store(0, Ordering::Relaxed);
-                self.publish_gauges(low);
-                let appended = self.mirror.spool.appended.notified();
-                tokio::select! {
-                    _ = appended => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = shutdown.changed() => {}
+            // A unit chosen once (ready, nothing new read) stays the next
+            // one while its apply is retried: anything spooled since has a
+            // higher key, and reading it now would only cost memory and CPU
+            // while the target is away.
+            let seq = match retry_seq.take() {
+                Some(seq) => seq,
+                None => {
+                    feed.refill(&self.mirror);
+                    let mirror = Arc::clone(&self.mirror);
+                    let settled = mirror.inflight.settled.notified();
+                    let inflight = &mirror.inflight;
+                    let Some(choice) = feed
+                        .seq
+                        .choose(|run, slot, arm| inflight.is_settled(run, slot, arm))
+                    else {
+                        self.mirror.oldest_unapplied_us.store(0, Ordering::Relaxed);
+                        self.publish_gauges(low);
+                        let appended = self.mirror.spool.appended.notified();
+                        tokio::select! {
+                            _ = appended => {}
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    };
+                    if !choice.ready {
+                        // A commit in flight on another session may still come
+                        // with a lower key: wait for it to be spooled or dropped.
+                        if !waiting_for_order {
+                            self.mirror.metrics.mirror.order_waits.inc();
+                            waiting_for_order = true;
+                        }
+                        tokio::select! {
+                            _ = settled => {}
+                            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                    waiting_for_order = false;
+                    // What settled may have just been spooled: look again with it.
+                    if feed.refill(&self.mirror) > 0 {
+                        continue;
+                    }
+                    choice.seq
                 }
-                continue;
             };
-            if !choice.ready {
-                // A commit in flight on another session may still come
-                // with a lower key: wait for it to be spooled or dropped.
-                if !waiting_for_order {
-                    self.mirror.metrics.mirror.order_waits.inc();
-                    waiting_for_order = true;
-                }
-                tokio::select! {
-                    _ = settled => {}
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            waiting_for_order = false;
-            // What settled may have just been spooled: look again with it.
-            if feed.refill(&self.mirror) > 0 {
-                continue;
-            }
-            let seq = choice.seq;
             self.mirror
                 .oldest_unapplied_us
                 .store(feed.oldest_committed_us(), Ordering::Relaxed);
@@ -360,6 +370,7 @@ impl Applier {
                         .report
                         .set_apply_state(Some(format!("waiting at seq {}: {msg}", rec.seq)));
                     warn!(seq = rec.seq, error = %msg, "mirror apply delayed; retrying");
+                    retry_seq = Some(rec.seq);
                     feed.records.insert(rec.seq, rec);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -45,7 +45,9 @@
 # connection time)"), median "latency average", TPS relative to direct, and the proxy's
 # median CPU time per transaction (utime+stime from /proc/<pid>/stat before and after the
 # run, in clock ticks of `getconf CLK_TCK`, divided by "number of transactions actually
-# processed"). Raw pgbench outputs stay in target/bench/<timestamp>/.
+# processed"), and for pgshift the part of it spent in the session worker threads
+# (/proc/<pid>/task/*, threads named pgshift-worker-*; the rest is the mirror's
+# applier). Raw pgbench outputs stay in target/bench/<timestamp>/.
 # For pgshift-mirror also: TPS with mirroring on vs off (median of the per-round
 # ratios, pgshift-mirror / pgshift, which ran back to back), units applied during
 # the run per second, lag at the end of the run, and how fast the backlog drained.

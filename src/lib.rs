@@ -12,6 +12,9 @@
 //! - `cancel`: mapping proxy-issued cancel keys to source backends.
 //! - `admin`, `metrics`: the HTTP API and its counters.
 //! - `config`: the TOML config and its validation.
+//! - `classify`: the statement classifier (read, write, lock, ...).
+//! - `mirror`: write mirroring: capture, spool, commit order, applier.
+//! - `router`: read routing policy (not wired into sessions yet).
 
 pub mod admin;
 pub mod cancel;
@@ -23,6 +26,7 @@ pub mod mirror;
 pub mod net;
 pub mod protocol;
 pub mod proxy;
+pub mod router;
 pub mod session;
 pub mod upstream;
 pub mod workers;

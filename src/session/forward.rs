@@ -314,17 +314,11 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn forwards_bytes_unchanged_and_inspects_selected_messages() {
-        let big = vec![7u8; 100_000]; // streamed: larger than max_inspected
-        let mut input = msg(b'Q', b"select 1\0");
-        input.extend(msg(b'd', &big));
-        input.extend(msg(b'Q', b"x\0"));
-        input.extend(msg(b'X', b""));
-        input.extend(msg(b'Q', b"after terminate\0"));
-        // Deliver in awkward pieces to exercise partial headers and bodies.
-        let (mut tx, mut rx) = tokio::io::duplex(7);
-        let feed = input.clone();
+    /// Pumps `input` delivered in 3-byte pieces through a pipe of
+    /// `capacity` bytes, to exercise partial headers and bodies.
+    async fn pump_in_pieces(input: &[u8], capacity: usize) -> (PumpEnd, Vec<u8>, Probe) {
+        let (mut tx, mut rx) = tokio::io::duplex(capacity);
+        let feed = input.to_vec();
         let writer = tokio::spawn(async move {
             for chunk in feed.chunks(3) {
                 tx.write_all(chunk).await.unwrap();
@@ -335,6 +329,18 @@ mod tests {
         let mut buf = BytesMut::new();
         let end = pump(&mut rx, &mut out, &mut buf, &mut probe).await.unwrap();
         writer.abort();
+        (end, out, probe)
+    }
+
+    #[tokio::test]
+    async fn forwards_bytes_unchanged_and_inspects_selected_messages() {
+        let big = vec![7u8; 100_000]; // streamed: larger than max_inspected
+        let mut input = msg(b'Q', b"select 1\0");
+        input.extend(msg(b'd', &big));
+        input.extend(msg(b'Q', b"x\0"));
+        input.extend(msg(b'X', b""));
+        input.extend(msg(b'Q', b"after terminate\0"));
+        let (end, out, probe) = pump_in_pieces(&input, 7).await;
         assert!(matches!(end, PumpEnd::Stopped));
         let upto_terminate = input.len() - msg(b'Q', b"after terminate\0").len();
         assert_eq!(out, &input[..upto_terminate]);
@@ -352,18 +358,7 @@ mod tests {
         input.extend(msg(b'Q', b"replace me\0"));
         input.extend(msg(b'B', b"other"));
         input.extend(msg(b'X', b""));
-        let (mut tx, mut rx) = tokio::io::duplex(5);
-        let feed = input.clone();
-        let writer = tokio::spawn(async move {
-            for chunk in feed.chunks(3) {
-                tx.write_all(chunk).await.unwrap();
-            }
-        });
-        let mut out = Vec::new();
-        let mut probe = Probe::default();
-        let mut buf = BytesMut::new();
-        let end = pump(&mut rx, &mut out, &mut buf, &mut probe).await.unwrap();
-        writer.abort();
+        let (end, out, probe) = pump_in_pieces(&input, 5).await;
         assert!(matches!(end, PumpEnd::Stopped));
         let mut want = b"<before>".to_vec();
         want.extend(msg(b'B', b"keep this"));

@@ -228,10 +228,12 @@ impl<'a> FrontendInspector<'a> {
     }
 
     /// Decides on an order probe for a request starting with a statement
-    /// whose text is `sql`: a COMMIT of a block that wrote gets a request of
-    /// its own before it; an autocommit write (`Shape::Dml`, which the
-    /// caller handles) only where probes are known to work. Until that is
-    /// known, the session's first request carries a probe that only checks.
+    /// whose text is `sql`. A COMMIT of a block that wrote gets the probe
+    /// first in its request, or as a request of its own while the probe is
+    /// not yet known to work for this user and database; an autocommit
+    /// write (`Shape::Dml`, which the caller handles) gets one only where it
+    /// is known to work. Until that is known, the session's first request
+    /// is preceded by a probe that only checks.
     fn probe_for_start(&mut self, sql: &[u8], extended: bool) -> Option<(Shape, Verdict)> {
         let capture = self.capture?;
         let status = self.shared.tx_status.load(Relaxed);
@@ -423,7 +425,6 @@ impl Inspector for FrontendInspector<'_> {
             QUERY => {
                 let text = parse_query(body)?;
                 if self.at_request_start() {
-                    self.plan = None;
                     match self.probe_for_start(text, false) {
                         Some((Shape::Dml, _)) => {
                             if let Some(c) = self.capture {

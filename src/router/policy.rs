@@ -18,17 +18,10 @@
 
 use std::borrow::Cow;
 
+use crate::classify::analyze::fnv1a;
+
 /// Buckets keys fall into.
 pub const BUCKETS: u64 = 1_000_000;
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 /// MurmurHash3's fmix64.
 fn fmix64(mut k: u64) -> u64 {
@@ -41,7 +34,7 @@ fn fmix64(mut k: u64) -> u64 {
 
 /// The bucket of a routing key, in `0..BUCKETS`.
 pub fn bucket(key: &[u8]) -> u64 {
-    fmix64(fnv1a64(key)) % BUCKETS
+    fmix64(fnv1a(key)) % BUCKETS
 }
 
 /// Buckets below this go to the target (`read_percent` is clamped to

@@ -1,5 +1,5 @@
 //! The admin HTTP API: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text), `GET /health`. With `admin.token_file` every request needs
+//! text), `GET /health`, `GET /audit`. With `admin.token_file` every request needs
 //! `Authorization: Bearer <token>`; without one the config only allows a
 //! loopback address.
 
@@ -62,6 +62,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
+        .route("/audit", get(audit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -93,6 +94,26 @@ async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Re
         }
     }
     next.run(req).await
+}
+
+/// `GET /audit?since=<Unix microseconds>`: recent audit entries, oldest
+/// first (the file holds all of them).
+async fn audit(
+    State(st): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let since = match q.get("since").map(|s| s.parse::<u64>()) {
+        None => 0,
+        Some(Ok(t)) => t,
+        Some(Err(_)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": "since must be Unix microseconds"})),
+            )
+                .into_response()
+        }
+    };
+    Json(st.proxy.audit.since(since)).into_response()
 }
 
 async fn status(State(st): State<AdminState>) -> Json<serde_json::Value> {

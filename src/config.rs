@@ -27,6 +27,29 @@ pub struct Config {
     /// Write mirroring; absent = no mirror (and no spool directory).
     #[serde(default)]
     pub mirror: Option<MirrorConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit log (see `audit`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON-lines file every change is appended to before it takes effect.
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: default_audit_path(),
+        }
+    }
+}
+
+fn default_audit_path() -> PathBuf {
+    PathBuf::from("pgshift-audit.jsonl")
 }
 
 /// What the mirror does when the spool reaches `max_spool_bytes`.
@@ -370,6 +393,9 @@ impl Config {
             fix(&mut u.passfile);
         }
         fix(&mut self.admin.token_file);
+        if self.audit.path.is_relative() {
+            self.audit.path = base.join(&self.audit.path);
+        }
         if let Some(m) = self.mirror.as_mut() {
             fix(&mut m.divergence_log);
             if m.spool_dir.is_relative() {
@@ -381,6 +407,9 @@ impl Config {
     /// Semantic checks; the error names the offending key.
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
+        if self.audit.path.as_os_str().is_empty() {
+            return err("audit.path", "must not be empty".into());
+        }
         match (&self.listen.tls_cert, &self.listen.tls_key) {
             (Some(_), None) => {
                 return err(

@@ -11,12 +11,14 @@
 //! - `upstream`: the proxy's own target connections and their logins.
 //! - `cancel`: mapping proxy-issued cancel keys to source backends.
 //! - `admin`, `metrics`: the HTTP API and its counters.
+//! - `audit`: the append-only log of every change, flushed before it applies.
 //! - `config`: the TOML config and its validation.
 //! - `classify`: the statement classifier (read, write, lock, ...).
 //! - `mirror`: write mirroring: capture, spool, commit order, applier.
 //! - `router`: read routing policy (not wired into sessions yet).
 
 pub mod admin;
+pub mod audit;
 pub mod cancel;
 pub mod classify;
 pub mod config;

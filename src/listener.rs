@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
+
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tracing::{error, info, warn};
@@ -30,6 +32,12 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let admin = config.admin.clone();
     let workers_wanted = config.runtime.worker_threads;
     let proxy = Arc::new(Proxy::new(config, phase_rx)?);
+    proxy.metrics.config_epoch.set(1);
+    proxy.audit.record(
+        "start",
+        "start",
+        serde_json::json!({"epoch": 1, "file": config_path.display().to_string(), "version": env!("CARGO_PKG_VERSION")}),
+    ).with_context(|| format!("cannot write the audit log {}", proxy.audit.path().display()))?;
     let workers = Workers::start(workers_wanted, &proxy)?;
     info!(addr = %proxy.config.listen.addr, source = %proxy.source.addr(), tls = proxy.tls.is_some(), workers = workers.len(), "pgshift listening");
 
@@ -160,31 +168,46 @@ fn start_mirror(
 }
 
 /// SIGHUP: re-reads the config file. Only `mirror.enabled` changes live so
-/// far; any other changed section is logged as needing a restart. An invalid
-/// file changes nothing.
+/// far; any other changed section is reported as needing a restart. An
+/// invalid file changes nothing: the rejection is logged, counted, shown in
+/// status and audited. An applied change gets a new epoch and is in the
+/// audit log before it takes effect.
 fn reload(proxy: &Proxy, path: &std::path::Path) {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "config reload rejected; keeping the running config");
+            proxy.metrics.config_rejections.inc();
+            let entry = serde_json::json!({
+                "file": e.file, "key": e.key, "line": e.line, "reason": e.message,
+                "epoch": proxy.epoch.load(Ordering::Relaxed),
+            });
+            if let Err(e) = proxy
+                .audit
+                .record("config_rejected", "signal", entry.clone())
+            {
+                error!(error = %e, "cannot write the audit log");
+            }
+            *proxy
+                .last_rejection
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(entry);
             return;
         }
     };
-    match (&proxy.mirror, &new.mirror) {
-        (Some(m), Some(nm)) => m.set_enabled(nm.enabled),
-        (Some(m), None) => m.set_enabled(false),
-        (None, Some(_)) => {
-            warn!("config reload: [mirror] was added; it takes effect after a restart")
-        }
-        (None, None) => {}
-    }
     let old = &proxy.config;
-    // The mirror section compared without `enabled`, which was applied above.
+    let old_enabled = proxy.mirror.as_ref().map(|m| m.enabled());
+    let new_enabled = match (&proxy.mirror, &new.mirror) {
+        (Some(_), Some(nm)) => Some(nm.enabled),
+        (Some(_), None) => Some(false),
+        (None, _) => None,
+    };
+    // The mirror section compared without `enabled`, which changes live.
     let mirror_rest = new.mirror.clone().map(|mut m| {
         m.enabled = old.mirror.as_ref().is_some_and(|o| o.enabled);
         m
     });
-    let changed = [
+    let restart: Vec<&str> = [
         ("listen", old.listen != new.listen),
         ("source", old.source != new.source),
         ("target", old.target != new.target),
@@ -192,13 +215,47 @@ fn reload(proxy: &Proxy, path: &std::path::Path) {
         ("limits", old.limits != new.limits),
         ("log", old.log != new.log),
         ("runtime", old.runtime != new.runtime),
-        ("mirror", old.mirror.is_some() && old.mirror != mirror_rest),
-    ];
-    for (section, _) in changed.iter().filter(|(_, c)| *c) {
+        ("audit", old.audit != new.audit),
+        (
+            "mirror",
+            old.mirror.is_some() != new.mirror.is_some()
+                || (old.mirror.is_some() && old.mirror != mirror_rest),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect();
+    for section in &restart {
         warn!(
             section,
             "config reload: this section changed but is not reloaded live; restart to apply it"
         );
     }
-    info!("config reloaded");
+    let mut changes = Vec::new();
+    if old_enabled != new_enabled {
+        changes.push(serde_json::json!({
+            "key": "mirror.enabled", "old": old_enabled, "new": new_enabled,
+        }));
+    }
+    if changes.is_empty() {
+        info!(restart_needed = ?restart, "config reloaded; nothing to change live");
+        return;
+    }
+    let epoch = proxy.epoch.load(Ordering::Relaxed) + 1;
+    let entry = serde_json::json!({
+        "epoch": epoch, "file": path.display().to_string(),
+        "changes": changes, "restart_needed": restart,
+    });
+    if let Err(e) = proxy.audit.record("config_reload", "signal", entry) {
+        error!(error = %e, "config reload not applied: cannot write the audit log");
+        proxy.metrics.config_rejections.inc();
+        return;
+    }
+    if let (Some(m), Some(on)) = (&proxy.mirror, new_enabled) {
+        m.set_enabled(on);
+    }
+    proxy.epoch.store(epoch, Ordering::Relaxed);
+    proxy.metrics.config_reloads.inc();
+    proxy.metrics.config_epoch.set(epoch as i64);
+    info!(epoch, "config reloaded");
 }

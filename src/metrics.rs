@@ -27,6 +27,9 @@ pub struct Metrics {
     pub target_links_lost: Counter,
     pub cancel_forwarded: Counter,
     pub cancel_unknown_key: Counter,
+    pub config_reloads: Counter,
+    pub config_rejections: Counter,
+    pub config_epoch: Gauge,
     pub mirror: MirrorMetrics,
     started: std::time::Instant,
 }
@@ -262,6 +265,20 @@ impl Metrics {
         let cancel_unknown_key = cancels
             .get_or_create(&vec![("result", "unknown_key")])
             .clone();
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads, by outcome (applied, or rejected with the running config kept)",
+            reloads.clone(),
+        );
+        let config_reloads = reloads.get_or_create(&vec![("result", "applied")]).clone();
+        let config_rejections = reloads.get_or_create(&vec![("result", "rejected")]).clone();
+        let config_epoch = Gauge::default();
+        registry.register(
+            "config_epoch",
+            "Epoch of the running config (1 at start, one more per applied change)",
+            config_epoch.clone(),
+        );
         let mirror = MirrorMetrics::register(&mut registry);
         Self {
             registry,
@@ -280,6 +297,9 @@ impl Metrics {
             target_links_lost,
             cancel_forwarded,
             cancel_unknown_key,
+            config_reloads,
+            config_rejections,
+            config_epoch,
             started: std::time::Instant::now(),
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::audit::Audit;
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -38,11 +39,22 @@ pub struct Proxy {
     /// Live sessions per worker thread, set once the workers start.
     pub worker_loads: OnceLock<Vec<Arc<AtomicUsize>>>,
     next_session_id: AtomicU64,
+    pub audit: Arc<Audit>,
+    /// The running config's epoch: 1 at start, one more per applied change.
+    pub epoch: AtomicU64,
+    /// The last rejected reload (key, line, reason), for status.
+    pub last_rejection: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 impl Proxy {
     pub fn new(config: Config, shutdown: watch::Receiver<Phase>) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
+        let audit = Arc::new(Audit::open(&config.audit.path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the audit log {}: {e}",
+                config.audit.path.display()
+            )
+        })?);
         let source = Upstream::new("source", &config.source)?;
         let targets = if config.target.session_links {
             let passfile = config
@@ -63,7 +75,7 @@ impl Proxy {
         let mirror = config
             .mirror
             .as_ref()
-            .map(|m| Mirror::open(m, Arc::clone(&metrics)))
+            .map(|m| Mirror::open(m, Arc::clone(&metrics), Some(Arc::clone(&audit))))
             .transpose()?;
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
             (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -82,6 +94,9 @@ impl Proxy {
             shutdown,
             worker_loads: OnceLock::new(),
             next_session_id: AtomicU64::new(1),
+            audit,
+            epoch: AtomicU64::new(1),
+            last_rejection: std::sync::Mutex::new(None),
         })
     }
 
@@ -103,6 +118,13 @@ impl Proxy {
             "workers": self.worker_loads.get().map(|loads| {
                 loads.iter().map(|l| l.load(Ordering::Relaxed)).collect::<Vec<_>>()
             }),
+            "config": {
+                "epoch": self.epoch.load(Ordering::Relaxed),
+                "reloads_applied": self.metrics.config_reloads.get(),
+                "reloads_rejected": self.metrics.config_rejections.get(),
+                "last_rejection": self.last_rejection.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                "audit_log": self.audit.path().display().to_string(),
+            },
             "metrics": self.metrics.snapshot(),
             "mirror": self.mirror.as_ref().map(|m| m.status()),
         })

@@ -57,6 +57,8 @@ pub struct Mirror {
     /// Per "user\0database": whether the order probe works there. An
     /// autocommit write gets a probe only where it does (see `order`).
     probe_works: Mutex<HashMap<String, bool>>,
+    /// Gaps go to the audit log too.
+    audit: Option<Arc<crate::audit::Audit>>,
 }
 
 /// What a session must do after handing a record over.
@@ -68,7 +70,11 @@ pub enum Spooled {
 }
 
 impl Mirror {
-    pub fn open(cfg: &MirrorConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+    pub fn open(
+        cfg: &MirrorConfig,
+        metrics: Arc<Metrics>,
+        audit: Option<Arc<crate::audit::Audit>>,
+    ) -> anyhow::Result<Arc<Self>> {
         let spool = Spool::open(&cfg.spool_dir, cfg.max_spool_bytes).map_err(|e| {
             anyhow::anyhow!("cannot open the spool in {}: {e}", cfg.spool_dir.display())
         })?;
@@ -97,6 +103,7 @@ impl Mirror {
             applied_seq: AtomicU64::new(0),
             oldest_unapplied_us: AtomicU64::new(0),
             probe_works: Mutex::default(),
+            audit,
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
@@ -131,6 +138,7 @@ impl Mirror {
                     .gap_closed("mirroring re-enabled", self.spool.last_seq());
             } else {
                 self.metrics.mirror.gaps.inc();
+                self.audit_gap("mirroring disabled by configuration");
                 self.report.gap(
                     "mirroring disabled by configuration: writes from now on are not mirrored",
                     self.spool.last_seq(),
@@ -235,8 +243,20 @@ impl Mirror {
                 reason = why,
                 "MIRROR GAP: the target no longer receives every write"
             );
+            self.audit_gap(why);
             self.metrics.mirror.gaps.inc();
             self.report.gap(why, self.spool.last_seq());
+        }
+    }
+
+    /// The gap as an audit entry (the gap happened whether or not the
+    /// entry can be written).
+    fn audit_gap(&self, why: &str) {
+        if let Some(a) = &self.audit {
+            let fields = serde_json::json!({"reason": why, "after_seq": self.spool.last_seq()});
+            if let Err(e) = a.record("mirror_gap", "mirror", fields) {
+                error!(error = %e, "cannot write the audit log");
+            }
         }
     }
 

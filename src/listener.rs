@@ -63,6 +63,11 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // The config file is watched by polling its content: editors replace
+    // files in every way there is, and a read a second costs nothing.
+    let mut watch = tokio::time::interval(CONFIG_POLL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = file_digest(&config_path).await;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -85,7 +90,19 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = sighup.recv() => reload(&proxy, &config_path),
+            _ = sighup.recv() => {
+                seen = file_digest(&config_path).await;
+                reload(&proxy, &config_path, "signal");
+            }
+            _ = watch.tick() => {
+                let now = file_digest(&config_path).await;
+                if now != seen {
+                    seen = now;
+                    if seen.is_some() {
+                        reload(&proxy, &config_path, "file");
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -167,25 +184,34 @@ fn start_mirror(
     Ok(Some(handle))
 }
 
-/// SIGHUP: re-reads the config file. Only `mirror.enabled` changes live so
+/// How often the config file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// A digest of the config file's content (None when it cannot be read:
+/// a file being replaced is not a change until it is back).
+async fn file_digest(path: &std::path::Path) -> Option<u64> {
+    tokio::fs::read(path)
+        .await
+        .ok()
+        .map(|b| crate::classify::analyze::fnv1a(&b))
+}
+
+/// SIGHUP, or a changed file: re-reads the config file. Only `mirror.enabled` changes live so
 /// far; any other changed section is reported as needing a restart. An
 /// invalid file changes nothing: the rejection is logged, counted, shown in
 /// status and audited. An applied change gets a new epoch and is in the
 /// audit log before it takes effect.
-fn reload(proxy: &Proxy, path: &std::path::Path) {
+fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            error!(error = %e, "config reload rejected; keeping the running config");
+            error!(error = %e, by = who, "config reload rejected; keeping the running config");
             proxy.metrics.config_rejections.inc();
             let entry = serde_json::json!({
                 "file": e.file, "key": e.key, "line": e.line, "reason": e.message,
                 "epoch": proxy.epoch.load(Ordering::Relaxed),
             });
-            if let Err(e) = proxy
-                .audit
-                .record("config_rejected", "signal", entry.clone())
-            {
+            if let Err(e) = proxy.audit.record("config_rejected", who, entry.clone()) {
                 error!(error = %e, "cannot write the audit log");
             }
             *proxy
@@ -246,7 +272,7 @@ fn reload(proxy: &Proxy, path: &std::path::Path) {
         "epoch": epoch, "file": path.display().to_string(),
         "changes": changes, "restart_needed": restart,
     });
-    if let Err(e) = proxy.audit.record("config_reload", "signal", entry) {
+    if let Err(e) = proxy.audit.record("config_reload", who, entry) {
         error!(error = %e, "config reload not applied: cannot write the audit log");
         proxy.metrics.config_rejections.inc();
         return;

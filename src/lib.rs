@@ -13,6 +13,7 @@
 //! - `admin`, `metrics`: the HTTP API and its counters.
 //! - `audit`: the append-only log of every change, flushed before it applies.
 //! - `config`: the TOML config and its validation.
+//! - `ctl`: `pgshift ctl`, the admin API's command-line client.
 //! - `classify`: the statement classifier (read, write, lock, ...).
 //! - `mirror`: write mirroring: capture, spool, commit order, applier.
 //! - `router`: read routing policy (not wired into sessions yet).
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod cancel;
 pub mod classify;
 pub mod config;
+pub mod ctl;
 pub mod listener;
 pub mod metrics;
 pub mod mirror;

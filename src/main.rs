@@ -34,6 +34,29 @@ enum Command {
     Run,
     /// Validate the config file and exit: non-zero, with the key and line, when it is wrong.
     Check,
+    /// Talk to a running proxy's admin API (found through the config file).
+    Ctl {
+        /// Print the API's JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Admin API address (default: admin.addr from the config).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Routing, mirror, config epoch and counters.
+    Status,
+    /// Audit log entries (changes, rejected reloads, mirror gaps).
+    Audit {
+        /// Only entries at or after this time (Unix microseconds).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +74,39 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config, cli.config),
+        Command::Ctl {
+            json,
+            admin,
+            command,
+        } => ctl(&config, admin.as_deref(), json, command),
+    }
+}
+
+fn ctl(config: &Config, admin: Option<&str>, json: bool, command: CtlCommand) -> ExitCode {
+    let run = || -> anyhow::Result<String> {
+        let client = pgshift::ctl::AdminClient::new(config, admin)?;
+        let (value, text): (_, fn(&serde_json::Value) -> String) = match command {
+            CtlCommand::Status => (client.get("/status")?, pgshift::ctl::status_text),
+            CtlCommand::Audit { since } => (
+                client.get(&format!("/audit?since={since}"))?,
+                pgshift::ctl::audit_text,
+            ),
+        };
+        Ok(if json {
+            format!("{value:#}\n")
+        } else {
+            text(&value)
+        })
+    };
+    match run() {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgshift ctl: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,196 @@
+//! `pgshift ctl`: the admin API from the command line. It finds the API and
+//! its token in the same config file the proxy runs with, prints readable
+//! text by default and the API's JSON with `--json`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::config::Config;
+
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// The API of the proxy running with `cfg`; `addr` overrides
+    /// `admin.addr`.
+    pub fn new(cfg: &Config, addr: Option<&str>) -> anyhow::Result<Self> {
+        let addr = match (addr, cfg.admin.addr) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(a)) => a.to_string(),
+            (None, None) => bail!("the config has no admin.addr; pass --admin"),
+        };
+        let token = cfg
+            .admin
+            .token_file
+            .as_deref()
+            .map(crate::admin::read_token)
+            .transpose()?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Ok(Self {
+            base: format!("http://{addr}"),
+            token,
+            agent,
+        })
+    }
+
+    /// GETs `path` and parses the JSON answer; any status but 200 is an
+    /// error carrying the API's message.
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req
+            .call()
+            .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        let status = resp.status();
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer to GET {path}"))?;
+        if status != 200 {
+            let msg = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            bail!("GET {path}: {status}: {}", msg.trim());
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: the answer is not JSON"))
+    }
+}
+
+fn num(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `GET /status` as a few readable lines.
+pub fn status_text(s: &Value) -> String {
+    let mut out = format!(
+        "pgshift {} ({}), listening on {}\n",
+        s["version"].as_str().unwrap_or("?"),
+        s["phase"].as_str().unwrap_or("?"),
+        s["listen"].as_str().unwrap_or("?"),
+    );
+    let c = &s["config"];
+    out += &format!(
+        "config: epoch {}, {} reloads applied, {} rejected; audit log {}\n",
+        num(&c["epoch"]),
+        num(&c["reloads_applied"]),
+        num(&c["reloads_rejected"]),
+        c["audit_log"].as_str().unwrap_or("?"),
+    );
+    if let Some(r) = c["last_rejection"].as_object() {
+        out += &format!(
+            "  last rejected reload: {} (key {}, line {})\n",
+            r.get("reason").and_then(Value::as_str).unwrap_or("?"),
+            r.get("key").and_then(Value::as_str).unwrap_or("-"),
+            r.get("line").map(num).unwrap_or_else(|| "-".into()),
+        );
+    }
+    let m = &s["metrics"]["clients"];
+    out += &format!(
+        "clients: {} sessions open, {} connections since start\n",
+        num(&m["sessions_active"]),
+        num(&m["connections_total"]),
+    );
+    out += &format!(
+        "source {}, target {}\n",
+        s["source"]["addr"].as_str().unwrap_or("?"),
+        s["target"]["addr"].as_str().unwrap_or("?"),
+    );
+    let mi = &s["mirror"];
+    if mi.is_null() {
+        out += "mirror: not configured\n";
+    } else {
+        let r = &mi["report"];
+        out += &format!(
+            "mirror: {}, {} units behind ({:.1} s), {} applied, spool {} bytes\n",
+            mi["state"].as_str().unwrap_or("?"),
+            num(&mi["lag_transactions"]),
+            mi["lag_seconds"].as_f64().unwrap_or(0.0),
+            num(&mi["applied_transactions"]),
+            num(&mi["spool_bytes"]),
+        );
+        out += &format!(
+            "  divergences {}, gaps {}, in doubt {}, without order key {}{}\n",
+            num(&r["divergences_total"]),
+            num(&r["gaps_total"]),
+            num(&mi["in_doubt_transactions"]),
+            num(&mi["units_without_order_key"]),
+            if r["needs_resync"] == true {
+                "; THE TARGET NEEDS A RE-SYNC"
+            } else {
+                ""
+            },
+        );
+    }
+    out
+}
+
+/// `GET /audit` entries, one line each.
+pub fn audit_text(entries: &Value) -> String {
+    let mut out = String::new();
+    for e in entries.as_array().into_iter().flatten() {
+        let mut rest = e.clone();
+        let mut head = String::new();
+        for k in ["time_us", "kind", "who"] {
+            head += &format!("{} ", num(&rest[k]).trim_matches('"'));
+            if let Some(o) = rest.as_object_mut() {
+                o.remove(k);
+            }
+        }
+        out += &format!("{head}{rest}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readable_status_names_what_matters() {
+        let s = serde_json::json!({
+            "version": "0.1.0", "phase": "running", "listen": "127.0.0.1:6432",
+            "config": {"epoch": 3, "reloads_applied": 2, "reloads_rejected": 1,
+                       "audit_log": "/x/audit.jsonl",
+                       "last_rejection": {"reason": "unknown field", "key": "mirror.x", "line": 7}},
+            "metrics": {"clients": {"sessions_active": 4, "connections_total": 10}},
+            "source": {"addr": "s:1"}, "target": {"addr": "t:2"},
+            "mirror": {"state": "applying", "lag_transactions": 5, "lag_seconds": 0.25,
+                       "applied_transactions": 9, "spool_bytes": 100, "in_doubt_transactions": 1,
+                       "units_without_order_key": 0,
+                       "report": {"divergences_total": 0, "gaps_total": 0, "needs_resync": true}},
+        });
+        let t = status_text(&s);
+        assert!(
+            t.contains("config: epoch 3, 2 reloads applied, 1 rejected"),
+            "{t}"
+        );
+        assert!(t.contains("unknown field (key mirror.x, line 7)"), "{t}");
+        assert!(
+            t.contains("mirror: applying, 5 units behind (0.2 s)"),
+            "{t}"
+        );
+        assert!(t.contains("in doubt 1"), "{t}");
+        assert!(t.contains("RE-SYNC"), "{t}");
+        let a = audit_text(&serde_json::json!([
+            {"time_us": 1, "kind": "start", "who": "start", "epoch": 1}
+        ]));
+        assert_eq!(a, "1 start start {\"epoch\":1}\n");
+    }
+}

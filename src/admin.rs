@@ -1,5 +1,5 @@
 //! The admin HTTP API: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text), `GET /health`, `GET /audit`. With `admin.token_file` every request needs
+//! text), `GET /health`, `GET /audit`, `GET /config`. With `admin.token_file` every request needs
 //! `Authorization: Bearer <token>`; without one the config only allows a
 //! loopback address.
 
@@ -63,6 +63,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
         .route("/audit", get(audit))
+        .route("/config", get(config))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -114,6 +115,10 @@ async fn audit(
         }
     };
     Json(st.proxy.audit.since(since)).into_response()
+}
+
+async fn config(State(st): State<AdminState>) -> Json<serde_json::Value> {
+    Json(st.proxy.effective_config())
 }
 
 async fn status(State(st): State<AdminState>) -> Json<serde_json::Value> {

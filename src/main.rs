@@ -51,6 +51,8 @@ enum Command {
 enum CtlCommand {
     /// Routing, mirror, config epoch and counters.
     Status,
+    /// The configuration in force (JSON), with its epoch.
+    Config,
     /// Audit log entries (changes, rejected reloads, mirror gaps).
     Audit {
         /// Only entries at or after this time (Unix microseconds).
@@ -87,6 +89,7 @@ fn ctl(config: &Config, admin: Option<&str>, json: bool, command: CtlCommand) ->
         let client = pgshift::ctl::AdminClient::new(config, admin)?;
         let (value, text): (_, fn(&serde_json::Value) -> String) = match command {
             CtlCommand::Status => (client.get("/status")?, pgshift::ctl::status_text),
+            CtlCommand::Config => (client.get("/config")?, |v| format!("{v:#}\n")),
             CtlCommand::Audit { since } => (
                 client.get(&format!("/audit?since={since}"))?,
                 pgshift::ctl::audit_text,

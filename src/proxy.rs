@@ -104,6 +104,19 @@ impl Proxy {
         self.next_session_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// `GET /config`: the configuration in force, as JSON, with its epoch.
+    /// Keys changed live (today `mirror.enabled`) show their live value.
+    pub fn effective_config(&self) -> serde_json::Value {
+        let mut cfg = self.config.clone();
+        if let (Some(m), Some(c)) = (&self.mirror, cfg.mirror.as_mut()) {
+            c.enabled = m.enabled();
+        }
+        serde_json::json!({
+            "epoch": self.epoch.load(Ordering::Relaxed),
+            "config": cfg,
+        })
+    }
+
     /// `GET /status`.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({

@@ -45,6 +45,17 @@ fn config_changes_and_rejections_are_audited_and_served() {
     std::fs::write(&cfg_path, text.replace("enabled = true", "enabled = false")).unwrap();
     p.wait_for(10, "epoch 2", |p| p.stat("/config/epoch") == 2);
     assert_eq!(p.status()["mirror"]["enabled"], false);
+    // GET /config shows the configuration in force, live change included.
+    let (code, body) = p.admin_get("/config");
+    assert_eq!(code, 200, "{body}");
+    let cfg: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(cfg["epoch"], 2);
+    assert_eq!(cfg["config"]["mirror"]["enabled"], false);
+    assert_eq!(cfg["config"]["mirror"]["on_full"], "stop_mirroring");
+    assert_eq!(
+        cfg["config"]["listen"]["addr"],
+        format!("127.0.0.1:{}", p.port)
+    );
     let entries = audit_entries(&p);
     let reload = entries
         .iter()
@@ -162,6 +173,12 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
         live["metrics"] = v["metrics"].clone();
         live
     });
+
+    let out = ctl(&p, &["config"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["epoch"], 1);
+    assert_eq!(v["config"]["source"]["port"], p.clusters.source_port);
 
     let out = ctl(&p, &["audit"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -40,7 +40,7 @@ use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{read_message, HEADER_LEN};
-use crate::protocol::message::take_cstr;
+use crate::protocol::message::{put_message, take_cstr};
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Phase;
 use crate::upstream::login::connect_and_login;
@@ -849,18 +849,11 @@ impl Applier {
 
 /// Appends a simple Query message.
 fn query(out: &mut BytesMut, sql: &str) {
-    out.put_u8(b'Q');
-    out.put_u32((4 + sql.len() + 1) as u32);
-    out.put_slice(sql.as_bytes());
-    out.put_u8(0);
+    put_message(out, b'Q', &[sql.as_bytes(), b"\0"]);
 }
 
 fn close_statement(out: &mut BytesMut, name: &[u8]) {
-    out.put_u8(b'C');
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(b'S');
-    out.put_slice(name);
-    out.put_u8(0);
+    put_message(out, b'C', &[b"S", name, b"\0"]);
 }
 
 fn data_row(body: &[u8]) -> Vec<Option<String>> {

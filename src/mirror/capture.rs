@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::inflight::{self, InFlight};
 use super::order::{OrderKey, Probe};
-use super::record::{Outcome, Segment, TxnRecord};
+use super::record::{startup_param, Outcome, Segment, TxnRecord};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, HEADER_LEN};
@@ -160,15 +160,9 @@ impl Capture {
         journal: Option<Arc<InFlight>>,
     ) -> Self {
         let journal = journal.and_then(|j| j.acquire().map(|slot| (j, slot)));
-        let param = |k: &str| {
-            startup
-                .iter()
-                .rev()
-                .find(|(n, _)| n == k.as_bytes())
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        };
-        let user = param("user").unwrap_or_default();
-        let probe_key = format!("{user}\0{}", param("database").unwrap_or(user.clone()));
+        let user = startup_param(&startup, "user").unwrap_or_default();
+        let database = startup_param(&startup, "database").unwrap_or(user);
+        let probe_key = format!("{user}\0{database}");
         Self {
             rules,
             session,

@@ -36,9 +36,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::classify::lexer::{self, Token};
+use crate::protocol::message::put_message as message;
 
 /// What the probe asks the source. `pg_current_wal_insert_lsn()` is
 /// callable by any role and reads one spinlock-protected counter.
@@ -120,15 +121,6 @@ pub fn shape(sql: &str) -> Shape {
         Shape::Dml
     } else {
         Shape::Other
-    }
-}
-
-fn message(out: &mut BytesMut, tag: u8, body: &[&[u8]]) {
-    out.put_u8(tag);
-    let len: usize = body.iter().map(|b| b.len()).sum();
-    out.put_i32(len as i32 + 4);
-    for b in body {
-        out.put_slice(b);
     }
 }
 

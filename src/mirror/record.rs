@@ -248,11 +248,7 @@ impl TxnRecord {
 
     /// The startup parameter `name`, if the client sent it.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.startup
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name.as_bytes())
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        startup_param(&self.startup, name)
     }
 
     /// The database the session used (defaults to the user name, as in Postgres).
@@ -261,6 +257,15 @@ impl TxnRecord {
             .or_else(|| self.param("user"))
             .unwrap_or_default()
     }
+}
+
+/// A startup parameter by name (the last one wins, as in Postgres).
+pub fn startup_param<'a>(startup: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a str> {
+    startup
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name.as_bytes())
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
 #[cfg(test)]

@@ -1,9 +1,23 @@
-//! Decoders for the few tagged messages whose contents the proxy inspects.
+//! Decoders for the few tagged messages whose contents the proxy inspects,
+//! and one encoder for the few messages the proxy writes itself.
 //!
 //! Each decoder takes a complete, already length-checked message body and
 //! borrows from it; none allocates or panics on malformed input.
 
+use bytes::{BufMut, BytesMut};
+
 use super::FrameError;
+
+/// Appends one tagged message whose body is `parts`, concatenated.
+pub fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(5 + len);
+    out.put_u8(tag);
+    out.put_i32(len as i32 + 4);
+    for p in parts {
+        out.put_slice(p);
+    }
+}
 
 // Frontend message tags.
 pub const BIND: u8 = b'B';

@@ -1,5 +1,7 @@
 //! The admin HTTP API: `GET /status` (JSON), `GET /metrics` (Prometheus
-//! text), `GET /health`, `GET /audit`, `GET /config`. With `admin.token_file` every request needs
+//! text), `GET /health`, `GET /audit`, `GET /config`, and the live routing
+//! controls `PUT /routing`, `POST /failback`, `POST /resume` (each audited
+//! with a new epoch). With `admin.token_file` every request needs
 //! `Authorization: Bearer <token>`; without one the config only allows a
 //! loopback address.
 
@@ -12,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use tracing::info;
 
@@ -64,6 +66,9 @@ pub async fn serve(
         .route("/health", get(|| async { "ok\n" }))
         .route("/audit", get(audit))
         .route("/config", get(config))
+        .route("/routing", put(put_routing).get(get_routing))
+        .route("/failback", post(failback))
+        .route("/resume", post(resume))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -133,4 +138,148 @@ async fn metrics(State(st): State<AdminState>) -> impl IntoResponse {
         )],
         st.proxy.metrics.render(),
     )
+}
+
+/// The routing keys `PUT /routing` may change; absent ones stay.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingPatch {
+    read_percent: Option<f64>,
+    hash_key: Option<crate::config::HashKey>,
+    comment_key: Option<String>,
+    target_timeout_ms: Option<u64>,
+}
+
+/// An optional reason for failback and resume.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    reason: Option<String>,
+}
+
+fn bad_request(key: Option<&str>, reason: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": reason, "key": key})),
+    )
+        .into_response()
+}
+
+fn applied(st: &AdminState, r: Result<u64, crate::proxy::ChangeError>) -> Response {
+    match r {
+        Ok(epoch) => Json(serde_json::json!({
+            "epoch": epoch,
+            "routing": st.proxy.router.status(),
+        }))
+        .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": e.reason, "key": e.key})),
+        )
+            .into_response(),
+    }
+}
+
+/// Parses a JSON body (an empty body counts as `{}`), or says what is wrong.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(bad_request(None, &format!("invalid JSON body: {e}"))))
+}
+
+async fn get_routing(State(st): State<AdminState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "epoch": st.proxy.epoch.load(std::sync::atomic::Ordering::Relaxed),
+        "routing": st.proxy.router.status(),
+    }))
+}
+
+/// `PUT /routing {"read_percent": 5}`: validated like the config file.
+async fn put_routing(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let patch: RoutingPatch = match json_body(&body) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let proxy = &st.proxy;
+    let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let live = proxy.router.current();
+    let mut cfg = crate::config::RoutingConfig {
+        read_percent: live.read_percent,
+        hash_key: live.hash_key,
+        comment_key: live.comment_key.clone(),
+        target_timeout_ms: live.target_timeout.as_millis() as u64,
+    };
+    if let Some(p) = patch.read_percent {
+        cfg.read_percent = p;
+    }
+    if let Some(k) = patch.hash_key {
+        cfg.hash_key = k;
+    }
+    if let Some(k) = patch.comment_key {
+        cfg.comment_key = k;
+    }
+    if let Some(t) = patch.target_timeout_ms {
+        cfg.target_timeout_ms = t;
+    }
+    if let Err((key, reason)) = cfg.validate() {
+        return bad_request(Some(&key), &reason);
+    }
+    let mut new = crate::router::Settings::from_config(&cfg);
+    new.failed_back = live.failed_back.clone();
+    if new == *live {
+        return applied(
+            &st,
+            Ok(proxy.epoch.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+    }
+    let r = proxy.set_routing("routing_change", "api", new, serde_json::json!({}));
+    applied(&st, r)
+}
+
+/// `POST /failback`: every read to the source now, until a resume.
+async fn failback(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let reason: Reason = match json_body(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let reason = reason
+        .reason
+        .unwrap_or_else(|| "requested through the admin API".into());
+    let proxy = &st.proxy;
+    let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut new = (*proxy.router.current()).clone();
+    new.failed_back = Some(reason.clone());
+    let r = proxy.set_routing(
+        "failback",
+        "api",
+        new,
+        serde_json::json!({"reason": reason, "metrics": proxy.routing_evidence()}),
+    );
+    applied(&st, r)
+}
+
+/// `POST /resume`: routing as configured again.
+async fn resume(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let reason: Reason = match json_body(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let reason = reason
+        .reason
+        .unwrap_or_else(|| "requested through the admin API".into());
+    let proxy = &st.proxy;
+    let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut new = (*proxy.router.current()).clone();
+    new.failed_back = None;
+    let r = proxy.set_routing(
+        "resume",
+        "api",
+        new,
+        serde_json::json!({"reason": reason, "metrics": proxy.routing_evidence()}),
+    );
+    applied(&st, r)
 }

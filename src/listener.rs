@@ -196,12 +196,14 @@ async fn file_digest(path: &std::path::Path) -> Option<u64> {
         .map(|b| crate::classify::analyze::fnv1a(&b))
 }
 
-/// SIGHUP, or a changed file: re-reads the config file. Only `mirror.enabled` changes live so
-/// far; any other changed section is reported as needing a restart. An
-/// invalid file changes nothing: the rejection is logged, counted, shown in
-/// status and audited. An applied change gets a new epoch and is in the
-/// audit log before it takes effect.
+/// SIGHUP, or a changed file: re-reads the config file and applies what
+/// changed in it since it was last loaded. `mirror.enabled` and every
+/// `[routing]` key change live; any other changed section is reported as
+/// needing a restart. An invalid file changes nothing: the rejection is
+/// logged, counted, shown in status and audited. An applied change gets a
+/// new epoch and is in the audit log before it takes effect.
 fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
+    let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -221,12 +223,15 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
             return;
         }
     };
-    let old = &proxy.config;
+    let mut file = proxy.file_config.lock().unwrap_or_else(|p| p.into_inner());
+    let old = file.clone();
     let old_enabled = proxy.mirror.as_ref().map(|m| m.enabled());
     let new_enabled = match (&proxy.mirror, &new.mirror) {
-        (Some(_), Some(nm)) => Some(nm.enabled),
-        (Some(_), None) => Some(false),
-        (None, _) => None,
+        (Some(_), Some(nm)) if old.mirror.as_ref().map(|m| m.enabled) != Some(nm.enabled) => {
+            Some(nm.enabled)
+        }
+        (Some(_), None) if old.mirror.is_some() => Some(false),
+        _ => old_enabled,
     };
     // The mirror section compared without `enabled`, which changes live.
     let mirror_rest = new.mirror.clone().map(|mut m| {
@@ -263,6 +268,31 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
             "key": "mirror.enabled", "old": old_enabled, "new": new_enabled,
         }));
     }
+    // Routing: each key the file changed replaces the live value (which
+    // the API may have changed since).
+    let live = proxy.router.current();
+    let mut routing = (*live).clone();
+    let (o, n) = (&old.routing, &new.routing);
+    if o.read_percent != n.read_percent {
+        routing.read_percent = n.read_percent;
+        routing.threshold = crate::router::policy::threshold(n.read_percent);
+    }
+    if o.hash_key != n.hash_key {
+        routing.hash_key = n.hash_key;
+    }
+    if o.comment_key != n.comment_key {
+        routing.comment_key = n.comment_key.clone();
+    }
+    if o.target_timeout_ms != n.target_timeout_ms {
+        routing.target_timeout = Duration::from_millis(n.target_timeout_ms);
+    }
+    let routing_changed = routing != *live;
+    if routing_changed {
+        changes.push(serde_json::json!({
+            "key": "routing", "old": live.to_json(), "new": routing.to_json(),
+        }));
+    }
+    *file = new;
     if changes.is_empty() {
         info!(restart_needed = ?restart, "config reloaded; nothing to change live");
         return;
@@ -275,13 +305,15 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     if let Err(e) = proxy.audit.record("config_reload", who, entry) {
         error!(error = %e, "config reload not applied: cannot write the audit log");
         proxy.metrics.config_rejections.inc();
+        *file = old;
         return;
     }
     if let (Some(m), Some(on)) = (&proxy.mirror, new_enabled) {
         m.set_enabled(on);
     }
-    proxy.epoch.store(epoch, Ordering::Relaxed);
-    proxy.metrics.config_reloads.inc();
-    proxy.metrics.config_epoch.set(epoch as i64);
+    if routing_changed {
+        proxy.router.store(routing);
+    }
+    proxy.bump_epoch(epoch);
     info!(epoch, "config reloaded");
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub config_rejections: Counter,
     pub config_epoch: Gauge,
     pub mirror: MirrorMetrics,
+    pub route: crate::router::RouteMetrics,
     started: std::time::Instant,
 }
 
@@ -280,9 +281,12 @@ impl Metrics {
             config_epoch.clone(),
         );
         let mirror = MirrorMetrics::register(&mut registry);
+        let route = crate::router::RouteMetrics::new();
+        route.register(&mut registry);
         Self {
             registry,
             mirror,
+            route,
             client_connections,
             client_sessions_active,
             client_rejected_too_many,
@@ -309,6 +313,11 @@ impl Metrics {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        // The latency summaries go before the closing `# EOF`.
+        let eof = out.rfind("# EOF").unwrap_or(out.len());
+        let tail = out.split_off(eof);
+        self.route.render_latency(&mut out);
+        out.push_str(&tail);
         out
     }
 
@@ -336,6 +345,7 @@ impl Metrics {
                 "forwarded": self.cancel_forwarded.get(),
                 "unknown_key": self.cancel_unknown_key.get(),
             },
+            "routing": self.route.snapshot(),
         })
     }
 }

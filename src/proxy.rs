@@ -44,6 +44,24 @@ pub struct Proxy {
     pub epoch: AtomicU64,
     /// The last rejected reload (key, line, reason), for status.
     pub last_rejection: std::sync::Mutex<Option<serde_json::Value>>,
+    /// Read routing settings in force.
+    pub router: crate::router::Router,
+    /// Classifier rules for routing (the mirror's when it has them).
+    pub rules: Arc<crate::classify::Rules>,
+    /// Serialises changes of the live settings (reloads, admin API), so
+    /// each gets its own epoch and audit entry in order.
+    pub change_lock: std::sync::Mutex<()>,
+    /// The config file as last loaded: a reload applies only what changed
+    /// in the file since, so a change made through the API stays until the
+    /// file changes that key.
+    pub file_config: std::sync::Mutex<Config>,
+}
+
+/// A live change that could not be applied.
+#[derive(Debug)]
+pub struct ChangeError {
+    pub key: Option<String>,
+    pub reason: String,
 }
 
 impl Proxy {
@@ -68,6 +86,7 @@ impl Proxy {
                 passfile,
                 keepalive: Duration::from_secs(config.target.keepalive_s),
                 metrics: Arc::clone(&metrics),
+                last_login_failed: std::sync::atomic::AtomicBool::new(false),
             }))
         } else {
             None
@@ -83,7 +102,24 @@ impl Proxy {
             )),
             _ => None,
         };
+        let router = crate::router::Router::new(&config.routing, targets.is_some());
+        let rules = mirror.as_ref().map_or_else(
+            || {
+                Arc::new(crate::classify::Rules::new(
+                    &config
+                        .mirror
+                        .as_ref()
+                        .map(|m| m.write_functions.clone())
+                        .unwrap_or_default(),
+                ))
+            },
+            |m| Arc::clone(&m.rules),
+        );
         Ok(Self {
+            router,
+            rules,
+            change_lock: std::sync::Mutex::new(()),
+            file_config: std::sync::Mutex::new(config.clone()),
             config,
             source,
             targets,
@@ -111,9 +147,63 @@ impl Proxy {
         if let (Some(m), Some(c)) = (&self.mirror, cfg.mirror.as_mut()) {
             c.enabled = m.enabled();
         }
+        let r = self.router.current();
+        cfg.routing.read_percent = r.read_percent;
+        cfg.routing.hash_key = r.hash_key;
+        cfg.routing.comment_key = r.comment_key.clone();
+        cfg.routing.target_timeout_ms = r.target_timeout.as_millis() as u64;
         serde_json::json!({
             "epoch": self.epoch.load(Ordering::Relaxed),
             "config": cfg,
+        })
+    }
+
+    /// Applies new routing settings: audited (`kind`, `who`, old and new
+    /// values, `extra`) before they take effect, with a new epoch. The
+    /// caller holds `change_lock`.
+    pub fn set_routing(
+        &self,
+        kind: &str,
+        who: &str,
+        new: crate::router::Settings,
+        extra: serde_json::Value,
+    ) -> Result<u64, ChangeError> {
+        let old = self.router.current();
+        let epoch = self.epoch.load(Ordering::Relaxed) + 1;
+        let mut entry = serde_json::json!({
+            "epoch": epoch,
+            "old": old.to_json(),
+            "new": new.to_json(),
+        });
+        if let (Some(e), serde_json::Value::Object(x)) = (entry.as_object_mut(), extra) {
+            e.extend(x);
+        }
+        self.audit
+            .record(kind, who, entry)
+            .map_err(|e| ChangeError {
+                key: None,
+                reason: format!("not applied: cannot write the audit log: {e}"),
+            })?;
+        self.router.store(new);
+        self.bump_epoch(epoch);
+        tracing::info!(epoch, by = who, kind, "routing changed");
+        Ok(epoch)
+    }
+
+    /// Makes `epoch` the running one (its audit entry is written).
+    pub fn bump_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.metrics.config_reloads.inc();
+        self.metrics.config_epoch.set(epoch as i64);
+    }
+
+    /// What failback and resume record: the numbers an operator would
+    /// want to see next to the decision.
+    pub fn routing_evidence(&self) -> serde_json::Value {
+        serde_json::json!({
+            "routing": self.metrics.route.snapshot(),
+            "mirror_lag_transactions": self.metrics.mirror.lag_transactions.get(),
+            "mirror_lag_ms": self.metrics.mirror.lag_ms.get(),
         })
     }
 
@@ -140,6 +230,7 @@ impl Proxy {
             },
             "metrics": self.metrics.snapshot(),
             "mirror": self.mirror.as_ref().map(|m| m.status()),
+            "routing": self.router.status(),
         })
     }
 }

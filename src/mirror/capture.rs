@@ -94,6 +94,10 @@ pub struct Capture {
     max_txn_bytes: usize,
     /// An incomplete message at the end of what was forwarded so far.
     partial: Vec<u8>,
+    /// Client messages seen, and the ones routing took elsewhere (see
+    /// `hide`): the mirror follows only what reached the source.
+    msg_no: u64,
+    hidden: VecDeque<(u64, Option<bytes::Bytes>)>,
     open: Seg,
     /// Closed segments waiting for their ReadyForQuery.
     closed: VecDeque<Seg>,
@@ -151,6 +155,18 @@ pub struct Capture {
 
 const MAX_STATEMENT_BYTES: usize = 16 << 20;
 
+/// Calls `f` with each complete message in `frames`.
+fn for_each_frame(frames: &[u8], mut f: impl FnMut(&[u8])) {
+    let mut at = 0;
+    while let Ok(Some(h)) = decode_header(&frames[at..], usize::MAX >> 1) {
+        if frames.len() - at < h.frame_len() {
+            break;
+        }
+        f(&frames[at..at + h.frame_len()]);
+        at += h.frame_len();
+    }
+}
+
 impl Capture {
     pub fn new(
         rules: Arc<Rules>,
@@ -201,6 +217,8 @@ impl Capture {
             in_block: false,
             capturing: true,
             unit_text: String::new(),
+            msg_no: 0,
+            hidden: VecDeque::new(),
         }
     }
 
@@ -290,6 +308,9 @@ impl Capture {
 
     /// Sees the bytes about to be written to the source (any cut).
     pub fn client_bytes(&mut self, bytes: &[u8]) {
+        if self.partial.is_empty() && bytes.is_empty() {
+            return;
+        }
         if self.partial.is_empty() {
             let used = self.messages(bytes);
             self.partial.extend_from_slice(&bytes[used..]);
@@ -312,10 +333,43 @@ impl Capture {
             if bytes.len() - used < h.frame_len() {
                 break;
             }
-            self.client_message(&bytes[used..used + h.frame_len()]);
+            self.msg_no += 1;
+            let mut skip = false;
+            while let Some((n, _)) = self.hidden.front() {
+                if *n != self.msg_no {
+                    break;
+                }
+                match self.hidden.pop_front() {
+                    Some((_, Some(frames))) => {
+                        for_each_frame(&frames, |m| self.client_message(m));
+                    }
+                    _ => skip = true,
+                }
+            }
+            if !skip {
+                self.client_message(&bytes[used..used + h.frame_len()]);
+            }
             used += h.frame_len();
         }
         used
+    }
+
+    /// Complete messages that reach the source outside the client's stream
+    /// (a routed read falling back), in order with it.
+    pub fn inject(&mut self, frames: &[u8]) {
+        for_each_frame(frames, |m| self.client_message(m));
+    }
+
+    /// Client message `n` (counted from 1, as the session's inspector
+    /// counts them) was routed to the target: the mirror must not see it.
+    pub fn hide(&mut self, n: u64) {
+        self.hidden.push_back((n, None));
+    }
+
+    /// These complete messages, held back earlier and hidden, went to the
+    /// source after all, just before client message `n`.
+    pub fn insert_before(&mut self, n: u64, frames: bytes::Bytes) {
+        self.hidden.push_back((n, Some(frames)));
     }
 
     fn store(&mut self, msg: &[u8], copy: bool) {

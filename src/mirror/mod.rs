@@ -61,9 +61,14 @@ pub struct Mirror {
     audit: Option<Arc<crate::audit::Audit>>,
 }
 
+/// The seq of a unit that will never be applied.
+pub const NEVER: u64 = u64::MAX;
+
 /// What a session must do after handing a record over.
 pub enum Spooled {
-    Done,
+    /// In the spool as this seq (`NEVER` when it was lost: it will never
+    /// be applied).
+    Done(u64),
     /// The spool is full and the policy is backpressure: hold the commit
     /// acknowledgement and try again.
     Full(Box<TxnRecord>),
@@ -153,14 +158,14 @@ impl Mirror {
     pub fn spool_record(&self, mut rec: Box<TxnRecord>) -> Spooled {
         if self.stopped.load(Ordering::Relaxed) {
             self.metrics.mirror.lost_transactions.inc();
-            return Spooled::Done;
+            return Spooled::Done(NEVER);
         }
         // Which commits were in flight as this one is spooled: the applier
         // waits for them before it may apply this unit (see `order`).
         rec.order.run = self.inflight.run;
         rec.order.deps = self.inflight.snapshot(rec.order.own.map(|(slot, _)| slot));
         match self.spool.append(&rec) {
-            Ok(_) => {
+            Ok(seq) => {
                 self.metrics.mirror.spooled.inc();
                 if rec.order.lsn.is_none() {
                     self.metrics.mirror.unordered.inc();
@@ -169,7 +174,7 @@ impl Mirror {
                     .mirror
                     .spool_bytes
                     .set(self.spool.bytes() as i64);
-                Spooled::Done
+                Spooled::Done(seq)
             }
             Err(AppendError::Full { .. }) if self.on_full == OnFull::Backpressure => {
                 Spooled::Full(rec)
@@ -179,7 +184,7 @@ impl Mirror {
                     "{e}; mirroring stopped, the target needs a re-sync"
                 ));
                 self.metrics.mirror.lost_transactions.inc();
-                Spooled::Done
+                Spooled::Done(NEVER)
             }
         }
     }
@@ -258,6 +263,12 @@ impl Mirror {
                 error!(error = %e, "cannot write the audit log");
             }
         }
+    }
+
+    /// Whether the unit spooled as `seq` is applied on the target (0: no
+    /// unit at all).
+    pub fn is_applied(&self, seq: u64) -> bool {
+        seq == 0 || (seq != NEVER && self.applied_seq.load(Ordering::Relaxed) >= seq)
     }
 
     pub fn stopped(&self) -> bool {

@@ -1,7 +1,295 @@
-//! Read routing (issue 4): which reads the target serves.
+//! Read routing: which reads the target serves.
 //!
 //! - `policy`: the stable hashed percentage and the routing keys.
+//! - `decide`: per session, on the hot path: which requests are eligible
+//!   reads, and where each goes.
+//! - `responder`: per session, beside the pumps: runs routed requests on
+//!   the session's target connection, relays the answers to the client,
+//!   and falls back to the source when the target fails.
 //!
-//! Not wired into sessions yet: every statement still goes to the source.
+//! The settings live in one `ArcSwap`: a change (file, signal, admin API)
+//! applies to the next request of every session, with no lock on the hot
+//! path.
 
+pub mod decide;
 pub mod policy;
+pub mod responder;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hdrhistogram::Histogram;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::config::{HashKey, RoutingConfig};
+
+/// The routing settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub read_percent: f64,
+    /// `policy::threshold(read_percent)`, computed once per change.
+    pub threshold: u64,
+    pub hash_key: HashKey,
+    pub comment_key: String,
+    pub target_timeout: Duration,
+    /// Set by a failback (`POST /failback`): every read goes to the source
+    /// until a resume, whatever `read_percent` says.
+    pub failed_back: Option<String>,
+}
+
+impl Settings {
+    pub fn from_config(c: &RoutingConfig) -> Self {
+        Self {
+            read_percent: c.read_percent,
+            threshold: policy::threshold(c.read_percent),
+            hash_key: c.hash_key,
+            comment_key: c.comment_key.clone(),
+            target_timeout: Duration::from_millis(c.target_timeout_ms),
+            failed_back: None,
+        }
+    }
+
+    /// Whether any read may go to the target now.
+    pub fn active(&self) -> bool {
+        self.threshold > 0 && self.failed_back.is_none()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "read_percent": self.read_percent,
+            "hash_key": self.hash_key,
+            "comment_key": self.comment_key,
+            "target_timeout_ms": self.target_timeout.as_millis() as u64,
+            "failed_back": self.failed_back.is_some(),
+            "failback_reason": self.failed_back,
+        })
+    }
+}
+
+/// Why a routed read ran on the source after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No connection, or it broke before an answer.
+    Connection,
+    /// No complete answer within `target_timeout_ms`.
+    Timeout,
+    /// The target answered with an error that is not the query's fault
+    /// (SQLSTATE classes 08, 53, 57P, 58, XX, or 25006: the read wrote).
+    ServerError,
+    /// The proxy could not bring the target session up to date (session
+    /// settings, a prepared statement).
+    Setup,
+}
+
+impl Fallback {
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::Connection => "connection",
+            Fallback::Timeout => "timeout",
+            Fallback::ServerError => "server_error",
+            Fallback::Setup => "setup",
+        }
+    }
+}
+
+/// Whether an error the target returned for a routed read is the target's
+/// fault rather than the query's: the same read then runs on the source.
+/// 25006 (read-only transaction) is the guard that catches a "read" that
+/// writes: target sessions run with `default_transaction_read_only`.
+pub fn is_fallback_code(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code.starts_with("58")
+        || code.starts_with("XX")
+        || code == "25006"
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Per-route counters and latencies.
+pub struct RouteMetrics {
+    /// Eligible reads, by backend that served them.
+    pub reads: Family<Labels, Counter>,
+    pub fallbacks: Family<Labels, Counter>,
+    /// A routed read whose target connection broke after part of the
+    /// answer had reached the client: the client got an error.
+    pub target_failures_after_start: Counter,
+    /// Sessions whose reads stay on the source for good (state the target
+    /// session could not reproduce).
+    pub sessions_pinned: Counter,
+    /// Microseconds from request to ReadyForQuery, per backend.
+    latency_source: Mutex<Histogram<u64>>,
+    latency_target: Mutex<Histogram<u64>>,
+}
+
+impl RouteMetrics {
+    pub fn new() -> Self {
+        let h = || {
+            // 1 µs to 1 hour, 3 significant digits; fixed size, never grows.
+            Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+            )
+        };
+        Self {
+            reads: Family::default(),
+            fallbacks: Family::default(),
+            target_failures_after_start: Counter::default(),
+            sessions_pinned: Counter::default(),
+            latency_source: h(),
+            latency_target: h(),
+        }
+    }
+
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "route_reads",
+            "Eligible reads, by the backend that served them",
+            self.reads.clone(),
+        );
+        r.register(
+            "route_fallbacks",
+            "Routed reads re-run on the source because the target failed, by reason",
+            self.fallbacks.clone(),
+        );
+        r.register(
+            "route_target_failures_after_start",
+            "Routed reads whose target failed after part of the answer reached the client",
+            self.target_failures_after_start.clone(),
+        );
+        r.register(
+            "route_sessions_pinned",
+            "Sessions whose reads stay on the source for good",
+            self.sessions_pinned.clone(),
+        );
+    }
+
+    pub fn read(&self, target: bool) {
+        let backend = if target { "target" } else { "source" };
+        self.reads.get_or_create(&vec![("backend", backend)]).inc();
+    }
+
+    pub fn fallback(&self, why: Fallback) {
+        self.fallbacks
+            .get_or_create(&vec![("reason", why.label())])
+            .inc();
+    }
+
+    pub fn latency(&self, target: bool, d: Duration) {
+        let h = if target {
+            &self.latency_target
+        } else {
+            &self.latency_source
+        };
+        let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        h.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .saturating_record(us);
+    }
+
+    fn quantiles(&self, target: bool) -> (u64, [(f64, u64); 4], f64) {
+        let h = if target {
+            &self.latency_target
+        } else {
+            &self.latency_source
+        };
+        let h = h.lock().unwrap_or_else(|p| p.into_inner());
+        let q = [0.5, 0.9, 0.99, 0.999].map(|q| (q, h.value_at_quantile(q)));
+        (h.len(), q, h.mean() * h.len() as f64)
+    }
+
+    /// The latency summaries in OpenMetrics text (prometheus-client has no
+    /// summary type; these come from the hdr histograms).
+    pub fn render_latency(&self, out: &mut String) {
+        use std::fmt::Write;
+        let name = "pgshift_route_latency_seconds";
+        let _ = writeln!(out, "# TYPE {name} summary");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Eligible reads: time from request to ReadyForQuery, per backend"
+        );
+        for target in [false, true] {
+            let backend = if target { "target" } else { "source" };
+            let (count, qs, sum_us) = self.quantiles(target);
+            for (q, us) in qs {
+                let _ = writeln!(
+                    out,
+                    "{name}{{backend=\"{backend}\",quantile=\"{q}\"}} {}",
+                    us as f64 / 1e6
+                );
+            }
+            let _ = writeln!(out, "{name}_sum{{backend=\"{backend}\"}} {}", sum_us / 1e6);
+            let _ = writeln!(out, "{name}_count{{backend=\"{backend}\"}} {count}");
+        }
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        let one = |target: bool| {
+            let (count, qs, _) = self.quantiles(target);
+            let backend = if target { "target" } else { "source" };
+            let get = |f: &Family<Labels, Counter>, k, v| f.get_or_create(&vec![(k, v)]).get();
+            serde_json::json!({
+                "reads": get(&self.reads, "backend", backend),
+                "latency_samples": count,
+                "p50_us": qs[0].1, "p90_us": qs[1].1, "p99_us": qs[2].1, "p999_us": qs[3].1,
+            })
+        };
+        let fb = |k| self.fallbacks.get_or_create(&vec![("reason", k)]).get();
+        serde_json::json!({
+            "source": one(false),
+            "target": one(true),
+            "fallbacks": {
+                "connection": fb("connection"), "timeout": fb("timeout"),
+                "server_error": fb("server_error"), "setup": fb("setup"),
+            },
+            "target_failures_after_start": self.target_failures_after_start.get(),
+            "sessions_pinned": self.sessions_pinned.get(),
+        })
+    }
+}
+
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The proxy's router: settings in force, shared by every session.
+pub struct Router {
+    settings: ArcSwap<Settings>,
+    /// Whether the proxy has target links at all (without them nothing is
+    /// routed, whatever the settings).
+    pub has_target: AtomicBool,
+}
+
+impl Router {
+    pub fn new(cfg: &RoutingConfig, has_target: bool) -> Self {
+        Self {
+            settings: ArcSwap::from_pointee(Settings::from_config(cfg)),
+            has_target: AtomicBool::new(has_target),
+        }
+    }
+
+    /// The settings in force (one atomic load).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<Settings>> {
+        self.settings.load()
+    }
+
+    pub fn current(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    pub fn store(&self, s: Settings) {
+        self.settings.store(Arc::new(s));
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let mut v = self.settings().to_json();
+        v["has_target"] = self.has_target.load(Ordering::Relaxed).into();
+        v
+    }
+}

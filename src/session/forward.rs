@@ -47,9 +47,10 @@ pub enum Verdict {
 
 /// What a pump needs to know about its direction's messages.
 pub trait Inspector {
-    /// Whether the message with this tag must be buffered whole and shown to
-    /// `inspect`; the rest are streamed and only `header` sees them.
-    fn wants_body(&self, tag: u8) -> bool;
+    /// Whether the message with this tag and body length must be buffered
+    /// whole and shown to `inspect`; the rest are streamed and only `header`
+    /// sees them.
+    fn wants_body(&self, tag: u8, body_len: usize) -> bool;
     /// Largest body of an inspected message.
     fn max_inspected(&self) -> usize;
     /// How many leading body bytes of a streamed message `header` needs
@@ -142,7 +143,7 @@ where
                 Ok(None) => break 'scan Ok(()),
                 Err(e) => break 'scan Err(e),
             };
-            if !insp.wants_body(h.tag) {
+            if !insp.wants_body(h.tag, h.body_len) {
                 let want = insp.peek(h.tag).min(h.body_len);
                 if buf.len() - pos < HEADER_LEN + want {
                     break 'scan Ok(());
@@ -275,7 +276,7 @@ mod tests {
     }
 
     impl Inspector for Probe {
-        fn wants_body(&self, tag: u8) -> bool {
+        fn wants_body(&self, tag: u8, _len: usize) -> bool {
             tag == b'Q' || tag == b'X'
         }
         fn max_inspected(&self) -> usize {

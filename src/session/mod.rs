@@ -29,6 +29,9 @@ use crate::protocol::error::{error_response, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::{Phase, Proxy};
+use crate::router::decide::{Decider, RouteLink, SessionKeys};
+use crate::router::responder::{Responder, ResponderEnd, SharedWriter};
+use crate::upstream::target::TargetLink;
 
 /// Upper bounds on tracked prepared statements per session: count, and
 /// bytes of their names and SQL text.
@@ -56,13 +59,22 @@ pub async fn serve(
         return;
     };
     proxy.metrics.client_sessions_active.inc();
-    // The target link runs beside the session and never delays it.
-    let _target_link = proxy
+    // The target link logs in beside the session and never delays it.
+    let target_link = proxy
         .targets
         .as_ref()
         .filter(|_| startup.get("replication").is_none())
         .map(|t| t.open(id, startup.clone()));
-    let end = forward_session(&proxy, &mut client, established, id, &startup).await;
+    let end = forward_session(
+        &proxy,
+        &mut client,
+        established,
+        id,
+        &startup,
+        peer,
+        target_link,
+    )
+    .await;
     proxy.metrics.client_sessions_active.dec();
     span.in_scope(|| info!(reason = %end, "session closed"));
 }
@@ -182,6 +194,7 @@ pub async fn refuse_over_limit(proxy: Arc<Proxy>, tcp: TcpStream) {
 enum End {
     Client(Result<PumpEnd, PumpError>),
     Server(Result<PumpEnd, PumpError>),
+    Target(ResponderEnd),
     Shutdown,
     IdleTimeout,
 }
@@ -201,6 +214,12 @@ impl std::fmt::Display for End {
             End::Server(Ok(PumpEnd::Stopped)) => write!(f, "drained for shutdown"),
             End::Server(Ok(PumpEnd::Eof { .. })) => write!(f, "source closed the connection"),
             End::Server(Err(e)) => write!(f, "source error: {e}"),
+            End::Target(ResponderEnd::LostInTransaction(why)) => {
+                write!(f, "target failed inside a routed transaction: {why}")
+            }
+            End::Target(ResponderEnd::ClientGone(e)) => write!(f, "client write failed: {e}"),
+            End::Target(ResponderEnd::SourceGone(e)) => write!(f, "source write failed: {e}"),
+            End::Target(ResponderEnd::Drained) => write!(f, "drained for shutdown"),
             End::Shutdown => write!(f, "proxy shutting down"),
             End::IdleTimeout => write!(f, "idle timeout"),
         }
@@ -231,6 +250,8 @@ async fn forward_session(
     est: Established,
     id: u64,
     startup: &StartupMessage,
+    peer: SocketAddr,
+    target_link: Option<TargetLink>,
 ) -> End {
     let Established {
         mut server,
@@ -258,9 +279,14 @@ async fn forward_session(
     let mut shutdown = proxy.shutdown.clone();
     let idle_timeout = Duration::from_secs(proxy.config.limits.idle_timeout_s);
 
+    let link = RouteLink::default();
     let end = {
-        let (mut client_rd, mut client_wr) = split(client);
-        let (mut server_rd, mut server_wr) = split(&mut server);
+        let (mut client_rd, client_wr) = split(client);
+        let (mut server_rd, server_wr) = split(&mut server);
+        // Both writers are shared with the routing responder, which writes
+        // routed answers to the client and fallbacks to the source.
+        let client_wr = std::sync::Mutex::new(client_wr);
+        let server_wr = std::sync::Mutex::new(server_wr);
         let mut frontend = FrontendInspector::new(
             &shared,
             &mut statements,
@@ -273,31 +299,74 @@ async fn forward_session(
             backend.mirror = Some((m, c));
             backend.max_inspected = proxy.config.limits.max_message_bytes;
         }
+        let responder = target_link.map(|target| {
+            let keys = SessionKeys::new(
+                id,
+                startup.get("user").unwrap_or_default(),
+                startup.get("application_name").unwrap_or_default(),
+                &peer.ip().to_string(),
+            );
+            frontend.route = Some(Decider::new(
+                &link,
+                &proxy.router,
+                &proxy.metrics.route,
+                proxy.mirror.as_deref(),
+                keys,
+                std::sync::Arc::clone(&proxy.rules),
+            ));
+            backend.route = Some((&link, &proxy.metrics.route));
+            Responder {
+                link: &link,
+                shared: &shared,
+                client: &client_wr,
+                source: &server_wr,
+                router: &proxy.router,
+                route_metrics: &proxy.metrics.route,
+                metrics: &proxy.metrics,
+                target,
+                capture: capture.as_ref(),
+                keepalive: Duration::from_secs(proxy.config.target.keepalive_s),
+                max_message: proxy.config.limits.max_message_bytes,
+                session_id: id,
+            }
+            .run()
+        });
+        let responder = async move {
+            match responder {
+                Some(r) => r.await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut client_out = SharedWriter(&client_wr);
+        let mut server_out = SharedWriter(&server_wr);
         let to_server = pump(
             &mut *client_rd,
-            &mut *server_wr,
+            &mut server_out,
             &mut client_buf,
             &mut frontend,
         );
         let to_client = pump(
             &mut *server_rd,
-            &mut *client_wr,
+            &mut client_out,
             &mut server_buf,
             &mut backend,
         );
-        tokio::pin!(to_server, to_client);
+        tokio::pin!(to_server, to_client, responder);
         let mut seen_messages = 0;
+        // Idle as Postgres means it, counting routed work too.
+        let idle = || shared.is_idle() && !link.target_busy() && !link.in_target_txn();
         loop {
             tokio::select! {
                 r = &mut to_server => break End::Client(r),
                 r = &mut to_client => break End::Server(r),
+                r = &mut responder => break End::Target(r),
                 changed = shutdown.changed() => {
                     let phase = if changed.is_ok() { *shutdown.borrow_and_update() } else { Phase::Closing };
                     match phase {
                         Phase::Running => {}
                         Phase::Draining => {
                             shared.draining.store(true, Ordering::Relaxed);
-                            if shared.is_idle() {
+                            if idle() {
                                 break End::Shutdown;
                             }
                         }
@@ -308,7 +377,7 @@ async fn forward_session(
                     // Like Postgres' idle_session_timeout: only sessions idle
                     // outside a transaction block, with nothing in flight.
                     let now = shared.client_messages.load(Ordering::Relaxed);
-                    if now == seen_messages && shared.is_idle() {
+                    if now == seen_messages && idle() {
                         break End::IdleTimeout;
                     }
                     seen_messages = now;
@@ -352,6 +421,15 @@ async fn forward_session(
         ),
         End::Server(Ok(PumpEnd::Eof { .. }))
         | End::Server(Err(PumpError::Read(_) | PumpError::Write(_))) => (None, false),
+        End::Target(ResponderEnd::Drained) => (
+            Some((
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command".into(),
+            )),
+            true,
+        ),
+        // The client was told already, or cannot be.
+        End::Target(_) => (None, true),
         End::Server(Err(PumpError::Protocol(e))) => (
             Some((
                 sqlstate::PROTOCOL_VIOLATION,

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
+
 use super::forward::{Hold, Inspector, Verdict};
 use crate::mirror::capture::{Capture, Finished};
 use crate::mirror::order::{self, Probe, Shape, Step};
@@ -16,6 +18,8 @@ use crate::protocol::message::{
     SYNC, TERMINATE,
 };
 use crate::protocol::FrameError;
+use crate::router::decide::{BatchStep, Decider, RouteLink};
+use crate::router::RouteMetrics;
 
 /// State both directions of a session touch.
 ///
@@ -70,7 +74,7 @@ impl Shared {
             && !self.mid_batch.load(Relaxed)
     }
 
-    fn add_in_flight(&self, n: u32) {
+    pub fn add_in_flight(&self, n: u32) {
         self.in_flight
             .store(self.in_flight.load(Relaxed).saturating_add(n), Relaxed);
     }
@@ -91,12 +95,26 @@ impl Shared {
 /// the source rejects stays recorded until closed or replaced (confirming
 /// them from ParseComplete comes with mirroring).
 pub struct PreparedStatements {
-    named: HashMap<Box<[u8]>, Arc<[u8]>>,
-    unnamed: Option<Arc<[u8]>>,
+    named: HashMap<Box<[u8]>, Statement>,
+    unnamed: Option<Statement>,
     max_count: usize,
     max_bytes: usize,
     bytes: usize,
     pub overflowed: bool,
+}
+
+/// A prepared statement's text and parameter types (the Parse message's
+/// count and OIDs, as sent), enough to prepare it again elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub query: Arc<[u8]>,
+    pub types: Arc<[u8]>,
+}
+
+impl Statement {
+    fn size(&self) -> usize {
+        self.query.len() + self.types.len()
+    }
 }
 
 impl PreparedStatements {
@@ -112,30 +130,45 @@ impl PreparedStatements {
     }
 
     pub fn on_parse(&mut self, name: &[u8], query: &[u8]) {
+        self.on_parse_typed(name, query, &[0, 0]);
+    }
+
+    /// Records a Parse: `types` is its parameter count and type OIDs.
+    pub fn on_parse_typed(&mut self, name: &[u8], query: &[u8], types: &[u8]) {
         if name.is_empty() {
             // Drivers re-send the same unnamed statement for every execution:
             // keep the copy we have instead of making a new one.
-            if self.unnamed.as_deref() == Some(query) {
-                return;
+            if let Some(u) = &self.unnamed {
+                if &*u.query == query && &*u.types == types {
+                    return;
+                }
             }
-            let old = self.unnamed.take().map_or(0, |q| q.len());
+            let old = self.unnamed.take().map_or(0, |q| q.size());
             self.bytes -= old;
-            if self.bytes + query.len() <= self.max_bytes {
-                self.bytes += query.len();
-                self.unnamed = Some(query.into());
+            if self.bytes + query.len() + types.len() <= self.max_bytes {
+                self.bytes += query.len() + types.len();
+                self.unnamed = Some(Statement {
+                    query: query.into(),
+                    types: types.into(),
+                });
             } else {
                 self.overflowed = true;
             }
             return;
         }
-        let old = self.named.get(name).map(|q| q.len());
+        let old = self.named.get(name).map(|q| q.size());
         let fits_count = old.is_some() || self.named.len() < self.max_count;
-        let fits_bytes = self.bytes - old.unwrap_or(0) + name.len() + query.len() <= self.max_bytes;
+        let size = query.len() + types.len();
+        let fits_bytes = self.bytes - old.unwrap_or(0) + name.len() + size <= self.max_bytes;
         if fits_count && fits_bytes {
-            if let Some(old) = self.named.insert(name.into(), query.into()) {
-                self.bytes -= name.len() + old.len();
+            let st = Statement {
+                query: query.into(),
+                types: types.into(),
+            };
+            if let Some(old) = self.named.insert(name.into(), st) {
+                self.bytes -= name.len() + old.size();
             }
-            self.bytes += name.len() + query.len();
+            self.bytes += name.len() + size;
         } else {
             self.overflowed = true;
         }
@@ -143,13 +176,25 @@ impl PreparedStatements {
 
     pub fn on_close(&mut self, name: &[u8]) {
         if name.is_empty() {
-            self.bytes -= self.unnamed.take().map_or(0, |q| q.len());
+            self.bytes -= self.unnamed.take().map_or(0, |q| q.size());
         } else if let Some(q) = self.named.remove(name) {
-            self.bytes -= name.len() + q.len();
+            self.bytes -= name.len() + q.size();
         }
     }
 
+    /// Forgets every named statement (DEALLOCATE ALL, DISCARD ALL).
+    pub fn clear_named(&mut self) {
+        for (name, q) in self.named.drain() {
+            self.bytes -= name.len() + q.size();
+        }
+    }
+
+    /// A statement's SQL text.
     pub fn get(&self, name: &[u8]) -> Option<&Arc<[u8]>> {
+        self.statement(name).map(|s| &s.query)
+    }
+
+    pub fn statement(&self, name: &[u8]) -> Option<&Statement> {
         if name.is_empty() {
             self.unnamed.as_ref()
         } else {
@@ -165,7 +210,7 @@ impl PreparedStatements {
         self.named.is_empty()
     }
 
-    /// Bytes of names and SQL text held.
+    /// Bytes of names, SQL text and parameter types held.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -188,6 +233,13 @@ pub struct FrontendInspector<'a> {
     /// An autocommit extended-protocol write that may get an order probe
     /// before its Sync.
     plan: Option<ProbePlan>,
+    /// Read routing, when the proxy has a target.
+    pub route: Option<Decider<'a>>,
+    /// Client messages seen (the mirror counts the same way).
+    msg_no: u64,
+    /// This run holds bytes for the source / requests sent to the target.
+    run_source: bool,
+    run_routed: bool,
 }
 
 /// What the messages of an extended-protocol request held so far, to know
@@ -216,6 +268,10 @@ impl<'a> FrontendInspector<'a> {
             capture: None,
             mirror: None,
             plan: None,
+            route: None,
+            msg_no: 0,
+            run_source: false,
+            run_routed: false,
         }
     }
 
@@ -341,32 +397,73 @@ impl<'a> FrontendInspector<'a> {
     }
 }
 
-/// Enough of a Bind for its portal and statement names.
-const BIND_PEEK: usize = 256;
-
-impl Inspector for FrontendInspector<'_> {
-    #[inline]
-    fn wants_body(&self, tag: u8) -> bool {
-        matches!(tag, QUERY | PARSE | CLOSE | TERMINATE)
+impl FrontendInspector<'_> {
+    /// Nothing in flight on the source, outside a block and a batch: a
+    /// request starting now may go to the target.
+    fn source_idle(&self) -> bool {
+        let s = self.shared;
+        s.in_flight.load(Relaxed) == 0
+            && s.tx_status.load(Relaxed) == b'I'
+            && !s.mid_batch.load(Relaxed)
     }
 
-    fn max_inspected(&self) -> usize {
-        self.max_inspected
-    }
-
-    fn peek(&self, tag: u8) -> usize {
-        if tag == BIND && self.capture.is_some() {
-            BIND_PEEK
-        } else {
-            0
+    /// The mirror must not see client message `n`: it went to the target.
+    fn hide(&self, n: u64) {
+        if let Some(c) = self.capture {
+            c.lock().unwrap_or_else(|p| p.into_inner()).hide(n);
         }
     }
 
-    #[inline]
-    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
-        if !is_frontend_tag(tag) {
-            return Err(FrameError::UnknownType(tag));
+    /// Held messages go to the source just before the current message:
+    /// the mirror sees them there, and the request counters catch up.
+    fn released(&mut self, frames: &Bytes) {
+        if frames.is_empty() {
+            return;
         }
+        if let Some(c) = self.capture {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert_before(self.msg_no, frames.clone());
+        }
+        let mut at = 0;
+        while let Ok(Some(h)) =
+            crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1)
+        {
+            if frames.len() - at < h.frame_len() {
+                break;
+            }
+            self.count(h.tag);
+            at += h.frame_len();
+        }
+    }
+
+    /// Request bookkeeping for a message the source gets (everything but
+    /// Query, Parse and Close, which `inspect_source` counts).
+    fn count(&mut self, tag: u8) {
+        let s = self.shared;
+        match tag {
+            SYNC => {
+                s.add_in_flight(1);
+                s.mid_batch.store(false, Relaxed);
+                self.syncs_since_execute += 1;
+            }
+            FUNCTION_CALL => s.add_in_flight(1),
+            EXECUTE => {
+                s.mid_batch.store(true, Relaxed);
+                self.syncs_since_execute = 0;
+            }
+            BIND | DESCRIBE | FLUSH | PARSE | CLOSE => s.mid_batch.store(true, Relaxed),
+            COPY_DONE | COPY_FAIL => {
+                s.sub_in_flight(self.syncs_since_execute);
+                self.syncs_since_execute = 0;
+            }
+            _ => {}
+        }
+    }
+
+    /// A streamed message (or a non-inspected one shown whole) bound for
+    /// the source.
+    fn header_source(&mut self, tag: u8, prefix: &[u8]) -> Verdict {
         let mut verdict = Verdict::Forward;
         if self.capture.is_some() {
             let statement = if tag == BIND {
@@ -392,38 +489,20 @@ impl Inspector for FrontendInspector<'_> {
                 verdict = self.plan_sync();
             }
         }
-        let s = self.shared;
-        s.client_messages
-            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
-        match tag {
-            SYNC => {
-                s.add_in_flight(1);
-                s.mid_batch.store(false, Relaxed);
-                self.syncs_since_execute += 1;
-            }
-            FUNCTION_CALL => s.add_in_flight(1),
-            EXECUTE => {
-                s.mid_batch.store(true, Relaxed);
-                self.syncs_since_execute = 0;
-            }
-            BIND | DESCRIBE | FLUSH => s.mid_batch.store(true, Relaxed),
-            COPY_DONE | COPY_FAIL => {
-                s.sub_in_flight(self.syncs_since_execute);
-                self.syncs_since_execute = 0;
-            }
-            _ => {}
-        }
-        Ok(verdict)
+        self.count(tag);
+        verdict
     }
 
-    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+    /// A Query, Parse, Close or Terminate bound for the source.
+    fn inspect_source(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
         let s = self.shared;
-        s.client_messages
-            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
         let mut verdict = Verdict::Forward;
         match tag {
             QUERY => {
                 let text = parse_query(body)?;
+                if let Some(r) = self.route.as_mut() {
+                    r.source_statement(text);
+                }
                 if self.at_request_start() {
                     match self.probe_for_start(text, false) {
                         Some((Shape::Dml, _)) => {
@@ -447,6 +526,9 @@ impl Inspector for FrontendInspector<'_> {
             }
             PARSE => {
                 let (name, query) = parse_parse(body)?;
+                if let Some(r) = self.route.as_mut() {
+                    r.source_statement(query);
+                }
                 if self.at_request_start() {
                     self.plan = None;
                     if let Some((shape, v)) = self.probe_for_start(query, true) {
@@ -460,7 +542,8 @@ impl Inspector for FrontendInspector<'_> {
                     }
                 }
                 s.mid_batch.store(true, Relaxed);
-                self.statements.on_parse(name, query);
+                let types = &body[name.len() + query.len() + 2..];
+                self.statements.on_parse_typed(name, query, types);
                 self.plan_message(tag, None);
             }
             CLOSE => {
@@ -468,19 +551,180 @@ impl Inspector for FrontendInspector<'_> {
                 s.mid_batch.store(true, Relaxed);
                 if kind == b'S' {
                     self.statements.on_close(name);
+                    if let Some(r) = self.route.as_ref() {
+                        r.source_close(name);
+                    }
                 }
                 self.plan_message(tag, None);
             }
             TERMINATE => return Ok(Verdict::ForwardAndStop),
-            _ => {}
+            // A message shown whole only because a batch might have been
+            // held (the settings changed in between): as if streamed.
+            _ => verdict = self.header_source(tag, body),
         }
         Ok(verdict)
+    }
+
+    /// Routing's say on a complete message: `Some` when routing took it
+    /// (held or sent to the target) or released held messages before it.
+    fn route_message(&mut self, tag: u8, body: &[u8]) -> Result<Option<Verdict>, FrameError> {
+        let source_idle = self.source_idle();
+        let Some(r) = self.route.as_mut() else {
+            return Ok(None);
+        };
+        if tag == QUERY && !r.holding() {
+            let text = parse_query(body)?;
+            if r.route_query(body, text, source_idle) {
+                self.hide(self.msg_no);
+                self.run_routed = true;
+                return Ok(Some(Verdict::Drop));
+            }
+            return Ok(None);
+        }
+        if !r.holding() && !r.collects(tag, body.len(), source_idle) {
+            return Ok(None);
+        }
+        let step = match tag {
+            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH => {
+                if tag == PARSE {
+                    let (name, query) = parse_parse(body)?;
+                    let types = &body[name.len() + query.len() + 2..];
+                    self.statements.on_parse_typed(name, query, types);
+                } else if tag == CLOSE {
+                    parse_close(body)?;
+                }
+                let Some(r) = self.route.as_mut() else {
+                    return Ok(None);
+                };
+                r.batch_message(tag, body, self.statements)
+            }
+            _ => BatchStep::Release(r.release().unwrap_or_default()),
+        };
+        match step {
+            BatchStep::Held => {
+                self.hide(self.msg_no);
+                self.shared.mid_batch.store(true, Relaxed);
+                Ok(Some(Verdict::Drop))
+            }
+            BatchStep::Routed => {
+                self.hide(self.msg_no);
+                self.shared.mid_batch.store(false, Relaxed);
+                self.run_routed = true;
+                Ok(Some(Verdict::Drop))
+            }
+            BatchStep::Release(frames) => {
+                self.released(&frames);
+                let v = self.inspect_source(tag, body)?;
+                Ok(Some(before(frames, v)))
+            }
+        }
+    }
+}
+
+/// `frames` written ahead of whatever `v` says about the message.
+fn before(frames: Bytes, v: Verdict) -> Verdict {
+    if frames.is_empty() {
+        return v;
+    }
+    match v {
+        Verdict::Forward => Verdict::Before(frames),
+        Verdict::Before(b) => {
+            let mut all = BytesMut::from(&frames[..]);
+            all.extend_from_slice(&b);
+            Verdict::Before(all.freeze())
+        }
+        Verdict::Replace(b) => {
+            let mut all = BytesMut::from(&frames[..]);
+            all.extend_from_slice(&b);
+            Verdict::Replace(all.freeze())
+        }
+        // Terminate (stop) and Drop do not follow held messages.
+        other => other,
+    }
+}
+
+/// Enough of a Bind for its portal and statement names.
+const BIND_PEEK: usize = 256;
+
+impl Inspector for FrontendInspector<'_> {
+    #[inline]
+    fn wants_body(&self, tag: u8, body_len: usize) -> bool {
+        matches!(tag, QUERY | PARSE | CLOSE | TERMINATE)
+            || self
+                .route
+                .as_ref()
+                .is_some_and(|r| r.collects(tag, body_len, self.source_idle()))
+    }
+
+    fn max_inspected(&self) -> usize {
+        self.max_inspected
+    }
+
+    fn peek(&self, tag: u8) -> usize {
+        if tag == BIND && self.capture.is_some() {
+            BIND_PEEK
+        } else {
+            0
+        }
+    }
+
+    #[inline]
+    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
+        if !is_frontend_tag(tag) {
+            return Err(FrameError::UnknownType(tag));
+        }
+        let s = self.shared;
+        s.client_messages
+            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
+        self.msg_no += 1;
+        // A message that cannot be held ends a held batch: the batch goes
+        // to the source first.
+        let held = match self.route.as_mut() {
+            Some(r) if r.holding() => r.release(),
+            _ => None,
+        };
+        if let Some(frames) = held {
+            self.released(&frames);
+            self.run_source = true;
+            let v = self.header_source(tag, prefix);
+            return Ok(before(frames, v));
+        }
+        self.run_source = true;
+        Ok(self.header_source(tag, prefix))
+    }
+
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+        if !is_frontend_tag(tag) {
+            return Err(FrameError::UnknownType(tag));
+        }
+        let s = self.shared;
+        s.client_messages
+            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
+        self.msg_no += 1;
+        if let Some(v) = self.route_message(tag, body)? {
+            if v != Verdict::Drop {
+                self.run_source = true;
+            }
+            return Ok(v);
+        }
+        self.run_source = true;
+        self.inspect_source(tag, body)
     }
 
     fn writing(&mut self, done: bool, at_boundary: bool) {
         self.shared
             .server_at_boundary
             .store(done && at_boundary, Relaxed);
+        if let Some(r) = self.route.as_ref() {
+            r.link.frontend_writing.store(!done, Relaxed);
+            if done {
+                r.link.source_free.notify_waiters();
+            }
+        }
+        if done {
+            self.run_source = false;
+            self.run_routed = false;
+        }
     }
 
     fn forwarding(&mut self, bytes: &[u8]) {
@@ -489,6 +733,26 @@ impl Inspector for FrontendInspector<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .client_bytes(bytes);
         }
+    }
+
+    /// Source-bound bytes wait while a routed request is unanswered, so
+    /// answers reach the client in request order.
+    fn hold(&mut self) -> Option<Hold<'_>> {
+        let link = self.route.as_ref()?.link;
+        if !self.run_source || !link.target_busy() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            loop {
+                let idle = link.target_idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if !link.target_busy() {
+                    return;
+                }
+                idle.await;
+            }
+        }))
     }
 }
 
@@ -504,6 +768,8 @@ pub struct BackendInspector<'a> {
     pub max_inspected: usize,
     /// A unit waiting for spool space (`on_full = "backpressure"`).
     pending: Option<Box<TxnRecord>>,
+    /// Read routing, when the proxy has a target.
+    pub route: Option<(&'a RouteLink, &'a RouteMetrics)>,
 }
 
 impl<'a> BackendInspector<'a> {
@@ -513,6 +779,7 @@ impl<'a> BackendInspector<'a> {
             mirror: None,
             max_inspected: 16,
             pending: None,
+            route: None,
         }
     }
 
@@ -556,6 +823,14 @@ impl<'a> BackendInspector<'a> {
         Some(Verdict::Drop)
     }
 
+    /// Read-your-writes: this session's reads stay on the source until the
+    /// mirror has applied `seq` on the target.
+    fn spooled(&self, seq: u64) {
+        if let Some((link, _)) = self.route {
+            link.last_spooled_seq.store(seq, Relaxed);
+        }
+    }
+
     fn mirror_message(&mut self, tag: u8, body: &[u8]) {
         let Some((mirror, capture)) = self.mirror else {
             return;
@@ -565,11 +840,15 @@ impl<'a> BackendInspector<'a> {
         let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
         match capture.server_message(tag, body, mirror.capturing()) {
             Finished::Nothing => {}
-            Finished::Mirror(rec) => {
-                if let Spooled::Full(rec) = mirror.spool_record(rec) {
+            Finished::Mirror(rec) => match mirror.spool_record(rec) {
+                Spooled::Done(seq) => self.spooled(seq),
+                Spooled::Full(rec) => {
+                    // Not applied before it is spooled: reads stay on the
+                    // source meanwhile.
+                    self.spooled(crate::mirror::NEVER);
                     self.pending = Some(rec);
                 }
-            }
+            },
             Finished::Lost { bytes } => mirror.lost(&format!(
                 "a committed unit of {bytes} bytes exceeded mirror.max_txn_bytes and was not mirrored; mirroring stopped, the target needs a re-sync"
             )),
@@ -583,7 +862,7 @@ impl<'a> BackendInspector<'a> {
 
 impl Inspector for BackendInspector<'_> {
     #[inline]
-    fn wants_body(&self, tag: u8) -> bool {
+    fn wants_body(&self, tag: u8, _body_len: usize) -> bool {
         tag == READY_FOR_QUERY
             || (self.mirror.is_some() && matches!(tag, b'C' | b'E' | b'I' | b's'))
     }
@@ -615,6 +894,16 @@ impl Inspector for BackendInspector<'_> {
         }
         let status = parse_ready_for_query(body)?;
         self.mirror_message(tag, body);
+        if let Some((link, metrics)) = self.route {
+            let started = link
+                .source_read_started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(t) = started {
+                metrics.latency(false, t.elapsed());
+            }
+        }
         self.shared.tx_status.store(status, Relaxed);
         self.shared.sub_in_flight(1);
         if self.shared.draining.load(Relaxed) && self.shared.is_idle() {
@@ -627,18 +916,46 @@ impl Inspector for BackendInspector<'_> {
         self.shared
             .client_at_boundary
             .store(done && at_boundary, Relaxed);
+        if let Some((link, _)) = self.route {
+            link.backend_writing.store(!done, Relaxed);
+            if done {
+                link.client_free.notify_waiters();
+            }
+        }
     }
 
     fn hold(&mut self) -> Option<Hold<'_>> {
-        let rec = self.pending.take()?;
-        let (mirror, capture) = self.mirror?;
-        mirror.metrics.mirror.backpressure_waits.inc();
+        // The source only speaks unprompted (notices, notifications) while
+        // a routed request is being answered: that waits for the answer.
+        let route = self.route.map(|(l, _)| l).filter(|l| l.target_busy());
+        let spool = self.pending.take().zip(self.mirror);
+        if route.is_none() && spool.is_none() {
+            return None;
+        }
+        let link = self.route.map(|(l, _)| l);
         Some(Box::pin(async move {
-            let mut rec = rec;
+            if let Some(link) = route {
+                loop {
+                    let idle = link.target_idle.notified();
+                    tokio::pin!(idle);
+                    idle.as_mut().enable();
+                    if !link.target_busy() {
+                        break;
+                    }
+                    idle.await;
+                }
+            }
+            let Some((mut rec, (mirror, capture))) = spool else {
+                return;
+            };
+            mirror.metrics.mirror.backpressure_waits.inc();
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 match mirror.spool_record(rec) {
-                    Spooled::Done => {
+                    Spooled::Done(seq) => {
+                        if let Some(link) = link {
+                            link.last_spooled_seq.store(seq, Relaxed);
+                        }
                         capture.lock().unwrap_or_else(|p| p.into_inner()).settle();
                         return;
                     }
@@ -665,11 +982,11 @@ mod tests {
         assert_eq!(s.get(b"a").map(|q| &q[..]), Some(&b"select 10"[..]));
         s.on_parse(b"", b"select 4");
         assert_eq!(s.get(b"").map(|q| &q[..]), Some(&b"select 4"[..]));
-        assert_eq!(s.bytes(), 1 + 9 + 1 + 8 + 8);
+        assert_eq!(s.bytes(), 1 + 9 + 2 + 1 + 8 + 2 + 8 + 2);
         s.on_close(b"a");
         s.on_close(b"");
         assert!(s.get(b"a").is_none());
-        assert_eq!(s.bytes(), 1 + 8);
+        assert_eq!(s.bytes(), 1 + 8 + 2);
 
         let mut s = PreparedStatements::new(100, 20);
         s.on_parse(b"big", &[b'x'; 30]);
@@ -683,7 +1000,7 @@ mod tests {
         let first = Arc::as_ptr(s.get(b"").unwrap());
         s.on_parse(b"", b"select $1");
         assert_eq!(Arc::as_ptr(s.get(b"").unwrap()), first);
-        assert_eq!(s.bytes(), 9);
+        assert_eq!(s.bytes(), 9 + 2);
     }
 
     #[test]

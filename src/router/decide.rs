@@ -1,0 +1,650 @@
+//! Where each request goes: the routing half that runs on the hot path,
+//! inside the client -> source pump.
+//!
+//! A request may go to the target only when nothing is in flight on the
+//! source and the session is outside a transaction block (or inside one it
+//! opened READ ONLY on the target); then the request alone decides:
+//!
+//! - a simple Query is routed when every statement in it is a read (or it
+//!   is a `BEGIN ... READ ONLY`) and its key hashes into the cohort;
+//! - an extended-protocol batch (Parse/Bind/Describe/Execute up to Sync) is
+//!   held back whole while it is being received: routed at its Sync when
+//!   every statement it runs is a read, released to the source as soon as
+//!   one message shows it cannot be (a write, a named Parse, a Close, a
+//!   Flush, a message too big to hold).
+//!
+//! A session that wrote reads from the source until the mirror has applied
+//! its last write on the target (read-your-writes). Session state the
+//! source got (SET, DISCARD, DEALLOCATE, Close) is logged for the
+//! responder, which repeats it on the target before the next routed read.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use super::policy;
+use super::{RouteMetrics, Router, Settings};
+use crate::classify::{Class, Classifier, Rules, SessionOp};
+use crate::config::HashKey;
+use crate::mirror::Mirror;
+use crate::protocol::message::{
+    put_message, take_cstr, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, PARSE, SYNC,
+};
+use crate::session::state::Statement;
+
+/// Most bytes of one extended-protocol batch held back while deciding.
+pub const MAX_BATCH: usize = 256 << 10;
+/// Most session-state entries kept for the target; past it the session's
+/// reads stay on the source.
+const MAX_STATE_OPS: usize = 1_000;
+const MAX_STATE_BYTES: usize = 256 << 10;
+
+/// A request routed to the target, as the client sent it.
+pub struct Routed {
+    pub frames: BytesMut,
+    /// Named statements it binds, to prepare on the target first.
+    pub statements: Vec<(Box<[u8]>, Statement)>,
+    pub started: Instant,
+    /// Sent inside a transaction on the target: it cannot fall back.
+    pub in_txn: bool,
+}
+
+/// Session state the source got that the target session must repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateOp {
+    /// SET / RESET / SET ROLE ...: run as it was sent.
+    Sql(Arc<str>),
+    /// `DISCARD ALL`, `RESET ALL`: replayed; with `true` (DISCARD ALL)
+    /// every statement the target session holds is gone too.
+    Reset(Arc<str>, bool),
+    /// A named statement closed (protocol Close or DEALLOCATE).
+    Close(Box<[u8]>),
+    /// `DEALLOCATE ALL`.
+    CloseAll,
+}
+
+/// The session-state log: what the target session must repeat, in order.
+#[derive(Default)]
+pub struct StateLog {
+    pub ops: Vec<StateOp>,
+    bytes: usize,
+    /// Bumped when the log is cut back to a reset: replay from the start.
+    pub restarts: u64,
+}
+
+impl StateLog {
+    /// Appends an op; false when the log is full (the session must then
+    /// read from the source for good).
+    fn push(&mut self, op: StateOp) -> bool {
+        if let StateOp::Reset(..) = op {
+            // Everything before a reset is undone by it.
+            self.ops.clear();
+            self.bytes = 0;
+            self.restarts += 1;
+        }
+        self.bytes += match &op {
+            StateOp::Sql(s) | StateOp::Reset(s, _) => s.len(),
+            StateOp::Close(n) => n.len(),
+            StateOp::CloseAll => 0,
+        };
+        self.ops.push(op);
+        self.ops.len() <= MAX_STATE_OPS && self.bytes <= MAX_STATE_BYTES
+    }
+}
+
+/// What one session's router halves share: the frontend decider, the
+/// backend inspector and the responder. They are futures of one task, so
+/// the locks are never contended and never held across an await.
+pub struct RouteLink {
+    pub queue: Mutex<VecDeque<Routed>>,
+    /// Wakes the responder: a request was queued.
+    pub request_ready: Notify,
+    /// The target has nothing in flight any more.
+    pub target_idle: Notify,
+    /// The backend pump finished a write (the client stream may be free).
+    pub client_free: Notify,
+    /// The frontend pump finished a write (the source stream may be free).
+    pub source_free: Notify,
+    /// Routed requests not yet answered in full.
+    pub target_in_flight: AtomicU32,
+    /// Transaction status of the target session (`b'T'` inside a routed
+    /// READ ONLY transaction).
+    pub target_tx: AtomicU8,
+    /// The responder holds a working target connection.
+    pub ready: AtomicBool,
+    /// Reads stay on the source for the rest of the session.
+    pub pinned: AtomicBool,
+    pub responder_writing: AtomicBool,
+    pub backend_writing: AtomicBool,
+    pub frontend_writing: AtomicBool,
+    pub state: Mutex<StateLog>,
+    /// Seq of this session's last spooled write unit (0: none).
+    pub last_spooled_seq: AtomicU64,
+    /// When the eligible read now on the source was sent (its latency is
+    /// recorded at its ReadyForQuery).
+    pub source_read_started: Mutex<Option<Instant>>,
+}
+
+impl Default for RouteLink {
+    fn default() -> Self {
+        Self {
+            queue: Mutex::default(),
+            request_ready: Notify::new(),
+            target_idle: Notify::new(),
+            client_free: Notify::new(),
+            source_free: Notify::new(),
+            target_in_flight: AtomicU32::new(0),
+            target_tx: AtomicU8::new(b'I'),
+            ready: AtomicBool::new(false),
+            pinned: AtomicBool::new(false),
+            responder_writing: AtomicBool::new(false),
+            backend_writing: AtomicBool::new(false),
+            frontend_writing: AtomicBool::new(false),
+            state: Mutex::default(),
+            last_spooled_seq: AtomicU64::new(0),
+            source_read_started: Mutex::default(),
+        }
+    }
+}
+
+impl RouteLink {
+    pub fn in_target_txn(&self) -> bool {
+        self.target_tx.load(Relaxed) != b'I'
+    }
+
+    /// Whether anything routed is still being answered.
+    pub fn target_busy(&self) -> bool {
+        self.target_in_flight.load(Relaxed) > 0 || self.responder_writing.load(Relaxed)
+    }
+
+    pub fn pin(&self, metrics: &RouteMetrics, why: &str) {
+        if !self.pinned.swap(true, Relaxed) {
+            metrics.sessions_pinned.inc();
+            tracing::info!(reason = why, "this session's reads stay on the source");
+        }
+    }
+
+    fn log_state(&self, op: StateOp, metrics: &RouteMetrics) {
+        let fits = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(op);
+        if !fits {
+            self.pin(
+                metrics,
+                "more session state than the proxy keeps for the target",
+            );
+        }
+    }
+
+    fn enqueue(&self, r: Routed) {
+        self.target_in_flight
+            .store(self.target_in_flight.load(Relaxed) + 1, Relaxed);
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(r);
+        self.request_ready.notify_one();
+    }
+}
+
+/// The buckets of the session-level keys, computed once at session start.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionKeys {
+    pub session: u64,
+    pub user: u64,
+    pub application_name: u64,
+    pub client_addr: u64,
+}
+
+impl SessionKeys {
+    pub fn new(session_id: u64, user: &str, application_name: &str, client_ip: &str) -> Self {
+        Self {
+            session: policy::bucket(session_id.to_string().as_bytes()),
+            user: policy::bucket(user.as_bytes()),
+            application_name: policy::bucket(application_name.as_bytes()),
+            client_addr: policy::bucket(client_ip.as_bytes()),
+        }
+    }
+
+    fn bucket(&self, key: HashKey) -> u64 {
+        match key {
+            HashKey::Session | HashKey::Comment => self.session,
+            HashKey::User => self.user,
+            HashKey::ApplicationName => self.application_name,
+            HashKey::ClientAddr => self.client_addr,
+        }
+    }
+}
+
+/// What a statement text means for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Every statement reads: may be routed.
+    Read,
+    /// `BEGIN ... READ ONLY` alone: opens a transaction that may be routed.
+    BeginReadOnly,
+    /// Anything else.
+    Other,
+}
+
+/// An extended-protocol batch held back until it is known where it goes.
+#[derive(Default)]
+struct Batch {
+    frames: BytesMut,
+    statements: Vec<(Box<[u8]>, Statement)>,
+    /// An unnamed statement was parsed in this batch.
+    parsed_unnamed: bool,
+    /// Started inside a routed transaction: goes to the target whatever it holds.
+    in_txn: bool,
+    /// Some statement's key (sqlcommenter) was in the cohort.
+    keyed_in: bool,
+    started: Option<Instant>,
+}
+
+/// Where a held batch goes, decided at one of its messages.
+pub enum BatchStep {
+    /// Keep holding: the message is in the batch.
+    Held,
+    /// Send it to the target (at its Sync).
+    Routed,
+    /// Release it to the source: these frames go just before this message,
+    /// which is then handled as usual.
+    Release(Bytes),
+}
+
+/// The routing decisions of one session.
+pub struct Decider<'a> {
+    pub link: &'a RouteLink,
+    router: &'a Router,
+    metrics: &'a RouteMetrics,
+    mirror: Option<&'a Mirror>,
+    keys: SessionKeys,
+    classifier: Classifier,
+    batch: Option<Batch>,
+    /// A `BEGIN READ ONLY` went to the target and its answer may not be
+    /// in yet: what follows goes there too.
+    txn_pending: bool,
+}
+
+impl<'a> Decider<'a> {
+    pub fn new(
+        link: &'a RouteLink,
+        router: &'a Router,
+        metrics: &'a RouteMetrics,
+        mirror: Option<&'a Mirror>,
+        keys: SessionKeys,
+        rules: Arc<Rules>,
+    ) -> Self {
+        Self {
+            link,
+            router,
+            metrics,
+            mirror,
+            keys,
+            classifier: Classifier::new(rules),
+            batch: None,
+            txn_pending: false,
+        }
+    }
+
+    pub fn holding(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// Whether reads may leave the source now, with the settings in force.
+    /// `source_idle`: nothing in flight on the source, outside a block.
+    fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<Settings>>> {
+        if !source_idle || !self.link.ready.load(Relaxed) || self.link.pinned.load(Relaxed) {
+            return None;
+        }
+        let s = self.router.settings();
+        if !s.active() {
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Read-your-writes: the session's last write is applied on the target.
+    fn own_writes_applied(&self) -> bool {
+        let seq = self.link.last_spooled_seq.load(Relaxed);
+        match self.mirror {
+            Some(m) => m.is_applied(seq),
+            None => true,
+        }
+    }
+
+    fn kind(&mut self, sql: &[u8]) -> Kind {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return Kind::Other;
+        };
+        // SHOW answers from the session's settings: the source's are the
+        // client's (the target session runs read-only on purpose).
+        if sql
+            .trim_start()
+            .get(..4)
+            .is_some_and(|w| w.eq_ignore_ascii_case("show"))
+        {
+            return Kind::Other;
+        }
+        let classes = self.classifier.classify(sql);
+        match &classes[..] {
+            [] => Kind::Other,
+            [Class::Begin { read_only: true }] => Kind::BeginReadOnly,
+            cs if cs.iter().all(|c| *c == Class::Read) => Kind::Read,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Whether a read keyed by this statement text goes to the target.
+    fn in_cohort(&self, s: &Settings, sql: &[u8]) -> bool {
+        let bucket = if s.hash_key == HashKey::Comment {
+            std::str::from_utf8(sql)
+                .ok()
+                .and_then(|q| policy::comment_value(q, &s.comment_key))
+                .map(|v| policy::bucket(v.as_bytes()))
+                .unwrap_or(self.keys.session)
+        } else {
+            self.keys.bucket(s.hash_key)
+        };
+        bucket < s.threshold
+    }
+
+    /// Whether this session could route anything with these settings (so
+    /// holding a batch back is worth it).
+    fn may_route(&self, s: &Settings) -> bool {
+        s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold
+    }
+
+    /// A simple Query at a request boundary: `Some(routed)` when it goes to
+    /// the target (the caller drops it from the source stream).
+    pub fn route_query(&mut self, body: &[u8], sql: &[u8], source_idle: bool) -> bool {
+        if self.in_txn() && source_idle {
+            self.link.enqueue(Routed {
+                frames: frame(b'Q', body),
+                statements: Vec::new(),
+                started: Instant::now(),
+                in_txn: true,
+            });
+            return true;
+        }
+        let Some(s) = self.gate(source_idle) else {
+            return false;
+        };
+        let kind = self.kind(sql);
+        if kind == Kind::Other {
+            return false;
+        }
+        if !self.in_cohort(&s, sql) || !self.own_writes_applied() {
+            self.metrics.read(false);
+            *self
+                .link
+                .source_read_started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            return false;
+        }
+        if kind == Kind::BeginReadOnly {
+            self.txn_pending = true;
+        } else {
+            self.metrics.read(true);
+        }
+        self.link.enqueue(Routed {
+            frames: frame(b'Q', body),
+            statements: Vec::new(),
+            started: Instant::now(),
+            in_txn: false,
+        });
+        true
+    }
+
+    /// Whether the session is (or is about to be) in a transaction on the
+    /// target.
+    fn in_txn(&mut self) -> bool {
+        if self.txn_pending && !self.link.target_busy() {
+            // The BEGIN's answer is in: the target's status says the rest.
+            self.txn_pending = false;
+        }
+        self.txn_pending || self.link.in_target_txn()
+    }
+
+    /// Whether an extended-protocol message at this point is held back:
+    /// inside a batch being held (if it fits), or starting one that might
+    /// be routed.
+    pub fn collects(&self, tag: u8, len: usize, source_idle: bool) -> bool {
+        let in_txn = self.txn_pending || self.link.in_target_txn();
+        if !matches!(
+            tag,
+            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH
+        ) {
+            return false;
+        }
+        if let Some(b) = &self.batch {
+            return b.frames.len() + len + 5 <= MAX_BATCH;
+        }
+        if len + 5 > MAX_BATCH {
+            return false;
+        }
+        if in_txn {
+            return source_idle;
+        }
+        self.gate(source_idle).is_some_and(|s| self.may_route(&s))
+    }
+
+    /// A held (or first) extended-protocol message, complete; `statements`
+    /// already records a Parse in it.
+    pub fn batch_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        statements: &crate::session::state::PreparedStatements,
+    ) -> BatchStep {
+        let in_txn = self.in_txn();
+        let mut batch = self.batch.take().unwrap_or_else(|| Batch {
+            in_txn,
+            started: Some(Instant::now()),
+            ..Batch::default()
+        });
+        let settings = self.router.settings();
+        let ok = batch.in_txn
+            || match tag {
+                PARSE => {
+                    let mut b = body;
+                    match (take_cstr(&mut b), take_cstr(&mut b)) {
+                        (Ok(b""), Ok(query)) => {
+                            batch.parsed_unnamed = true;
+                            let read = self.kind(query) == Kind::Read;
+                            batch.keyed_in |= read && self.in_cohort(&settings, query);
+                            read
+                        }
+                        // A named statement must exist on the source, where
+                        // writes will use it: prepared there, lazily here.
+                        _ => false,
+                    }
+                }
+                BIND => {
+                    let mut b = body;
+                    let _portal = take_cstr(&mut b);
+                    match take_cstr(&mut b) {
+                        Ok(name) => match statements.statement(name) {
+                            Some(st) if !name.is_empty() || batch.parsed_unnamed => {
+                                let read = self.kind(&st.query) == Kind::Read;
+                                batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
+                                if read && !name.is_empty() {
+                                    batch.statements.push((name.into(), st.clone()));
+                                }
+                                read
+                            }
+                            _ => false,
+                        },
+                        Err(_) => false,
+                    }
+                }
+                DESCRIBE | EXECUTE | SYNC => true,
+                // A Close must reach the source; a Flush wants answers now.
+                _ => false,
+            };
+        if !ok {
+            return BatchStep::Release(batch.frames.freeze());
+        }
+        if tag != SYNC {
+            put_message(&mut batch.frames, tag, &[body]);
+            self.batch = Some(batch);
+            return BatchStep::Held;
+        }
+        let eligible_read = !batch.in_txn;
+        let to_target = batch.in_txn || (batch.keyed_in && self.own_writes_applied());
+        if !to_target {
+            if eligible_read {
+                self.metrics.read(false);
+                *self
+                    .link
+                    .source_read_started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = batch.started;
+            }
+            // All of it goes to the source now, then the Sync.
+            return BatchStep::Release(batch.frames.freeze());
+        }
+        put_message(&mut batch.frames, tag, &[body]);
+        if eligible_read {
+            self.metrics.read(true);
+        }
+        self.link.enqueue(Routed {
+            frames: batch.frames,
+            statements: batch.statements,
+            started: batch.started.unwrap_or_else(Instant::now),
+            in_txn: batch.in_txn,
+        });
+        BatchStep::Routed
+    }
+
+    /// A held batch must go to the source now (a message too big to hold,
+    /// or one that is not extended protocol): its frames.
+    pub fn release(&mut self) -> Option<Bytes> {
+        self.batch.take().map(|b| b.frames.freeze())
+    }
+
+    /// A statement the source runs: logs the session state the target must
+    /// repeat, and pins the session to the source where the target cannot
+    /// follow (temporary tables).
+    pub fn source_statement(&mut self, sql: &[u8]) {
+        if !may_change_state(sql) {
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return;
+        };
+        let classes = self.classifier.classify(text);
+        for c in classes.iter() {
+            match c {
+                Class::Session(SessionOp::Set) => {
+                    // Only the statements of a multi-statement string that
+                    // set things would be exact; the whole string repeated
+                    // could run its other statements on the target.
+                    if classes.len() == 1 {
+                        self.link.log_state(StateOp::Sql(text.into()), self.metrics);
+                    } else {
+                        self.link
+                            .pin(self.metrics, "SET inside a multi-statement query");
+                    }
+                }
+                Class::Session(
+                    op @ (SessionOp::ResetAll | SessionOp::Discard { all: true, .. }),
+                ) => {
+                    if classes.len() == 1 {
+                        let drops = matches!(op, SessionOp::Discard { .. });
+                        self.link
+                            .log_state(StateOp::Reset(text.into(), drops), self.metrics);
+                    } else {
+                        self.link.pin(
+                            self.metrics,
+                            "DISCARD or RESET ALL inside a multi-statement query",
+                        );
+                    }
+                }
+                Class::Session(SessionOp::Deallocate { name: None }) => {
+                    self.link.log_state(StateOp::CloseAll, self.metrics)
+                }
+                Class::Session(SessionOp::Deallocate { name: Some(n) }) => self
+                    .link
+                    .log_state(StateOp::Close(n.as_bytes().into()), self.metrics),
+                Class::Session(SessionOp::Discard { temp: true, .. }) => {}
+                Class::Write if contains_word(sql, b"temp") || contains_word(sql, b"temporary") => {
+                    self.link
+                        .pin(self.metrics, "the session created a temporary table");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A Close of a named statement reached the source.
+    pub fn source_close(&self, name: &[u8]) {
+        if !name.is_empty() {
+            self.link
+                .log_state(StateOp::Close(name.into()), self.metrics);
+        }
+    }
+}
+
+/// A message frame rebuilt from its tag and body.
+fn frame(tag: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(5 + body.len());
+    put_message(&mut b, tag, &[body]);
+    b
+}
+
+/// Cheap pre-check before classifying a statement the source runs: only
+/// these words can change session state (or make a temporary table).
+fn may_change_state(sql: &[u8]) -> bool {
+    const WORDS: [&[u8]; 5] = [b"set", b"discard", b"deallocate", b"temp", b"reset"];
+    WORDS.iter().any(|w| contains_word(sql, w))
+}
+
+/// Whether `word` (lower-case ASCII) appears in `sql` as a whole word, in
+/// any case.
+fn contains_word(sql: &[u8], word: &[u8]) -> bool {
+    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    if sql.len() < word.len() {
+        return false;
+    }
+    (0..=sql.len() - word.len()).any(|i| {
+        sql[i..i + word.len()].eq_ignore_ascii_case(word)
+            && (i == 0 || !is_word(sql[i - 1]))
+            && sql.get(i + word.len()).is_none_or(|&c| !is_word(c))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_words_are_found_as_whole_words_only() {
+        assert!(may_change_state(b"SET search_path = x"));
+        assert!(may_change_state(b"  reset ALL"));
+        assert!(may_change_state(b"create TEMP table t(a int)"));
+        assert!(!may_change_state(b"select * from t offset 5"));
+        assert!(!may_change_state(b"select dataset from resets"));
+    }
+
+    #[test]
+    fn a_reset_cuts_the_state_log_back() {
+        let mut log = StateLog::default();
+        assert!(log.push(StateOp::Sql("set a = 1".into())));
+        assert!(log.push(StateOp::Close(b"s1".to_vec().into())));
+        assert!(log.push(StateOp::Reset("discard all".into(), true)));
+        assert_eq!(log.ops, vec![StateOp::Reset("discard all".into(), true)]);
+        assert_eq!(log.restarts, 1);
+        for _ in 0..MAX_STATE_OPS {
+            log.push(StateOp::Sql("set a = 1".into()));
+        }
+        assert!(!log.push(StateOp::Sql("set a = 2".into())));
+    }
+}

@@ -1,0 +1,640 @@
+//! The routing half beside the pumps: runs each routed request on the
+//! session's target connection and relays the answer to the client.
+//!
+//! The answer is held until it is complete (or bigger than `RELAY_HOLD`),
+//! so a target that fails before that costs the client nothing: the
+//! request goes to the source instead, as if it had never left (transparent
+//! fallback). Failures that count: no connection, a broken one, no answer
+//! within `routing.target_timeout_ms`, or an error that is not the query's
+//! fault (`super::is_fallback_code`).
+//!
+//! Before a request, the target session is brought up to date: the
+//! session's SET/RESET/DISCARD statements are repeated, statements closed
+//! on the source are closed here, and each named statement the request
+//! binds is prepared here the first time it is used (answers to the
+//! proxy's own messages never reach the client).
+//!
+//! Ordering: a request only went to the target when the source had nothing
+//! in flight, and the pumps hold source traffic while a routed request is
+//! unanswered, so answers reach the client in request order.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::decide::{RouteLink, Routed, StateOp};
+use super::{is_fallback_code, Fallback, RouteMetrics, Router};
+use crate::metrics::Metrics;
+use crate::protocol::error::{error_response, parse_error_fields, Severity};
+use crate::protocol::frame::read_message;
+use crate::protocol::message::{
+    parse_ready_for_query, put_message, ERROR_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY,
+};
+use crate::protocol::sqlstate;
+use crate::session::state::{Shared, Statement};
+use crate::upstream::target::{Conn, TargetLink};
+
+/// Answers up to this size are held whole (and can still fall back).
+const RELAY_HOLD: usize = 64 << 10;
+/// Most statements kept prepared on one target connection.
+const MAX_PREPARED: usize = 10_000;
+/// The read-only guard every target session runs with: a routed "read"
+/// that writes fails there (25006) and runs on the source instead.
+const GUARD: &str = "SET default_transaction_read_only = on";
+
+/// A writer shared by a pump and the responder. They are futures of one
+/// task: the lock is held only inside one poll, never across an await, so
+/// it is never contended; who may write when is decided by the flags in
+/// `RouteLink` and `Shared`.
+pub struct SharedWriter<'m, W: ?Sized>(pub &'m Mutex<W>);
+
+impl<W: AsyncWrite + Unpin + ?Sized> AsyncWrite for SharedWriter<'_, W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        std::pin::Pin::new(&mut *w).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        std::pin::Pin::new(&mut *w).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        std::pin::Pin::new(&mut *w).poll_shutdown(cx)
+    }
+}
+
+/// Why the responder ended the session.
+#[derive(Debug)]
+pub enum ResponderEnd {
+    /// The target failed inside a routed transaction: its state is gone
+    /// and the source never had it.
+    LostInTransaction(String),
+    /// Writing to the client failed.
+    ClientGone(io::Error),
+    /// Writing a fallback to the source failed.
+    SourceGone(io::Error),
+    /// Draining, and the session is idle.
+    Drained,
+}
+
+/// How a routed request went on the target.
+enum Outcome {
+    Served,
+    /// Failed before any byte reached the client: run it on the source.
+    Fallback(Fallback, String),
+    /// Failed after part of the answer reached the client.
+    Broken(String),
+}
+
+/// One connection's session state, as the proxy brought it.
+struct Live {
+    conn: Conn,
+    /// `(StateLog::restarts, ops applied)`.
+    applied: (u64, usize),
+    guarded: bool,
+    /// Named statements prepared on this connection.
+    prepared: HashMap<Box<[u8]>, Statement>,
+}
+
+pub struct Responder<'a, C: ?Sized, S: ?Sized> {
+    pub link: &'a RouteLink,
+    pub shared: &'a Shared,
+    pub client: &'a Mutex<C>,
+    pub source: &'a Mutex<S>,
+    pub router: &'a Router,
+    pub route_metrics: &'a RouteMetrics,
+    pub metrics: &'a Metrics,
+    pub target: TargetLink,
+    /// The mirror's view of the session: a request that falls back reaches
+    /// the source after all, and the mirror must follow it.
+    pub capture: Option<&'a Mutex<crate::mirror::capture::Capture>>,
+    pub keepalive: Duration,
+    pub max_message: usize,
+    pub session_id: u64,
+}
+
+impl<C, S> Responder<'_, C, S>
+where
+    C: AsyncWrite + Unpin + ?Sized,
+    S: AsyncWrite + Unpin + ?Sized,
+{
+    /// Serves routed requests until the session ends (the caller drops this
+    /// future) or something forces the session to end.
+    pub async fn run(mut self) -> ResponderEnd {
+        let mut live: Option<Live> = None;
+        let mut link_gone = false;
+        // Before the first connection is up, reads may be routed (and wait
+        // for it) when target logins were working.
+        let mut first = self.target.optimistic;
+        let mut ticker = tokio::time::interval(self.keepalive);
+        ticker.reset();
+        loop {
+            self.link.ready.store(live.is_some() || first, Relaxed);
+            let next = self
+                .link
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            if let Some(req) = next {
+                if live.is_none() && first && !link_gone {
+                    // Wait for the first login, within the request's timeout.
+                    let left = self
+                        .router
+                        .settings()
+                        .target_timeout
+                        .saturating_sub(req.started.elapsed());
+                    match tokio::time::timeout(left, self.target.conns.recv()).await {
+                        Ok(Some(conn)) => live = Some(Live::new(conn)),
+                        Ok(None) => link_gone = true,
+                        Err(_) => {}
+                    }
+                    first = false;
+                    ticker.reset();
+                }
+                if let Err(end) = self.serve(&mut live, req).await {
+                    return end;
+                }
+                if self.shared.draining.load(Relaxed)
+                    && self.shared.is_idle()
+                    && !self.link.target_busy()
+                    && !self.link.in_target_txn()
+                {
+                    return ResponderEnd::Drained;
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.link.request_ready.notified() => {}
+                c = self.target.conns.recv(), if live.is_none() && !link_gone => match c {
+                    Some(conn) => {
+                        live = Some(Live::new(conn));
+                        first = false;
+                        ticker.reset();
+                    }
+                    // The link task ended: no more connections this session.
+                    None => link_gone = true,
+                },
+                _ = ticker.tick(), if live.is_some() => {
+                    if let Some(l) = live.as_mut() {
+                        if let Err(why) = self.ping(l).await {
+                            self.lose(&mut live, &why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops a broken connection and asks the link for another.
+    fn lose(&self, live: &mut Option<Live>, why: &str) {
+        if live.take().is_some() {
+            warn!(
+                session_id = self.session_id,
+                reason = why,
+                "target link lost; reconnecting"
+            );
+            self.target.want.notify_one();
+        }
+        self.link.ready.store(false, Relaxed);
+    }
+
+    /// Idle liveness check: a Sync must get a ReadyForQuery back.
+    async fn ping(&self, l: &mut Live) -> Result<(), String> {
+        let limit = self.keepalive.min(Duration::from_secs(10));
+        let r = tokio::time::timeout(limit, async {
+            l.conn.stream.write_all(b"S\0\0\0\x04").await?;
+            loop {
+                match read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message).await? {
+                    Some(m) if m.tag == READY_FOR_QUERY => return Ok(()),
+                    Some(m) if m.tag == ERROR_RESPONSE => {
+                        let f = parse_error_fields(m.body());
+                        if f.severity == Some("FATAL") || f.severity == Some("PANIC") {
+                            return Err(io::Error::other(format!(
+                                "{} {}",
+                                f.code.unwrap_or("?"),
+                                f.message.unwrap_or("")
+                            )));
+                        }
+                    }
+                    Some(_) => {}
+                    None => return Err(io::Error::other("target closed the connection")),
+                }
+            }
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("keepalive failed: {e}")),
+            Err(_) => Err("no answer to keepalive".into()),
+        }
+    }
+
+    async fn serve(&mut self, live: &mut Option<Live>, req: Routed) -> Result<(), ResponderEnd> {
+        let outcome = match live.as_mut() {
+            None => Outcome::Fallback(Fallback::Connection, "no target connection".into()),
+            Some(l) => self.on_target(l, &req).await,
+        };
+        let done = |this: &Self| {
+            let left = this.link.target_in_flight.load(Relaxed).saturating_sub(1);
+            this.link.target_in_flight.store(left, Relaxed);
+            this.link.responder_writing.store(false, Relaxed);
+            this.link.target_idle.notify_waiters();
+        };
+        match outcome {
+            Outcome::Served => {
+                self.route_metrics.latency(true, req.started.elapsed());
+                done(self);
+                Ok(())
+            }
+            Outcome::Fallback(why, detail) => {
+                if !matches!(why, Fallback::ServerError) {
+                    self.lose(live, &detail);
+                } else {
+                    debug!(session_id = self.session_id, reason = %detail, "routed read failed on the target");
+                }
+                if req.in_txn {
+                    // Its transaction lives on the target only.
+                    done(self);
+                    self.end_in_txn(&detail).await;
+                    return Err(ResponderEnd::LostInTransaction(detail));
+                }
+                self.route_metrics.fallback(why);
+                let r = self.to_source(&req).await;
+                done(self);
+                r.map_err(ResponderEnd::SourceGone)
+            }
+            Outcome::Broken(detail) => {
+                self.lose(live, &detail);
+                self.route_metrics.target_failures_after_start.inc();
+                // The client has part of an answer: end it with an error,
+                // as Postgres ends a query that fails while sending rows.
+                let msg = format!("pgshift: the target failed while sending this result: {detail}");
+                let mut out = error_response(Severity::Error, sqlstate::CONNECTION_FAILURE, &msg);
+                let in_txn = req.in_txn;
+                if !in_txn {
+                    put_message(&mut out, READY_FOR_QUERY, &[b"I"]);
+                }
+                let r = self.write_client(&out).await;
+                done(self);
+                if in_txn {
+                    return Err(ResponderEnd::LostInTransaction(detail));
+                }
+                r.map_err(ResponderEnd::ClientGone)
+            }
+        }
+    }
+
+    /// The target failed inside a routed transaction: tell the client why
+    /// before the session ends.
+    async fn end_in_txn(&self, detail: &str) {
+        let msg = format!(
+            "pgshift: the target failed inside a read-only transaction routed to it: {detail}"
+        );
+        let out = error_response(Severity::Fatal, sqlstate::CONNECTION_FAILURE, &msg);
+        let _ = self.write_client(&out).await;
+        self.link.target_tx.store(b'I', Relaxed);
+    }
+
+    /// Runs the request on the source instead: its bytes go out as the
+    /// client sent them, and the source's answer reaches the client through
+    /// the usual pump.
+    async fn to_source(&self, req: &Routed) -> io::Result<()> {
+        // Wait until the source stream is between messages and the
+        // frontend pump is not writing.
+        loop {
+            let free = self.link.source_free.notified();
+            tokio::pin!(free);
+            free.as_mut().enable();
+            if !self.link.frontend_writing.load(Relaxed)
+                && self.shared.server_at_boundary.load(Relaxed)
+            {
+                break;
+            }
+            free.await;
+        }
+        self.shared.add_in_flight(1);
+        if let Some(c) = self.capture {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .inject(&req.frames);
+        }
+        *self
+            .link
+            .source_read_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(req.started);
+        let mut w = super::responder::SharedWriter(self.source);
+        w.write_all(&req.frames).await?;
+        w.flush().await
+    }
+
+    /// Waits until the client stream is free, then writes.
+    async fn write_client(&self, bytes: &[u8]) -> io::Result<()> {
+        if !self.link.responder_writing.load(Relaxed) {
+            loop {
+                let free = self.link.client_free.notified();
+                tokio::pin!(free);
+                free.as_mut().enable();
+                if !self.link.backend_writing.load(Relaxed)
+                    && self.shared.client_at_boundary.load(Relaxed)
+                {
+                    break;
+                }
+                free.await;
+            }
+            self.link.responder_writing.store(true, Relaxed);
+        }
+        let mut w = SharedWriter(self.client);
+        w.write_all(bytes).await?;
+        w.flush().await
+    }
+
+    /// Brings the target session up to date: the read-only guard, the
+    /// session state the source got, and closes. One round trip, only when
+    /// something changed.
+    async fn sync_state(&self, l: &mut Live) -> Result<(), (Fallback, String)> {
+        let (restarts, ops, upto) = {
+            let log = self.link.state.lock().unwrap_or_else(|p| p.into_inner());
+            let from = if log.restarts == l.applied.0 {
+                l.applied.1
+            } else {
+                0
+            };
+            let from = from.min(log.ops.len());
+            (log.restarts, log.ops[from..].to_vec(), log.ops.len())
+        };
+        if ops.is_empty() && l.guarded && l.applied.0 == restarts {
+            return Ok(());
+        }
+        let mut sql = String::new();
+        let mut closes: Vec<Box<[u8]>> = Vec::new();
+        for op in &ops {
+            match op {
+                StateOp::Sql(s) => {
+                    sql.push_str(s.trim_end_matches([';', ' ', '\n', '\t', '\r']));
+                    sql.push_str(";\n");
+                }
+                StateOp::Reset(s, drops) => {
+                    sql.push_str(s.trim_end_matches([';', ' ', '\n', '\t', '\r']));
+                    sql.push_str(";\n");
+                    if *drops {
+                        l.prepared.clear();
+                    }
+                }
+                StateOp::Close(name) => {
+                    if l.prepared.remove(name).is_some() {
+                        closes.push(name.clone());
+                    }
+                }
+                StateOp::CloseAll => closes.extend(l.prepared.drain().map(|(n, _)| n)),
+            }
+        }
+        sql.push_str(GUARD);
+        let mut out = BytesMut::new();
+        put_message(&mut out, b'Q', &[sql.as_bytes(), b"\0"]);
+        let mut readies = 1;
+        if !closes.is_empty() {
+            for n in &closes {
+                put_message(&mut out, b'C', &[b"S", n, b"\0"]);
+            }
+            put_message(&mut out, b'S', &[]);
+            readies += 1;
+        }
+        let timeout = self.router.settings().target_timeout;
+        let r = tokio::time::timeout(timeout, async {
+            l.conn.stream.write_all(&out).await?;
+            let mut failed: Option<String> = None;
+            while readies > 0 {
+                let Some(m) =
+                    read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message).await?
+                else {
+                    return Err(io::Error::other("target closed the connection"));
+                };
+                match m.tag {
+                    READY_FOR_QUERY => readies -= 1,
+                    ERROR_RESPONSE => {
+                        let f = parse_error_fields(m.body());
+                        failed.get_or_insert_with(|| {
+                            format!("{} {}", f.code.unwrap_or("?"), f.message.unwrap_or(""))
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            Ok(failed)
+        })
+        .await;
+        match r {
+            Ok(Ok(None)) => {
+                l.applied = (restarts, upto);
+                l.guarded = true;
+                Ok(())
+            }
+            Ok(Ok(Some(err))) => {
+                // The target cannot reproduce this session's state: its
+                // reads stay on the source.
+                self.link.pin(
+                    self.route_metrics,
+                    "the target session refused this session's settings",
+                );
+                info!(session_id = self.session_id, error = %err, "session settings failed on the target");
+                Err((Fallback::Setup, err))
+            }
+            Ok(Err(e)) => Err((Fallback::Connection, e.to_string())),
+            Err(_) => Err((
+                Fallback::Timeout,
+                "no answer while syncing session state".into(),
+            )),
+        }
+    }
+
+    /// Runs one routed request on the target and relays its answer.
+    async fn on_target(&self, l: &mut Live, req: &Routed) -> Outcome {
+        if let Err((why, detail)) = self.sync_state(l).await {
+            return Outcome::Fallback(why, detail);
+        }
+        // Statements this request binds, prepared here on first use.
+        let mut out = BytesMut::new();
+        let mut own_answers = 0usize;
+        for (name, st) in &req.statements {
+            match l.prepared.get(name) {
+                Some(have) if have == st => continue,
+                Some(_) => {
+                    put_message(&mut out, b'C', &[b"S", name, b"\0"]);
+                    own_answers += 1;
+                }
+                None if l.prepared.len() >= MAX_PREPARED => {
+                    return Outcome::Fallback(
+                        Fallback::Setup,
+                        "too many statements prepared on the target".into(),
+                    )
+                }
+                None => {}
+            }
+            put_message(&mut out, b'P', &[name, b"\0", &st.query, b"\0", &st.types]);
+            own_answers += 1;
+            l.prepared.insert(name.clone(), st.clone());
+        }
+        out.put_slice(&req.frames);
+        let deadline =
+            (!req.in_txn).then(|| Instant::now() + self.router.settings().target_timeout);
+        let io_deadline = |d: Option<Instant>| async move {
+            match d {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let write = tokio::select! {
+            r = async { l.conn.stream.write_all(&out).await?; l.conn.stream.flush().await } => r,
+            _ = io_deadline(deadline) => return Outcome::Fallback(Fallback::Timeout, "target did not take the request in time".into()),
+        };
+        if let Err(e) = write {
+            return Outcome::Fallback(Fallback::Connection, format!("write failed: {e}"));
+        }
+        let mut held = BytesMut::new();
+        let mut sent_any = false;
+        let mut own_failed: Option<String> = None;
+        loop {
+            // Until something reached the client, the deadline stands.
+            let limit = if sent_any { None } else { deadline };
+            let msg = tokio::select! {
+                m = read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message) => m,
+                _ = io_deadline(limit) => {
+                    return Outcome::Fallback(Fallback::Timeout, "no answer within routing.target_timeout_ms".into());
+                }
+            };
+            let m = match msg {
+                Ok(Some(m)) => m,
+                Ok(None) => return self.failed(sent_any, "target closed the connection".into()),
+                Err(e) => return self.failed(sent_any, format!("read failed: {e}")),
+            };
+            if own_answers > 0 && own_failed.is_none() {
+                match m.tag {
+                    b'1' | b'3' => {
+                        own_answers -= 1;
+                        continue;
+                    }
+                    ERROR_RESPONSE => {
+                        let f = parse_error_fields(m.body());
+                        own_failed = Some(format!(
+                            "preparing a statement failed: {} {}",
+                            f.code.unwrap_or("?"),
+                            f.message.unwrap_or("")
+                        ));
+                        // The rest of the batch is skipped up to its Sync.
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(why) = &own_failed {
+                if m.tag == READY_FOR_QUERY {
+                    l.prepared.clear();
+                    // Statements left on the connection would clash later.
+                    return Outcome::Fallback(
+                        Fallback::Setup,
+                        format!("{why}; dropping the connection"),
+                    );
+                }
+                continue;
+            }
+            match m.tag {
+                ERROR_RESPONSE if !sent_any => {
+                    let f = parse_error_fields(m.body());
+                    let code = f.code.unwrap_or("");
+                    if is_fallback_code(code) {
+                        let detail = format!("{code} {}", f.message.unwrap_or(""));
+                        // Let the target finish its answer, so the
+                        // connection stays usable.
+                        self.drain_to_ready(l).await;
+                        return Outcome::Fallback(Fallback::ServerError, detail);
+                    }
+                }
+                // The source owns the session's parameters and LISTENs.
+                PARAMETER_STATUS | b'A' => continue,
+                _ => {}
+            }
+            held.extend_from_slice(&m.frame);
+            let done = m.tag == READY_FOR_QUERY;
+            if done {
+                if let Ok(status) = parse_ready_for_query(m.body()) {
+                    self.link.target_tx.store(status, Relaxed);
+                }
+            }
+            if done || held.len() >= RELAY_HOLD {
+                if let Err(e) = self.write_client(&held).await {
+                    // Nothing more can reach the client; the session ends
+                    // through its pumps.
+                    return Outcome::Broken(format!("client write failed: {e}"));
+                }
+                sent_any = true;
+                held.clear();
+            }
+            if done {
+                return Outcome::Served;
+            }
+        }
+    }
+
+    fn failed(&self, sent_any: bool, detail: String) -> Outcome {
+        if sent_any {
+            Outcome::Broken(detail)
+        } else {
+            Outcome::Fallback(Fallback::Connection, detail)
+        }
+    }
+
+    /// Reads the rest of a failed answer, bounded by the timeout; a
+    /// connection that does not get there is dropped by the next use.
+    async fn drain_to_ready(&self, l: &mut Live) {
+        let timeout = self.router.settings().target_timeout;
+        let _ = tokio::time::timeout(timeout, async {
+            while let Ok(Some(m)) =
+                read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message).await
+            {
+                if m.tag == READY_FOR_QUERY {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl Live {
+    fn new(conn: Conn) -> Self {
+        Self {
+            conn,
+            applied: (u64::MAX, 0),
+            guarded: false,
+            prepared: HashMap::new(),
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // A polite goodbye where it cannot block (plain TCP); the target
+        // otherwise logs the connection as reset.
+        if let crate::net::Stream::Plain(tcp) = &self.conn.stream {
+            let _ = tcp.try_write(b"X\0\0\0\x04");
+        }
+    }
+}

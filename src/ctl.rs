@@ -50,22 +50,53 @@ impl AdminClient {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req
+        let resp = req
             .call()
             .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        Self::answer("GET", path, resp)
+    }
+
+    /// PUTs or POSTs a JSON body to `path`; the answer as for `get`.
+    pub fn send(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "PUT" => self.agent.put(&url),
+            _ => self.agent.post(&url),
+        };
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        Self::answer(method, path, resp)
+    }
+
+    fn answer(
+        method: &str,
+        path: &str,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> anyhow::Result<Value> {
         let status = resp.status();
         let body = resp
             .body_mut()
             .read_to_string()
-            .with_context(|| format!("reading the answer to GET {path}"))?;
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
         if status != 200 {
-            let msg = serde_json::from_str::<Value>(&body)
-                .ok()
+            let v = serde_json::from_str::<Value>(&body).ok();
+            let msg = v
+                .as_ref()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
                 .unwrap_or(body);
-            bail!("GET {path}: {status}: {}", msg.trim());
+            let key = v
+                .as_ref()
+                .and_then(|v| v["key"].as_str().map(|k| format!(" (key {k})")))
+                .unwrap_or_default();
+            bail!("{method} {path}: {status}: {}{key}", msg.trim());
         }
-        serde_json::from_str(&body).with_context(|| format!("GET {path}: the answer is not JSON"))
+        serde_json::from_str(&body)
+            .with_context(|| format!("{method} {path}: the answer is not JSON"))
     }
 }
 
@@ -99,6 +130,23 @@ pub fn status_text(s: &Value) -> String {
             r.get("reason").and_then(Value::as_str).unwrap_or("?"),
             r.get("key").and_then(Value::as_str).unwrap_or("-"),
             r.get("line").map(num).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if s["routing"].is_object() {
+        out += &routing_line(&s["routing"]);
+        let r = &s["metrics"]["routing"];
+        out += &format!(
+            "  reads: {} on the target (p50 {} µs, p99 {} µs), {} on the source (p50 {} µs, p99 {} µs); fallbacks {}\n",
+            num(&r["target"]["reads"]),
+            num(&r["target"]["p50_us"]),
+            num(&r["target"]["p99_us"]),
+            num(&r["source"]["reads"]),
+            num(&r["source"]["p50_us"]),
+            num(&r["source"]["p99_us"]),
+            ["connection", "timeout", "server_error", "setup"]
+                .iter()
+                .map(|k| r["fallbacks"][*k].as_u64().unwrap_or(0))
+                .sum::<u64>(),
         );
     }
     let m = &s["metrics"]["clients"];
@@ -139,6 +187,32 @@ pub fn status_text(s: &Value) -> String {
         );
     }
     out
+}
+
+/// The routing line of status, and of the answers to route, failback and
+/// resume.
+fn routing_line(r: &Value) -> String {
+    let mut out = format!(
+        "routing: {}% of eligible reads to the target, hashed by {}",
+        num(&r["read_percent"]),
+        r["hash_key"].as_str().unwrap_or("?"),
+    );
+    if r["hash_key"] == "comment" {
+        out += &format!(" (key {})", r["comment_key"].as_str().unwrap_or("?"));
+    }
+    out += &format!(", target timeout {} ms", num(&r["target_timeout_ms"]));
+    if r["failed_back"] == true {
+        out += &format!(
+            "; FAILED BACK (all reads on the source): {}",
+            r["failback_reason"].as_str().unwrap_or("")
+        );
+    }
+    out + "\n"
+}
+
+/// The answer to `ctl route`, `failback` and `resume`.
+pub fn routing_text(v: &Value) -> String {
+    format!("epoch {}\n{}", num(&v["epoch"]), routing_line(&v["routing"]))
 }
 
 /// `GET /audit` entries, one line each.

@@ -59,6 +59,33 @@ enum CtlCommand {
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+    /// Change read routing live (audited, new epoch); prints the result.
+    Route {
+        /// Share of eligible reads sent to the target, 0 to 100.
+        #[arg(long)]
+        read_percent: Option<f64>,
+        /// session, user, application_name, client_addr or comment.
+        #[arg(long)]
+        hash_key: Option<String>,
+        /// With hash key `comment`: the sqlcommenter key.
+        #[arg(long)]
+        comment_key: Option<String>,
+        /// Routed reads without an answer within this run on the source.
+        #[arg(long)]
+        target_timeout_ms: Option<u64>,
+    },
+    /// Send every read to the source now, until `resume`.
+    Failback {
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Route reads as configured again after a failback.
+    Resume {
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +120,41 @@ fn ctl(config: &Config, admin: Option<&str>, json: bool, command: CtlCommand) ->
             CtlCommand::Audit { since } => (
                 client.get(&format!("/audit?since={since}"))?,
                 pgshift::ctl::audit_text,
+            ),
+            CtlCommand::Route {
+                read_percent,
+                hash_key,
+                comment_key,
+                target_timeout_ms,
+            } => {
+                let mut body = serde_json::Map::new();
+                if let Some(p) = read_percent {
+                    body.insert("read_percent".into(), p.into());
+                }
+                if let Some(k) = hash_key {
+                    body.insert("hash_key".into(), k.into());
+                }
+                if let Some(k) = comment_key {
+                    body.insert("comment_key".into(), k.into());
+                }
+                if let Some(t) = target_timeout_ms {
+                    body.insert("target_timeout_ms".into(), t.into());
+                }
+                if body.is_empty() {
+                    anyhow::bail!("nothing to change: give --read-percent, --hash-key, --comment-key or --target-timeout-ms");
+                }
+                (
+                    client.send("PUT", "/routing", &body.into())?,
+                    pgshift::ctl::routing_text,
+                )
+            }
+            CtlCommand::Failback { reason } => (
+                client.send("POST", "/failback", &serde_json::json!({ "reason": reason }))?,
+                pgshift::ctl::routing_text,
+            ),
+            CtlCommand::Resume { reason } => (
+                client.send("POST", "/resume", &serde_json::json!({ "reason": reason }))?,
+                pgshift::ctl::routing_text,
             ),
         };
         Ok(if json {

@@ -122,6 +122,12 @@ pub struct RouteLink {
     pub backend_writing: AtomicBool,
     pub frontend_writing: AtomicBool,
     pub state: Mutex<StateLog>,
+    /// The client's unnamed statement was last parsed in a routed batch:
+    /// the source holds an older one (or none).
+    pub source_unnamed_stale: AtomicBool,
+    /// ParseCompletes the source owes for Parses the proxy added (the
+    /// client never sent them).
+    pub drop_parse_complete: AtomicU32,
     /// Seq of this session's last spooled write unit (0: none).
     pub last_spooled_seq: AtomicU64,
     /// When the eligible read now on the source was sent (its latency is
@@ -145,6 +151,8 @@ impl Default for RouteLink {
             backend_writing: AtomicBool::new(false),
             frontend_writing: AtomicBool::new(false),
             state: Mutex::default(),
+            source_unnamed_stale: AtomicBool::new(false),
+            drop_parse_complete: AtomicU32::new(0),
             last_spooled_seq: AtomicU64::new(0),
             source_read_started: Mutex::default(),
         }
@@ -238,8 +246,11 @@ enum Kind {
 struct Batch {
     frames: BytesMut,
     statements: Vec<(Box<[u8]>, Statement)>,
-    /// An unnamed statement was parsed in this batch.
+    /// An unnamed statement was parsed in this batch, and bound after.
     parsed_unnamed: bool,
+    bound_unnamed: bool,
+    /// It runs something (not only Parse/Describe).
+    executes: bool,
     /// Started inside a routed transaction: goes to the target whatever it holds.
     in_txn: bool,
     /// Some statement's key (sqlcommenter) was in the cohort.
@@ -270,6 +281,10 @@ pub struct Decider<'a> {
     /// A `BEGIN READ ONLY` went to the target and its answer may not be
     /// in yet: what follows goes there too.
     txn_pending: bool,
+    /// An extended-protocol batch going to the source that may be an
+    /// eligible read: (when it started, whether it still is one, whether
+    /// it executes anything).
+    observed: Option<(Instant, bool, bool)>,
 }
 
 impl<'a> Decider<'a> {
@@ -290,6 +305,7 @@ impl<'a> Decider<'a> {
             classifier: Classifier::new(rules),
             batch: None,
             txn_pending: false,
+            observed: None,
         }
     }
 
@@ -458,6 +474,7 @@ impl<'a> Decider<'a> {
                     match (take_cstr(&mut b), take_cstr(&mut b)) {
                         (Ok(b""), Ok(query)) => {
                             batch.parsed_unnamed = true;
+                            batch.bound_unnamed = false;
                             let read = self.kind(query) == Kind::Read;
                             batch.keyed_in |= read && self.in_cohort(&settings, query);
                             read
@@ -473,6 +490,7 @@ impl<'a> Decider<'a> {
                     match take_cstr(&mut b) {
                         Ok(name) => match statements.statement(name) {
                             Some(st) if !name.is_empty() || batch.parsed_unnamed => {
+                                batch.bound_unnamed |= name.is_empty();
                                 let read = self.kind(&st.query) == Kind::Read;
                                 batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
                                 if read && !name.is_empty() {
@@ -485,7 +503,11 @@ impl<'a> Decider<'a> {
                         Err(_) => false,
                     }
                 }
-                DESCRIBE | EXECUTE | SYNC => true,
+                DESCRIBE | SYNC => true,
+                EXECUTE => {
+                    batch.executes = true;
+                    true
+                }
                 // A Close must reach the source; a Flush wants answers now.
                 _ => false,
             };
@@ -497,8 +519,12 @@ impl<'a> Decider<'a> {
             self.batch = Some(batch);
             return BatchStep::Held;
         }
-        let eligible_read = !batch.in_txn;
-        let to_target = batch.in_txn || (batch.keyed_in && self.own_writes_applied());
+        let eligible_read = !batch.in_txn && batch.executes;
+        // An unnamed statement parsed but not used here will be bound by a
+        // later batch, which may go to the source: it must be parsed there.
+        let self_contained = !batch.parsed_unnamed || batch.bound_unnamed;
+        let to_target = batch.in_txn
+            || (batch.keyed_in && self_contained && self.own_writes_applied());
         if !to_target {
             if eligible_read {
                 self.metrics.read(false);
@@ -515,6 +541,9 @@ impl<'a> Decider<'a> {
         if eligible_read {
             self.metrics.read(true);
         }
+        if batch.parsed_unnamed {
+            self.link.source_unnamed_stale.store(true, Relaxed);
+        }
         self.link.enqueue(Routed {
             frames: batch.frames,
             statements: batch.statements,
@@ -528,6 +557,43 @@ impl<'a> Decider<'a> {
     /// or one that is not extended protocol): its frames.
     pub fn release(&mut self) -> Option<Bytes> {
         self.batch.take().map(|b| b.frames.freeze())
+    }
+
+    /// Follows an extended-protocol batch the source gets, to count (and
+    /// time) it as a read served by the source when it is an eligible one.
+    /// `at_start`: the message opens a batch with the source idle; `text`:
+    /// the SQL of a Parse, or of the statement a Bind uses.
+    pub fn observe_source(&mut self, tag: u8, text: Option<&[u8]>, at_start: bool) {
+        if at_start && self.router.settings().active() {
+            self.observed = Some((Instant::now(), true, false));
+        }
+        let Some((_, eligible, executed)) = self.observed.as_mut() else {
+            return;
+        };
+        match tag {
+            PARSE | BIND => match text {
+                Some(t) if *eligible => {
+                    let read = self.kind(t) == Kind::Read;
+                    if let Some((_, e, _)) = self.observed.as_mut() {
+                        *e = read;
+                    }
+                }
+                _ => *eligible = false,
+            },
+            DESCRIBE => {}
+            EXECUTE => *executed = true,
+            SYNC => {
+                if let Some((started, true, true)) = self.observed.take() {
+                    self.metrics.read(false);
+                    *self
+                        .link
+                        .source_read_started
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(started);
+                }
+            }
+            _ => *eligible = false,
+        }
     }
 
     /// A statement the source runs: logs the session state the target must

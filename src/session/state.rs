@@ -465,6 +465,47 @@ impl FrontendInspector<'_> {
     /// the source.
     fn header_source(&mut self, tag: u8, prefix: &[u8]) -> Verdict {
         let mut verdict = Verdict::Forward;
+        // A Bind of the unnamed statement last parsed in a routed batch:
+        // the source gets that Parse first (and its answer is dropped).
+        let mut reparse = None;
+        if let (BIND, Some(r)) = (tag, self.route.as_ref()) {
+            if r.link.source_unnamed_stale.load(Relaxed)
+                && Self::bind_statement(prefix) == Some(&b""[..])
+            {
+                if let Some(st) = self.statements.statement(b"") {
+                    let mut f = BytesMut::new();
+                    crate::protocol::message::put_message(
+                        &mut f,
+                        PARSE,
+                        &[b"\0", &st.query, b"\0", &st.types],
+                    );
+                    let l = r.link;
+                    l.source_unnamed_stale.store(false, Relaxed);
+                    l.drop_parse_complete
+                        .store(l.drop_parse_complete.load(Relaxed) + 1, Relaxed);
+                    let f = f.freeze();
+                    if let Some(c) = self.capture {
+                        c.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert_before(self.msg_no, f.clone());
+                    }
+                    reparse = Some(f);
+                }
+            }
+        }
+        if self.route.is_some() && tag != PARSE {
+            let at_start = self.source_idle();
+            let text = if tag == BIND {
+                Self::bind_statement(prefix)
+                    .and_then(|n| self.statements.get(n))
+                    .cloned()
+            } else {
+                None
+            };
+            if let Some(r) = self.route.as_mut() {
+                r.observe_source(tag, text.as_deref(), at_start);
+            }
+        }
         if self.capture.is_some() {
             let statement = if tag == BIND {
                 Self::bind_statement(prefix)
@@ -490,7 +531,10 @@ impl FrontendInspector<'_> {
             }
         }
         self.count(tag);
-        verdict
+        match reparse {
+            Some(f) => before(f, verdict),
+            None => verdict,
+        }
     }
 
     /// A Query, Parse, Close or Terminate bound for the source.
@@ -526,8 +570,10 @@ impl FrontendInspector<'_> {
             }
             PARSE => {
                 let (name, query) = parse_parse(body)?;
+                let at_start = self.source_idle();
                 if let Some(r) = self.route.as_mut() {
                     r.source_statement(query);
+                    r.observe_source(PARSE, Some(query), at_start);
                 }
                 if self.at_request_start() {
                     self.plan = None;
@@ -544,10 +590,16 @@ impl FrontendInspector<'_> {
                 s.mid_batch.store(true, Relaxed);
                 let types = &body[name.len() + query.len() + 2..];
                 self.statements.on_parse_typed(name, query, types);
+                if let (true, Some(r)) = (name.is_empty(), self.route.as_ref()) {
+                    r.link.source_unnamed_stale.store(false, Relaxed);
+                }
                 self.plan_message(tag, None);
             }
             CLOSE => {
                 let (kind, name) = parse_close(body)?;
+                if let Some(r) = self.route.as_mut() {
+                    r.observe_source(CLOSE, None, false);
+                }
                 s.mid_batch.store(true, Relaxed);
                 if kind == b'S' {
                     self.statements.on_close(name);
@@ -661,7 +713,7 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     fn peek(&self, tag: u8) -> usize {
-        if tag == BIND && self.capture.is_some() {
+        if tag == BIND && (self.capture.is_some() || self.route.is_some()) {
             BIND_PEEK
         } else {
             0
@@ -881,6 +933,14 @@ impl Inspector for BackendInspector<'_> {
 
     #[inline]
     fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
+        if let (b'1', Some((link, _))) = (tag, self.route) {
+            // Answers a Parse the proxy added (before the probe counts it).
+            let owed = link.drop_parse_complete.load(Relaxed);
+            if owed > 0 {
+                link.drop_parse_complete.store(owed - 1, Relaxed);
+                return Ok(Verdict::Drop);
+            }
+        }
         Ok(self.probe_step(tag, prefix).unwrap_or(Verdict::Forward))
     }
 
@@ -905,7 +965,12 @@ impl Inspector for BackendInspector<'_> {
             }
         }
         self.shared.tx_status.store(status, Relaxed);
-        self.shared.sub_in_flight(1);
+        if self.shared.sub_in_flight(1) == 0 {
+            if let Some((link, _)) = self.route {
+                // A ParseComplete still owed now never comes (the Parse failed).
+                link.drop_parse_complete.store(0, Relaxed);
+            }
+        }
         if self.shared.draining.load(Relaxed) && self.shared.is_idle() {
             return Ok(Verdict::ForwardAndStop);
         }

@@ -1,0 +1,470 @@
+//! Read routing on real clusters: hashed cohorts, read-your-writes,
+//! prepared statements on both sides, live changes (file, SIGHUP, API)
+//! under load, failback and resume, and the admin API's guard.
+//!
+//! Which backend answered is read from the answer itself:
+//! `inet_server_port()` is the source's or the target's port.
+mod common;
+use common::mirror::*;
+use common::*;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+/// An HTTP/1.0 request with an optional JSON body; (status, body).
+fn http(p: &Proxy, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.admin_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn api(p: &Proxy, method: &str, path: &str, body: &str) -> serde_json::Value {
+    let (code, text) = http(p, method, path, p.token.as_deref(), body);
+    assert_eq!(code, 200, "{method} {path} {body}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn routing_config(cfg: &mut toml_edit::DocumentMut, read_percent: f64, hash_key: &str) {
+    let mut t = toml_edit::Table::new();
+    t["read_percent"] = toml_edit::value(read_percent);
+    t["hash_key"] = toml_edit::value(hash_key);
+    cfg["routing"] = toml_edit::Item::Table(t);
+}
+
+/// The documented routing hash, computed here independently:
+/// fmix64(fnv1a64(key)) mod 1 000 000 < read_percent × 10 000.
+fn on_target(key: &str, read_percent: f64) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h % 1_000_000 < (read_percent * 10_000.0).round() as u64
+}
+
+/// Which port answered one session's read (a fresh connection each time).
+async fn answered_by(cfg: &tokio_postgres::Config) -> i32 {
+    let (client, conn) = cfg.connect(NoTls).await.expect("connect");
+    let conn = tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("read");
+    drop(client);
+    let _ = conn.await;
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them() {
+    let p = Proxy::start_with(|cfg| routing_config(cfg, 10.0, "session"));
+    let c = p.clusters.clone();
+    let target_port = c.target_port as i32;
+
+    // 5,000 sessions, one decision each: 8-12% answered by the target.
+    let cfg = p.pg_config(SUPERUSER, "postgres");
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..5000 {
+        let cfg = cfg.clone();
+        let permit = std::sync::Arc::clone(&sem).acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let port = answered_by(&cfg).await;
+            drop(permit);
+            port
+        }));
+    }
+    let mut on_target_count = 0;
+    for t in tasks {
+        if t.await.unwrap() == target_port {
+            on_target_count += 1;
+        }
+    }
+    assert!(
+        (400..=600).contains(&on_target_count),
+        "{on_target_count} of 5000 sessions read from the target at 10%"
+    );
+    let status = p.status();
+    assert_eq!(
+        status["metrics"]["routing"]["target"]["reads"],
+        on_target_count
+    );
+    assert_eq!(status["metrics"]["routing"]["source"]["reads"], 5000 - on_target_count);
+
+    // User keys: every session of a user lands on the same side, the side
+    // the documented hash says.
+    let users: Vec<String> = (0..40).map(|i| format!("route_user_{i}")).collect();
+    for port in [c.source_port, c.target_port] {
+        let mut sql = String::new();
+        for u in &users {
+            sql += &format!("DROP ROLE IF EXISTS {u}; CREATE ROLE {u} LOGIN;");
+        }
+        c.sql(port, "postgres", &sql);
+    }
+    let v = api(&p, "PUT", "/routing", r#"{"hash_key": "user", "read_percent": 10}"#);
+    assert_eq!(v["routing"]["hash_key"], "user");
+    let sides = |pct: f64| {
+        let p = &p;
+        let users = users.clone();
+        async move {
+            let mut out = Vec::new();
+            for u in &users {
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    seen.push(answered_by(&p.pg_config(u, "postgres")).await == target_port);
+                }
+                assert!(
+                    seen.iter().all(|s| *s == seen[0]),
+                    "{u} answered from both sides: {seen:?}"
+                );
+                assert_eq!(seen[0], on_target(u, pct), "{u} at {pct}%");
+                out.push(seen[0]);
+            }
+            out
+        }
+    };
+    let at10 = sides(10.0).await;
+    api(&p, "PUT", "/routing", r#"{"read_percent": 20}"#);
+    let at20 = sides(20.0).await;
+    for (i, u) in users.iter().enumerate() {
+        assert!(!at10[i] || at20[i], "{u} left the target going from 10 to 20%");
+    }
+    assert!(
+        at20.iter().filter(|x| **x).count() >= at10.iter().filter(|x| **x).count(),
+        "{at10:?} {at20:?}"
+    );
+    for port in [c.source_port, c.target_port] {
+        let sql: String = users
+            .iter()
+            .map(|u| format!("DROP ROLE IF EXISTS {u};"))
+            .collect();
+        c.sql(port, "postgres", &sql);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
+    let spool = tempfile::tempdir().unwrap();
+    let sp = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        mirror_config(cfg, &sp);
+        routing_config(cfg, 100.0, "session");
+    });
+    let c = p.clusters.clone();
+    let db = "route_ryw";
+    c.fresh_db(db);
+    pgbench_ok(&p, db, &["-i", "-s", "1", "-q"]);
+    psql_ok(
+        &p.url(SUPERUSER, db),
+        &["-c", "CREATE TABLE mine(id int PRIMARY KEY, note text)"],
+        None,
+    );
+    p.wait_mirror_drained(60);
+
+    let load = pgbench_spawn(&p, db, &["-c", "4", "-j", "2", "-T", "15", "-n"]);
+    let (client, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let insert = client
+        .prepare("INSERT INTO mine VALUES ($1, 'written')")
+        .await
+        .unwrap();
+    let select = client
+        .prepare("SELECT note, inet_server_port() FROM mine WHERE id = $1")
+        .await
+        .unwrap();
+    for i in 0..300i32 {
+        client.execute(&insert, &[&i]).await.unwrap();
+        let rows = client.query(&select, &[&i]).await.unwrap();
+        assert_eq!(rows.len(), 1, "row {i} not found right after its insert");
+        // The simple protocol too.
+        let simple = client
+            .simple_query(&format!("SELECT note FROM mine WHERE id = {i}"))
+            .await
+            .unwrap();
+        assert!(
+            simple.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))),
+            "row {i} not found by a simple query right after its insert"
+        );
+    }
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Once the mirror has applied the session's writes, its reads go to
+    // the target again, and find everything there.
+    p.wait_mirror_drained(60);
+    let rows = client
+        .query("SELECT count(*), inet_server_port() FROM mine", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 300);
+    assert_eq!(rows[0].get::<_, i32>(1), c.target_port as i32);
+    let st = p.status();
+    assert!(st["metrics"]["routing"]["source"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(st["metrics"]["routing"]["target"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+    assert_eq!(st["mirror"]["report"]["divergences_total"], 0, "{st:#}");
+}
+
+#[test]
+fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
+    let spool = tempfile::tempdir().unwrap();
+    let sp = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        mirror_config(cfg, &sp);
+        routing_config(cfg, 50.0, "session");
+    });
+    let c = p.clusters.clone();
+    let db = "route_prepared";
+    c.fresh_db(db);
+    pgbench_ok(&p, db, &["-i", "-s", "1", "-q"]);
+    p.wait_mirror_drained(60);
+
+    // Select-only at 50%: sessions on both sides, prepared statements
+    // prepared lazily on the target.
+    for mode in ["simple", "extended", "prepared"] {
+        pgbench_ok(&p, db, &["-S", "-M", mode, "-c", "8", "-j", "2", "-T", "5", "-n"]);
+    }
+    let st = p.status();
+    let r = &st["metrics"]["routing"];
+    assert!(r["target"]["reads"].as_u64().unwrap() > 1000, "{r:#}");
+    assert!(r["source"]["reads"].as_u64().unwrap() > 1000, "{r:#}");
+
+    // Reads and writes mixed in one session at 100%: each write sends the
+    // session's next reads to the source until the mirror applied it, so
+    // the same prepared statements run on both sides, alternating.
+    api(&p, "PUT", "/routing", r#"{"read_percent": 100}"#);
+    let script = p.dir.path().join("mixed.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\
+         \\set delta random(-5000, 5000)\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid + 1;\n\
+         UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    let before = p.status()["metrics"]["routing"].clone();
+    let f = format!("-f{}", script.display());
+    for mode in ["simple", "extended", "prepared"] {
+        pgbench_ok(&p, db, &[&f, "-M", mode, "-c", "4", "-j", "2", "-T", "5", "-n"]);
+    }
+    let after = p.status()["metrics"]["routing"].clone();
+    let grew = |side: &str| {
+        after[side]["reads"].as_u64().unwrap() > before[side]["reads"].as_u64().unwrap()
+    };
+    assert!(grew("target") && grew("source"), "{before:#} {after:#}");
+    assert_eq!(after["fallbacks"]["setup"], 0, "{after:#}");
+    p.wait_mirror_drained(60);
+    assert_pgbench_tables_same(&c, db);
+}
+
+fn audit(p: &Proxy) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p.dir.path().join("pgshift-audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
+    let secret = tempfile::tempdir().unwrap();
+    let token_file = secret.path().join("admin.token");
+    std::fs::write(&token_file, "route-token\n").unwrap();
+    let tf = token_file.display().to_string();
+    let p = Proxy::start_with(move |cfg| {
+        routing_config(cfg, 0.0, "session");
+        cfg["admin"]["token_file"] = toml_edit::value(tf);
+    });
+    let c = p.clusters.clone();
+    let db = "route_live";
+    c.fresh_db(db);
+    c.sql(c.target_port, "postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+    c.sql(c.target_port, "postgres", &format!("CREATE DATABASE {db}"));
+    // The same data on both sides (no mirror here: read-only load).
+    for port in [c.source_port, c.target_port] {
+        let mut cmd = pg_tool(&c, "pgbench");
+        let out = cmd
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+            .args(["-i", "-s", "1", "-q", db])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let load = pgbench_spawn(&p, db, &["-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "30", "-n"]);
+    let cfg_path = p.dir.path().join("proxy.toml");
+    let base = std::fs::read_to_string(&cfg_path).unwrap();
+    let with = |pct: &str| base.replace("read_percent = 0.0", &format!("read_percent = {pct}"));
+    let epoch = |p: &Proxy| p.stat("/config/epoch");
+    let expect = std::cell::Cell::new(1);
+    let wait_epoch = |p: &Proxy| {
+        expect.set(expect.get() + 1);
+        let e = expect.get();
+        p.wait_for(10, &format!("epoch {e}"), |p| epoch(p) == e);
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // 1-3: file edits (the file is watched).
+    for pct in ["10", "50", "100"] {
+        std::fs::write(&cfg_path, with(pct)).unwrap();
+        wait_epoch(&p);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // An invalid file: rejected, the running routing stays.
+    std::fs::write(&cfg_path, with("250")).unwrap();
+    p.wait_for(10, "the rejection", |p| p.stat("/config/reloads_rejected") == 1);
+    let st = p.status();
+    assert_eq!(st["routing"]["read_percent"], 100.0);
+    assert_eq!(st["config"]["last_rejection"]["key"], "routing.read_percent");
+    assert!(st["config"]["last_rejection"]["line"].as_u64().is_some(), "{st:#}");
+    assert_eq!(epoch(&p), expect.get());
+    // 4-6: edits signalled at once with SIGHUP.
+    for pct in ["25", "75", "5"] {
+        std::fs::write(&cfg_path, with(pct)).unwrap();
+        p.signal("HUP");
+        wait_epoch(&p);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // 7-10: the API (PUT /routing, failback, resume, PUT /routing).
+    api(&p, "PUT", "/routing", r#"{"read_percent": 60}"#);
+    wait_epoch(&p);
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = api(&p, "POST", "/failback", r#"{"reason": "test: all reads home"}"#);
+    assert_eq!(v["routing"]["failed_back"], true);
+    wait_epoch(&p);
+    std::thread::sleep(Duration::from_millis(1500));
+    api(&p, "POST", "/resume", "");
+    wait_epoch(&p);
+    std::thread::sleep(Duration::from_millis(1000));
+    api(&p, "PUT", "/routing", r#"{"read_percent": 100, "hash_key": "client_addr"}"#);
+    wait_epoch(&p);
+
+    let out = load.wait_with_output().unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("number of failed transactions: 0 "), "{report}");
+
+    let entries = audit(&p);
+    let changes: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["kind"].as_str(),
+                Some("config_reload" | "routing_change" | "failback" | "resume")
+            )
+        })
+        .collect();
+    assert_eq!(changes.len(), 10, "{entries:#?}");
+    for (i, e) in changes.iter().enumerate() {
+        assert_eq!(e["epoch"], i as u64 + 2, "{e}");
+    }
+    let who: Vec<&str> = changes.iter().map(|e| e["who"].as_str().unwrap()).collect();
+    assert_eq!(&who[..3], ["file"; 3], "{who:?}");
+    assert!(who[3..6].iter().all(|w| *w == "signal" || *w == "file"), "{who:?}");
+    assert!(who[3..6].contains(&"signal"), "{who:?}");
+    assert_eq!(&who[6..], ["api"; 4], "{who:?}");
+    assert_eq!(changes[0]["changes"][0]["old"]["read_percent"], 0.0);
+    assert_eq!(changes[0]["changes"][0]["new"]["read_percent"], 10.0);
+    assert_eq!(changes[7]["reason"], "test: all reads home");
+    assert!(changes[7]["metrics"]["routing"]["target"]["reads"].is_u64(), "{}", changes[7]);
+    assert!(entries.iter().any(|e| e["kind"] == "config_rejected"
+        && e["key"] == "routing.read_percent"));
+    let st = p.status();
+    assert!(st["metrics"]["routing"]["target"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(st["metrics"]["routing"]["source"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+
+    // The API's guard: no or a wrong token is refused, changes included.
+    for (m, path) in [("GET", "/status"), ("PUT", "/routing"), ("POST", "/failback"), ("POST", "/resume"), ("GET", "/metrics")] {
+        assert_eq!(http(&p, m, path, None, "{}").0, 401, "{m} {path}");
+        assert_eq!(http(&p, m, path, Some("nope"), "{}").0, 401, "{m} {path}");
+    }
+    // Bad changes are refused with the key.
+    let (code, body) = http(&p, "PUT", "/routing", p.token.as_deref(), r#"{"read_percent": -1}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("routing.read_percent"), "{body}");
+    let (code, body) = http(&p, "PUT", "/routing", p.token.as_deref(), r#"{"percent": 5}"#);
+    assert_eq!(code, 400, "{body}");
+
+    // /metrics is Prometheus text a real parser reads, with the per-route
+    // series.
+    let (code, text) = http(&p, "GET", "/metrics", p.token.as_deref(), "");
+    assert_eq!(code, 200);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let value = |name: &str, label: (&str, &str)| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => -1.0,
+            })
+    };
+    assert!(value("pgshift_route_reads_total", ("backend", "target")).unwrap() > 0.0);
+    assert!(value("pgshift_route_reads_total", ("backend", "source")).unwrap() > 0.0);
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "pgshift_route_latency_seconds"),
+        "{text}"
+    );
+    assert!(scrape.samples.iter().any(|s| s.metric == "pgshift_config_epoch"));
+
+    // The CLI says the same.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("ctl")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&cfg_path, with("100")).unwrap();
+    let out = ctl(&["route", "--read-percent", "7.5"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("7.5"), "{text}");
+    assert_eq!(p.status()["routing"]["read_percent"], 7.5);
+    let out = ctl(&["failback", "--reason", "ctl test"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(p.status()["routing"]["failed_back"], true);
+    let out = ctl(&["--json", "resume"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["routing"]["failed_back"], false);
+    let last = audit(&p);
+    let last = last.last().unwrap();
+    assert_eq!(last["kind"], "resume");
+    assert_eq!(last["who"], "api");
+}

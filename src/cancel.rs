@@ -18,15 +18,22 @@ use crate::protocol::startup::CancelKey;
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    /// Backend pid -> (proxy-issued secret, the source backend's key).
-    keys: DashMap<i32, (Bytes, CancelKey)>,
+    /// Backend pid -> (proxy-issued secret, the source backend's key, the
+    /// target backend's key while a routed request runs there).
+    keys: DashMap<i32, (Bytes, CancelKey, RoutedKey)>,
 }
+
+/// The target backend key of a session's routed request in flight: a
+/// cancel must reach the backend that runs the query.
+pub type RoutedKey = Arc<std::sync::Mutex<Option<CancelKey>>>;
 
 /// Removes a session's key when the session ends.
 pub struct CancelGuard {
     registry: Arc<CancelRegistry>,
     pid: i32,
     secret: Bytes,
+    /// Set by the routing responder while a routed request runs.
+    pub routed: RoutedKey,
 }
 
 impl Drop for CancelGuard {
@@ -34,7 +41,7 @@ impl Drop for CancelGuard {
         // Only our own entry: the pid may already belong to a newer backend.
         self.registry
             .keys
-            .remove_if(&self.pid, |_, (secret, _)| *secret == self.secret);
+            .remove_if(&self.pid, |_, (secret, _, _)| *secret == self.secret);
     }
 }
 
@@ -56,39 +63,67 @@ impl CancelRegistry {
         let pid = source_key.pid;
         // An entry already under this pid belongs to a backend that has
         // exited (Postgres reuses pids): the new session replaces it.
-        self.keys.insert(pid, (secret.clone(), source_key));
+        let routed = RoutedKey::default();
+        self.keys
+            .insert(pid, (secret.clone(), source_key, Arc::clone(&routed)));
         let guard = CancelGuard {
             registry: Arc::clone(self),
             pid,
             secret: secret.clone(),
+            routed,
         };
         (CancelKey { pid, secret }, guard)
     }
 
     /// The source key for a proxy key, if the secret matches.
     pub fn resolve(&self, key: &CancelKey) -> Option<CancelKey> {
-        let entry = self.keys.get(&key.pid)?;
-        let (secret, source) = entry.value();
-        constant_time_eq(secret, &key.secret).then(|| source.clone())
+        self.resolve_both(key).map(|(s, _)| s)
     }
 
-    /// Handles a CancelRequest: forwards it to the source if the key is known.
-    /// As in Postgres, the requester gets no answer either way.
-    pub async fn cancel(&self, key: &CancelKey, source: &Upstream, metrics: &Metrics) {
-        let Some(source_key) = self.resolve(key) else {
+    /// The source key, and the target key of a routed request running now.
+    fn resolve_both(&self, key: &CancelKey) -> Option<(CancelKey, Option<CancelKey>)> {
+        let entry = self.keys.get(&key.pid)?;
+        let (secret, source, routed) = entry.value();
+        if !constant_time_eq(secret, &key.secret) {
+            return None;
+        }
+        let routed = routed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some((source.clone(), routed))
+    }
+
+    /// Handles a CancelRequest: forwards it to the source if the key is
+    /// known, and to the target when a routed request of that session runs
+    /// there. As in Postgres, the requester gets no answer either way.
+    pub async fn cancel(
+        &self,
+        key: &CancelKey,
+        source: &Upstream,
+        target: Option<&Upstream>,
+        metrics: &Metrics,
+    ) {
+        let Some((source_key, routed)) = self.resolve_both(key) else {
             metrics.cancel_unknown_key.inc();
             debug!(pid = key.pid, "cancel request with an unknown key");
             return;
         };
         metrics.cancel_forwarded.inc();
-        match source.connect().await {
-            Ok(mut s) => {
-                if let Err(e) = s.write_all(&source_key.encode_cancel_request()).await {
-                    warn!(error = %e, "could not send cancel request to the source");
-                }
-                let _ = s.shutdown().await;
+        if let (Some(target), Some(k)) = (target, routed) {
+            send_cancel(target, &k).await;
+        }
+        send_cancel(source, &source_key).await;
+    }
+}
+
+async fn send_cancel(upstream: &Upstream, key: &CancelKey) {
+    match upstream.connect().await {
+        Ok(mut s) => {
+            if let Err(e) = s.write_all(&key.encode_cancel_request()).await {
+                warn!(error = %e, upstream = %upstream.addr(), "could not send cancel request");
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "could not connect to the source to cancel"),
+            let _ = s.shutdown().await;
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), upstream = %upstream.addr(), "could not connect to cancel")
         }
     }
 }

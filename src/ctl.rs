@@ -212,7 +212,11 @@ fn routing_line(r: &Value) -> String {
 
 /// The answer to `ctl route`, `failback` and `resume`.
 pub fn routing_text(v: &Value) -> String {
-    format!("epoch {}\n{}", num(&v["epoch"]), routing_line(&v["routing"]))
+    format!(
+        "epoch {}\n{}",
+        num(&v["epoch"]),
+        routing_line(&v["routing"])
+    )
 }
 
 /// `GET /audit` entries, one line each.

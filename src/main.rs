@@ -149,7 +149,11 @@ fn ctl(config: &Config, admin: Option<&str>, json: bool, command: CtlCommand) ->
                 )
             }
             CtlCommand::Failback { reason } => (
-                client.send("POST", "/failback", &serde_json::json!({ "reason": reason }))?,
+                client.send(
+                    "POST",
+                    "/failback",
+                    &serde_json::json!({ "reason": reason }),
+                )?,
                 pgshift::ctl::routing_text,
             ),
             CtlCommand::Resume { reason } => (

@@ -116,7 +116,10 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
         status["metrics"]["routing"]["target"]["reads"],
         on_target_count
     );
-    assert_eq!(status["metrics"]["routing"]["source"]["reads"], 5000 - on_target_count);
+    assert_eq!(
+        status["metrics"]["routing"]["source"]["reads"],
+        5000 - on_target_count
+    );
 
     // User keys: every session of a user lands on the same side, the side
     // the documented hash says.
@@ -128,7 +131,12 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
         }
         c.sql(port, "postgres", &sql);
     }
-    let v = api(&p, "PUT", "/routing", r#"{"hash_key": "user", "read_percent": 10}"#);
+    let v = api(
+        &p,
+        "PUT",
+        "/routing",
+        r#"{"hash_key": "user", "read_percent": 10}"#,
+    );
     assert_eq!(v["routing"]["hash_key"], "user");
     let sides = |pct: f64| {
         let p = &p;
@@ -154,7 +162,10 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
     api(&p, "PUT", "/routing", r#"{"read_percent": 20}"#);
     let at20 = sides(20.0).await;
     for (i, u) in users.iter().enumerate() {
-        assert!(!at10[i] || at20[i], "{u} left the target going from 10 to 20%");
+        assert!(
+            !at10[i] || at20[i],
+            "{u} left the target going from 10 to 20%"
+        );
     }
     assert!(
         at20.iter().filter(|x| **x).count() >= at10.iter().filter(|x| **x).count(),
@@ -209,7 +220,9 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
             .await
             .unwrap();
         assert!(
-            simple.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))),
+            simple
+                .iter()
+                .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))),
             "row {i} not found by a simple query right after its insert"
         );
     }
@@ -225,8 +238,20 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
     assert_eq!(rows[0].get::<_, i64>(0), 300);
     assert_eq!(rows[0].get::<_, i32>(1), c.target_port as i32);
     let st = p.status();
-    assert!(st["metrics"]["routing"]["source"]["reads"].as_u64().unwrap() > 0, "{st:#}");
-    assert!(st["metrics"]["routing"]["target"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(
+        st["metrics"]["routing"]["source"]["reads"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{st:#}"
+    );
+    assert!(
+        st["metrics"]["routing"]["target"]["reads"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{st:#}"
+    );
     assert_eq!(st["mirror"]["report"]["divergences_total"], 0, "{st:#}");
 }
 
@@ -247,7 +272,11 @@ fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
     // Select-only at 50%: sessions on both sides, prepared statements
     // prepared lazily on the target.
     for mode in ["simple", "extended", "prepared"] {
-        pgbench_ok(&p, db, &["-S", "-M", mode, "-c", "8", "-j", "2", "-T", "5", "-n"]);
+        pgbench_ok(
+            &p,
+            db,
+            &["-S", "-M", mode, "-c", "8", "-j", "2", "-T", "5", "-n"],
+        );
     }
     let st = p.status();
     let r = &st["metrics"]["routing"];
@@ -272,7 +301,11 @@ fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
     let before = p.status()["metrics"]["routing"].clone();
     let f = format!("-f{}", script.display());
     for mode in ["simple", "extended", "prepared"] {
-        pgbench_ok(&p, db, &[&f, "-M", mode, "-c", "4", "-j", "2", "-T", "5", "-n"]);
+        pgbench_ok(
+            &p,
+            db,
+            &[&f, "-M", mode, "-c", "4", "-j", "2", "-T", "5", "-n"],
+        );
     }
     let after = p.status()["metrics"]["routing"].clone();
     let grew = |side: &str| {
@@ -305,7 +338,11 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     let c = p.clusters.clone();
     let db = "route_live";
     c.fresh_db(db);
-    c.sql(c.target_port, "postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+    c.sql(
+        c.target_port,
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db}"),
+    );
     c.sql(c.target_port, "postgres", &format!("CREATE DATABASE {db}"));
     // The same data on both sides (no mirror here: read-only load).
     for port in [c.source_port, c.target_port] {
@@ -317,7 +354,13 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let load = pgbench_spawn(&p, db, &["-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "30", "-n"]);
+    let load = pgbench_spawn(
+        &p,
+        db,
+        &[
+            "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "30", "-n",
+        ],
+    );
     let cfg_path = p.dir.path().join("proxy.toml");
     let base = std::fs::read_to_string(&cfg_path).unwrap();
     let with = |pct: &str| base.replace("read_percent = 0.0", &format!("read_percent = {pct}"));
@@ -337,11 +380,19 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     }
     // An invalid file: rejected, the running routing stays.
     std::fs::write(&cfg_path, with("250")).unwrap();
-    p.wait_for(10, "the rejection", |p| p.stat("/config/reloads_rejected") == 1);
+    p.wait_for(10, "the rejection", |p| {
+        p.stat("/config/reloads_rejected") == 1
+    });
     let st = p.status();
     assert_eq!(st["routing"]["read_percent"], 100.0);
-    assert_eq!(st["config"]["last_rejection"]["key"], "routing.read_percent");
-    assert!(st["config"]["last_rejection"]["line"].as_u64().is_some(), "{st:#}");
+    assert_eq!(
+        st["config"]["last_rejection"]["key"],
+        "routing.read_percent"
+    );
+    assert!(
+        st["config"]["last_rejection"]["line"].as_u64().is_some(),
+        "{st:#}"
+    );
     assert_eq!(epoch(&p), expect.get());
     // 4-6: edits signalled at once with SIGHUP.
     for pct in ["25", "75", "5"] {
@@ -354,21 +405,34 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     api(&p, "PUT", "/routing", r#"{"read_percent": 60}"#);
     wait_epoch(&p);
     std::thread::sleep(Duration::from_millis(1500));
-    let v = api(&p, "POST", "/failback", r#"{"reason": "test: all reads home"}"#);
+    let v = api(
+        &p,
+        "POST",
+        "/failback",
+        r#"{"reason": "test: all reads home"}"#,
+    );
     assert_eq!(v["routing"]["failed_back"], true);
     wait_epoch(&p);
     std::thread::sleep(Duration::from_millis(1500));
     api(&p, "POST", "/resume", "");
     wait_epoch(&p);
     std::thread::sleep(Duration::from_millis(1000));
-    api(&p, "PUT", "/routing", r#"{"read_percent": 100, "hash_key": "client_addr"}"#);
+    api(
+        &p,
+        "PUT",
+        "/routing",
+        r#"{"read_percent": 100, "hash_key": "client_addr"}"#,
+    );
     wait_epoch(&p);
 
     let out = load.wait_with_output().unwrap();
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("number of failed transactions: 0 "), "{report}");
+    assert!(
+        report.contains("number of failed transactions: 0 "),
+        "{report}"
+    );
 
     let entries = audit(&p);
     let changes: Vec<&serde_json::Value> = entries
@@ -386,29 +450,67 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     }
     let who: Vec<&str> = changes.iter().map(|e| e["who"].as_str().unwrap()).collect();
     assert_eq!(&who[..3], ["file"; 3], "{who:?}");
-    assert!(who[3..6].iter().all(|w| *w == "signal" || *w == "file"), "{who:?}");
+    assert!(
+        who[3..6].iter().all(|w| *w == "signal" || *w == "file"),
+        "{who:?}"
+    );
     assert!(who[3..6].contains(&"signal"), "{who:?}");
     assert_eq!(&who[6..], ["api"; 4], "{who:?}");
     assert_eq!(changes[0]["changes"][0]["old"]["read_percent"], 0.0);
     assert_eq!(changes[0]["changes"][0]["new"]["read_percent"], 10.0);
     assert_eq!(changes[7]["reason"], "test: all reads home");
-    assert!(changes[7]["metrics"]["routing"]["target"]["reads"].is_u64(), "{}", changes[7]);
-    assert!(entries.iter().any(|e| e["kind"] == "config_rejected"
-        && e["key"] == "routing.read_percent"));
+    assert!(
+        changes[7]["metrics"]["routing"]["target"]["reads"].is_u64(),
+        "{}",
+        changes[7]
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e["kind"] == "config_rejected" && e["key"] == "routing.read_percent"));
     let st = p.status();
-    assert!(st["metrics"]["routing"]["target"]["reads"].as_u64().unwrap() > 0, "{st:#}");
-    assert!(st["metrics"]["routing"]["source"]["reads"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(
+        st["metrics"]["routing"]["target"]["reads"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{st:#}"
+    );
+    assert!(
+        st["metrics"]["routing"]["source"]["reads"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{st:#}"
+    );
 
     // The API's guard: no or a wrong token is refused, changes included.
-    for (m, path) in [("GET", "/status"), ("PUT", "/routing"), ("POST", "/failback"), ("POST", "/resume"), ("GET", "/metrics")] {
+    for (m, path) in [
+        ("GET", "/status"),
+        ("PUT", "/routing"),
+        ("POST", "/failback"),
+        ("POST", "/resume"),
+        ("GET", "/metrics"),
+    ] {
         assert_eq!(http(&p, m, path, None, "{}").0, 401, "{m} {path}");
         assert_eq!(http(&p, m, path, Some("nope"), "{}").0, 401, "{m} {path}");
     }
     // Bad changes are refused with the key.
-    let (code, body) = http(&p, "PUT", "/routing", p.token.as_deref(), r#"{"read_percent": -1}"#);
+    let (code, body) = http(
+        &p,
+        "PUT",
+        "/routing",
+        p.token.as_deref(),
+        r#"{"read_percent": -1}"#,
+    );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("routing.read_percent"), "{body}");
-    let (code, body) = http(&p, "PUT", "/routing", p.token.as_deref(), r#"{"percent": 5}"#);
+    let (code, body) = http(
+        &p,
+        "PUT",
+        "/routing",
+        p.token.as_deref(),
+        r#"{"percent": 5}"#,
+    );
     assert_eq!(code, 400, "{body}");
 
     // /metrics is Prometheus text a real parser reads, with the per-route
@@ -438,7 +540,10 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
             .any(|s| s.metric == "pgshift_route_latency_seconds"),
         "{text}"
     );
-    assert!(scrape.samples.iter().any(|s| s.metric == "pgshift_config_epoch"));
+    assert!(scrape
+        .samples
+        .iter()
+        .any(|s| s.metric == "pgshift_config_epoch"));
 
     // The CLI says the same.
     let ctl = |args: &[&str]| {
@@ -467,4 +572,52 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     let last = last.last().unwrap();
     assert_eq!(last["kind"], "resume");
     assert_eq!(last["who"], "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_routed_query_on_the_target() {
+    let p = Proxy::start_with(|cfg| {
+        routing_config(cfg, 100.0, "session");
+        cfg["routing"]["target_timeout_ms"] = toml_edit::value(60_000);
+    });
+    let target_port = p.clusters.target_port as i32;
+    let (client, conn) = p
+        .pg_config(SUPERUSER, "postgres")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), target_port, "not routed");
+    let token = client.cancel_token();
+    let started = std::time::Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        token.cancel_query(NoTls).await
+    });
+    let err = client
+        .simple_query("SELECT pg_sleep(30), inet_server_port()")
+        .await
+        .expect_err("the sleep should have been cancelled");
+    canceller.await.unwrap().unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // The session goes on, still routed.
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), target_port);
+    assert_eq!(p.stat("/metrics/cancel/forwarded"), 1);
 }

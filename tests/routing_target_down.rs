@@ -25,7 +25,10 @@ fn target_pids(c: &Clusters) -> Vec<String> {
     let pidfile = c.dir.join("target").join("postmaster.pid");
     let text = std::fs::read_to_string(&pidfile).unwrap();
     let postmaster = text.lines().next().unwrap().trim().to_string();
-    let out = Command::new("pgrep").args(["-P", &postmaster]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()
+        .unwrap();
     let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .map(str::to_string)
@@ -35,7 +38,11 @@ fn target_pids(c: &Clusters) -> Vec<String> {
 }
 
 fn signal_all(pids: &[String], sig: &str) {
-    let st = Command::new("kill").arg(format!("-{sig}")).args(pids).status().unwrap();
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -52,7 +59,11 @@ fn a_failing_target_costs_routed_reads_nothing() {
     });
     let db = "route_down";
     for port in [c.source_port, c.target_port] {
-        c.sql(port, "postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        c.sql(
+            port,
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        );
         c.sql(port, "postgres", &format!("CREATE DATABASE {db}"));
         let out = pg_tool(&c, "pgbench")
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
@@ -63,8 +74,15 @@ fn a_failing_target_costs_routed_reads_nothing() {
     }
 
     // Stopped: sessions' target connections are cut, new logins refused.
-    let load = pgbench_cmd(&p, SUPERUSER, db, &["-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "25", "-n"])
-        .output_async();
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &[
+            "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", "25", "-n",
+        ],
+    )
+    .output_async();
     std::thread::sleep(Duration::from_secs(5));
     let on_target = p.stat("/metrics/routing/target/reads");
     assert!(on_target > 0, "nothing was routed before the outage");
@@ -90,7 +108,9 @@ fn a_failing_target_costs_routed_reads_nothing() {
     // Links come back (backoff up to a few seconds) and reads return.
     let before = p.stat("/metrics/routing/target/reads");
     p.wait_for(30, "reads on the target again", |p| {
-        let out = pgbench_cmd(p, SUPERUSER, db, &["-S", "-c", "2", "-T", "2", "-n"]).output().unwrap();
+        let out = pgbench_cmd(p, SUPERUSER, db, &["-S", "-c", "2", "-T", "2", "-n"])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         p.stat("/metrics/routing/target/reads") > before
     });
@@ -98,8 +118,13 @@ fn a_failing_target_costs_routed_reads_nothing() {
 
     // Paused: nothing answers. Reads wait at most target_timeout_ms, then
     // run on the source.
-    let load = pgbench_cmd(&p, SUPERUSER, db, &["-S", "-c", "2", "-j", "2", "-T", "12", "-n"])
-        .output_async();
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &["-S", "-c", "2", "-j", "2", "-T", "12", "-n"],
+    )
+    .output_async();
     std::thread::sleep(Duration::from_secs(3));
     let timeouts = p.stat("/metrics/routing/fallbacks/timeout");
     let pids = target_pids(&c);

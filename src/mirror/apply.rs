@@ -429,7 +429,7 @@ impl Applier {
             .cloned()
             .collect();
         let startup = StartupMessage::new(3, 0, params);
-        let (stream, buf) = connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
+        let (stream, buf, _) = connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
             .await
             .map_err(Retry::Connect)?;
         let mut conn = Conn {

@@ -523,8 +523,8 @@ impl<'a> Decider<'a> {
         // An unnamed statement parsed but not used here will be bound by a
         // later batch, which may go to the source: it must be parsed there.
         let self_contained = !batch.parsed_unnamed || batch.bound_unnamed;
-        let to_target = batch.in_txn
-            || (batch.keyed_in && self_contained && self.own_writes_applied());
+        let to_target =
+            batch.in_txn || (batch.keyed_in && self_contained && self.own_writes_applied());
         if !to_target {
             if eligible_read {
                 self.metrics.read(false);

@@ -124,6 +124,9 @@ pub struct Responder<'a, C: ?Sized, S: ?Sized> {
     /// The mirror's view of the session: a request that falls back reaches
     /// the source after all, and the mirror must follow it.
     pub capture: Option<&'a Mutex<crate::mirror::capture::Capture>>,
+    /// Where a client's CancelRequest finds the target backend running
+    /// its routed query.
+    pub cancel_key: Option<crate::cancel::RoutedKey>,
     pub keepalive: Duration,
     pub max_message: usize,
     pub session_id: u64,
@@ -202,6 +205,12 @@ where
         }
     }
 
+    fn set_cancel_key(&self, key: Option<crate::protocol::startup::CancelKey>) {
+        if let Some(slot) = &self.cancel_key {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = key;
+        }
+    }
+
     /// Drops a broken connection and asks the link for another.
     fn lose(&self, live: &mut Option<Live>, why: &str) {
         if live.take().is_some() {
@@ -249,7 +258,12 @@ where
     async fn serve(&mut self, live: &mut Option<Live>, req: Routed) -> Result<(), ResponderEnd> {
         let outcome = match live.as_mut() {
             None => Outcome::Fallback(Fallback::Connection, "no target connection".into()),
-            Some(l) => self.on_target(l, &req).await,
+            Some(l) => {
+                self.set_cancel_key(l.conn.key.clone());
+                let o = self.on_target(l, &req).await;
+                self.set_cancel_key(None);
+                o
+            }
         };
         let done = |this: &Self| {
             let left = this.link.target_in_flight.load(Relaxed).saturating_sub(1);

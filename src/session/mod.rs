@@ -94,7 +94,12 @@ async fn establish(
         Ok(Ok(Negotiated::Cancel(key))) => {
             proxy
                 .cancels
-                .cancel(&key, &proxy.source, &proxy.metrics)
+                .cancel(
+                    &key,
+                    &proxy.source,
+                    proxy.targets.as_ref().map(|t| &t.upstream),
+                    &proxy.metrics,
+                )
                 .await;
             return None;
         }
@@ -172,7 +177,12 @@ pub async fn refuse_over_limit(proxy: Arc<Proxy>, tcp: TcpStream) {
         Ok(Ok(Negotiated::Cancel(key))) => {
             proxy
                 .cancels
-                .cancel(&key, &proxy.source, &proxy.metrics)
+                .cancel(
+                    &key,
+                    &proxy.source,
+                    proxy.targets.as_ref().map(|t| &t.upstream),
+                    &proxy.metrics,
+                )
                 .await
         }
         Ok(Ok(Negotiated::Startup(_))) => {
@@ -257,7 +267,7 @@ async fn forward_session(
         mut server,
         mut client_buf,
         mut server_buf,
-        cancel_guard: _cancel_guard,
+        cancel_guard,
     } = est;
     let shared = Shared::default();
     // Replication connections speak another protocol: never mirrored.
@@ -325,6 +335,9 @@ async fn forward_session(
                 metrics: &proxy.metrics,
                 target,
                 capture: capture.as_ref(),
+                cancel_key: cancel_guard
+                    .as_ref()
+                    .map(|g| std::sync::Arc::clone(&g.routed)),
                 keepalive: Duration::from_secs(proxy.config.target.keepalive_s),
                 max_message: proxy.config.limits.max_message_bytes,
                 session_id: id,

@@ -29,7 +29,14 @@ pub async fn connect_and_login(
     upstream: &Upstream,
     passfile: Option<&super::passfile::PassFile>,
     startup: &StartupMessage,
-) -> Result<(Stream, BytesMut), String> {
+) -> Result<
+    (
+        Stream,
+        BytesMut,
+        Option<crate::protocol::startup::CancelKey>,
+    ),
+    String,
+> {
     let user = startup.get("user").unwrap_or_default();
     let database = startup.database().unwrap_or_default();
     let password = passfile.and_then(|pf| pf.lookup(&upstream.host, upstream.port, database, user));
@@ -42,7 +49,7 @@ pub async fn connect_and_login(
                 LoginError::Io(e) => format!("I/O error during login: {e}"),
                 e => e.to_string(),
             })?;
-        Ok((stream, logged_in.leftover))
+        Ok((stream, logged_in.leftover, logged_in.key))
     };
     tokio::time::timeout(limit, attempt)
         .await

@@ -54,6 +54,8 @@ pub struct Conn {
     pub stream: Stream,
     /// Bytes read past the login.
     pub buf: BytesMut,
+    /// Its BackendKeyData, to cancel a routed query running on it.
+    pub key: Option<crate::protocol::startup::CancelKey>,
     metrics: Arc<Metrics>,
 }
 
@@ -102,7 +104,7 @@ impl TargetLinks {
                 _ = &mut stop => return,
             };
             match connected {
-                Ok((stream, buf)) => {
+                Ok((stream, buf, key)) => {
                     self.last_login_failed
                         .store(false, std::sync::atomic::Ordering::Relaxed);
                     self.metrics.target_logins_ok.inc();
@@ -117,6 +119,7 @@ impl TargetLinks {
                     let conn = Conn {
                         stream,
                         buf,
+                        key,
                         metrics: Arc::clone(&self.metrics),
                     };
                     if conns.send(conn).await.is_err() {

@@ -37,6 +37,10 @@
 #   pgshift-spool  the same with mirroring on but [target] port 9 (nothing listens):
 #              sessions capture and spool every committed write, nothing is applied.
 #              Port 6436, admin 9933. Its spool (run directory) grows by every write.
+#   pgshift-r50, pgshift-r100  the same config (mirroring off) with routing.read_percent
+#              50 and 100: select-only reads go to the target cluster (which holds the same
+#              pgbench data) for that share of sessions. Ports 6437 and 6438, admin 9934 and
+#              9935; select-only workloads only. BENCH_ROUTING=0 leaves them out.
 # Workloads: select-only -M simple, -M extended, -M prepared; TPC-B -M simple.
 # Within each round and workload the targets run one after another, in an order that
 # rotates from one round/workload to the next.
@@ -48,6 +52,10 @@
 # processed"), and for pgshift the part of it spent in the session worker threads
 # (/proc/<pid>/task/*, threads named pgshift-worker-*; the rest is the mirror's
 # applier). Raw pgbench outputs stay in target/bench/<timestamp>/.
+# For pgshift-r50/-r100 also: TPS vs pgshift at read_percent 0 (median of the per-round
+# ratios), and from each instance's /status the reads each backend served and their
+# p50/p99 latency (the proxy's hdr histograms: request to ReadyForQuery, all of that
+# instance's select-only runs together), and fallbacks.
 # For pgshift-mirror also: TPS with mirroring on vs off (median of the per-round
 # ratios, pgshift-mirror / pgshift, which ran back to back), units applied during
 # the run per second, lag at the end of the run, and how fast the backlog drained.
@@ -80,6 +88,11 @@ PGSHIFT_SPOOL_PORT=6436
 PGSHIFT_SPOOL_ADMIN_PORT=9933
 UNREACHABLE_PORT=9   # nothing listens there: connections are refused at once
 BENCH_MIRROR="${BENCH_MIRROR:-1}"
+BENCH_ROUTING="${BENCH_ROUTING:-1}"
+PGSHIFT_R50_PORT=6437
+PGSHIFT_R50_ADMIN_PORT=9934
+PGSHIFT_R100_PORT=6438
+PGSHIFT_R100_ADMIN_PORT=9935
 declare -A PX_PID=()
 PGBOUNCER_PORT=6434
 POOL_SIZE=$((CLIENTS + 2))
@@ -140,7 +153,8 @@ export PGUSER=postgres PGCONNECT_TIMEOUT=10
 unset PGHOST PGPORT PGDATABASE PGPASSWORD PGSSLMODE
 
 for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" "$PGSHIFT_MIRROR_PORT" "$PGSHIFT_MIRROR_ADMIN_PORT" \
-    "$PGSHIFT_SPOOL_PORT" "$PGSHIFT_SPOOL_ADMIN_PORT"; do
+    "$PGSHIFT_SPOOL_PORT" "$PGSHIFT_SPOOL_ADMIN_PORT" "$PGSHIFT_R50_PORT" "$PGSHIFT_R50_ADMIN_PORT" \
+    "$PGSHIFT_R100_PORT" "$PGSHIFT_R100_ADMIN_PORT"; do
     port_open "$H" "$p" && die "$H:$p is already in use; stop whatever listens there first"
 done
 
@@ -200,13 +214,14 @@ log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') runni
 # it on but the target unreachable, so that only the hot-path capture and the spool
 # appends cost anything (nothing is applied, no target Postgres competes for CPU).
 declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
-    [pgshift-spool]=$PGSHIFT_SPOOL_PORT)
+    [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT)
 declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
-    [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT)
+    [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT [pgshift-r50]=$PGSHIFT_R50_ADMIN_PORT
+    [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT)
 BUILT=0
-start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT]
+start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCENT]
     local name="$1" mirror="$2" port="${PX_PORT[$1]}" admin="${PX_ADMIN[$1]}" cfg
-    local target_port="${3:-$TARGET_PORT}"
+    local target_port="${3:-$TARGET_PORT}" read_percent="${4:-0}"
     step "starting $name on $H:$port (mirroring $mirror)"
     if ((!BUILT)); then
         if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
@@ -224,15 +239,16 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT]
     elif [[ -f "$ROOT/proxy.toml" ]]; then
         rm -rf "$RUN_DIR/spool-$name"
         python3 - "$ROOT/proxy.toml" "$PGSHIFT_CLUSTER_DIR" "$ROOT" \
-            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" >"$cfg" <<'PY'
+            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" "$read_percent" >"$cfg" <<'PY'
 import re, sys
-src, cluster_dir, root, port, admin_port, mirror, spool, target_port = sys.argv[1:]
-section, seen_mirror = "", False
+src, cluster_dir, root, port, admin_port, mirror, spool, target_port, read_percent = sys.argv[1:]
+section, seen_mirror, seen_routing = "", False, False
 for line in open(src):
     m = re.match(r"^\s*\[([a-z_]+)\]", line)
     if m:
         section = m.group(1)
         seen_mirror |= section == "mirror"
+        seen_routing |= section == "routing"
     line = re.sub(r"(?<![0-9])6432(?![0-9])", port, line)
     line = re.sub(r"(?<![0-9])9930(?![0-9])", admin_port, line)
     line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
@@ -243,6 +259,8 @@ for line in open(src):
         line = f"enabled = {'true' if mirror == 'on' else 'false'}\n"
     if section == "mirror" and re.match(r"^\s*spool_dir\s*=", line):
         line = f'spool_dir = "{spool}"\n'
+    if section == "routing" and re.match(r"^\s*read_percent\s*=", line):
+        line = f"read_percent = {read_percent}\n"
     # Relative paths: resolved against proxy.toml's dir by pgshift; make them absolute.
     m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
     if m and re.search(r"(cert|key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
@@ -252,6 +270,8 @@ for line in open(src):
     sys.stdout.write(line)
 if mirror == "on" and not seen_mirror:
     sys.stdout.write(f'\n[mirror]\nenabled = true\nspool_dir = "{spool}"\n')
+if not seen_routing:
+    sys.stdout.write(f'\n[routing]\nread_percent = {read_percent}\n')
 PY
     else
         warn "proxy.toml not found; benchmarking without pgshift"
@@ -287,6 +307,10 @@ if start_pgshift pgshift off; then TARGETS+=(pgshift); fi
 if [[ "$BENCH_MIRROR" == 1 ]]; then
     if start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
     if start_pgshift pgshift-spool on "$UNREACHABLE_PORT"; then TARGETS+=(pgshift-spool); fi
+fi
+if [[ "$BENCH_ROUTING" == 1 ]]; then
+    if start_pgshift pgshift-r50 off "$TARGET_PORT" 50; then TARGETS+=(pgshift-r50); fi
+    if start_pgshift pgshift-r100 off "$TARGET_PORT" 100; then TARGETS+=(pgshift-r100); fi
 fi
 
 # ---------------------------------------------------------------- runs
@@ -413,24 +437,44 @@ run_one() { # run_one ROUND WORKLOAD TARGET
 }
 
 nt=${#TARGETS[@]}
-total=$((ROUNDS * ${#WORKLOADS[@]} * nt))
+nr=0
+for t in "${TARGETS[@]}"; do [[ "$t" == pgshift-r* ]] && nr=$((nr + 1)); done
+total=$((ROUNDS * (${#WORKLOADS[@]} * (nt - nr) + 3 * nr)))
 step "running $total pgbench runs of ${DURATION}s (~$((total * (DURATION + 2) / 60)) min): targets ${TARGETS[*]}"
 for ((r = 1; r <= ROUNDS; r++)); do
     for wi in "${!WORKLOADS[@]}"; do
         wl="${WORKLOADS[$wi]}"
         log "round $r/$ROUNDS, workload $wl"
         for ((k = 0; k < nt; k++)); do
-            run_one "$r" "$wl" "${TARGETS[$(((r + wi + k) % nt))]}"
+            tgt="${TARGETS[$(((r + wi + k) % nt))]}"
+            # The routing instances measure reads only.
+            [[ "$tgt" == pgshift-r* && "$wl" != select-* ]] && continue
+            run_one "$r" "$wl" "$tgt"
         done
     done
 done
 
 # ---------------------------------------------------------------- report
 step "results"
+ROUTING_JSON="$RUN_DIR/routing.json"
+python3 - "$ROUTING_JSON" "${TARGETS[@]}" <<PY
+import json, sys, urllib.request
+admin = {"pgshift": $PGSHIFT_ADMIN_PORT, "pgshift-r50": $PGSHIFT_R50_ADMIN_PORT, "pgshift-r100": $PGSHIFT_R100_ADMIN_PORT}
+out = {}
+for t in sys.argv[2:]:
+    if t in admin:
+        try:
+            s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin[t]}/status", timeout=10))
+            out[t] = {"read_percent": s["routing"]["read_percent"], "metrics": s["metrics"]["routing"]}
+        except Exception as e:
+            out[t] = {"error": str(e)}
+json.dump(out, open(sys.argv[1], "w"))
+PY
 TABLE="$RUN_DIR/results.md"
-python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" >"$TABLE" <<'EOF'
-import sys, statistics
+python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" >"$TABLE" <<'EOF'
+import json, sys, statistics
 path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+routing = json.load(open(sys.argv[5])) if len(sys.argv) > 5 else {}
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 workloads, targets, data = [], [], {}
 for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
@@ -445,7 +489,8 @@ for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
     if wticks != "" and int(txns) > 0:
         d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
-order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mirror": 3, "pgshift-spool": 4}
+order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-r50": 3, "pgshift-r100": 4,
+         "pgshift-mirror": 5, "pgshift-spool": 6}
 targets.sort(key=lambda t: order.get(t, 9))
 med = lambda xs: statistics.median(xs) if xs else None
 print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn | of which session workers |")
@@ -504,6 +549,35 @@ if ratios or mrows:
             print(f"| {wl} | {med_r} | {rs_s} | {spooled:.0f} | {applied:.0f} | {lags} | {drain:.1f} | {rate} | {tcpu_s} | {divs} |")
         else:
             print(f"| {wl} | {med_r} | {rs_s} | - | - | - | - | - | - | - |")
+route_ratios = {}
+for (rnd, wl, tgt), tps in by_round.items():
+    if tgt.startswith("pgshift-r") and (rnd, wl, "pgshift") in by_round:
+        route_ratios.setdefault((wl, tgt), []).append(tps / by_round[(rnd, wl, "pgshift")])
+if route_ratios or any(k.startswith("pgshift-r") for k in routing):
+    print()
+    print("Read routing: select-only TPS at read_percent 50 and 100 vs 0 (pgshift), same round:")
+    print()
+    print("| workload | read_percent | TPS ratio vs 0%, median | per round |")
+    print("|---|---:|---:|---|")
+    for wl in workloads:
+        for tgt, pct in (("pgshift-r50", 50), ("pgshift-r100", 100)):
+            rs = route_ratios.get((wl, tgt), [])
+            if rs:
+                print(f"| {wl} | {pct} | {statistics.median(rs):.3f} | {' '.join(f'{r:.3f}' for r in rs)} |")
+    print()
+    print("Reads each backend served, per instance (all its select-only runs), with the proxy's latency (request to ReadyForQuery):")
+    print()
+    print("| instance | read_percent | backend | reads | p50 µs | p99 µs | fallbacks |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for tgt in ("pgshift", "pgshift-r50", "pgshift-r100"):
+        r = routing.get(tgt)
+        if not r or "metrics" not in r:
+            continue
+        m = r["metrics"]
+        fb = sum(m["fallbacks"].values())
+        for backend in ("source", "target"):
+            b = m[backend]
+            print(f"| {tgt} | {r['read_percent']:g} | {backend} | {b['reads']} | {b['p50_us']} | {b['p99_us']} | {fb if backend == 'target' else ''} |")
 if spool_ratios:
     print()
     print("Capture and spool only (pgshift-spool: mirroring on, target unreachable) / pgshift TPS, same round:")

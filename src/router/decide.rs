@@ -285,7 +285,16 @@ pub struct Decider<'a> {
     /// eligible read: (when it started, whether it still is one, whether
     /// it executes anything).
     observed: Option<(Instant, bool, bool)>,
+    /// What each prepared statement is, by name, checked by its text's
+    /// identity: executions of a prepared statement are not classified
+    /// again.
+    kinds: StatementKinds,
 }
+
+type StatementKinds = std::collections::HashMap<Box<[u8]>, (Arc<[u8]>, Kind)>;
+
+/// Prepared statements whose kind is remembered per session.
+const MAX_KINDS: usize = 1024;
 
 impl<'a> Decider<'a> {
     pub fn new(
@@ -306,6 +315,7 @@ impl<'a> Decider<'a> {
             batch: None,
             txn_pending: false,
             observed: None,
+            kinds: std::collections::HashMap::new(),
         }
     }
 
@@ -357,6 +367,22 @@ impl<'a> Decider<'a> {
         }
     }
 
+    /// The kind of a prepared statement, remembered while its text is the
+    /// same object.
+    fn statement_kind(&mut self, name: &[u8], text: &Arc<[u8]>) -> Kind {
+        if let Some((t, k)) = self.kinds.get(name) {
+            if Arc::ptr_eq(t, text) {
+                return *k;
+            }
+        }
+        let k = self.kind(text);
+        if self.kinds.len() >= MAX_KINDS {
+            self.kinds.clear();
+        }
+        self.kinds.insert(name.into(), (Arc::clone(text), k));
+        k
+    }
+
     /// Whether a read keyed by this statement text goes to the target.
     fn in_cohort(&self, s: &Settings, sql: &[u8]) -> bool {
         let bucket = if s.hash_key == HashKey::Comment {
@@ -389,20 +415,28 @@ impl<'a> Decider<'a> {
             });
             return true;
         }
-        let Some(s) = self.gate(source_idle) else {
+        // Eligible reads are counted (and timed) whichever side serves
+        // them, whatever the settings: the operator sees the whole picture.
+        if !source_idle {
             return false;
-        };
+        }
         let kind = self.kind(sql);
         if kind == Kind::Other {
             return false;
         }
-        if !self.in_cohort(&s, sql) || !self.own_writes_applied() {
-            self.metrics.read(false);
-            *self
-                .link
-                .source_read_started
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let to_target = self
+            .gate(source_idle)
+            .is_some_and(|s| self.in_cohort(&s, sql))
+            && self.own_writes_applied();
+        if !to_target {
+            if kind == Kind::Read {
+                self.metrics.read(false);
+                *self
+                    .link
+                    .source_read_started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            }
             return false;
         }
         if kind == Kind::BeginReadOnly {
@@ -491,7 +525,7 @@ impl<'a> Decider<'a> {
                         Ok(name) => match statements.statement(name) {
                             Some(st) if !name.is_empty() || batch.parsed_unnamed => {
                                 batch.bound_unnamed |= name.is_empty();
-                                let read = self.kind(&st.query) == Kind::Read;
+                                let read = self.statement_kind(name, &st.query) == Kind::Read;
                                 batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
                                 if read && !name.is_empty() {
                                     batch.statements.push((name.into(), st.clone()));
@@ -563,23 +597,26 @@ impl<'a> Decider<'a> {
     /// time) it as a read served by the source when it is an eligible one.
     /// `at_start`: the message opens a batch with the source idle; `text`:
     /// the SQL of a Parse, or of the statement a Bind uses.
-    pub fn observe_source(&mut self, tag: u8, text: Option<&[u8]>, at_start: bool) {
-        if at_start && self.router.settings().active() {
+    pub fn observe_source(
+        &mut self,
+        tag: u8,
+        at_start: bool,
+        is_read: impl FnOnce(&mut Self) -> bool,
+    ) {
+        if at_start {
             self.observed = Some((Instant::now(), true, false));
         }
         let Some((_, eligible, executed)) = self.observed.as_mut() else {
             return;
         };
         match tag {
-            PARSE | BIND => match text {
-                Some(t) if *eligible => {
-                    let read = self.kind(t) == Kind::Read;
+            PARSE | BIND => {
+                if *eligible && !is_read(self) {
                     if let Some((_, e, _)) = self.observed.as_mut() {
-                        *e = read;
+                        *e = false;
                     }
                 }
-                _ => *eligible = false,
-            },
+            }
             DESCRIBE => {}
             EXECUTE => *executed = true,
             SYNC => {
@@ -594,6 +631,16 @@ impl<'a> Decider<'a> {
             }
             _ => *eligible = false,
         }
+    }
+
+    /// Whether every statement of this text reads (and may be routed).
+    pub fn is_read(&mut self, sql: &[u8]) -> bool {
+        self.kind(sql) == Kind::Read
+    }
+
+    /// The same for a prepared statement (remembered per name).
+    pub fn statement_is_read(&mut self, name: &[u8], text: &Arc<[u8]>) -> bool {
+        self.statement_kind(name, text) == Kind::Read
     }
 
     /// A statement the source runs: logs the session state the target must

@@ -495,15 +495,17 @@ impl FrontendInspector<'_> {
         }
         if self.route.is_some() && tag != PARSE {
             let at_start = self.source_idle();
-            let text = if tag == BIND {
+            let stmt = if tag == BIND {
                 Self::bind_statement(prefix)
-                    .and_then(|n| self.statements.get(n))
-                    .cloned()
+                    .and_then(|n| self.statements.get(n).map(|t| (n, Arc::clone(t))))
             } else {
                 None
             };
             if let Some(r) = self.route.as_mut() {
-                r.observe_source(tag, text.as_deref(), at_start);
+                r.observe_source(tag, at_start, |r| {
+                    stmt.as_ref()
+                        .is_some_and(|(n, t)| r.statement_is_read(n, t))
+                });
             }
         }
         if self.capture.is_some() {
@@ -573,7 +575,7 @@ impl FrontendInspector<'_> {
                 let at_start = self.source_idle();
                 if let Some(r) = self.route.as_mut() {
                     r.source_statement(query);
-                    r.observe_source(PARSE, Some(query), at_start);
+                    r.observe_source(PARSE, at_start, |r| r.is_read(query));
                 }
                 if self.at_request_start() {
                     self.plan = None;
@@ -598,7 +600,7 @@ impl FrontendInspector<'_> {
             CLOSE => {
                 let (kind, name) = parse_close(body)?;
                 if let Some(r) = self.route.as_mut() {
-                    r.observe_source(CLOSE, None, false);
+                    r.observe_source(CLOSE, false, |_| false);
                 }
                 s.mid_batch.store(true, Relaxed);
                 if kind == b'S' {

@@ -263,7 +263,7 @@ for line in open(src):
         line = f"read_percent = {read_percent}\n"
     # Relative paths: resolved against proxy.toml's dir by pgshift; make them absolute.
     m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
-    if m and re.search(r"(cert|key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
+    if m and re.search(r"(cert|tls_key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
         val = m.group(2)
         val = cluster_dir + val[len(".clusters"):] if val.startswith(".clusters/") else root + "/" + val
         line = m.group(1) + val + m.group(3)

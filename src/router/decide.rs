@@ -747,6 +747,163 @@ mod tests {
         assert!(!may_change_state(b"select dataset from resets"));
     }
 
+    use crate::config::RoutingConfig;
+    use crate::session::state::PreparedStatements;
+
+    fn body(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    struct World {
+        link: RouteLink,
+        router: Router,
+        metrics: RouteMetrics,
+    }
+
+    impl World {
+        fn new(read_percent: f64) -> Self {
+            let cfg = RoutingConfig {
+                read_percent,
+                ..RoutingConfig::default()
+            };
+            let link = RouteLink::default();
+            link.ready.store(true, Relaxed);
+            Self {
+                link,
+                router: Router::new(&cfg, true),
+                metrics: RouteMetrics::new(),
+            }
+        }
+        fn decider(&self) -> Decider<'_> {
+            Decider::new(
+                &self.link,
+                &self.router,
+                &self.metrics,
+                None,
+                SessionKeys::new(1, "u", "app", "127.0.0.1"),
+                Arc::new(Rules::default()),
+            )
+        }
+    }
+
+    fn released(step: BatchStep) -> Bytes {
+        match step {
+            BatchStep::Release(f) => f,
+            BatchStep::Held => panic!("held"),
+            BatchStep::Routed => panic!("routed"),
+        }
+    }
+
+    #[test]
+    fn a_read_batch_is_held_and_routed_at_its_sync_with_its_statements() {
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        let mut st = PreparedStatements::new(10, 1 << 20);
+        st.on_parse_typed(b"s1", b"select $1::int", &[0, 1, 0, 0, 0, 23]);
+        assert!(d.collects(BIND, 20, true));
+        assert!(matches!(
+            d.batch_message(BIND, &body(&[b"\0s1\0", &[0, 0, 0, 0, 0, 0]]), &st),
+            BatchStep::Held
+        ));
+        assert!(matches!(
+            d.batch_message(EXECUTE, b"\0\0\0\0\0", &st),
+            BatchStep::Held
+        ));
+        assert!(matches!(d.batch_message(SYNC, b"", &st), BatchStep::Routed));
+        let q = w.link.queue.lock().unwrap();
+        let r = q.front().unwrap();
+        assert_eq!(r.statements.len(), 1);
+        assert_eq!(&*r.statements[0].0, b"s1");
+        assert_eq!(&*r.statements[0].1.types, &[0, 1, 0, 0, 0, 23]);
+        assert_eq!(r.frames[0], BIND);
+        assert_eq!(r.frames[r.frames.len() - 5], SYNC);
+        assert_eq!(w.link.target_in_flight.load(Relaxed), 1);
+        drop(q);
+        assert_eq!(w.metrics.snapshot()["target"]["reads"], 1);
+    }
+
+    #[test]
+    fn writes_named_parses_closes_and_flushes_release_the_batch_to_the_source() {
+        let w = World::new(100.0);
+        let mut st = PreparedStatements::new(10, 1 << 20);
+        st.on_parse(b"w", b"update t set a = 1");
+        st.on_parse(b"", b"select 1");
+        // A named Parse: straight to the source, nothing held.
+        let mut d = w.decider();
+        let f = released(d.batch_message(PARSE, b"n\0select 1\0\0\0", &st));
+        assert!(f.is_empty());
+        // A read held, then a Bind of a write: both go to the source, in order.
+        let mut d = w.decider();
+        assert!(matches!(
+            d.batch_message(PARSE, b"\0select 1\0\0\0", &st),
+            BatchStep::Held
+        ));
+        let f = released(d.batch_message(BIND, b"\0w\0\0\0\0\0\0\0", &st));
+        assert_eq!(f[0], PARSE);
+        assert!(!d.holding());
+        // A Flush wants answers now.
+        let mut d = w.decider();
+        assert!(matches!(
+            d.batch_message(PARSE, b"\0select 1\0\0\0", &st),
+            BatchStep::Held
+        ));
+        assert!(!released(d.batch_message(FLUSH, b"", &st)).is_empty());
+        // An unnamed statement parsed and not bound here: the next batch
+        // will bind it, maybe on the source, so this one stays there.
+        let mut d = w.decider();
+        d.batch_message(PARSE, b"\0select 1\0\0\0", &st);
+        d.batch_message(DESCRIBE, b"S\0", &st);
+        assert!(!released(d.batch_message(SYNC, b"", &st)).is_empty());
+        assert_eq!(w.link.target_in_flight.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn outside_the_cohort_nothing_is_held_and_reads_count_as_source_reads() {
+        let w = World::new(0.0);
+        let mut d = w.decider();
+        assert!(!d.collects(BIND, 20, true));
+        assert!(!d.route_query(b"select 1\0", b"select 1", true));
+        assert!(!d.route_query(b"update t set a=1\0", b"update t set a=1", true));
+        assert_eq!(w.metrics.snapshot()["source"]["reads"], 1);
+        // At 100%, but with the source busy: the source.
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        assert!(!d.route_query(b"select 1\0", b"select 1", false));
+        assert!(!d.collects(BIND, 20, false));
+        assert!(d.route_query(b"select 1\0", b"select 1", true));
+        assert!(!d.route_query(b"show port\0", b"show port", true));
+    }
+
+    #[test]
+    fn a_read_only_transaction_goes_to_the_target_whole() {
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        assert!(d.route_query(b"begin read only\0", b"begin read only", true));
+        // Its answer is not in yet: what follows goes there too, writes included.
+        assert!(d.route_query(b"update t set a = 1\0", b"update t set a = 1", true));
+        assert_eq!(w.link.queue.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn session_state_is_logged_and_temporary_tables_pin_the_session() {
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        d.source_statement(b"SET search_path = app");
+        d.source_statement(b"select 1 offset 3");
+        d.source_close(b"s1");
+        assert_eq!(
+            w.link.state.lock().unwrap().ops,
+            vec![
+                StateOp::Sql("SET search_path = app".into()),
+                StateOp::Close(b"s1".to_vec().into())
+            ]
+        );
+        assert!(!w.link.pinned.load(Relaxed));
+        d.source_statement(b"create temp table x(a int)");
+        assert!(w.link.pinned.load(Relaxed));
+        assert!(!d.route_query(b"select 1\0", b"select 1", true));
+    }
+
     #[test]
     fn a_reset_cuts_the_state_log_back() {
         let mut log = StateLog::default();

@@ -570,7 +570,9 @@ where
                 continue;
             }
             match m.tag {
-                ERROR_RESPONSE if !sent_any => {
+                // Inside a routed transaction every error is the client's
+                // answer: nothing can run elsewhere.
+                ERROR_RESPONSE if !sent_any && !req.in_txn => {
                     let f = parse_error_fields(m.body());
                     let code = f.code.unwrap_or("");
                     if is_fallback_code(code) {

@@ -635,7 +635,9 @@ impl FrontendInspector<'_> {
             }
             return Ok(None);
         }
-        if !r.holding() && !r.collects(tag, body.len(), source_idle) {
+        if !r.holding()
+            && (body.len() > self.max_inspected || !r.collects(tag, body.len(), source_idle))
+        {
             return Ok(None);
         }
         let step = match tag {
@@ -704,10 +706,11 @@ impl Inspector for FrontendInspector<'_> {
     #[inline]
     fn wants_body(&self, tag: u8, body_len: usize) -> bool {
         matches!(tag, QUERY | PARSE | CLOSE | TERMINATE)
-            || self
-                .route
-                .as_ref()
-                .is_some_and(|r| r.collects(tag, body_len, self.source_idle()))
+            || (body_len <= self.max_inspected
+                && self
+                    .route
+                    .as_ref()
+                    .is_some_and(|r| r.collects(tag, body_len, self.source_idle())))
     }
 
     fn max_inspected(&self) -> usize {

@@ -621,3 +621,94 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
     assert_eq!(row.get::<_, i32>(0), target_port);
     assert_eq!(p.stat("/metrics/cancel/forwarded"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the_clients() {
+    let p = Proxy::start_with(|cfg| routing_config(cfg, 100.0, "session"));
+    let (target, source) = (
+        p.clusters.target_port.to_string(),
+        p.clusters.source_port.to_string(),
+    );
+    let (client, conn) = p
+        .pg_config(SUPERUSER, "postgres")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let port = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        msgs.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        port(
+            client
+                .simple_query("SELECT inet_server_port()")
+                .await
+                .unwrap()
+        ),
+        target
+    );
+    client.simple_query("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(
+        port(
+            client
+                .simple_query("SELECT inet_server_port()")
+                .await
+                .unwrap()
+        ),
+        target
+    );
+    // A write inside it fails as Postgres says, and the session lives on.
+    let err = client
+        .simple_query("CREATE TABLE route_ro_should_fail(a int)")
+        .await
+        .expect_err("a write in a read-only transaction");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err:?}"
+    );
+    let err = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("aborted transaction");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{err:?}"
+    );
+    client.simple_query("ROLLBACK").await.unwrap();
+    // A read-write transaction stays on the source, reads included.
+    client.simple_query("BEGIN").await.unwrap();
+    assert_eq!(
+        port(
+            client
+                .simple_query("SELECT inet_server_port()")
+                .await
+                .unwrap()
+        ),
+        source
+    );
+    client.simple_query("COMMIT").await.unwrap();
+    assert_eq!(
+        port(
+            client
+                .simple_query("SELECT inet_server_port()")
+                .await
+                .unwrap()
+        ),
+        target
+    );
+    // SHOW answers from the source session's settings.
+    let ro = port(
+        client
+            .simple_query("SHOW default_transaction_read_only")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(ro, "off");
+}

@@ -110,10 +110,33 @@ pub fn is_fallback_code(code: &str) -> bool {
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// Latency histograms are sharded by thread: a worker records into its own
+/// shard, so two workers never wait on each other's lock (a lock held by a
+/// descheduled thread would stall every session of the waiting worker).
+/// Readers (status, metrics) merge the shards.
+const SHARDS: usize = 16;
+
+fn shard() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    MINE.with(|s| *s)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour, 3 significant digits: fixed size, never grows.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| {
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant digits is valid"))
+    })
+}
+
 /// Per-route counters and latencies.
 pub struct RouteMetrics {
     /// Eligible reads, by backend that served them.
     pub reads: Family<Labels, Counter>,
+    reads_source: Counter,
+    reads_target: Counter,
     pub fallbacks: Family<Labels, Counter>,
     /// A routed read whose target connection broke after part of the
     /// answer had reached the client: the client got an error.
@@ -121,27 +144,26 @@ pub struct RouteMetrics {
     /// Sessions whose reads stay on the source for good (state the target
     /// session could not reproduce).
     pub sessions_pinned: Counter,
-    /// Microseconds from request to ReadyForQuery, per backend.
-    latency_source: Mutex<Histogram<u64>>,
-    latency_target: Mutex<Histogram<u64>>,
+    /// Microseconds from request to ReadyForQuery, per backend, sharded.
+    latency_source: Vec<Mutex<Histogram<u64>>>,
+    latency_target: Vec<Mutex<Histogram<u64>>>,
 }
 
 impl RouteMetrics {
     pub fn new() -> Self {
-        let h = || {
-            // 1 µs to 1 hour, 3 significant digits; fixed size, never grows.
-            Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
-            )
-        };
+        let shards = || (0..SHARDS).map(|_| Mutex::new(histogram())).collect();
+        let reads = Family::<Labels, Counter>::default();
+        let reads_source = reads.get_or_create(&vec![("backend", "source")]).clone();
+        let reads_target = reads.get_or_create(&vec![("backend", "target")]).clone();
         Self {
-            reads: Family::default(),
+            reads,
+            reads_source,
+            reads_target,
             fallbacks: Family::default(),
             target_failures_after_start: Counter::default(),
             sessions_pinned: Counter::default(),
-            latency_source: h(),
-            latency_target: h(),
+            latency_source: shards(),
+            latency_target: shards(),
         }
     }
 
@@ -169,8 +191,11 @@ impl RouteMetrics {
     }
 
     pub fn read(&self, target: bool) {
-        let backend = if target { "target" } else { "source" };
-        self.reads.get_or_create(&vec![("backend", backend)]).inc();
+        if target {
+            self.reads_target.inc();
+        } else {
+            self.reads_source.inc();
+        }
     }
 
     pub fn fallback(&self, why: Fallback) {
@@ -186,18 +211,22 @@ impl RouteMetrics {
             &self.latency_source
         };
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
-        h.lock()
+        h[shard()]
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
             .saturating_record(us);
     }
 
     fn quantiles(&self, target: bool) -> (u64, [(f64, u64); 4], f64) {
-        let h = if target {
+        let shards = if target {
             &self.latency_target
         } else {
             &self.latency_source
         };
-        let h = h.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = histogram();
+        for s in shards {
+            let _ = h.add(&*s.lock().unwrap_or_else(|p| p.into_inner()));
+        }
         let q = [0.5, 0.9, 0.99, 0.999].map(|q| (q, h.value_at_quantile(q)));
         (h.len(), q, h.mean() * h.len() as f64)
     }
@@ -230,10 +259,13 @@ impl RouteMetrics {
     pub fn snapshot(&self) -> serde_json::Value {
         let one = |target: bool| {
             let (count, qs, _) = self.quantiles(target);
-            let backend = if target { "target" } else { "source" };
-            let get = |f: &Family<Labels, Counter>, k, v| f.get_or_create(&vec![(k, v)]).get();
+            let reads = if target {
+                &self.reads_target
+            } else {
+                &self.reads_source
+            };
             serde_json::json!({
-                "reads": get(&self.reads, "backend", backend),
+                "reads": reads.get(),
                 "latency_samples": count,
                 "p50_us": qs[0].1, "p90_us": qs[1].1, "p99_us": qs[2].1, "p999_us": qs[3].1,
             })

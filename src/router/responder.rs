@@ -156,6 +156,14 @@ where
                 .unwrap_or_else(|p| p.into_inner())
                 .pop_front();
             if let Some(req) = next {
+                let queued = req.started.elapsed();
+                if queued > Duration::from_millis(50) {
+                    debug!(
+                        session_id = self.session_id,
+                        queued_ms = queued.as_millis() as u64,
+                        "routed request waited before the responder took it"
+                    );
+                }
                 if live.is_none() && first && !link_gone {
                     // Wait for the first login, within the request's timeout.
                     let left = self
@@ -522,6 +530,7 @@ where
         if let Err(e) = write {
             return Outcome::Fallback(Fallback::Connection, format!("write failed: {e}"));
         }
+        let written_at = req.started.elapsed();
         let mut held = BytesMut::new();
         let mut sent_any = false;
         let mut own_failed: Option<String> = None;
@@ -531,6 +540,10 @@ where
             let msg = tokio::select! {
                 m = read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message) => m,
                 _ = io_deadline(limit) => {
+                    debug!(session_id = self.session_id, held = held.len(), own_answers,
+                        buffered = l.conn.buf.len(), waited_ms = req.started.elapsed().as_millis() as u64,
+                        written_ms = written_at.as_millis() as u64,
+                        "routed read timed out");
                     return Outcome::Fallback(Fallback::Timeout, "no answer within routing.target_timeout_ms".into());
                 }
             };

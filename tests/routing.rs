@@ -712,3 +712,76 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
     );
     assert_eq!(ro, "off");
 }
+
+/// psycopg 3 at read_percent 100 with the mirror on, autocommit: its
+/// server-side prepared statements (named `_pg3_*`, prepared after a few
+/// executions), binary parameters, unnamed statements and pipeline mode,
+/// with each read checked against what the session wrote.
+#[test]
+fn psycopg_reads_at_100_percent_see_their_writes_on_either_side() {
+    let spool = tempfile::tempdir().unwrap();
+    let sp = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        mirror_config(cfg, &sp);
+        routing_config(cfg, 100.0, "session");
+    });
+    let c = p.clusters.clone();
+    let db = "pgshift_t_route_psycopg";
+    c.fresh_db(db);
+    let script = r#"
+import sys, time, psycopg
+c = psycopg.connect(sys.argv[1], autocommit=True)
+c.execute("CREATE TABLE kv(k int PRIMARY KEY, v text, b bytea)")
+ports = set()
+for i in range(300):
+    c.execute("INSERT INTO kv VALUES (%s, %s, %s)", (i, f"v{i}", bytes([i % 256]) * 3))
+    # prepare=None: psycopg prepares it server-side after 5 executions.
+    row = c.execute("SELECT v, b, inet_server_port() FROM kv WHERE k = %s", (i,)).fetchone()
+    assert row[0] == f"v{i}" and row[1] == bytes([i % 256]) * 3, row
+    ports.add(row[2])
+    if i % 50 == 0:
+        time.sleep(0.3)  # let the mirror catch up: later reads may go to the target
+        row = c.execute("SELECT count(*), inet_server_port() FROM kv", prepare=True).fetchone()
+        assert row[0] == i + 1, row
+        ports.add(row[1])
+with c.pipeline():
+    curs = [c.execute("SELECT v FROM kv WHERE k = %s", (k,)) for k in range(0, 300, 7)]
+values = [cur.fetchone()[0] for cur in curs]
+assert values == [f"v{k}" for k in range(0, 300, 7)], values
+time.sleep(1.0)
+for i in range(20):
+    row = c.execute("SELECT sum(k), inet_server_port() FROM kv", binary=True).fetchone()
+    assert row[0] == sum(range(300)), row
+    ports.add(row[1])
+print("ports", sorted(ports))
+print("psycopg routing: OK")
+"#;
+    let conninfo = format!(
+        "{} password=scram-secret connect_timeout=20",
+        p.url("pgshift_scram", db)
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &conninfo])
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("psycopg routing: OK"),
+        "{stdout}\n{stderr}"
+    );
+    // Both sides answered: reads right after a write on the source, the
+    // others on the target once the mirror had applied the session's writes.
+    let both = format!("ports [{}, {}]", c.source_port, c.target_port);
+    assert!(stdout.contains(&both), "{stdout}");
+    let st = p.status();
+    let r = &st["metrics"]["routing"];
+    assert!(r["target"]["reads"].as_u64().unwrap() > 0, "{r:#}");
+    assert!(r["source"]["reads"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(r["fallbacks"]["setup"], 0, "{r:#}");
+    p.wait_mirror_drained(60);
+    assert_same(&c, db, "select * from kv order by k");
+}

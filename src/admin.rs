@@ -242,29 +242,18 @@ async fn put_routing(State(st): State<AdminState>, body: axum::body::Bytes) -> R
 
 /// `POST /failback`: every read to the source now, until a resume.
 async fn failback(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let reason: Reason = match json_body(&body) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
-    let reason = reason
-        .reason
-        .unwrap_or_else(|| "requested through the admin API".into());
-    let proxy = &st.proxy;
-    let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let mut new = (*proxy.router.current()).clone();
-    new.failed_back = Some(reason.clone());
-    let r = proxy.set_routing(
-        "failback",
-        "api",
-        new,
-        serde_json::json!({"reason": reason, "metrics": proxy.routing_evidence()}),
-    );
-    applied(&st, r)
+    fail_back_or_resume(&st, &body, true)
 }
 
 /// `POST /resume`: routing as configured again.
 async fn resume(State(st): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let reason: Reason = match json_body(&body) {
+    fail_back_or_resume(&st, &body, false)
+}
+
+/// Failback (`back`) or resume, audited with the reason and the routing
+/// counters of the moment.
+fn fail_back_or_resume(st: &AdminState, body: &[u8], back: bool) -> Response {
+    let reason: Reason = match json_body(body) {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -274,12 +263,12 @@ async fn resume(State(st): State<AdminState>, body: axum::body::Bytes) -> Respon
     let proxy = &st.proxy;
     let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
     let mut new = (*proxy.router.current()).clone();
-    new.failed_back = None;
+    new.failed_back = back.then(|| reason.clone());
     let r = proxy.set_routing(
-        "resume",
+        if back { "failback" } else { "resume" },
         "api",
         new,
         serde_json::json!({"reason": reason, "metrics": proxy.routing_evidence()}),
     );
-    applied(&st, r)
+    applied(st, r)
 }

@@ -7,11 +7,7 @@ use common::mirror::*;
 use common::*;
 
 fn audit_entries(p: &Proxy) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p.dir.path().join("pgshift-audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    p.audit_entries()
 }
 
 #[test]

@@ -8,36 +8,12 @@ mod common;
 use common::mirror::*;
 use common::*;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-/// An HTTP/1.0 request with an optional JSON body; (status, body).
 fn http(p: &Proxy, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.admin_port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    http_request(p.admin_port, method, path, token, body)
 }
 
 fn api(p: &Proxy, method: &str, path: &str, body: &str) -> serde_json::Value {
@@ -67,6 +43,20 @@ fn on_target(key: &str, read_percent: f64) -> bool {
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^= h >> 33;
     h % 1_000_000 < (read_percent * 10_000.0).round() as u64
+}
+
+/// The first column of the first row a simple query returns.
+async fn first_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap()
 }
 
 /// Which port answered one session's read (a fresh connection each time).
@@ -318,11 +308,7 @@ fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
 }
 
 fn audit(p: &Proxy) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p.dir.path().join("pgshift-audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    p.audit_entries()
 }
 
 #[test]
@@ -337,23 +323,8 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     });
     let c = p.clusters.clone();
     let db = "route_live";
-    c.fresh_db(db);
-    c.sql(
-        c.target_port,
-        "postgres",
-        &format!("DROP DATABASE IF EXISTS {db}"),
-    );
-    c.sql(c.target_port, "postgres", &format!("CREATE DATABASE {db}"));
     // The same data on both sides (no mirror here: read-only load).
-    for port in [c.source_port, c.target_port] {
-        let mut cmd = pg_tool(&c, "pgbench");
-        let out = cmd
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
-            .args(["-i", "-s", "1", "-q", db])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    pgbench_db_on_both(&c, db);
     let load = pgbench_spawn(
         &p,
         db,
@@ -635,31 +606,13 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
         .await
         .unwrap();
     tokio::spawn(conn);
-    let port = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
-        msgs.into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                _ => None,
-            })
-            .unwrap()
-    };
     assert_eq!(
-        port(
-            client
-                .simple_query("SELECT inet_server_port()")
-                .await
-                .unwrap()
-        ),
+        first_value(&client, "SELECT inet_server_port()").await,
         target
     );
     client.simple_query("BEGIN READ ONLY").await.unwrap();
     assert_eq!(
-        port(
-            client
-                .simple_query("SELECT inet_server_port()")
-                .await
-                .unwrap()
-        ),
+        first_value(&client, "SELECT inet_server_port()").await,
         target
     );
     // A write inside it fails as Postgres says, and the session lives on.
@@ -685,31 +638,16 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
     // A read-write transaction stays on the source, reads included.
     client.simple_query("BEGIN").await.unwrap();
     assert_eq!(
-        port(
-            client
-                .simple_query("SELECT inet_server_port()")
-                .await
-                .unwrap()
-        ),
+        first_value(&client, "SELECT inet_server_port()").await,
         source
     );
     client.simple_query("COMMIT").await.unwrap();
     assert_eq!(
-        port(
-            client
-                .simple_query("SELECT inet_server_port()")
-                .await
-                .unwrap()
-        ),
+        first_value(&client, "SELECT inet_server_port()").await,
         target
     );
     // SHOW answers from the source session's settings.
-    let ro = port(
-        client
-            .simple_query("SHOW default_transaction_read_only")
-            .await
-            .unwrap(),
-    );
+    let ro = first_value(&client, "SHOW default_transaction_read_only").await;
     assert_eq!(ro, "off");
 }
 

@@ -58,20 +58,7 @@ fn a_failing_target_costs_routed_reads_nothing() {
         cfg["target"]["keepalive_s"] = toml_edit::value(2);
     });
     let db = "route_down";
-    for port in [c.source_port, c.target_port] {
-        c.sql(
-            port,
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        );
-        c.sql(port, "postgres", &format!("CREATE DATABASE {db}"));
-        let out = pg_tool(&c, "pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
-            .args(["-i", "-s", "1", "-q", db])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    pgbench_db_on_both(&c, db);
 
     // Stopped: sessions' target connections are cut, new logins refused.
     let load = pgbench_cmd(

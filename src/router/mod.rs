@@ -108,6 +108,20 @@ pub fn is_fallback_code(code: &str) -> bool {
         || code == "25006"
 }
 
+/// Waits until `ready()` holds, checking again at each wake-up of
+/// `notify` (registered before each check, so no wake-up is missed).
+pub async fn wait_until(notify: &tokio::sync::Notify, ready: impl Fn() -> bool) {
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if ready() {
+            return;
+        }
+        woken.await;
+    }
+}
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// Latency histograms are sharded by thread: a worker records into its own

@@ -340,17 +340,11 @@ where
     async fn to_source(&self, req: &Routed) -> io::Result<()> {
         // Wait until the source stream is between messages and the
         // frontend pump is not writing.
-        loop {
-            let free = self.link.source_free.notified();
-            tokio::pin!(free);
-            free.as_mut().enable();
-            if !self.link.frontend_writing.load(Relaxed)
+        super::wait_until(&self.link.source_free, || {
+            !self.link.frontend_writing.load(Relaxed)
                 && self.shared.server_at_boundary.load(Relaxed)
-            {
-                break;
-            }
-            free.await;
-        }
+        })
+        .await;
         self.shared.add_in_flight(1);
         if let Some(c) = self.capture {
             c.lock()
@@ -370,17 +364,11 @@ where
     /// Waits until the client stream is free, then writes.
     async fn write_client(&self, bytes: &[u8]) -> io::Result<()> {
         if !self.link.responder_writing.load(Relaxed) {
-            loop {
-                let free = self.link.client_free.notified();
-                tokio::pin!(free);
-                free.as_mut().enable();
-                if !self.link.backend_writing.load(Relaxed)
+            super::wait_until(&self.link.client_free, || {
+                !self.link.backend_writing.load(Relaxed)
                     && self.shared.client_at_boundary.load(Relaxed)
-                {
-                    break;
-                }
-                free.await;
-            }
+            })
+            .await;
             self.link.responder_writing.store(true, Relaxed);
         }
         let mut w = SharedWriter(self.client);

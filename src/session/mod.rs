@@ -325,6 +325,10 @@ async fn forward_session(
                 std::sync::Arc::clone(&proxy.rules),
             ));
             backend.route = Some((&link, &proxy.metrics.route));
+            // Set before the pumps run: the first request may come before
+            // the responder is first polled.
+            link.ready
+                .store(target.optimistic, std::sync::atomic::Ordering::Relaxed);
             Responder {
                 link: &link,
                 shared: &shared,

@@ -407,6 +407,19 @@ impl FrontendInspector<'_> {
             && !s.mid_batch.load(Relaxed)
     }
 
+    /// Every client message: a type a client may send, counted for idle
+    /// detection and numbered as the mirror numbers them.
+    fn saw_message(&mut self, tag: u8) -> Result<(), FrameError> {
+        if !is_frontend_tag(tag) {
+            return Err(FrameError::UnknownType(tag));
+        }
+        let s = self.shared;
+        s.client_messages
+            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
+        self.msg_no += 1;
+        Ok(())
+    }
+
     /// The mirror must not see client message `n`: it went to the target.
     fn hide(&self, n: u64) {
         if let Some(c) = self.capture {
@@ -727,13 +740,7 @@ impl Inspector for FrontendInspector<'_> {
 
     #[inline]
     fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
-        if !is_frontend_tag(tag) {
-            return Err(FrameError::UnknownType(tag));
-        }
-        let s = self.shared;
-        s.client_messages
-            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
-        self.msg_no += 1;
+        self.saw_message(tag)?;
         // A message that cannot be held ends a held batch: the batch goes
         // to the source first.
         let held = match self.route.as_mut() {
@@ -751,13 +758,7 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
-        if !is_frontend_tag(tag) {
-            return Err(FrameError::UnknownType(tag));
-        }
-        let s = self.shared;
-        s.client_messages
-            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
-        self.msg_no += 1;
+        self.saw_message(tag)?;
         if let Some(v) = self.route_message(tag, body)? {
             if v != Verdict::Drop {
                 self.run_source = true;
@@ -799,17 +800,10 @@ impl Inspector for FrontendInspector<'_> {
         if !self.run_source || !link.target_busy() {
             return None;
         }
-        Some(Box::pin(async move {
-            loop {
-                let idle = link.target_idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if !link.target_busy() {
-                    return;
-                }
-                idle.await;
-            }
-        }))
+        Some(Box::pin(crate::router::wait_until(
+            &link.target_idle,
+            || !link.target_busy(),
+        )))
     }
 }
 
@@ -1005,15 +999,7 @@ impl Inspector for BackendInspector<'_> {
         let link = self.route.map(|(l, _)| l);
         Some(Box::pin(async move {
             if let Some(link) = route {
-                loop {
-                    let idle = link.target_idle.notified();
-                    tokio::pin!(idle);
-                    idle.as_mut().enable();
-                    if !link.target_busy() {
-                        break;
-                    }
-                    idle.await;
-                }
+                crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
             }
             let Some((mut rec, (mirror, capture))) = spool else {
                 return;

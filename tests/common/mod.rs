@@ -108,6 +108,20 @@ impl Clusters {
     }
 }
 
+/// A fresh `db` on both clusters with the same pgbench tables (scale 1),
+/// loaded directly, not through a proxy.
+pub fn pgbench_db_on_both(c: &Clusters, db: &str) {
+    c.fresh_db(db);
+    for port in [c.source_port, c.target_port] {
+        let out = pg_tool(c, "pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+            .args(["-i", "-s", "1", "-q", db])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -282,6 +296,15 @@ level = "info"
         self.child.as_ref().unwrap().id()
     }
 
+    /// The audit log's entries (`pgshift-audit.jsonl` beside the config).
+    pub fn audit_entries(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("pgshift-audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// A GET on the admin API; returns (status code, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin_port, path, self.token.as_deref())
@@ -349,12 +372,36 @@ impl Drop for Proxy {
 
 /// Minimal HTTP/1.0 GET against the admin API (no client crate needed).
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request(port, "GET", path, token, "")
+}
+
+/// An HTTP/1.0 request to the admin API with an optional JSON body;
+/// returns (status code, body).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin API reachable");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").unwrap();
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}{content}\r\n{body}"
+    )
+    .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp

@@ -16,6 +16,13 @@ fn http(p: &Proxy, method: &str, path: &str, token: Option<&str>, body: &str) ->
     http_request(p.admin_port, method, path, token, body)
 }
 
+/// Eligible reads the given backend served, from a `/status` answer.
+fn reads(status: &serde_json::Value, backend: &str) -> u64 {
+    status["metrics"]["routing"][backend]["reads"]
+        .as_u64()
+        .unwrap()
+}
+
 fn api(p: &Proxy, method: &str, path: &str, body: &str) -> serde_json::Value {
     let (code, text) = http(p, method, path, p.token.as_deref(), body);
     assert_eq!(code, 200, "{method} {path} {body}: {text}");
@@ -228,20 +235,8 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
     assert_eq!(rows[0].get::<_, i64>(0), 300);
     assert_eq!(rows[0].get::<_, i32>(1), c.target_port as i32);
     let st = p.status();
-    assert!(
-        st["metrics"]["routing"]["source"]["reads"]
-            .as_u64()
-            .unwrap()
-            > 0,
-        "{st:#}"
-    );
-    assert!(
-        st["metrics"]["routing"]["target"]["reads"]
-            .as_u64()
-            .unwrap()
-            > 0,
-        "{st:#}"
-    );
+    assert!(reads(&st, "source") > 0, "{st:#}");
+    assert!(reads(&st, "target") > 0, "{st:#}");
     assert_eq!(st["mirror"]["report"]["divergences_total"], 0, "{st:#}");
 }
 
@@ -439,20 +434,8 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
         .iter()
         .any(|e| e["kind"] == "config_rejected" && e["key"] == "routing.read_percent"));
     let st = p.status();
-    assert!(
-        st["metrics"]["routing"]["target"]["reads"]
-            .as_u64()
-            .unwrap()
-            > 0,
-        "{st:#}"
-    );
-    assert!(
-        st["metrics"]["routing"]["source"]["reads"]
-            .as_u64()
-            .unwrap()
-            > 0,
-        "{st:#}"
-    );
+    assert!(reads(&st, "target") > 0, "{st:#}");
+    assert!(reads(&st, "source") > 0, "{st:#}");
 
     // The API's guard: no or a wrong token is refused, changes included.
     for (m, path) in [

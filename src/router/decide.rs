@@ -714,10 +714,33 @@ fn frame(tag: u8, body: &[u8]) -> BytesMut {
 }
 
 /// Cheap pre-check before classifying a statement the source runs: only
-/// these words can change session state (or make a temporary table).
+/// these words can change session state (or make a temporary table). One
+/// pass over the text, looking only where words start.
 fn may_change_state(sql: &[u8]) -> bool {
-    const WORDS: [&[u8]; 5] = [b"set", b"discard", b"deallocate", b"temp", b"reset"];
-    WORDS.iter().any(|w| contains_word(sql, w))
+    const WORDS: [&[u8]; 6] = [
+        b"set",
+        b"discard",
+        b"deallocate",
+        b"temp",
+        b"temporary",
+        b"reset",
+    ];
+    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut prev_word = false;
+    for (i, &c) in sql.iter().enumerate() {
+        let starts = !prev_word && matches!(c.to_ascii_lowercase(), b's' | b'd' | b't' | b'r');
+        prev_word = is_word(c);
+        if starts
+            && WORDS.iter().any(|w| {
+                sql.get(i..i + w.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(w))
+                    && sql.get(i + w.len()).is_none_or(|&n| !is_word(n))
+            })
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether `word` (lower-case ASCII) appears in `sql` as a whole word, in

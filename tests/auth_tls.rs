@@ -241,7 +241,12 @@ async fn wrong_password_gets_the_sources_own_error() {
     }
     // The refusals are counted as failed startups, not protocol errors, and the
     // proxy still serves the right password.
+    // The proxy counts a refusal when the session ends, which may be just
+    // after the client has read the error: wait for the count.
     let stats = tokio::task::block_in_place(|| {
+        p.wait_for(10, "4 rejected startups", |p| {
+            p.stat("/metrics/clients/rejected_startup") >= 4
+        });
         (
             p.stat("/metrics/clients/rejected_startup"),
             p.stat("/metrics/clients/protocol_errors"),

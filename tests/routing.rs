@@ -36,6 +36,18 @@ fn routing_config(cfg: &mut toml_edit::DocumentMut, read_percent: f64, hash_key:
     cfg["routing"] = toml_edit::Item::Table(t);
 }
 
+/// A proxy with the mirror on (spooling into the returned directory) that
+/// routes `read_percent` of eligible reads, one decision per session.
+fn mirrored_routing_proxy(read_percent: f64) -> (Proxy, tempfile::TempDir) {
+    let spool = tempfile::tempdir().unwrap();
+    let sp = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        mirror_config(cfg, &sp);
+        routing_config(cfg, read_percent, "session");
+    });
+    (p, spool)
+}
+
 /// The documented routing hash, computed here independently:
 /// fmix64(fnv1a64(key)) mod 1 000 000 < read_percent × 10 000.
 fn on_target(key: &str, read_percent: f64) -> bool {
@@ -179,12 +191,7 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
-    let spool = tempfile::tempdir().unwrap();
-    let sp = spool.path().to_path_buf();
-    let p = Proxy::start_with(move |cfg| {
-        mirror_config(cfg, &sp);
-        routing_config(cfg, 100.0, "session");
-    });
+    let (p, _spool) = mirrored_routing_proxy(100.0);
     let c = p.clusters.clone();
     let db = "route_ryw";
     c.fresh_db(db);
@@ -242,12 +249,7 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
 
 #[test]
 fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
-    let spool = tempfile::tempdir().unwrap();
-    let sp = spool.path().to_path_buf();
-    let p = Proxy::start_with(move |cfg| {
-        mirror_config(cfg, &sp);
-        routing_config(cfg, 50.0, "session");
-    });
+    let (p, _spool) = mirrored_routing_proxy(50.0);
     let c = p.clusters.clone();
     let db = "route_prepared";
     c.fresh_db(db);
@@ -640,12 +642,7 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
 /// with each read checked against what the session wrote.
 #[test]
 fn psycopg_reads_at_100_percent_see_their_writes_on_either_side() {
-    let spool = tempfile::tempdir().unwrap();
-    let sp = spool.path().to_path_buf();
-    let p = Proxy::start_with(move |cfg| {
-        mirror_config(cfg, &sp);
-        routing_config(cfg, 100.0, "session");
-    });
+    let (p, _spool) = mirrored_routing_proxy(100.0);
     let c = p.clusters.clone();
     let db = "pgshift_t_route_psycopg";
     c.fresh_db(db);

@@ -30,7 +30,6 @@ use tracing::{debug, info, warn};
 
 use super::decide::{RouteLink, Routed, StateOp};
 use super::{is_fallback_code, Fallback, RouteMetrics, Router};
-use crate::metrics::Metrics;
 use crate::protocol::error::{error_response, parse_error_fields, Severity};
 use crate::protocol::frame::read_message;
 use crate::protocol::message::{
@@ -119,7 +118,6 @@ pub struct Responder<'a, C: ?Sized, S: ?Sized> {
     pub source: &'a Mutex<S>,
     pub router: &'a Router,
     pub route_metrics: &'a RouteMetrics,
-    pub metrics: &'a Metrics,
     pub target: TargetLink,
     /// The mirror's view of the session: a request that falls back reaches
     /// the source after all, and the mirror must follow it.

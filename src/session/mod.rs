@@ -336,7 +336,6 @@ async fn forward_session(
                 source: &server_wr,
                 router: &proxy.router,
                 route_metrics: &proxy.metrics.route,
-                metrics: &proxy.metrics,
                 target,
                 capture: capture.as_ref(),
                 cancel_key: cancel_guard

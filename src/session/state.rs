@@ -237,9 +237,8 @@ pub struct FrontendInspector<'a> {
     pub route: Option<Decider<'a>>,
     /// Client messages seen (the mirror counts the same way).
     msg_no: u64,
-    /// This run holds bytes for the source / requests sent to the target.
+    /// This run holds bytes for the source.
     run_source: bool,
-    run_routed: bool,
 }
 
 /// What the messages of an extended-protocol request held so far, to know
@@ -271,7 +270,6 @@ impl<'a> FrontendInspector<'a> {
             route: None,
             msg_no: 0,
             run_source: false,
-            run_routed: false,
         }
     }
 
@@ -508,16 +506,15 @@ impl FrontendInspector<'_> {
         }
         if self.route.is_some() && tag != PARSE {
             let at_start = self.source_idle();
-            let stmt = if tag == BIND {
-                Self::bind_statement(prefix)
-                    .and_then(|n| self.statements.get(n).map(|t| (n, Arc::clone(t))))
-            } else {
-                None
-            };
+            let name = (tag == BIND)
+                .then(|| Self::bind_statement(prefix))
+                .flatten();
+            let statements = &*self.statements;
             if let Some(r) = self.route.as_mut() {
+                // The statement is looked up only if the batch is followed.
                 r.observe_source(tag, at_start, |r| {
-                    stmt.as_ref()
-                        .is_some_and(|(n, t)| r.statement_is_read(n, t))
+                    name.and_then(|n| statements.get(n).map(|t| r.statement_is_read(n, t)))
+                        .unwrap_or(false)
                 });
             }
         }
@@ -643,7 +640,6 @@ impl FrontendInspector<'_> {
             let text = parse_query(body)?;
             if r.route_query(body, text, source_idle) {
                 self.hide(self.msg_no);
-                self.run_routed = true;
                 return Ok(Some(Verdict::Drop));
             }
             return Ok(None);
@@ -678,7 +674,6 @@ impl FrontendInspector<'_> {
             BatchStep::Routed => {
                 self.hide(self.msg_no);
                 self.shared.mid_batch.store(false, Relaxed);
-                self.run_routed = true;
                 Ok(Some(Verdict::Drop))
             }
             BatchStep::Release(frames) => {
@@ -781,7 +776,6 @@ impl Inspector for FrontendInspector<'_> {
         }
         if done {
             self.run_source = false;
-            self.run_routed = false;
         }
     }
 

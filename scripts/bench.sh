@@ -41,6 +41,10 @@
 #              50 and 100: select-only reads go to the target cluster (which holds the same
 #              pgbench data) for that share of sessions. Ports 6437 and 6438, admin 9934 and
 #              9935; select-only workloads only. BENCH_ROUTING=0 leaves them out.
+#   pgshift-s10, pgshift-s100  the same config (mirroring off, read_percent 0) with
+#              shadow.sample_percent 10 and 100: that share of select-only reads also runs
+#              on the target and the answers are compared. Ports 6439 and 6440, admin 9936
+#              and 9937; select-only workloads only. BENCH_SHADOW=0 leaves them out.
 # Workloads: select-only -M simple, -M extended, -M prepared; TPC-B -M simple.
 # Within each round and workload the targets run one after another, in an order that
 # rotates from one round/workload to the next.
@@ -56,6 +60,11 @@
 # ratios), and from each instance's /status the reads each backend served and their
 # p50/p99 latency (the proxy's hdr histograms: request to ReadyForQuery, all of that
 # instance's select-only runs together), and fallbacks.
+# Select-only runs log every transaction's latency (pgbench -l): the table's p99 column
+# is the client-side 99th percentile over all of a target's runs of that workload.
+# For pgshift-s10/-s100 also: TPS and client p99 vs pgshift (shadowing off), same round,
+# and the CPU the source and target clusters used during those runs (the target's is
+# the shadow reads' extra work), with each instance's shadow counters from /status.
 # For pgshift-mirror also: TPS with mirroring on vs off (median of the per-round
 # ratios, pgshift-mirror / pgshift, which ran back to back), units applied during
 # the run per second, lag at the end of the run, and how fast the backlog drained.
@@ -89,6 +98,11 @@ PGSHIFT_SPOOL_ADMIN_PORT=9933
 UNREACHABLE_PORT=9   # nothing listens there: connections are refused at once
 BENCH_MIRROR="${BENCH_MIRROR:-1}"
 BENCH_ROUTING="${BENCH_ROUTING:-1}"
+BENCH_SHADOW="${BENCH_SHADOW:-1}"
+PGSHIFT_S10_PORT=6439
+PGSHIFT_S10_ADMIN_PORT=9936
+PGSHIFT_S100_PORT=6440
+PGSHIFT_S100_ADMIN_PORT=9937
 PGSHIFT_R50_PORT=6437
 PGSHIFT_R50_ADMIN_PORT=9934
 PGSHIFT_R100_PORT=6438
@@ -105,6 +119,8 @@ RESULTS="$RUN_DIR/results.tsv"
 : >"$RESULTS"
 MIRROR_TSV="$RUN_DIR/mirror.tsv"
 : >"$MIRROR_TSV"
+CLUSTER_TSV="$RUN_DIR/clusters.tsv"
+: >"$CLUSTER_TSV"
 CLK_TCK="$(getconf CLK_TCK)"
 
 PGBOUNCER_PID=""
@@ -214,14 +230,16 @@ log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') runni
 # it on but the target unreachable, so that only the hot-path capture and the spool
 # appends cost anything (nothing is applied, no target Postgres competes for CPU).
 declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
-    [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT)
+    [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT
+    [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT)
 declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT [pgshift-r50]=$PGSHIFT_R50_ADMIN_PORT
-    [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT)
+    [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT [pgshift-s10]=$PGSHIFT_S10_ADMIN_PORT
+    [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT)
 BUILT=0
-start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCENT]
+start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCENT] [SAMPLE_PERCENT]
     local name="$1" mirror="$2" port="${PX_PORT[$1]}" admin="${PX_ADMIN[$1]}" cfg
-    local target_port="${3:-$TARGET_PORT}" read_percent="${4:-0}"
+    local target_port="${3:-$TARGET_PORT}" read_percent="${4:-0}" sample_percent="${5:-0}"
     step "starting $name on $H:$port (mirroring $mirror)"
     if ((!BUILT)); then
         if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
@@ -239,16 +257,19 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
     elif [[ -f "$ROOT/proxy.toml" ]]; then
         rm -rf "$RUN_DIR/spool-$name"
         python3 - "$ROOT/proxy.toml" "$PGSHIFT_CLUSTER_DIR" "$ROOT" \
-            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" "$read_percent" >"$cfg" <<'PY'
+            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" "$read_percent" \
+            "$sample_percent" "$RUN_DIR/mismatches-$name.jsonl" >"$cfg" <<'PY'
 import re, sys
-src, cluster_dir, root, port, admin_port, mirror, spool, target_port, read_percent = sys.argv[1:]
-section, seen_mirror, seen_routing = "", False, False
+src, cluster_dir, root, port, admin_port, mirror, spool, target_port, read_percent, \
+    sample_percent, mismatch_log = sys.argv[1:]
+section, seen_mirror, seen_routing, seen_shadow = "", False, False, False
 for line in open(src):
     m = re.match(r"^\s*\[([a-z_]+)\]", line)
     if m:
         section = m.group(1)
         seen_mirror |= section == "mirror"
         seen_routing |= section == "routing"
+        seen_shadow |= section == "shadow"
     line = re.sub(r"(?<![0-9])6432(?![0-9])", port, line)
     line = re.sub(r"(?<![0-9])9930(?![0-9])", admin_port, line)
     line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
@@ -261,6 +282,10 @@ for line in open(src):
         line = f'spool_dir = "{spool}"\n'
     if section == "routing" and re.match(r"^\s*read_percent\s*=", line):
         line = f"read_percent = {read_percent}\n"
+    if section == "shadow" and re.match(r"^\s*sample_percent\s*=", line):
+        line = f"sample_percent = {sample_percent}\n"
+    if section == "shadow" and re.match(r"^\s*#?\s*mismatch_log\s*=", line):
+        line = f'mismatch_log = "{mismatch_log}"\n'
     # Relative paths: resolved against proxy.toml's dir by pgshift; make them absolute.
     m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
     if m and re.search(r"(cert|tls_key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
@@ -272,6 +297,8 @@ if mirror == "on" and not seen_mirror:
     sys.stdout.write(f'\n[mirror]\nenabled = true\nspool_dir = "{spool}"\n')
 if not seen_routing:
     sys.stdout.write(f'\n[routing]\nread_percent = {read_percent}\n')
+if not seen_shadow:
+    sys.stdout.write(f'\n[shadow]\nsample_percent = {sample_percent}\nmismatch_log = "{mismatch_log}"\n')
 PY
     else
         warn "proxy.toml not found; benchmarking without pgshift"
@@ -311,6 +338,10 @@ fi
 if [[ "$BENCH_ROUTING" == 1 ]]; then
     if start_pgshift pgshift-r50 off "$TARGET_PORT" 50; then TARGETS+=(pgshift-r50); fi
     if start_pgshift pgshift-r100 off "$TARGET_PORT" 100; then TARGETS+=(pgshift-r100); fi
+fi
+if [[ "$BENCH_SHADOW" == 1 ]]; then
+    if start_pgshift pgshift-s10 off "$TARGET_PORT" 0 10; then TARGETS+=(pgshift-s10); fi
+    if start_pgshift pgshift-s100 off "$TARGET_PORT" 0 100; then TARGETS+=(pgshift-s100); fi
 fi
 
 # ---------------------------------------------------------------- runs
@@ -389,14 +420,30 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         m0="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
         tc0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
     fi
+    local cs0="" ct0="" cs1="" ct1="" lat_args=()
+    if [[ "$wl" == select-* ]]; then
+        # Every transaction's latency, for the client-side p99.
+        rm -f "$RUN_DIR/lat-r$round-$wl-$tgt".*
+        lat_args=(-l --log-prefix="$RUN_DIR/lat-r$round-$wl-$tgt")
+        if [[ "$tgt" == pgshift || "$tgt" == pgshift-s* ]]; then
+            cs0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/source" || true)"
+            ct0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
+        fi
+    fi
     [[ -n "$pid" ]] && before="$(proc_cpu_ticks "$pid" || true)"
     [[ "$tgt" == pgshift* ]] && wbefore="$(thread_cpu_ticks "$pid" pgshift-worker || true)"
     rc=0
     # shellcheck disable=SC2046
     timeout $((DURATION + 120)) pgbench -h "$H" -p "$port" -c "$CLIENTS" -j "$THREADS" \
-        -T "$DURATION" $(workload_args "$wl") "$DB" >"$out" 2>&1 || rc=$?
+        -T "$DURATION" $(workload_args "$wl") "${lat_args[@]}" "$DB" >"$out" 2>&1 || rc=$?
     [[ -n "$pid" ]] && after="$(proc_cpu_ticks "$pid" || true)"
     [[ "$tgt" == pgshift* ]] && wafter="$(thread_cpu_ticks "$pid" pgshift-worker || true)"
+    if [[ -n "$cs0" && -n "$ct0" ]]; then
+        cs1="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/source" || true)"
+        ct1="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
+        [[ -n "$cs1" && -n "$ct1" ]] &&
+            printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$wl" "$tgt" $((cs1 - cs0)) $((ct1 - ct0)) >>"$CLUSTER_TSV"
+    fi
     if [[ -n "$m0" ]]; then
         # The mirror at the end of the run, then how long its backlog takes.
         m1="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
@@ -438,7 +485,7 @@ run_one() { # run_one ROUND WORKLOAD TARGET
 
 nt=${#TARGETS[@]}
 nr=0
-for t in "${TARGETS[@]}"; do [[ "$t" == pgshift-r* ]] && nr=$((nr + 1)); done
+for t in "${TARGETS[@]}"; do [[ "$t" == pgshift-r* || "$t" == pgshift-s* ]] && nr=$((nr + 1)); done
 total=$((ROUNDS * (${#WORKLOADS[@]} * (nt - nr) + 3 * nr)))
 step "running $total pgbench runs of ${DURATION}s (~$((total * (DURATION + 2) / 60)) min): targets ${TARGETS[*]}"
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -447,8 +494,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
         log "round $r/$ROUNDS, workload $wl"
         for ((k = 0; k < nt; k++)); do
             tgt="${TARGETS[$(((r + wi + k) % nt))]}"
-            # The routing instances measure reads only.
-            [[ "$tgt" == pgshift-r* && "$wl" != select-* ]] && continue
+            # The routing and shadow instances measure reads only.
+            [[ ("$tgt" == pgshift-r* || "$tgt" == pgshift-s*) && "$wl" != select-* ]] && continue
             run_one "$r" "$wl" "$tgt"
         done
     done
@@ -459,22 +506,39 @@ step "results"
 ROUTING_JSON="$RUN_DIR/routing.json"
 python3 - "$ROUTING_JSON" "${TARGETS[@]}" <<PY
 import json, sys, urllib.request
-admin = {"pgshift": $PGSHIFT_ADMIN_PORT, "pgshift-r50": $PGSHIFT_R50_ADMIN_PORT, "pgshift-r100": $PGSHIFT_R100_ADMIN_PORT}
+admin = {"pgshift": $PGSHIFT_ADMIN_PORT, "pgshift-r50": $PGSHIFT_R50_ADMIN_PORT, "pgshift-r100": $PGSHIFT_R100_ADMIN_PORT,
+         "pgshift-s10": $PGSHIFT_S10_ADMIN_PORT, "pgshift-s100": $PGSHIFT_S100_ADMIN_PORT}
 out = {}
 for t in sys.argv[2:]:
     if t in admin:
         try:
             s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{admin[t]}/status", timeout=10))
-            out[t] = {"read_percent": s["routing"]["read_percent"], "metrics": s["metrics"]["routing"]}
+            out[t] = {"read_percent": s["routing"]["read_percent"], "metrics": s["metrics"]["routing"],
+                      "shadow": s["metrics"].get("shadow"),
+                      "sample_percent": (s.get("shadow") or {}).get("settings", {}).get("sample_percent")}
         except Exception as e:
             out[t] = {"error": str(e)}
 json.dump(out, open(sys.argv[1], "w"))
 PY
 TABLE="$RUN_DIR/results.md"
-python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" >"$TABLE" <<'EOF'
-import json, sys, statistics
+python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" "$RUN_DIR" "$CLUSTER_TSV" >"$TABLE" <<'EOF'
+import glob, json, os, sys, statistics
 path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 routing = json.load(open(sys.argv[5])) if len(sys.argv) > 5 else {}
+run_dir, cluster_path = sys.argv[6], sys.argv[7]
+
+def p99_ms(wl, tgt, rnd="*"):
+    # pgbench -l lines: client txn latency_us script_no epoch_s epoch_us
+    lats = []
+    for f in glob.glob(os.path.join(run_dir, f"lat-r{rnd}-{wl}-{tgt}.*")):
+        for line in open(f):
+            parts = line.split()
+            if len(parts) >= 3 and parts[2].isdigit():
+                lats.append(int(parts[2]))
+    if not lats:
+        return None
+    lats.sort()
+    return lats[min(len(lats) - 1, int(len(lats) * 0.99))] / 1000.0
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 workloads, targets, data = [], [], {}
 for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
@@ -490,11 +554,11 @@ for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
     if wticks != "" and int(txns) > 0:
         d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
 order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-r50": 3, "pgshift-r100": 4,
-         "pgshift-mirror": 5, "pgshift-spool": 6}
+         "pgshift-s10": 5, "pgshift-s100": 6, "pgshift-mirror": 7, "pgshift-spool": 8}
 targets.sort(key=lambda t: order.get(t, 9))
 med = lambda xs: statistics.median(xs) if xs else None
-print("| workload | target | median TPS | median latency ms | TPS vs direct | proxy CPU µs/txn | of which session workers |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| workload | target | median TPS | median latency ms | p99 latency ms | TPS vs direct | proxy CPU µs/txn | of which session workers |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for wl in workloads:
     base = med(data.get((wl, "direct"), {}).get("tps", []))
     for tgt in targets:
@@ -508,7 +572,9 @@ for wl in workloads:
         ratio = f"{tps / base:.3f}" if (tps is not None and base) else "-"
         cpu_s = "-" if tgt == "direct" else (f"{cpu:.1f}" if cpu is not None else "-")
         wcpu_s = f"{wcpu:.1f}" if wcpu is not None else "-"
-        print(f"| {wl} | {tgt} | {tps_s} | {lat_s} | {ratio} | {cpu_s} | {wcpu_s} |")
+        p99 = p99_ms(wl, tgt) if wl.startswith("select-") else None
+        p99_s = f"{p99:.3f}" if p99 is not None else "-"
+        print(f"| {wl} | {tgt} | {tps_s} | {lat_s} | {p99_s} | {ratio} | {cpu_s} | {wcpu_s} |")
 
 # Mirroring on vs off: per-round ratios (the two ran in the same round).
 by_round = {}
@@ -578,6 +644,48 @@ if route_ratios or any(k.startswith("pgshift-r") for k in routing):
         for backend in ("source", "target"):
             b = m[backend]
             print(f"| {tgt} | {r['read_percent']:g} | {backend} | {b['reads']} | {b['p50_us']} | {b['p99_us']} | {fb if backend == 'target' else ''} |")
+shadow_ratios = {}
+for (rnd, wl, tgt), tps in by_round.items():
+    if tgt.startswith("pgshift-s") and tgt != "pgshift-spool" and (rnd, wl, "pgshift") in by_round:
+        shadow_ratios.setdefault((wl, tgt), []).append(tps / by_round[(rnd, wl, "pgshift")])
+crows = [l.rstrip("\n").split("\t") for l in open(cluster_path) if l.strip()]
+if shadow_ratios:
+    print()
+    print("Shadow reads: select-only at shadow.sample_percent 0 (pgshift), 10 and 100, same rounds.")
+    print("TPS and client p99 vs 0%; source and target Postgres CPU during the runs, in CPU-seconds per second of run (the target's is the shadow reads' extra work):")
+    print()
+    print("| workload | sample % | TPS ratio vs 0%, median | per round | p99 ms | p99 vs 0% | source CPU s/s | target CPU s/s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for wl in workloads:
+        base_p99 = p99_ms(wl, "pgshift")
+        for tgt, pct in (("pgshift", 0), ("pgshift-s10", 10), ("pgshift-s100", 100)):
+            rs = shadow_ratios.get((wl, tgt), [])
+            if tgt != "pgshift" and not rs:
+                continue
+            p99 = p99_ms(wl, tgt)
+            cr = [r for r in crows if r[1] == wl and r[2] == tgt]
+            src = statistics.median(int(r[3]) / clk / duration for r in cr) if cr else None
+            tgc = statistics.median(int(r[4]) / clk / duration for r in cr) if cr else None
+            ratio = f"{statistics.median(rs):.3f}" if rs else "1"
+            per = " ".join(f"{r:.3f}" for r in rs)
+            p99_s = f"{p99:.3f}" if p99 is not None else "-"
+            p99r = f"{p99 / base_p99:.3f}" if (p99 is not None and base_p99) else "-"
+            src_s = f"{src:.2f}" if src is not None else "-"
+            tgc_s = f"{tgc:.2f}" if tgc is not None else "-"
+            print(f"| {wl} | {pct} | {ratio} | {per} | {p99_s} | {p99r} | {src_s} | {tgc_s} |")
+    print()
+    print("Shadow counters per instance (all its select-only runs):")
+    print()
+    print("| instance | sample % | matched | confirmed | transient | noise | skipped (by reason) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for tgt in ("pgshift-s10", "pgshift-s100"):
+        r = routing.get(tgt) or {}
+        sh = r.get("shadow")
+        if not sh:
+            continue
+        c = sh["compared"]
+        sk = ", ".join(f"{k} {v}" for k, v in sh["skipped"].items() if v) or "none"
+        print(f"| {tgt} | {r.get('sample_percent')} | {c['match']} | {c['mismatch_confirmed']} | {c['mismatch_transient']} | {c['noise']} | {sk} |")
 if spool_ratios:
     print()
     print("Capture and spool only (pgshift-spool: mirroring on, target unreachable) / pgshift TPS, same round:")

@@ -69,6 +69,7 @@ pub async fn serve(
         .route("/routing", put(put_routing).get(get_routing))
         .route("/failback", post(failback))
         .route("/resume", post(resume))
+        .route("/mismatches", get(mismatches))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -120,6 +121,22 @@ async fn audit(
         }
     };
     Json(st.proxy.audit.since(since)).into_response()
+}
+
+/// `GET /mismatches[?fingerprint=]`: shadow-read mismatches grouped by
+/// fingerprint, learned noise, and the counters.
+async fn mismatches(
+    State(st): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    match &st.proxy.shadow {
+        Some(sh) => Json(sh.report.to_json(q.get("fingerprint").map(String::as_str))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "shadow reads need a target (target.session_links = true)"})),
+        )
+            .into_response(),
+    }
 }
 
 async fn config(State(st): State<AdminState>) -> Json<serde_json::Value> {

@@ -219,6 +219,80 @@ pub fn routing_text(v: &Value) -> String {
     )
 }
 
+/// `GET /mismatches` as a table: one line per fingerprint, then noise.
+pub fn mismatches_text(v: &Value) -> String {
+    let c = &v["counts"];
+    let mut out = format!(
+        "shadow reads: {} matched, {} confirmed mismatches, {} transient, {} noise; skipped: {}\n",
+        num(&c["compared"]["match"]),
+        num(&c["compared"]["mismatch_confirmed"]),
+        num(&c["compared"]["mismatch_transient"]),
+        num(&c["compared"]["noise"]),
+        c["skipped"]
+            .as_object()
+            .map(|m| {
+                let parts: Vec<String> = m
+                    .iter()
+                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                    .map(|(k, n)| format!("{k} {}", num(n)))
+                    .collect();
+                if parts.is_empty() {
+                    "none".into()
+                } else {
+                    parts.join(", ")
+                }
+            })
+            .unwrap_or_default(),
+    );
+    out += &format!(
+        "mismatch log: {}\n",
+        v["mismatch_log"].as_str().unwrap_or("?")
+    );
+    let fps = v["fingerprints"].as_array().cloned().unwrap_or_default();
+    if fps.is_empty() {
+        out += "no mismatches\n";
+    } else {
+        out += &format!(
+            "{:<16} {:>9} {:>9} {:>16}  {}\n",
+            "fingerprint", "confirmed", "transient", "last seen (us)", "query"
+        );
+    }
+    for f in &fps {
+        out += &format!(
+            "{:<16} {:>9} {:>9} {:>16}  {}\n",
+            f["fingerprint"].as_str().unwrap_or("?"),
+            num(&f["confirmed"]),
+            num(&f["transient"]),
+            num(&f["last_seen_us"]),
+            one_line(f["query"].as_str().unwrap_or(""), 80),
+        );
+        let d = &f["last_confirmed"]["difference"];
+        if let Some(detail) = d["detail"].as_str() {
+            out += &format!("    last: {detail}\n");
+        }
+    }
+    for n in v["noise"].as_array().into_iter().flatten() {
+        out += &format!(
+            "noise {} ({} reads skipped): {}  {}\n",
+            n["fingerprint"].as_str().unwrap_or("?"),
+            num(&n["skipped"]),
+            n["reason"].as_str().unwrap_or("?"),
+            one_line(n["query"].as_str().unwrap_or(""), 60),
+        );
+    }
+    out
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut t: String = flat.chars().take(max).collect();
+    t.push('…');
+    t
+}
+
 /// `GET /audit` entries, one line each.
 pub fn audit_text(entries: &Value) -> String {
     let mut out = String::new();

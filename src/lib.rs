@@ -32,5 +32,6 @@ pub mod protocol;
 pub mod proxy;
 pub mod router;
 pub mod session;
+pub mod shadow;
 pub mod upstream;
 pub mod workers;

@@ -57,6 +57,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     }
 
     let applier = start_mirror(&proxy, phase_tx.subscribe())?;
+    start_shadow(&proxy)?;
 
     let slots = Arc::new(Semaphore::new(max_clients));
     let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
@@ -184,6 +185,43 @@ fn start_mirror(
     Ok(Some(handle))
 }
 
+/// Starts the shadow executor on its own thread (it ends with the process;
+/// nothing it holds needs flushing: the mismatch log is written per line).
+fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
+    let Some(shadow) = proxy.shadow.clone() else {
+        return Ok(());
+    };
+    let Some(jobs) = proxy
+        .shadow_jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return Ok(());
+    };
+    let cfg = &proxy.config;
+    let load = |p: &Option<std::path::PathBuf>| {
+        p.as_deref()
+            .map(crate::upstream::passfile::PassFile::load)
+            .transpose()
+    };
+    let upstreams = crate::shadow::exec::Upstreams {
+        source: crate::net::connect::Upstream::new("source", &cfg.source)?,
+        source_passfile: load(&cfg.source.passfile)?,
+        target: crate::net::connect::Upstream::new("target", &cfg.target)?,
+        target_passfile: load(&cfg.target.passfile)?,
+    };
+    let exec = crate::shadow::exec::Exec::new(
+        shadow,
+        upstreams,
+        proxy.mirror.clone(),
+        cfg.shadow.max_inflight,
+        cfg.limits.max_message_bytes,
+    );
+    crate::shadow::exec::start(exec, jobs)?;
+    Ok(())
+}
+
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
@@ -248,6 +286,18 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
         ("runtime", old.runtime != new.runtime),
         ("audit", old.audit != new.audit),
         (
+            "shadow",
+            (
+                old.shadow.max_inflight,
+                old.shadow.queue,
+                &old.shadow.mismatch_log,
+            ) != (
+                new.shadow.max_inflight,
+                new.shadow.queue,
+                &new.shadow.mismatch_log,
+            ),
+        ),
+        (
             "mirror",
             old.mirror.is_some() != new.mirror.is_some()
                 || (old.mirror.is_some() && old.mirror != mirror_rest),
@@ -292,6 +342,17 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
             "key": "routing", "old": live.to_json(), "new": routing.to_json(),
         }));
     }
+    // Shadow: every key but the sizes and the log path, from the file.
+    let shadow_new = crate::shadow::Settings::from_config(&new.shadow);
+    let shadow_changed = proxy.shadow.as_ref().is_some_and(|sh| {
+        let live = sh.settings();
+        (*live != shadow_new).then(|| {
+            changes.push(serde_json::json!({
+                "key": "shadow", "old": live.to_json(), "new": shadow_new.to_json(),
+            }));
+        });
+        *live != shadow_new
+    });
     *file = new;
     if changes.is_empty() {
         info!(restart_needed = ?restart, "config reloaded; nothing to change live");
@@ -313,6 +374,9 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     }
     if routing_changed {
         proxy.router.store(routing);
+    }
+    if let (true, Some(sh)) = (shadow_changed, &proxy.shadow) {
+        sh.store(shadow_new);
     }
     proxy.bump_epoch(epoch);
     info!(epoch, "config reloaded");

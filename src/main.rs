@@ -53,6 +53,12 @@ enum CtlCommand {
     Status,
     /// The configuration in force (JSON), with its epoch.
     Config,
+    /// Shadow-read mismatches by statement fingerprint, and learned noise.
+    Mismatches {
+        /// Only this fingerprint (with its last confirmed mismatch in full).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
     /// Audit log entries (changes, rejected reloads, mirror gaps).
     Audit {
         /// Only entries at or after this time (Unix microseconds).
@@ -117,6 +123,13 @@ fn ctl(config: &Config, admin: Option<&str>, json: bool, command: CtlCommand) ->
         let (value, text): (_, fn(&serde_json::Value) -> String) = match command {
             CtlCommand::Status => (client.get("/status")?, pgshift::ctl::status_text),
             CtlCommand::Config => (client.get("/config")?, |v| format!("{v:#}\n")),
+            CtlCommand::Mismatches { fingerprint } => (
+                client.get(&match fingerprint {
+                    Some(f) => format!("/mismatches?fingerprint={f}"),
+                    None => "/mismatches".into(),
+                })?,
+                pgshift::ctl::mismatches_text,
+            ),
             CtlCommand::Audit { since } => (
                 client.get(&format!("/audit?since={since}"))?,
                 pgshift::ctl::audit_text,

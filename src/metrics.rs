@@ -32,6 +32,7 @@ pub struct Metrics {
     pub config_epoch: Gauge,
     pub mirror: MirrorMetrics,
     pub route: crate::router::RouteMetrics,
+    pub shadow: crate::shadow::ShadowMetrics,
     started: std::time::Instant,
 }
 
@@ -283,7 +284,9 @@ impl Metrics {
         let mirror = MirrorMetrics::register(&mut registry);
         let route = crate::router::RouteMetrics::new();
         route.register(&mut registry);
+        let shadow = crate::shadow::ShadowMetrics::register(&mut registry);
         Self {
+            shadow,
             registry,
             mirror,
             route,
@@ -346,6 +349,7 @@ impl Metrics {
                 "unknown_key": self.cancel_unknown_key.get(),
             },
             "routing": self.route.snapshot(),
+            "shadow": self.shadow.snapshot(),
         })
     }
 }

@@ -55,6 +55,10 @@ pub struct Proxy {
     /// in the file since, so a change made through the API stays until the
     /// file changes that key.
     pub file_config: std::sync::Mutex<Config>,
+    /// Shadow reads, when the proxy has target links.
+    pub shadow: Option<Arc<crate::shadow::Shadow>>,
+    /// The shadow executor's queue, taken when it starts.
+    pub shadow_jobs: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::shadow::Job>>>,
 }
 
 /// A live change that could not be applied.
@@ -115,7 +119,17 @@ impl Proxy {
             },
             |m| Arc::clone(&m.rules),
         );
+        let (shadow, shadow_jobs) = if targets.is_some() {
+            let report =
+                crate::shadow::Report::open(&config.shadow.mismatch_log, metrics.shadow.clone())?;
+            let (s, rx) = crate::shadow::Shadow::new(&config.shadow, Arc::new(report));
+            (Some(s), Some(rx))
+        } else {
+            (None, None)
+        };
         Ok(Self {
+            shadow,
+            shadow_jobs: std::sync::Mutex::new(shadow_jobs),
             router,
             rules,
             change_lock: std::sync::Mutex::new(()),
@@ -152,6 +166,16 @@ impl Proxy {
         cfg.routing.hash_key = r.hash_key;
         cfg.routing.comment_key = r.comment_key.clone();
         cfg.routing.target_timeout_ms = r.target_timeout.as_millis() as u64;
+        if let Some(sh) = &self.shadow {
+            let live = sh.settings();
+            cfg.shadow.sample_percent = live.sample_percent;
+            cfg.shadow.timeout_ms = live.timeout.as_millis() as u64;
+            cfg.shadow.max_wait_ms = live.max_wait.as_millis() as u64;
+            cfg.shadow.recheck_delay_ms = live.recheck_delay.as_millis() as u64;
+            cfg.shadow.float_tolerance = live.compare.float_tolerance;
+            cfg.shadow.max_rows_compared = live.compare.max_rows_compared;
+            cfg.shadow.redact_parameters = live.redact_parameters;
+        }
         serde_json::json!({
             "epoch": self.epoch.load(Ordering::Relaxed),
             "config": cfg,
@@ -230,6 +254,10 @@ impl Proxy {
             },
             "metrics": self.metrics.snapshot(),
             "mirror": self.mirror.as_ref().map(|m| m.status()),
+            "shadow": self.shadow.as_ref().map(|s| serde_json::json!({
+                "settings": s.settings().to_json(),
+                "mismatch_log": self.config.shadow.mismatch_log.display().to_string(),
+            })),
             "routing": self.router.status(),
         })
     }

@@ -20,32 +20,6 @@ fn report(out: std::process::Output) -> String {
     text
 }
 
-/// The pids of the target cluster's processes (postmaster and children).
-fn target_pids(c: &Clusters) -> Vec<String> {
-    let pidfile = c.dir.join("target").join("postmaster.pid");
-    let text = std::fs::read_to_string(&pidfile).unwrap();
-    let postmaster = text.lines().next().unwrap().trim().to_string();
-    let out = Command::new("pgrep")
-        .args(["-P", &postmaster])
-        .output()
-        .unwrap();
-    let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    pids.push(postmaster);
-    pids
-}
-
-fn signal_all(pids: &[String], sig: &str) {
-    let st = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .args(pids)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[test]
 fn a_failing_target_costs_routed_reads_nothing() {
     let c = Clusters::get();
@@ -114,10 +88,10 @@ fn a_failing_target_costs_routed_reads_nothing() {
     .output_async();
     std::thread::sleep(Duration::from_secs(3));
     let timeouts = p.stat("/metrics/routing/fallbacks/timeout");
-    let pids = target_pids(&c);
-    signal_all(&pids, "STOP");
-    std::thread::sleep(Duration::from_secs(4));
-    signal_all(&pids, "CONT");
+    {
+        let _paused = Paused::target(&c);
+        std::thread::sleep(Duration::from_secs(4));
+    }
     report(load.wait());
     assert!(
         p.stat("/metrics/routing/fallbacks/timeout") > timeouts,

@@ -18,6 +18,7 @@
 //! source got (SET, DISCARD, DEALLOCATE, Close) is logged for the
 //! responder, which repeats it on the target before the next routed read.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,7 @@ use crate::protocol::message::{
     put_message, take_cstr, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, PARSE, SYNC,
 };
 use crate::session::state::Statement;
+use crate::shadow::{Request, SessionInfo, Shadow, Side, Tap};
 
 /// Most bytes of one extended-protocol batch held back while deciding.
 pub const MAX_BATCH: usize = 256 << 10;
@@ -51,6 +53,8 @@ pub struct Routed {
     pub started: Instant,
     /// Sent inside a transaction on the target: it cannot fall back.
     pub in_txn: bool,
+    /// A shadowed read: the answer relayed to the client is copied here.
+    pub shadow: Option<Tap>,
 }
 
 /// Session state the source got that the target session must repeat.
@@ -133,6 +137,10 @@ pub struct RouteLink {
     /// When the eligible read now on the source was sent (its latency is
     /// recorded at its ReadyForQuery).
     pub source_read_started: Mutex<Option<Instant>>,
+    /// A shadowed read's answer is coming from the source: the backend
+    /// pump copies it into this tap.
+    pub shadow_armed: AtomicBool,
+    pub shadow_tap: Mutex<Option<Tap>>,
 }
 
 impl Default for RouteLink {
@@ -155,6 +163,8 @@ impl Default for RouteLink {
             drop_parse_complete: AtomicU32::new(0),
             last_spooled_seq: AtomicU64::new(0),
             source_read_started: Mutex::default(),
+            shadow_armed: AtomicBool::new(false),
+            shadow_tap: Mutex::default(),
         }
     }
 }
@@ -187,6 +197,22 @@ impl RouteLink {
                 metrics,
                 "more session state than the proxy keeps for the target",
             );
+        }
+    }
+
+    /// The source's next answer is a shadowed read's.
+    fn arm_tap(&self, tap: Tap) {
+        *self.shadow_tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+        self.shadow_armed.store(true, Relaxed);
+    }
+
+    /// Bytes the backend pump forwards to the client (while armed).
+    pub fn feed_tap(&self, bytes: &[u8]) {
+        let mut t = self.shadow_tap.lock().unwrap_or_else(|p| p.into_inner());
+        let done = t.as_mut().is_none_or(|t| t.feed(bytes));
+        if done {
+            *t = None;
+            self.shadow_armed.store(false, Relaxed);
         }
     }
 
@@ -256,6 +282,8 @@ struct Batch {
     /// Some statement's key (sqlcommenter) was in the cohort.
     keyed_in: bool,
     started: Option<Instant>,
+    /// Sampled for a shadow read (if it turns out to be an eligible one).
+    shadow: bool,
 }
 
 /// Where a held batch goes, decided at one of its messages.
@@ -289,6 +317,11 @@ pub struct Decider<'a> {
     /// identity: executions of a prepared statement are not classified
     /// again.
     kinds: StatementKinds,
+    shadow: Option<&'a Shadow>,
+    shadow_session: Option<Arc<SessionInfo>>,
+    /// The shadow sampling draw for the extended-protocol batch starting
+    /// now (drawn once, however often `collects` asks).
+    pick: Cell<Option<bool>>,
 }
 
 type StatementKinds = std::collections::HashMap<Box<[u8]>, (Arc<[u8]>, Kind)>;
@@ -316,7 +349,52 @@ impl<'a> Decider<'a> {
             txn_pending: false,
             observed: None,
             kinds: std::collections::HashMap::new(),
+            shadow: None,
+            shadow_session: None,
+            pick: Cell::new(None),
         }
+    }
+
+    /// Shadow reads for this session's eligible reads.
+    pub fn with_shadow(mut self, shadow: &'a Shadow, session: Arc<SessionInfo>) -> Self {
+        self.shadow = Some(shadow);
+        self.shadow_session = Some(session);
+        self
+    }
+
+    fn sample(&self) -> bool {
+        self.shadow.is_some_and(|s| s.sample()) && !self.link.pinned.load(Relaxed)
+    }
+
+    /// Whether the batch starting now is sampled (one draw per batch).
+    fn picked(&self) -> bool {
+        match self.pick.get() {
+            Some(p) => p,
+            None => {
+                let p = self.sample();
+                self.pick.set(Some(p));
+                p
+            }
+        }
+    }
+
+    /// Queues a shadow read of a sampled eligible read; the tap copies the
+    /// served answer. A session pinned to the source has state the shadow
+    /// connections cannot stand in for (temporary tables, ...).
+    fn shadow_submit(&self, served: Side, request: impl FnOnce() -> Request) -> Option<Tap> {
+        let (sh, info) = (self.shadow?, self.shadow_session.as_ref()?);
+        if self.link.pinned.load(Relaxed) {
+            return None;
+        }
+        let state = self
+            .link
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ops
+            .clone();
+        let watermark = self.mirror.map_or(0, |m| m.spool.last_seq());
+        sh.submit(served, request(), Arc::clone(info), state, watermark)
     }
 
     pub fn holding(&self) -> bool {
@@ -412,6 +490,7 @@ impl<'a> Decider<'a> {
                 statements: Vec::new(),
                 started: Instant::now(),
                 in_txn: true,
+                shadow: None,
             });
             return true;
         }
@@ -428,6 +507,8 @@ impl<'a> Decider<'a> {
             .gate(source_idle)
             .is_some_and(|s| self.in_cohort(&s, sql))
             && self.own_writes_applied();
+        let shadowed = kind == Kind::Read && self.sample();
+        let request = || Request::Simple(Bytes::copy_from_slice(body));
         if !to_target {
             if kind == Kind::Read {
                 self.metrics.read(false);
@@ -436,6 +517,12 @@ impl<'a> Decider<'a> {
                     .source_read_started
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                if let Some(tap) = shadowed
+                    .then(|| self.shadow_submit(Side::Source, request))
+                    .flatten()
+                {
+                    self.link.arm_tap(tap);
+                }
             }
             return false;
         }
@@ -444,11 +531,15 @@ impl<'a> Decider<'a> {
         } else {
             self.metrics.read(true);
         }
+        let shadow = shadowed
+            .then(|| self.shadow_submit(Side::Target, request))
+            .flatten();
         self.link.enqueue(Routed {
             frames: frame(b'Q', body),
             statements: Vec::new(),
             started: Instant::now(),
             in_txn: false,
+            shadow,
         });
         true
     }
@@ -483,7 +574,11 @@ impl<'a> Decider<'a> {
         if in_txn {
             return source_idle;
         }
-        self.gate(source_idle).is_some_and(|s| self.may_route(&s))
+        if !source_idle {
+            return false;
+        }
+        // Held to be routed, or to copy it for a shadow read.
+        self.gate(source_idle).is_some_and(|s| self.may_route(&s)) || self.picked()
     }
 
     /// A held (or first) extended-protocol message, complete; `statements`
@@ -495,11 +590,15 @@ impl<'a> Decider<'a> {
         statements: &crate::session::state::PreparedStatements,
     ) -> BatchStep {
         let in_txn = self.in_txn();
-        let mut batch = self.batch.take().unwrap_or_else(|| Batch {
-            in_txn,
-            started: Some(Instant::now()),
-            ..Batch::default()
-        });
+        let mut batch = match self.batch.take() {
+            Some(b) => b,
+            None => Batch {
+                in_txn,
+                started: Some(Instant::now()),
+                shadow: !in_txn && self.pick.take().unwrap_or_else(|| self.sample()),
+                ..Batch::default()
+            },
+        };
         let settings = self.router.settings();
         let ok = batch.in_txn
             || match tag {
@@ -559,7 +658,9 @@ impl<'a> Decider<'a> {
         let self_contained = !batch.parsed_unnamed || batch.bound_unnamed;
         let to_target =
             batch.in_txn || (batch.keyed_in && self_contained && self.own_writes_applied());
+        let shadowed = eligible_read && batch.shadow;
         if !to_target {
+            let frames = batch.frames.freeze();
             if eligible_read {
                 self.metrics.read(false);
                 *self
@@ -567,10 +668,30 @@ impl<'a> Decider<'a> {
                     .source_read_started
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = batch.started;
+                let statements = std::mem::take(&mut batch.statements);
+                if let Some(tap) = shadowed
+                    .then(|| {
+                        self.shadow_submit(Side::Source, || Request::Extended {
+                            frames: frames.clone(),
+                            statements,
+                        })
+                    })
+                    .flatten()
+                {
+                    self.link.arm_tap(tap);
+                }
             }
             // All of it goes to the source now, then the Sync.
-            return BatchStep::Release(batch.frames.freeze());
+            return BatchStep::Release(frames);
         }
+        let shadow = shadowed
+            .then(|| {
+                self.shadow_submit(Side::Target, || Request::Extended {
+                    frames: Bytes::copy_from_slice(&batch.frames),
+                    statements: batch.statements.clone(),
+                })
+            })
+            .flatten();
         put_message(&mut batch.frames, tag, &[body]);
         if eligible_read {
             self.metrics.read(true);
@@ -583,6 +704,7 @@ impl<'a> Decider<'a> {
             statements: batch.statements,
             started: batch.started.unwrap_or_else(Instant::now),
             in_txn: batch.in_txn,
+            shadow,
         });
         BatchStep::Routed
     }
@@ -605,6 +727,8 @@ impl<'a> Decider<'a> {
     ) {
         if at_start {
             self.observed = Some((Instant::now(), true, false));
+            // This batch was not held: a shadow draw for it is spent.
+            self.pick.set(None);
         }
         let Some((_, eligible, executed)) = self.observed.as_mut() else {
             return;

@@ -261,12 +261,16 @@ where
         }
     }
 
-    async fn serve(&mut self, live: &mut Option<Live>, req: Routed) -> Result<(), ResponderEnd> {
+    async fn serve(
+        &mut self,
+        live: &mut Option<Live>,
+        mut req: Routed,
+    ) -> Result<(), ResponderEnd> {
         let outcome = match live.as_mut() {
             None => Outcome::Fallback(Fallback::Connection, "no target connection".into()),
             Some(l) => {
                 self.set_cancel_key(l.conn.key.clone());
-                let o = self.on_target(l, &req).await;
+                let o = self.on_target(l, &mut req).await;
                 self.set_cancel_key(None);
                 o
             }
@@ -296,6 +300,8 @@ where
                     return Err(ResponderEnd::LostInTransaction(detail));
                 }
                 self.route_metrics.fallback(why);
+                // A shadow read compares the target's answer: this one has none.
+                req.shadow = None;
                 let r = self.to_source(&req).await;
                 done(self);
                 r.map_err(ResponderEnd::SourceGone)
@@ -474,7 +480,7 @@ where
     }
 
     /// Runs one routed request on the target and relays its answer.
-    async fn on_target(&self, l: &mut Live, req: &Routed) -> Outcome {
+    async fn on_target(&self, l: &mut Live, req: &mut Routed) -> Outcome {
         if let Err((why, detail)) = self.sync_state(l).await {
             return Outcome::Fallback(why, detail);
         }
@@ -587,6 +593,9 @@ where
                 _ => {}
             }
             held.extend_from_slice(&m.frame);
+            if req.shadow.as_mut().is_some_and(|t| t.feed(&m.frame)) {
+                req.shadow = None;
+            }
             let done = m.tag == READY_FOR_QUERY;
             if done {
                 if let Ok(status) = parse_ready_for_query(m.body()) {

@@ -316,14 +316,19 @@ async fn forward_session(
                 startup.get("application_name").unwrap_or_default(),
                 &peer.ip().to_string(),
             );
-            frontend.route = Some(Decider::new(
+            let mut decider = Decider::new(
                 &link,
                 &proxy.router,
                 &proxy.metrics.route,
                 proxy.mirror.as_deref(),
                 keys,
                 std::sync::Arc::clone(&proxy.rules),
-            ));
+            );
+            if let Some(sh) = proxy.shadow.as_deref() {
+                let info = crate::shadow::SessionInfo::new(startup);
+                decider = decider.with_shadow(sh, std::sync::Arc::new(info));
+            }
+            frontend.route = Some(decider);
             backend.route = Some((&link, &proxy.metrics.route));
             // Set before the pumps run: the first request may come before
             // the responder is first polled.

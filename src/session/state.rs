@@ -970,6 +970,16 @@ impl Inspector for BackendInspector<'_> {
         Ok(Verdict::Forward)
     }
 
+    /// A shadowed read's answer is copied on its way to the client.
+    #[inline]
+    fn forwarding(&mut self, bytes: &[u8]) {
+        if let Some((link, _)) = self.route {
+            if link.shadow_armed.load(Relaxed) {
+                link.feed_tap(bytes);
+            }
+        }
+    }
+
     fn writing(&mut self, done: bool, at_boundary: bool) {
         self.shared
             .client_at_boundary

@@ -541,6 +541,50 @@ impl Drop for ClusterGuard {
     }
 }
 
+/// The pids of the target cluster's processes (postmaster and children).
+pub fn target_pids(c: &Clusters) -> Vec<String> {
+    let pidfile = c.dir.join("target").join("postmaster.pid");
+    let text = std::fs::read_to_string(&pidfile).unwrap();
+    let postmaster = text.lines().next().unwrap().trim().to_string();
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()
+        .unwrap();
+    let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    pids.push(postmaster);
+    pids
+}
+
+pub fn signal_all(pids: &[String], sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// The target paused (SIGSTOP: connections hang, nothing answers) until
+/// dropped, whatever happens in the test.
+pub struct Paused(Vec<String>);
+
+impl Paused {
+    pub fn target(c: &Clusters) -> Self {
+        let pids = target_pids(c);
+        signal_all(&pids, "STOP");
+        Self(pids)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal_all(&self.0, "CONT");
+    }
+}
+
 /// pgbench through the proxy as `user`, with a bounded connect timeout.
 pub fn pgbench_cmd(p: &Proxy, user: &str, db: &str, args: &[&str]) -> Command {
     let mut cmd = pg_tool(&p.clusters, "pgbench");

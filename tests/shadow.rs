@@ -420,3 +420,56 @@ fn pgbench_tpcb_and_select_only_fully_shadowed_confirm_nothing() {
     assert!(count(&v, "match") > 1000, "shadow reads really ran: {v:#}");
     assert_pgbench_tables_same(&c, db);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_percent_changes_live_and_a_bad_value_is_rejected() {
+    let p = Proxy::start_with(|cfg| shadow_config(cfg, 0.0));
+    let c = p.clusters.clone();
+    let db = "shadow_live";
+    c.fresh_db(db);
+    c.sql(c.source_port, db, "CREATE TABLE t AS SELECT 1 AS id");
+    c.sql(c.target_port, db, "CREATE TABLE t AS SELECT 1 AS id");
+    let client = connect(&p, db, "shadow_live").await;
+    client.simple_query("SELECT id FROM t").await.unwrap();
+    let v = wait_idle(&p);
+    assert_eq!(count(&v, "match"), 0, "nothing sampled at 0%: {v:#}");
+
+    let cfg_path = p.dir.path().join("proxy.toml");
+    let base = std::fs::read_to_string(&cfg_path).unwrap();
+    let with = |pct: &str| base.replace("sample_percent = 0.0", &format!("sample_percent = {pct}"));
+    assert_ne!(with("100"), base, "the test edits the key");
+    std::fs::write(&cfg_path, with("100")).unwrap();
+    p.wait_for(10, "the reload", |p| {
+        p.status()["shadow"]["settings"]["sample_percent"] == 100.0
+    });
+    let audit = p.audit_entries();
+    let reload = audit
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "config_reload")
+        .unwrap();
+    assert_eq!(reload["changes"][0]["key"], "shadow", "{reload:#}");
+    assert_eq!(reload["changes"][0]["new"]["sample_percent"], 100.0);
+    client.simple_query("SELECT id FROM t").await.unwrap();
+    wait_mismatches(&p, 20, "a matched read", |v| count(v, "match") == 1);
+
+    // Out of range: rejected with its key and line; 100% stays.
+    std::fs::write(&cfg_path, with("250")).unwrap();
+    p.wait_for(10, "the rejection", |p| {
+        p.stat("/config/reloads_rejected") == 1
+    });
+    let st = p.status();
+    assert_eq!(
+        st["config"]["last_rejection"]["key"],
+        "shadow.sample_percent"
+    );
+    let line = with("250")
+        .lines()
+        .position(|l| l.starts_with("sample_percent"))
+        .unwrap()
+        + 1;
+    assert_eq!(st["config"]["last_rejection"]["line"], line as u64);
+    assert_eq!(st["shadow"]["settings"]["sample_percent"], 100.0);
+    client.simple_query("SELECT id FROM t").await.unwrap();
+    wait_mismatches(&p, 20, "still sampled", |v| count(v, "match") == 2);
+}

@@ -243,8 +243,9 @@ impl Shadow {
         t != 0 && (t == u32::MAX || draw() < t)
     }
 
-    /// Queues a shadowed read; the returned tap copies the served answer.
-    /// `None` when the queue is full (counted).
+    /// A shadowed read: the returned tap copies the served answer and
+    /// hands the job to the executor with it. `None` (counted) when the
+    /// queue is already full.
     pub fn submit(
         &self,
         served: Side,
@@ -253,25 +254,24 @@ impl Shadow {
         state: Vec<StateOp>,
         watermark: u64,
     ) -> Option<Tap> {
-        let (tap, answer) = Tap::new(Arc::clone(&self.tap_bytes));
-        let job = Job {
-            served,
-            request,
-            session,
-            state,
-            watermark,
-            answer: Some(answer),
-            started: Instant::now(),
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => {
-                self.report.metrics.queued.inc();
-                Some(tap)
-            }
-            Err(_) => {
-                self.report.metrics.skip("queue_full");
-                None
-            }
+        if self.jobs.capacity() == 0 {
+            self.report.metrics.skip("queue_full");
+            return None;
         }
+        let (mut tap, answer) = Tap::new(Arc::clone(&self.tap_bytes));
+        tap.defer(tap::Deferred {
+            job: Job {
+                served,
+                request,
+                session,
+                state,
+                watermark,
+                answer: Some(answer),
+                started: Instant::now(),
+            },
+            queue: self.jobs.clone(),
+            metrics: self.report.metrics.clone(),
+        });
+        Some(tap)
     }
 }

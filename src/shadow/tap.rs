@@ -2,10 +2,11 @@
 //!
 //! The tap sees the bytes forwarded to the client (by the source -> client
 //! pump, or by the routing responder), walks just the message headers to
-//! find the answer's ReadyForQuery, and sends a copy of each run into a
-//! bounded channel. It never waits: a full channel, or the global byte
-//! budget spent, makes it give up (the executor sees an incomplete answer
-//! and counts the read as skipped).
+//! find the answer's ReadyForQuery, and copies the bytes. It hands them on
+//! at the end of the answer (or every 64 KiB of a big one), and the job
+//! itself goes to the executor with the first hand-over: a small answer
+//! costs one cross-thread wake-up. It never waits: a full queue or
+//! channel, or the global byte budget spent, makes it give up (counted).
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use tokio::sync::mpsc;
 
 use super::MAX_TAP_BYTES;
 
-/// Runs of one answer queued at most (each at most a pump buffer).
+/// Hand-overs of one answer queued at most.
 const CHANNEL_RUNS: usize = 64;
+/// Bytes copied before they are handed over.
+const HOLD: usize = 64 << 10;
 
 /// A copied run of the served answer; gives its bytes back to the budget
 /// when dropped, however the executor ends.
@@ -31,9 +34,18 @@ impl Drop for Chunk {
     }
 }
 
+/// A job not yet handed to the executor, and where it goes.
+pub struct Deferred {
+    pub job: super::Job,
+    pub queue: mpsc::Sender<super::Job>,
+    pub metrics: super::ShadowMetrics,
+}
+
 pub struct Tap {
     tx: Option<mpsc::Sender<Chunk>>,
     budget: Arc<AtomicUsize>,
+    held: Vec<u8>,
+    deferred: Option<Box<Deferred>>,
     /// Header bytes of the message being walked.
     header: [u8; 5],
     header_len: usize,
@@ -50,6 +62,8 @@ impl Tap {
             Self {
                 tx: Some(tx),
                 budget,
+                held: Vec::new(),
+                deferred: None,
                 header: [0; 5],
                 header_len: 0,
                 body_left: 0,
@@ -57,6 +71,11 @@ impl Tap {
             },
             rx,
         )
+    }
+
+    /// The job goes to the executor with the first bytes handed over.
+    pub fn defer(&mut self, d: Deferred) {
+        self.deferred = Some(Box::new(d));
     }
 
     /// Copies forwarded bytes. Returns true once the answer is complete
@@ -95,7 +114,11 @@ impl Tap {
                 }
             }
         }
-        if !self.send(&bytes[..at]) {
+        if self.tx.is_none() {
+            return true;
+        }
+        self.held.extend_from_slice(&bytes[..at]);
+        if (done || self.held.len() >= HOLD) && !self.flush() {
             return true;
         }
         if done {
@@ -104,25 +127,60 @@ impl Tap {
         done
     }
 
-    /// False when the tap gave up.
-    fn send(&mut self, bytes: &[u8]) -> bool {
+    /// Hands the copied bytes over (and the job, the first time). False
+    /// when the tap gave up.
+    fn flush(&mut self) -> bool {
         let Some(tx) = &self.tx else {
             return false;
         };
-        if bytes.is_empty() {
-            return true;
-        }
+        let bytes = std::mem::take(&mut self.held);
         let before = self.budget.fetch_add(bytes.len(), Relaxed);
+        let len = bytes.len();
         let chunk = Chunk {
-            bytes: Bytes::copy_from_slice(bytes),
+            bytes: Bytes::from(bytes),
             budget: Arc::clone(&self.budget),
         };
-        if before + bytes.len() > MAX_TAP_BYTES || tx.try_send(chunk).is_err() {
-            // Dropping the chunk (if it was not sent) returns its bytes.
-            self.tx = None;
+        // Dropping the chunk (if it was not sent) returns its bytes.
+        if before + len > MAX_TAP_BYTES || tx.try_send(chunk).is_err() {
+            self.give_up("served_incomplete");
             return false;
         }
+        if let Some(d) = self.deferred.take() {
+            let Deferred {
+                job,
+                queue,
+                metrics,
+            } = *d;
+            match queue.try_send(job) {
+                Ok(()) => metrics.queued.inc(),
+                Err(_) => {
+                    metrics.skip("queue_full");
+                    self.tx = None;
+                    return false;
+                }
+            };
+        }
         true
+    }
+
+    fn give_up(&mut self, why: &'static str) {
+        self.tx = None;
+        self.held = Vec::new();
+        // A job never handed over is counted here; one already running
+        // sees the answer end early and counts it.
+        if let Some(d) = self.deferred.take() {
+            d.metrics.skip(why);
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The served answer never completed here (the session ended, or a
+        // routed read fell back to the source).
+        if let Some(d) = self.deferred.take() {
+            d.metrics.skip("served_incomplete");
+        }
     }
 }
 
@@ -168,7 +226,8 @@ mod tests {
     fn gives_up_when_the_channel_is_full() {
         let budget = Arc::new(AtomicUsize::new(0));
         let (mut tap, rx) = Tap::new(Arc::clone(&budget));
-        let row = frame(b'D', &[0; 100]);
+        // Each row is a hand-over of its own.
+        let row = frame(b'D', &vec![0; HOLD]);
         let mut gave_up = false;
         for _ in 0..CHANNEL_RUNS + 1 {
             if tap.feed(&row) {

@@ -847,7 +847,12 @@ fn oid_and_name(body: &[u8]) -> Option<(u32, String)> {
 
 fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
     let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    let mut at = 2;
+    values(body, 2, n)
+}
+
+/// `n` length-prefixed values (length -1: NULL) from `at`, as in a
+/// DataRow or a Bind.
+fn values(body: &[u8], mut at: usize, n: usize) -> Option<Vec<Option<&[u8]>>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
@@ -890,20 +895,15 @@ fn parse_bind_parameters(body: &[u8]) -> Option<Vec<Option<String>>> {
     let formats: Vec<u16> = (0..nfmt)
         .map(|i| u16_at(b, 2 + 2 * i))
         .collect::<Option<_>>()?;
-    let mut at = 2 + 2 * nfmt;
+    let at = 2 + 2 * nfmt;
     let n = u16_at(b, at)? as usize;
-    at += 2;
+    let vals = values(b, at + 2, n)?;
     let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
-        at += 4;
-        if len < 0 {
+    for (i, v) in vals.into_iter().enumerate() {
+        let Some(v) = v else {
             out.push(None);
             continue;
-        }
-        let end = at.checked_add(len as usize)?;
-        let v = b.get(at..end)?;
-        at = end;
+        };
         let binary = match formats.len() {
             0 => false,
             1 => formats[0] == 1,
@@ -1005,6 +1005,15 @@ mod tests {
             executed_texts(&Request::Simple(Bytes::from_static(b"SELECT 1\0"))),
             vec!["SELECT 1"]
         );
+    }
+
+    #[test]
+    fn data_rows_give_oid_and_name() {
+        let row = b"\0\x02\0\0\0\x0516384\0\0\0\x04acct";
+        assert_eq!(oid_and_name(row), Some((16384, "acct".to_string())));
+        // A NULL, a truncated row: nothing, and no panic.
+        assert_eq!(oid_and_name(b"\0\x02\xff\xff\xff\xff\0\0\0\x01a"), None);
+        assert_eq!(oid_and_name(&row[..9]), None);
     }
 
     #[test]

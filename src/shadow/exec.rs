@@ -371,10 +371,7 @@ impl Exec {
         let out = self
             .request_frames(&mut conn, &job.request, describe)
             .await?;
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| Skip("connect", format!("write failed: {e}")))?;
+        send(&mut conn, &out).await?;
         loop {
             let m = read_message(&mut conn.stream, &mut conn.buf, self.max_message)
                 .await
@@ -389,6 +386,14 @@ impl Exec {
         }
         self.put_back(side, &job.session, conn);
         Ok(c.finish())
+    }
+
+    /// The next message on a shadow connection.
+    async fn next(&self, conn: &mut Conn) -> Run<crate::protocol::frame::Message> {
+        read_message(&mut conn.stream, &mut conn.buf, self.max_message)
+            .await
+            .map_err(|e| Skip("connect", e.to_string()))?
+            .ok_or_else(|| Skip("connect", "the server closed the connection".into()))
     }
 
     /// An idle connection for this side and session, or a new one.
@@ -441,16 +446,10 @@ impl Exec {
     async fn simple(&self, conn: &mut Conn, sql: &str) -> Run<()> {
         let mut out = BytesMut::new();
         put_message(&mut out, b'Q', &[sql.as_bytes(), b"\0"]);
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| Skip("connect", format!("write failed: {e}")))?;
+        send(conn, &out).await?;
         let mut failed = None;
         loop {
-            let m = read_message(&mut conn.stream, &mut conn.buf, self.max_message)
-                .await
-                .map_err(|e| Skip("connect", e.to_string()))?
-                .ok_or_else(|| Skip("connect", "the server closed the connection".into()))?;
+            let m = self.next(conn).await?;
             match m.tag {
                 ERROR_RESPONSE => {
                     let f = parse_error_fields(m.body());
@@ -534,15 +533,9 @@ impl Exec {
     }
 
     async fn prepare(&self, conn: &mut Conn, frames: &[u8]) -> Run<()> {
-        conn.stream
-            .write_all(frames)
-            .await
-            .map_err(|e| Skip("connect", format!("write failed: {e}")))?;
+        send(conn, frames).await?;
         loop {
-            let m = read_message(&mut conn.stream, &mut conn.buf, self.max_message)
-                .await
-                .map_err(|e| Skip("connect", e.to_string()))?
-                .ok_or_else(|| Skip("connect", "the server closed the connection".into()))?;
+            let m = self.next(conn).await?;
             match m.tag {
                 ERROR_RESPONSE => {
                     let f = parse_error_fields(m.body());
@@ -595,16 +588,10 @@ impl Exec {
         );
         let mut out = BytesMut::new();
         put_message(&mut out, b'Q', &[sql.as_bytes(), b"\0"]);
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| Skip("connect", format!("write failed: {e}")))?;
+        send(&mut conn, &out).await?;
         let mut resolved = Vec::new();
         loop {
-            let m = read_message(&mut conn.stream, &mut conn.buf, self.max_message)
-                .await
-                .map_err(|e| Skip("connect", e.to_string()))?
-                .ok_or_else(|| Skip("connect", "the server closed the connection".into()))?;
+            let m = self.next(&mut conn).await?;
             match m.tag {
                 b'D' => {
                     if let Some((oid, name)) = oid_and_name(m.body()) {
@@ -704,6 +691,13 @@ enum Recheck {
     Same,
     Noise(Difference),
     Differ(Difference),
+}
+
+async fn send(conn: &mut Conn, bytes: &[u8]) -> Run<()> {
+    conn.stream
+        .write_all(bytes)
+        .await
+        .map_err(|e| Skip("connect", format!("write failed: {e}")))
 }
 
 /// Identifies a session's state for shadow connections (0: none).

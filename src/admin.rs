@@ -247,6 +247,7 @@ async fn put_routing(State(st): State<AdminState>, body: axum::body::Bytes) -> R
     }
     let mut new = crate::router::Settings::from_config(&cfg);
     new.failed_back = live.failed_back.clone();
+    new.limit = live.limit.clone();
     if new == *live {
         return applied(
             &st,
@@ -281,11 +282,18 @@ fn fail_back_or_resume(st: &AdminState, body: &[u8], back: bool) -> Response {
     let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
     let mut new = (*proxy.router.current()).clone();
     new.failed_back = back.then(|| reason.clone());
+    if !back {
+        // A resume lifts the health monitor's cap too.
+        new.limit = None;
+    }
     let r = proxy.set_routing(
         if back { "failback" } else { "resume" },
         "api",
         new,
         serde_json::json!({"reason": reason, "metrics": proxy.routing_evidence()}),
     );
+    if let (false, Ok(_), Some(h)) = (back, &r, &proxy.health) {
+        h.state.lock().unwrap_or_else(|p| p.into_inner()).resumed();
+    }
     applied(st, r)
 }

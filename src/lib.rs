@@ -24,6 +24,7 @@ pub mod cancel;
 pub mod classify;
 pub mod config;
 pub mod ctl;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod mirror;

@@ -58,6 +58,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
 
     let applier = start_mirror(&proxy, phase_tx.subscribe())?;
     start_shadow(&proxy)?;
+    start_health(&proxy)?;
 
     let slots = Arc::new(Semaphore::new(max_clients));
     let rejections = Arc::new(Semaphore::new(MAX_CONCURRENT_REJECTIONS));
@@ -211,15 +212,47 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
         target: crate::net::connect::Upstream::new("target", &cfg.target)?,
         target_passfile: load(&cfg.target.passfile)?,
     };
-    let exec = crate::shadow::exec::Exec::new(
+    let mut exec = crate::shadow::exec::Exec::new(
         shadow,
         upstreams,
         proxy.mirror.clone(),
         cfg.shadow.max_inflight,
         cfg.limits.max_message_bytes,
     );
+    exec.health = proxy.health.clone();
     crate::shadow::exec::start(exec, jobs)?;
     Ok(())
+}
+
+/// Starts the health monitor's thread and the health checks of both
+/// backends (tasks on this runtime).
+fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
+    let Some(health) = proxy.health.clone() else {
+        return Ok(());
+    };
+    let cfg = &proxy.config;
+    let load = |p: &Option<std::path::PathBuf>| {
+        p.as_deref()
+            .map(crate::upstream::passfile::PassFile::load)
+            .transpose()
+    };
+    use crate::health::{check::Checker, Backend};
+    let checkers = [
+        Checker {
+            backend: Backend::Source,
+            upstream: crate::net::connect::Upstream::new("source", &cfg.source)?,
+            passfile: load(&cfg.source.passfile)?,
+        },
+        Checker {
+            backend: Backend::Target,
+            upstream: crate::net::connect::Upstream::new("target", &cfg.target)?,
+            passfile: load(&cfg.target.passfile)?,
+        },
+    ];
+    for c in checkers {
+        tokio::spawn(c.run(Arc::clone(&health)));
+    }
+    crate::health::monitor::start(Arc::clone(proxy))
 }
 
 /// How often the config file is checked for changes.
@@ -353,6 +386,18 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
         });
         *live != shadow_new
     });
+    // Failback: every key live, from the file.
+    let failback_changed = proxy.health.as_ref().is_some_and(|h| {
+        let live = h.settings();
+        let changed = *live != new.failback;
+        if changed {
+            changes.push(serde_json::json!({
+                "key": "failback", "old": &*live, "new": &new.failback,
+            }));
+        }
+        changed
+    });
+    let failback_new = new.failback.clone();
     *file = new;
     if changes.is_empty() {
         info!(restart_needed = ?restart, "config reloaded; nothing to change live");
@@ -377,6 +422,9 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     }
     if let (true, Some(sh)) = (shadow_changed, &proxy.shadow) {
         sh.store(shadow_new);
+    }
+    if let (true, Some(h)) = (failback_changed, &proxy.health) {
+        h.store(failback_new);
     }
     proxy.bump_epoch(epoch);
     info!(epoch, "config reloaded");

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub mirror: MirrorMetrics,
     pub route: crate::router::RouteMetrics,
     pub shadow: crate::shadow::ShadowMetrics,
+    pub health: std::sync::Arc<crate::health::HealthMetrics>,
     started: std::time::Instant,
 }
 
@@ -285,8 +286,10 @@ impl Metrics {
         let route = crate::router::RouteMetrics::new();
         route.register(&mut registry);
         let shadow = crate::shadow::ShadowMetrics::register(&mut registry);
+        let health = std::sync::Arc::new(crate::health::HealthMetrics::register(&mut registry));
         Self {
             shadow,
+            health,
             registry,
             mirror,
             route,

@@ -57,6 +57,8 @@ pub struct Proxy {
     pub file_config: std::sync::Mutex<Config>,
     /// Shadow reads, when the proxy has target links.
     pub shadow: Option<Arc<crate::shadow::Shadow>>,
+    /// The health monitor, when the proxy has a target to fail back from.
+    pub health: Option<Arc<crate::health::Health>>,
     /// The shadow executor's queue, taken when it starts.
     pub shadow_jobs: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::shadow::Job>>>,
 }
@@ -127,7 +129,17 @@ impl Proxy {
         } else {
             (None, None)
         };
+        let health = targets.as_ref().map(|_| {
+            Arc::new(crate::health::Health::new(
+                &config.failback,
+                Arc::clone(&metrics.health),
+            ))
+        });
+        if let (Some(m), Some(h)) = (&mirror, &health) {
+            let _ = m.health.set(Arc::clone(h));
+        }
         Ok(Self {
+            health,
             shadow,
             shadow_jobs: std::sync::Mutex::new(shadow_jobs),
             router,
@@ -166,6 +178,9 @@ impl Proxy {
         cfg.routing.hash_key = r.hash_key;
         cfg.routing.comment_key = r.comment_key.clone();
         cfg.routing.target_timeout_ms = r.target_timeout.as_millis() as u64;
+        if let Some(h) = &self.health {
+            cfg.failback = (*h.settings()).clone();
+        }
         if let Some(sh) = &self.shadow {
             let live = sh.settings();
             cfg.shadow.sample_percent = live.sample_percent;
@@ -259,6 +274,7 @@ impl Proxy {
                 "mismatch_log": self.config.shadow.mismatch_log.display().to_string(),
             })),
             "routing": self.router.status(),
+            "failback": self.health.as_ref().map(|h| h.status()),
         })
     }
 }

@@ -716,6 +716,16 @@ impl Applier {
     fn compare(&mut self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
         let source = &rec.segments[i];
         let n = source.outcomes.len().max(target.outcomes.len());
+        // The health monitor: the target failed what the source did not.
+        if let Some(h) = self.mirror.health.get() {
+            use crate::health::{Backend, Fault, Kind, Sample};
+            let failed = (0..n).any(|pos| {
+                matches!(target.outcomes.get(pos), Some(Outcome::Error(_)))
+                    && !matches!(source.outcomes.get(pos), Some(Outcome::Error(_)))
+            });
+            let fault = failed.then_some(Fault::Diverged);
+            h.record(Sample::new(Backend::Target, Kind::Mirror, fault));
+        }
         for pos in 0..n {
             let s = source.outcomes.get(pos);
             let t = target.outcomes.get(pos);

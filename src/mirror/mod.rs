@@ -59,6 +59,9 @@ pub struct Mirror {
     probe_works: Mutex<HashMap<String, bool>>,
     /// Gaps go to the audit log too.
     audit: Option<Arc<crate::audit::Audit>>,
+    /// Every outcome check is reported to the health monitor (set once,
+    /// when the proxy has one).
+    pub health: std::sync::OnceLock<Arc<crate::health::Health>>,
 }
 
 /// The seq of a unit that will never be applied.
@@ -109,6 +112,7 @@ impl Mirror {
             oldest_unapplied_us: AtomicU64::new(0),
             probe_works: Mutex::default(),
             audit,
+            health: std::sync::OnceLock::new(),
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);

@@ -65,7 +65,7 @@ impl CancelKey {
 /// A StartupMessage: protocol version and parameters, in the client's order
 /// and as the client's raw bytes (a LATIN1 user name must reach the server
 /// unchanged).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub major: u16,
     pub minor: u16,

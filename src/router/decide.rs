@@ -55,6 +55,8 @@ pub struct Routed {
     pub in_txn: bool,
     /// A shadowed read: the answer relayed to the client is copied here.
     pub shadow: Option<Tap>,
+    /// Its statement's shape, in per-fingerprint failback mode (else 0).
+    pub shape: u64,
 }
 
 /// Session state the source got that the target session must repeat.
@@ -141,6 +143,17 @@ pub struct RouteLink {
     /// pump copies it into this tap.
     pub shadow_armed: AtomicBool,
     pub shadow_tap: Mutex<Option<Tap>>,
+    /// The health monitor every outcome is reported to.
+    pub health: Option<Arc<crate::health::Health>>,
+    /// The eligible read now on the source is a routed read the target
+    /// failed with a query error: if the source answers it, the target
+    /// was at fault (shape kept for the report).
+    pub rerun_of_target_error: Mutex<Option<u64>>,
+    /// What the source answered the eligible read now on it: 0 nothing
+    /// failed, 1 an error, 2 an error that is the server's fault.
+    pub source_read_error: AtomicU8,
+    /// The eligible read now on the source is a routed read that fell back.
+    pub fallback_read: AtomicBool,
 }
 
 impl Default for RouteLink {
@@ -165,6 +178,10 @@ impl Default for RouteLink {
             source_read_started: Mutex::default(),
             shadow_armed: AtomicBool::new(false),
             shadow_tap: Mutex::default(),
+            health: None,
+            rerun_of_target_error: Mutex::default(),
+            source_read_error: AtomicU8::new(0),
+            fallback_read: AtomicBool::new(false),
         }
     }
 }
@@ -284,6 +301,8 @@ struct Batch {
     started: Option<Instant>,
     /// Sampled for a shadow read (if it turns out to be an eligible one).
     shadow: bool,
+    /// The shape of its first statement (per-fingerprint failback mode).
+    shape: u64,
 }
 
 /// Where a held batch goes, decided at one of its messages.
@@ -472,7 +491,16 @@ impl<'a> Decider<'a> {
         } else {
             self.keys.bucket(s.hash_key)
         };
-        bucket < s.threshold
+        bucket < s.threshold_for(|| crate::health::shape_hash(sql))
+    }
+
+    /// The shape a routed read is reported under, in per-fingerprint
+    /// failback mode (0 otherwise: no hashing on the hot path).
+    fn shape_of(&self, sql: &[u8]) -> u64 {
+        match &self.link.health {
+            Some(h) if h.wants_shapes() => h.shape_of(sql),
+            _ => 0,
+        }
     }
 
     /// Whether this session could route anything with these settings (so
@@ -491,6 +519,7 @@ impl<'a> Decider<'a> {
                 started: Instant::now(),
                 in_txn: true,
                 shadow: None,
+                shape: 0,
             });
             return true;
         }
@@ -540,6 +569,7 @@ impl<'a> Decider<'a> {
             started: Instant::now(),
             in_txn: false,
             shadow,
+            shape: self.shape_of(sql),
         });
         true
     }
@@ -608,6 +638,9 @@ impl<'a> Decider<'a> {
                         (Ok(b""), Ok(query)) => {
                             batch.parsed_unnamed = true;
                             batch.bound_unnamed = false;
+                            if batch.shape == 0 {
+                                batch.shape = self.shape_of(query);
+                            }
                             let read = self.kind(query) == Kind::Read;
                             batch.keyed_in |= read && self.in_cohort(&settings, query);
                             read
@@ -624,6 +657,9 @@ impl<'a> Decider<'a> {
                         Ok(name) => match statements.statement(name) {
                             Some(st) if !name.is_empty() || batch.parsed_unnamed => {
                                 batch.bound_unnamed |= name.is_empty();
+                                if batch.shape == 0 {
+                                    batch.shape = self.shape_of(&st.query);
+                                }
                                 let read = self.statement_kind(name, &st.query) == Kind::Read;
                                 batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
                                 if read && !name.is_empty() {
@@ -705,6 +741,7 @@ impl<'a> Decider<'a> {
             started: batch.started.unwrap_or_else(Instant::now),
             in_txn: batch.in_txn,
             shadow,
+            shape: batch.shape,
         });
         BatchStep::Routed
     }

@@ -38,6 +38,25 @@ pub struct Settings {
     /// Set by a failback (`POST /failback`): every read goes to the source
     /// until a resume, whatever `read_percent` says.
     pub failed_back: Option<String>,
+    /// Set by the health monitor (`crate::health`): a cap on the share of
+    /// reads the target gets, for every read or for some query shapes,
+    /// until it recovers. `read_percent` stays as configured.
+    pub limit: Option<Arc<Limit>>,
+}
+
+/// The health monitor's cap on routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    /// The most reads the target may get (0 after a trip, the probe share
+    /// while ramping back).
+    pub percent: f64,
+    /// `policy::threshold(percent)`.
+    pub threshold: u64,
+    /// `None`: the cap applies to every read; else only to reads whose
+    /// shape hash (`crate::health::shape_hash`) is listed.
+    pub shapes: Option<std::collections::HashSet<u64>>,
+    /// "tripped" or "probing", and the rule, for status.
+    pub why: String,
 }
 
 impl Settings {
@@ -49,12 +68,43 @@ impl Settings {
             comment_key: c.comment_key.clone(),
             target_timeout: Duration::from_millis(c.target_timeout_ms),
             failed_back: None,
+            limit: None,
         }
     }
 
     /// Whether any read may go to the target now.
     pub fn active(&self) -> bool {
-        self.threshold > 0 && self.failed_back.is_none()
+        self.threshold > 0
+            && self.failed_back.is_none()
+            && !self
+                .limit
+                .as_ref()
+                .is_some_and(|l| l.shapes.is_none() && l.threshold == 0)
+    }
+
+    /// Buckets below this go to the target, for a read of this shape
+    /// (computed only when the cap names shapes).
+    pub fn threshold_for(&self, shape: impl FnOnce() -> u64) -> u64 {
+        match &self.limit {
+            None => self.threshold,
+            Some(l) => match &l.shapes {
+                None => self.threshold.min(l.threshold),
+                Some(set) if set.contains(&shape()) => self.threshold.min(l.threshold),
+                Some(_) => self.threshold,
+            },
+        }
+    }
+
+    /// The share of reads the target may get now (the configured one,
+    /// capped by a failback), for status and metrics.
+    pub fn effective_percent(&self) -> f64 {
+        if self.failed_back.is_some() {
+            return 0.0;
+        }
+        match &self.limit {
+            Some(l) if l.shapes.is_none() => self.read_percent.min(l.percent),
+            _ => self.read_percent,
+        }
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -65,6 +115,16 @@ impl Settings {
             "target_timeout_ms": self.target_timeout.as_millis() as u64,
             "failed_back": self.failed_back.is_some(),
             "failback_reason": self.failed_back,
+            "effective_percent": self.effective_percent(),
+            "health_limit": self.limit.as_ref().map(|l| serde_json::json!({
+                "percent": l.percent,
+                "shapes": l.shapes.as_ref().map(|s| {
+                    let mut v: Vec<String> = s.iter().map(|h| format!("{h:016x}")).collect();
+                    v.sort();
+                    v
+                }),
+                "why": l.why,
+            })),
         })
     }
 }
@@ -82,6 +142,10 @@ pub enum Fallback {
     /// The proxy could not bring the target session up to date (session
     /// settings, a prepared statement).
     Setup,
+    /// The target failed the read with an error of the query's kind (a
+    /// missing table, a permission): the source decides, and if it answers,
+    /// the target was at fault (the health monitor counts it).
+    QueryError,
 }
 
 impl Fallback {
@@ -91,6 +155,7 @@ impl Fallback {
             Fallback::Timeout => "timeout",
             Fallback::ServerError => "server_error",
             Fallback::Setup => "setup",
+            Fallback::QueryError => "query_error",
         }
     }
 }
@@ -128,9 +193,9 @@ type Labels = Vec<(&'static str, &'static str)>;
 /// shard, so two workers never wait on each other's lock (a lock held by a
 /// descheduled thread would stall every session of the waiting worker).
 /// Readers (status, metrics) merge the shards.
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
-fn shard() -> usize {
+pub(crate) fn shard() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
         static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
@@ -291,6 +356,7 @@ impl RouteMetrics {
             "fallbacks": {
                 "connection": fb("connection"), "timeout": fb("timeout"),
                 "server_error": fb("server_error"), "setup": fb("setup"),
+                "query_error": fb("query_error"),
             },
             "target_failures_after_start": self.target_failures_after_start.get(),
             "sessions_pinned": self.sessions_pinned.get(),

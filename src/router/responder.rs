@@ -6,7 +6,12 @@
 //! request goes to the source instead, as if it had never left (transparent
 //! fallback). Failures that count: no connection, a broken one, no answer
 //! within `routing.target_timeout_ms`, or an error that is not the query's
-//! fault (`super::is_fallback_code`).
+//! fault (`super::is_fallback_code`). Any other error but a cancel falls
+//! back too: the source's answer decides what the client sees, and when
+//! the source answers, the health monitor counts the target's error as the
+//! target's fault (a table missing there, a grant, a type).
+//!
+//! Every outcome on the target is reported to the health monitor.
 //!
 //! Before a request, the target session is brought up to date: the
 //! session's SET/RESET/DISCARD statements are repeated, statements closed
@@ -281,6 +286,7 @@ where
             this.link.responder_writing.store(false, Relaxed);
             this.link.target_idle.notify_waiters();
         };
+        self.report(&outcome, &req);
         match outcome {
             Outcome::Served => {
                 self.route_metrics.latency(true, req.started.elapsed());
@@ -302,6 +308,14 @@ where
                 self.route_metrics.fallback(why);
                 // A shadow read compares the target's answer: this one has none.
                 req.shadow = None;
+                self.link.fallback_read.store(true, Relaxed);
+                if why == Fallback::QueryError {
+                    *self
+                        .link
+                        .rerun_of_target_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(req.shape);
+                }
                 let r = self.to_source(&req).await;
                 done(self);
                 r.map_err(ResponderEnd::SourceGone)
@@ -325,6 +339,41 @@ where
                 r.map_err(ResponderEnd::ClientGone)
             }
         }
+    }
+
+    /// Tells the health monitor how the target did. A query error is
+    /// reported once the source has answered the same read (state.rs).
+    fn report(&self, outcome: &Outcome, req: &Routed) {
+        use crate::health::{Backend, Fault, Kind, Sample};
+        let Some(h) = &self.link.health else {
+            return;
+        };
+        let took = req.started.elapsed();
+        let s = Sample::new(Backend::Target, Kind::Read, None).shape(req.shape);
+        let s = match outcome {
+            Outcome::Served => s.latency(took),
+            Outcome::Fallback(Fallback::QueryError, _) => return,
+            // The guard stopped a "read" that writes: not the target's fault.
+            Outcome::Fallback(Fallback::ServerError, d) if d.starts_with("25006") => s,
+            // The client waited this long before the fallback began.
+            Outcome::Fallback(Fallback::Timeout, _) => Sample {
+                fault: Some(Fault::Timeout),
+                ..s.latency(took)
+            },
+            Outcome::Fallback(Fallback::Connection, _) | Outcome::Broken(_) => Sample {
+                fault: Some(Fault::Connection),
+                ..s
+            },
+            Outcome::Fallback(Fallback::ServerError, _) => Sample {
+                fault: Some(Fault::Server),
+                ..s
+            },
+            Outcome::Fallback(Fallback::Setup, _) => Sample {
+                fault: Some(Fault::Setup),
+                ..s
+            },
+        };
+        h.record(s);
     }
 
     /// The target failed inside a routed transaction: tell the client why
@@ -580,12 +629,19 @@ where
                 ERROR_RESPONSE if !sent_any && !req.in_txn => {
                     let f = parse_error_fields(m.body());
                     let code = f.code.unwrap_or("");
-                    if is_fallback_code(code) {
+                    // A cancel (the client's, or its statement_timeout)
+                    // is the client's answer.
+                    if code != sqlstate::QUERY_CANCELED {
                         let detail = format!("{code} {}", f.message.unwrap_or(""));
+                        let why = if is_fallback_code(code) {
+                            Fallback::ServerError
+                        } else {
+                            Fallback::QueryError
+                        };
                         // Let the target finish its answer, so the
                         // connection stays usable.
                         self.drain_to_ready(l).await;
-                        return Outcome::Fallback(Fallback::ServerError, detail);
+                        return Outcome::Fallback(why, detail);
                     }
                 }
                 // The source owns the session's parameters and LISTENs.

@@ -65,6 +65,9 @@ pub async fn serve(
         .as_ref()
         .filter(|_| startup.get("replication").is_none())
         .map(|t| t.open(id, startup.clone()));
+    if let (Some(h), Some(_)) = (&proxy.health, &target_link) {
+        h.saw_session(&startup);
+    }
     let end = forward_session(
         &proxy,
         &mut client,
@@ -289,7 +292,10 @@ async fn forward_session(
     let mut shutdown = proxy.shutdown.clone();
     let idle_timeout = Duration::from_secs(proxy.config.limits.idle_timeout_s);
 
-    let link = RouteLink::default();
+    let link = RouteLink {
+        health: proxy.health.clone(),
+        ..RouteLink::default()
+    };
     let end = {
         let (mut client_rd, client_wr) = split(client);
         let (mut server_rd, server_wr) = split(&mut server);

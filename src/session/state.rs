@@ -12,10 +12,11 @@ use crate::mirror::capture::{Capture, Finished};
 use crate::mirror::order::{self, Probe, Shape, Step};
 use crate::mirror::record::TxnRecord;
 use crate::mirror::{Mirror, Spooled};
+use crate::protocol::error::parse_error_fields;
 use crate::protocol::message::{
     is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE,
-    COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, READY_FOR_QUERY,
-    SYNC, TERMINATE,
+    COPY_DONE, COPY_FAIL, DESCRIBE, ERROR_RESPONSE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY,
+    READY_FOR_QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::FrameError;
 use crate::router::decide::{BatchStep, Decider, RouteLink};
@@ -905,6 +906,55 @@ impl<'a> BackendInspector<'a> {
     }
 }
 
+/// Reports an eligible read the source answered to the health monitor:
+/// the source's own sample, and for a read the target had failed with a
+/// query error, whether that was the target's fault (the source answered).
+fn source_read_outcome(
+    h: &crate::health::Health,
+    link: &RouteLink,
+    took: std::time::Duration,
+    error: u8,
+) {
+    use crate::health::{Backend, Fault, Kind, Sample};
+    let fell_back = link.fallback_read.swap(false, Relaxed);
+    let mut s = Sample::new(
+        Backend::Source,
+        Kind::Read,
+        (error == 2).then_some(Fault::Server),
+    );
+    // A fallback's time includes the target's attempt: not the source's.
+    if !fell_back && error == 0 {
+        s = s.latency(took);
+    }
+    h.record(s);
+    let rerun = link
+        .rerun_of_target_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(shape) = rerun {
+        let fault = (error == 0).then_some(Fault::Diverged);
+        h.record(Sample::new(Backend::Target, Kind::Read, fault).shape(shape));
+    }
+}
+
+impl BackendInspector<'_> {
+    /// An ErrorResponse (or its first bytes) from the source: remembered
+    /// for the health report of the read it answers.
+    fn note_source_error(&self, body: &[u8]) {
+        let Some((link, _)) = self.route else {
+            return;
+        };
+        let code = parse_error_fields(body).code.unwrap_or("");
+        let level = if crate::health::is_server_fault(code) {
+            2
+        } else {
+            1
+        };
+        link.source_read_error.fetch_max(level, Relaxed);
+    }
+}
+
 impl Inspector for BackendInspector<'_> {
     #[inline]
     fn wants_body(&self, tag: u8, _body_len: usize) -> bool {
@@ -919,6 +969,9 @@ impl Inspector for BackendInspector<'_> {
     fn peek(&self, tag: u8) -> usize {
         if tag == b'D' && self.shared.probe_active.load(Relaxed) {
             64
+        } else if tag == ERROR_RESPONSE && self.route.is_some() {
+            // Enough for the severity and SQLSTATE fields, which come first.
+            96
         } else {
             0
         }
@@ -926,6 +979,9 @@ impl Inspector for BackendInspector<'_> {
 
     #[inline]
     fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
+        if tag == ERROR_RESPONSE {
+            self.note_source_error(prefix);
+        }
         if let (b'1', Some((link, _))) = (tag, self.route) {
             // Answers a Parse the proxy added (before the probe counts it).
             let owed = link.drop_parse_complete.load(Relaxed);
@@ -942,6 +998,9 @@ impl Inspector for BackendInspector<'_> {
             return Ok(v);
         }
         if tag != READY_FOR_QUERY {
+            if tag == ERROR_RESPONSE {
+                self.note_source_error(body);
+            }
             self.mirror_message(tag, body);
             return Ok(Verdict::Forward);
         }
@@ -953,8 +1012,13 @@ impl Inspector for BackendInspector<'_> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
+            let error = link.source_read_error.swap(0, Relaxed);
             if let Some(t) = started {
-                metrics.latency(false, t.elapsed());
+                let took = t.elapsed();
+                metrics.latency(false, took);
+                if let Some(h) = &link.health {
+                    source_read_outcome(h, link, took, error);
+                }
             }
         }
         self.shared.tx_status.store(status, Relaxed);

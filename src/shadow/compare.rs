@@ -1143,6 +1143,12 @@ pub struct Difference {
 }
 
 impl Difference {
+    /// Whether the second answer (the shadow side; the target in a
+    /// re-check) ended in an error where the first did not.
+    pub fn second_side_failed(&self) -> bool {
+        self.kind == DiffKind::ErrorOneSide && self.detail.contains("but shadow with error")
+    }
+
     fn new(result_set: usize, kind: DiffKind, detail: String) -> Self {
         Self {
             result_set,

@@ -70,6 +70,8 @@ pub struct Exec {
     /// `table.column` ignores resolved to each side's table OIDs, per
     /// database, for the settings they were resolved under.
     ignored: Mutex<(usize, IgnoredBySide)>,
+    /// Where a shadow read's verdict on the target is reported.
+    pub health: Option<Arc<crate::health::Health>>,
 }
 
 /// Per side and database.
@@ -126,6 +128,17 @@ impl Exec {
             pools: Mutex::default(),
             infos: Mutex::default(),
             ignored: Mutex::default(),
+            health: None,
+        }
+    }
+
+    /// A compared shadow read, for the health monitor: the target failed
+    /// it when a confirmed difference is the target erroring alone.
+    fn report_health(&self, target_failed: bool) {
+        use crate::health::{Backend, Fault, Kind, Sample};
+        if let Some(h) = &self.health {
+            let fault = target_failed.then_some(Fault::Diverged);
+            h.record(Sample::new(Backend::Target, Kind::Shadow, fault));
         }
     }
 
@@ -197,6 +210,7 @@ impl Exec {
         };
         let Comparison::Differ(first) = first else {
             self.metrics().outcome("match");
+            self.report_health(false);
             return;
         };
         debug!(fingerprint = %info.fingerprint, detail = %first.detail, "shadow mismatch; re-checking");
@@ -208,7 +222,10 @@ impl Exec {
         .await;
         let text = texts.join(";\n");
         match again {
-            Ok(Ok(Recheck::Same)) => self.shadow.report.transient(&info.fingerprint, &text),
+            Ok(Ok(Recheck::Same)) => {
+                self.report_health(false);
+                self.shadow.report.transient(&info.fingerprint, &text)
+            }
             Ok(Ok(Recheck::Noise(d))) => {
                 self.metrics().outcome("noise");
                 self.shadow.report.learn_noise(
@@ -218,6 +235,7 @@ impl Exec {
                 );
             }
             Ok(Ok(Recheck::Differ(d))) => {
+                self.report_health(d.second_side_failed());
                 let entry = self.entry(&job, &settings, &info, &text, &first, &d);
                 self.shadow
                     .report

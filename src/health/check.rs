@@ -1,0 +1,175 @@
+//! Health checks: a light, periodic look at each backend (connect, log in,
+//! `SELECT 1`), feeding the same windows as the traffic, so a dead target
+//! trips the `check_failures` rule even when no read is routed to it.
+//!
+//! The check logs in as `failback.check_user` / `check_database`, or else
+//! as the most recent client session did. A server that answers but
+//! refuses the login (no password for that user, no such database) is up:
+//! the check then counts as passed and is marked connect-only in status,
+//! so a missing credential never fails a healthy backend back.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, warn};
+
+use super::{Backend, Fault, Health, Kind, Sample};
+use crate::net::connect::Upstream;
+use crate::protocol::error::parse_error_fields;
+use crate::protocol::frame::read_message;
+use crate::protocol::message::{ERROR_RESPONSE, READY_FOR_QUERY};
+use crate::protocol::startup::StartupMessage;
+use crate::upstream::login::{login, LoginError};
+use crate::upstream::passfile::PassFile;
+
+/// One backend's check loop's fixed parts.
+pub struct Checker {
+    pub backend: Backend,
+    pub upstream: Upstream,
+    pub passfile: Option<PassFile>,
+}
+
+/// How a check went.
+enum Verdict {
+    Up,
+    /// Answers, but the check could not log in.
+    UpConnectOnly(String),
+    Down(String),
+}
+
+impl Checker {
+    /// Checks every `check_interval_ms` until the process ends.
+    pub async fn run(self, health: Arc<Health>) {
+        let mut warned_connect_only = false;
+        loop {
+            let cfg = health.settings();
+            tokio::time::sleep(Duration::from_millis(cfg.check_interval_ms)).await;
+            let limit = Duration::from_millis(cfg.check_timeout_ms);
+            let startup = self.startup(&health, &cfg);
+            let started = Instant::now();
+            let verdict = match tokio::time::timeout(limit, self.check(startup.as_ref())).await {
+                Ok(v) => v,
+                Err(_) => Verdict::Down(format!("no answer within {} ms", limit.as_millis())),
+            };
+            let status = &health.checks[self.backend as usize];
+            let fault = match verdict {
+                Verdict::Up => {
+                    status.connect_only.store(false, Relaxed);
+                    None
+                }
+                Verdict::UpConnectOnly(why) => {
+                    if !warned_connect_only {
+                        warn!(backend = self.backend.label(), reason = %why,
+                            "health check cannot log in; it checks that the server answers only");
+                        warned_connect_only = true;
+                    }
+                    status.connect_only.store(true, Relaxed);
+                    None
+                }
+                Verdict::Down(why) => {
+                    debug!(backend = self.backend.label(), reason = %why, "health check failed");
+                    *status.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    Some(Fault::Check)
+                }
+            };
+            if fault.is_some() {
+                status.failures.fetch_add(1, Relaxed);
+                status.failed.fetch_add(1, Relaxed);
+            } else {
+                status.failures.store(0, Relaxed);
+                status.ok.fetch_add(1, Relaxed);
+            }
+            let _ = started;
+            health.record(Sample::new(self.backend, Kind::Check, fault));
+        }
+    }
+
+    fn startup(
+        &self,
+        health: &Health,
+        cfg: &crate::config::FailbackConfig,
+    ) -> Option<StartupMessage> {
+        let last = health
+            .last_startup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let user = cfg.check_user.clone().or_else(|| {
+            last.as_ref()
+                .and_then(|s| s.get("user").map(str::to_string))
+        })?;
+        let database = cfg
+            .check_database
+            .clone()
+            .or_else(|| last.as_ref().and_then(|s| s.database().map(str::to_string)))
+            .unwrap_or_else(|| user.clone());
+        Some(StartupMessage::new(
+            3,
+            0,
+            vec![
+                (b"user".to_vec(), user.into_bytes()),
+                (b"database".to_vec(), database.into_bytes()),
+                (
+                    b"application_name".to_vec(),
+                    b"pgshift health check".to_vec(),
+                ),
+            ],
+        ))
+    }
+
+    async fn check(&self, startup: Option<&StartupMessage>) -> Verdict {
+        let mut stream = match self.upstream.connect().await {
+            Ok(s) => s,
+            Err(e) => return Verdict::Down(format!("{e:#}")),
+        };
+        let Some(startup) = startup else {
+            return Verdict::UpConnectOnly("no user to log in as yet".into());
+        };
+        let user = startup.get("user").unwrap_or_default();
+        let db = startup.database().unwrap_or_default();
+        let password = self
+            .passfile
+            .as_ref()
+            .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, db, user));
+        let mut buf = match login(&mut stream, startup, password).await {
+            Ok(l) => l.leftover,
+            // The server is up; the check just cannot get in.
+            Err(LoginError::NoPassword) => {
+                return Verdict::UpConnectOnly("no password for the check's user".into())
+            }
+            Err(LoginError::Refused { code, message })
+                if code.starts_with("28") || code == "3D000" =>
+            {
+                return Verdict::UpConnectOnly(format!("{code} {message}"))
+            }
+            Err(e) => return Verdict::Down(e.to_string()),
+        };
+        if let Err(e) = stream.write_all(b"Q\0\0\0\x0dSELECT 1\0").await {
+            return Verdict::Down(format!("write failed: {e}"));
+        }
+        let mut failed = None;
+        loop {
+            match read_message(&mut stream, &mut buf, 1 << 20).await {
+                Ok(Some(m)) if m.tag == READY_FOR_QUERY => break,
+                Ok(Some(m)) if m.tag == ERROR_RESPONSE => {
+                    let f = parse_error_fields(m.body());
+                    failed = Some(format!(
+                        "{} {}",
+                        f.code.unwrap_or("?"),
+                        f.message.unwrap_or("")
+                    ));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Verdict::Down("server closed the connection".into()),
+                Err(e) => return Verdict::Down(format!("read failed: {e}")),
+            }
+        }
+        let _ = stream.write_all(b"X\0\0\0\x04").await;
+        match failed {
+            Some(e) => Verdict::Down(e),
+            None => Verdict::Up,
+        }
+    }
+}

@@ -98,8 +98,8 @@ pub struct FailbackConfig {
     pub per_fingerprint: bool,
     #[serde(default = "default_fb_max_fingerprints")]
     pub max_fingerprints: usize,
-    /// Period of the health checks of both backends (connect, log in,
-    /// `SELECT 1`).
+    /// Period of the health checks of both backends (`SELECT 1` on a kept
+    /// connection, connecting again after a failure).
     #[serde(default = "default_fb_check_interval_ms")]
     pub check_interval_ms: u64,
     /// A check with no answer within this fails.
@@ -184,7 +184,7 @@ fn default_fb_check_interval_ms() -> u64 {
     1_000
 }
 fn default_fb_check_timeout_ms() -> u64 {
-    2_000
+    3_000
 }
 
 impl FailbackConfig {

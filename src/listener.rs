@@ -225,7 +225,7 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
 }
 
 /// Starts the health monitor's thread and the health checks of both
-/// backends (tasks on this runtime).
+/// backends (on a thread of their own).
 fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
     let Some(health) = proxy.health.clone() else {
         return Ok(());
@@ -249,9 +249,28 @@ fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
             passfile: load(&cfg.target.passfile)?,
         },
     ];
-    for c in checkers {
-        tokio::spawn(c.run(Arc::clone(&health)));
-    }
+    // Their own thread and runtime: a check times what the backend does,
+    // not how busy the accept loop and the admin API are.
+    let h = Arc::clone(&health);
+    std::thread::Builder::new()
+        .name("pgshift-checks".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(async move {
+                    let tasks: Vec<_> = checkers
+                        .into_iter()
+                        .map(|c| tokio::spawn(c.run(Arc::clone(&h))))
+                        .collect();
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                }),
+                Err(e) => warn!(error = %e, "cannot start the health checks"),
+            }
+        })?;
     crate::health::monitor::start(Arc::clone(proxy))
 }
 

@@ -207,6 +207,31 @@ impl Proxy {
         new: crate::router::Settings,
         extra: serde_json::Value,
     ) -> Result<u64, ChangeError> {
+        self.change_routing(kind, who, new, extra, false)
+    }
+
+    /// The same, applied first and audited after: a health monitor trip
+    /// must not wait for the disk (an fsync took seconds here under load)
+    /// while reads go to a failing target. The settings stay applied even
+    /// when the audit write fails (the error says so).
+    pub fn set_routing_urgently(
+        &self,
+        kind: &str,
+        who: &str,
+        new: crate::router::Settings,
+        extra: serde_json::Value,
+    ) -> Result<u64, ChangeError> {
+        self.change_routing(kind, who, new, extra, true)
+    }
+
+    fn change_routing(
+        &self,
+        kind: &str,
+        who: &str,
+        new: crate::router::Settings,
+        extra: serde_json::Value,
+        urgent: bool,
+    ) -> Result<u64, ChangeError> {
         let old = self.router.current();
         let epoch = self.epoch.load(Ordering::Relaxed) + 1;
         let mut entry = serde_json::json!({
@@ -217,14 +242,24 @@ impl Proxy {
         if let (Some(e), serde_json::Value::Object(x)) = (entry.as_object_mut(), extra) {
             e.extend(x);
         }
+        if urgent {
+            self.router.store(new.clone());
+            self.bump_epoch(epoch);
+        }
         self.audit
             .record(kind, who, entry)
             .map_err(|e| ChangeError {
                 key: None,
-                reason: format!("not applied: cannot write the audit log: {e}"),
+                reason: if urgent {
+                    format!("applied, but the audit log could not be written: {e}")
+                } else {
+                    format!("not applied: cannot write the audit log: {e}")
+                },
             })?;
-        self.router.store(new);
-        self.bump_epoch(epoch);
+        if !urgent {
+            self.router.store(new);
+            self.bump_epoch(epoch);
+        }
         tracing::info!(epoch, by = who, kind, "routing changed");
         Ok(epoch)
     }

@@ -1,5 +1,6 @@
-//! Health checks: a light, periodic look at each backend (connect, log in,
-//! `SELECT 1`), feeding the same windows as the traffic, so a dead target
+//! Health checks: a light, periodic look at each backend (`SELECT 1` on a
+//! connection the check keeps, connecting and logging in again whenever a
+//! check failed), feeding the same windows as the traffic, so a dead target
 //! trips the `check_failures` rule even when no read is routed to it.
 //!
 //! The check logs in as `failback.check_user` / `check_database`, or else
@@ -39,20 +40,51 @@ enum Verdict {
     Down(String),
 }
 
+/// The check's own connection, kept between checks: logging in is the
+/// expensive part of a check (a new server process), and under load it
+/// alone took up to 2 s here, which would fail healthy servers.
+struct Kept {
+    stream: crate::net::Stream,
+    buf: bytes::BytesMut,
+    /// Who it is logged in as (a new one when that changes).
+    startup: StartupMessage,
+}
+
 impl Checker {
     /// Checks every `check_interval_ms` until the process ends.
     pub async fn run(self, health: Arc<Health>) {
         let mut warned_connect_only = false;
+        let mut kept: Option<Kept> = None;
         loop {
             let cfg = health.settings();
             tokio::time::sleep(Duration::from_millis(cfg.check_interval_ms)).await;
             let limit = Duration::from_millis(cfg.check_timeout_ms);
             let startup = self.startup(&health, &cfg);
+            if kept.as_ref().map(|k| &k.startup) != startup.as_ref() {
+                kept = None;
+            }
             let started = Instant::now();
-            let verdict = match tokio::time::timeout(limit, self.check(startup.as_ref())).await {
-                Ok(v) => v,
-                Err(_) => Verdict::Down(format!("no answer within {} ms", limit.as_millis())),
-            };
+            let phase = std::sync::atomic::AtomicU8::new(0);
+            let verdict =
+                match tokio::time::timeout(limit, self.check(startup.as_ref(), &mut kept, &phase))
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(_) => Verdict::Down(format!(
+                        "no answer within {} ms while {}",
+                        limit.as_millis(),
+                        ["connecting", "logging in", "running SELECT 1"]
+                            [phase.load(Relaxed).min(2) as usize]
+                    )),
+                };
+            let took = started.elapsed();
+            if took > Duration::from_millis(500) {
+                debug!(
+                    backend = self.backend.label(),
+                    took_ms = took.as_millis() as u64,
+                    "slow health check"
+                );
+            }
             let status = &health.checks[self.backend as usize];
             let fault = match verdict {
                 Verdict::Up => {
@@ -69,6 +101,8 @@ impl Checker {
                     None
                 }
                 Verdict::Down(why) => {
+                    // Whatever state the connection is in, start afresh.
+                    kept = None;
                     debug!(backend = self.backend.label(), reason = %why, "health check failed");
                     *status.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     Some(Fault::Check)
@@ -81,7 +115,6 @@ impl Checker {
                 status.failures.store(0, Relaxed);
                 status.ok.fetch_add(1, Relaxed);
             }
-            let _ = started;
             health.record(Sample::new(self.backend, Kind::Check, fault));
         }
     }
@@ -119,39 +152,58 @@ impl Checker {
         ))
     }
 
-    async fn check(&self, startup: Option<&StartupMessage>) -> Verdict {
-        let mut stream = match self.upstream.connect().await {
-            Ok(s) => s,
-            Err(e) => return Verdict::Down(format!("{e:#}")),
+    /// One check: `SELECT 1` on the kept connection, connecting and logging
+    /// in first when there is none.
+    async fn check(
+        &self,
+        startup: Option<&StartupMessage>,
+        kept: &mut Option<Kept>,
+        phase: &std::sync::atomic::AtomicU8,
+    ) -> Verdict {
+        if kept.is_none() {
+            let mut stream = match self.upstream.connect().await {
+                Ok(s) => s,
+                Err(e) => return Verdict::Down(format!("{e:#}")),
+            };
+            let Some(startup) = startup else {
+                return Verdict::UpConnectOnly("no user to log in as yet".into());
+            };
+            let user = startup.get("user").unwrap_or_default();
+            let db = startup.database().unwrap_or_default();
+            let password = self
+                .passfile
+                .as_ref()
+                .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, db, user));
+            phase.store(1, Relaxed);
+            let buf = match login(&mut stream, startup, password).await {
+                Ok(l) => l.leftover,
+                // The server is up; the check just cannot get in.
+                Err(LoginError::NoPassword) => {
+                    return Verdict::UpConnectOnly("no password for the check's user".into())
+                }
+                Err(LoginError::Refused { code, message })
+                    if code.starts_with("28") || code == "3D000" =>
+                {
+                    return Verdict::UpConnectOnly(format!("{code} {message}"))
+                }
+                Err(e) => return Verdict::Down(e.to_string()),
+            };
+            *kept = Some(Kept {
+                stream,
+                buf,
+                startup: startup.clone(),
+            });
+        }
+        let Some(k) = kept.as_mut() else {
+            return Verdict::Down("no connection".into());
         };
-        let Some(startup) = startup else {
-            return Verdict::UpConnectOnly("no user to log in as yet".into());
-        };
-        let user = startup.get("user").unwrap_or_default();
-        let db = startup.database().unwrap_or_default();
-        let password = self
-            .passfile
-            .as_ref()
-            .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, db, user));
-        let mut buf = match login(&mut stream, startup, password).await {
-            Ok(l) => l.leftover,
-            // The server is up; the check just cannot get in.
-            Err(LoginError::NoPassword) => {
-                return Verdict::UpConnectOnly("no password for the check's user".into())
-            }
-            Err(LoginError::Refused { code, message })
-                if code.starts_with("28") || code == "3D000" =>
-            {
-                return Verdict::UpConnectOnly(format!("{code} {message}"))
-            }
-            Err(e) => return Verdict::Down(e.to_string()),
-        };
-        if let Err(e) = stream.write_all(b"Q\0\0\0\x0dSELECT 1\0").await {
+        phase.store(2, Relaxed);
+        if let Err(e) = k.stream.write_all(b"Q\0\0\0\x0dSELECT 1\0").await {
             return Verdict::Down(format!("write failed: {e}"));
         }
         let mut failed = None;
         loop {
-            match read_message(&mut stream, &mut buf, 1 << 20).await {
+            match read_message(&mut k.stream, &mut k.buf, 1 << 20).await {
                 Ok(Some(m)) if m.tag == READY_FOR_QUERY => break,
                 Ok(Some(m)) if m.tag == ERROR_RESPONSE => {
                     let f = parse_error_fields(m.body());
@@ -166,7 +218,6 @@ impl Checker {
                 Err(e) => return Verdict::Down(format!("read failed: {e}")),
             }
         }
-        let _ = stream.write_all(b"X\0\0\0\x04").await;
         match failed {
             Some(e) => Verdict::Down(e),
             None => Verdict::Up,

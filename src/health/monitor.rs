@@ -55,8 +55,24 @@ enum Phase {
     },
 }
 
+/// A routing change a tick decided on. It is applied (audited, with an
+/// fsync) after the state lock is released, so `/status` never waits on
+/// the disk.
+struct Change {
+    kind: &'static str,
+    settings: crate::router::Settings,
+    extra: serde_json::Value,
+    /// A trip: applied before it is audited, and even when the audit log
+    /// cannot be written (the application comes first; logged loudly).
+    force: bool,
+    then: Phase,
+    trip_rule: Option<&'static str>,
+    clear_target: bool,
+}
+
 /// What the monitor thread keeps (behind `Health::state`).
 pub struct Monitor {
+    pending: Option<Change>,
     windows: [Window; 2],
     /// The settings the windows were built for.
     built: (u64, bool),
@@ -72,6 +88,7 @@ impl Monitor {
     pub fn new(cfg: &FailbackConfig) -> Self {
         let len = Duration::from_secs(cfg.window_s);
         Self {
+            pending: None,
             windows: [
                 Window::new(len, false),
                 Window::new(len, cfg.per_fingerprint),
@@ -298,7 +315,6 @@ impl Monitor {
         now: Instant,
     ) {
         let first = &breaches[0];
-        let rule = first.rule.to_string();
         let shapes_json = scope_json(health, &scope);
         let evidence = serde_json::json!({
             "rule": first.rule,
@@ -320,8 +336,6 @@ impl Monitor {
             },
             "recovery": cfg.recovery,
         });
-        warn!(rule = first.rule, measured = first.measured, threshold = first.threshold,
-            scope = %shapes_json, "target unhealthy: reads fail back to the source");
         let limit = Limit {
             percent: 0.0,
             threshold: 0,
@@ -331,33 +345,25 @@ impl Monitor {
             },
             why: format!("tripped: {}", first.rule),
         };
-        // A trip applies even when the audit log cannot be written: the
-        // application comes first; the failure is logged loudly.
         let mut new = (*proxy.router.current()).clone();
         new.limit = Some(Arc::new(limit));
-        if let Err(e) = proxy.set_routing("failback_trip", "health", new.clone(), evidence.clone())
-        {
-            error!(error = %e.reason, "failback applied without an audit entry");
-            proxy.router.store(new);
-        }
-        health
-            .metrics
-            .trips
-            .get_or_create(&vec![("rule", first.rule)])
-            .inc();
-        self.trips += 1;
-        self.last_trip = Some(evidence);
-        self.phase = Phase::Tripped {
-            since: now,
-            scope,
-            rule,
-        };
-        // What follows is judged on fresh samples only.
-        self.windows[Backend::Target as usize].clear();
+        self.pending = Some(Change {
+            kind: "failback_trip",
+            settings: new,
+            extra: evidence,
+            force: true,
+            then: Phase::Tripped {
+                since: now,
+                scope,
+                rule: first.rule.to_string(),
+            },
+            trip_rule: Some(first.rule),
+            // What follows is judged on fresh samples only.
+            clear_target: true,
+        });
     }
 
-    /// Probe or ramp step: a higher cap, audited first (not applied when
-    /// the audit log fails).
+    /// Probe or ramp step: a higher cap.
     fn step(
         &mut self,
         proxy: &Proxy,
@@ -365,7 +371,7 @@ impl Monitor {
         scope: Scope,
         rule: String,
         now: Instant,
-        kind: &str,
+        kind: &'static str,
     ) {
         let mut new = (*proxy.router.current()).clone();
         new.limit = Some(Arc::new(Limit {
@@ -382,21 +388,20 @@ impl Monitor {
             "tripped_by": rule,
             "target_window": self.windows[Backend::Target as usize].totals().to_json(),
         });
-        match proxy.set_routing(kind, "health", new, extra) {
-            Ok(_) => {
-                info!(percent, "failback: probing the target");
-                if kind == "failback_probe" {
-                    self.windows[Backend::Target as usize].clear();
-                }
-                self.phase = Phase::Probing {
-                    since: now,
-                    percent,
-                    scope,
-                    rule,
-                };
-            }
-            Err(e) => error!(error = %e.reason, "failback probe step not applied"),
-        }
+        self.pending = Some(Change {
+            kind,
+            settings: new,
+            extra,
+            force: false,
+            then: Phase::Probing {
+                since: now,
+                percent,
+                scope,
+                rule,
+            },
+            trip_rule: None,
+            clear_target: kind == "failback_probe",
+        });
     }
 
     fn recover(&mut self, proxy: &Proxy, last_percent: f64, rule: &str) {
@@ -407,13 +412,38 @@ impl Monitor {
             "tripped_by": rule,
             "target_window": self.windows[Backend::Target as usize].totals().to_json(),
         });
-        match proxy.set_routing("failback_recovered", "health", new, extra) {
-            Ok(_) => {
-                info!("failback: the target is back at the configured share");
-                self.phase = Phase::Healthy;
-            }
-            Err(e) => error!(error = %e.reason, "failback recovery not applied"),
+        self.pending = Some(Change {
+            kind: "failback_recovered",
+            settings: new,
+            extra,
+            force: false,
+            then: Phase::Healthy,
+            trip_rule: None,
+            clear_target: false,
+        });
+    }
+
+    /// The state follows a change once it is applied.
+    fn commit(&mut self, health: &Health, c: Change) {
+        if let Some(rule) = c.trip_rule {
+            warn!(rule, scope = %c.extra["scope"], measured = %c.extra["measured"],
+                threshold = %c.extra["threshold"], "target unhealthy: reads fail back to the source");
+            health
+                .metrics
+                .trips
+                .get_or_create(&vec![("rule", rule)])
+                .inc();
+            self.trips += 1;
+            self.last_trip = Some(c.extra);
+        } else if let Phase::Probing { percent, .. } = &c.then {
+            info!(percent, "failback: probing the target");
+        } else {
+            info!("failback: the target is back at the configured share");
         }
+        if c.clear_target {
+            self.windows[Backend::Target as usize].clear();
+        }
+        self.phase = c.then;
     }
 
     pub fn status(&self, health: &Health) -> serde_json::Value {
@@ -497,9 +527,34 @@ pub fn start(proxy: Arc<Proxy>) -> anyhow::Result<()> {
         .name("pgshift-health".into())
         .spawn(move || loop {
             std::thread::sleep(TICK);
+            // Held through the change, so no reload or API change lands
+            // between the decision and its application.
             let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let mut st = health.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.tick(&health, &proxy, Instant::now());
+            let now = Instant::now();
+            let change = {
+                let mut st = health.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.tick(&health, &proxy, now);
+                st.pending.take()
+            };
+            let Some(c) = change else {
+                continue;
+            };
+            let r = if c.force {
+                proxy.set_routing_urgently(c.kind, "health", c.settings.clone(), c.extra.clone())
+            } else {
+                proxy.set_routing(c.kind, "health", c.settings.clone(), c.extra.clone())
+            };
+            let applied = match r {
+                Ok(_) => true,
+                Err(e) => {
+                    error!(error = %e.reason, kind = c.kind, "failback change");
+                    c.force
+                }
+            };
+            if applied {
+                let mut st = health.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.commit(&health, c);
+            }
         })?;
     Ok(())
 }

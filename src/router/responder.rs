@@ -294,7 +294,8 @@ where
                 Ok(())
             }
             Outcome::Fallback(why, detail) => {
-                if !matches!(why, Fallback::ServerError) {
+                // After an error answer the connection is still good.
+                if !matches!(why, Fallback::ServerError | Fallback::QueryError) {
                     self.lose(live, &detail);
                 } else {
                     debug!(session_id = self.session_id, reason = %detail, "routed read failed on the target");

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod mirror;
+pub mod relay;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -597,4 +598,44 @@ pub fn pgbench_cmd(p: &Proxy, user: &str, db: &str, args: &[&str]) -> Command {
 
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A client program running in the background, its output collected.
+pub struct Running(std::process::Child);
+
+impl Running {
+    pub fn spawn(cmd: &mut Command) -> Running {
+        Running(
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn"),
+        )
+    }
+
+    /// Waits for pgbench to end and checks it succeeded with no failed
+    /// transaction; returns its report.
+    #[track_caller]
+    pub fn pgbench_ok(self) -> String {
+        let out = self.0.wait_with_output().expect("wait");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pgbench failed:\n{text}");
+        assert!(
+            text.contains("number of failed transactions: 0 "),
+            "pgbench had failures:\n{text}"
+        );
+        text
+    }
+}
+
+/// `cmd.background()`: runs a command as a `Running`.
+pub trait Background {
+    fn background(&mut self) -> Running;
+}
+
+impl Background for Command {
+    fn background(&mut self) -> Running {
+        Running::spawn(self)
+    }
 }

@@ -1,0 +1,443 @@
+//! The health monitor and automatic failback on real clusters, with faults
+//! from a TCP relay the tests control between the proxy and the target
+//! (added latency, stalled connections, refused connections) and from the
+//! target itself (a table dropped there):
+//!
+//! - 50 ms added latency trips the p95 rule; reads leave the target within
+//!   a second of the trip, and the audit entry carries p95 and threshold;
+//! - a table dropped on the target trips the error-rate rule, with no
+//!   client error and the source untouched;
+//! - per-fingerprint mode fails back only the failing query shape;
+//! - a stalled target stays failed back under `recovery = "manual"` until
+//!   `pgshift ctl resume`;
+//! - a target refusing connections trips the health-check rule with no
+//!   traffic at all, and recovers by itself;
+//! - a healthy 60 s load with the default thresholds trips nothing.
+//!
+//! The target stopped for real is in `failback_target_down.rs`.
+mod common;
+use common::mirror::mirror_config;
+use common::relay::Relay;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+fn target_addr(c: &Clusters) -> std::net::SocketAddr {
+    format!("{}:{}", c.host, c.target_port).parse().unwrap()
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// `[routing]` at `read_percent`, and `[failback]` with quick windows for
+/// tests plus `extra` keys.
+fn configure(
+    cfg: &mut toml_edit::DocumentMut,
+    read_percent: f64,
+    extra: &[(&str, toml_edit::Value)],
+) {
+    let mut r = toml_edit::Table::new();
+    r["read_percent"] = toml_edit::value(read_percent);
+    cfg["routing"] = toml_edit::Item::Table(r);
+    let mut f = toml_edit::Table::new();
+    f["window_s"] = toml_edit::value(5);
+    f["min_samples"] = toml_edit::value(20);
+    f["check_interval_ms"] = toml_edit::value(300);
+    for (k, v) in extra {
+        f[*k] = toml_edit::Item::Value(v.clone());
+    }
+    cfg["failback"] = toml_edit::Item::Table(f);
+}
+
+fn failback(p: &Proxy) -> serde_json::Value {
+    p.status()["failback"].clone()
+}
+
+fn target_reads(p: &Proxy) -> i64 {
+    p.stat("/metrics/routing/target/reads")
+}
+
+/// The audit entries of these kinds, oldest first.
+fn audited(p: &Proxy, kinds: &[&str]) -> Vec<serde_json::Value> {
+    p.audit_entries()
+        .into_iter()
+        .filter(|e| kinds.iter().any(|k| e["kind"] == *k))
+        .collect()
+}
+
+#[track_caller]
+fn wait_tripped(p: &Proxy, secs: u64) -> serde_json::Value {
+    p.wait_for(secs, "a failback trip", |p| {
+        failback(p)["state"] == "tripped"
+    });
+    let trips = audited(p, &["failback_trip"]);
+    assert!(!trips.is_empty(), "tripped without an audit entry");
+    trips[0].clone()
+}
+
+#[test]
+fn added_latency_trips_the_p95_rule_and_reads_leave_within_a_second() {
+    let c = Clusters::get();
+    let relay = Relay::start(target_addr(&c));
+    let rp = relay.port();
+    let p = Proxy::start_with(|cfg| {
+        cfg["target"]["port"] = toml_edit::value(rp as i64);
+        configure(
+            cfg,
+            50.0,
+            &[
+                ("max_p95_ms", 25.0.into()),
+                // Only the absolute rule, so the trip is attributable.
+                ("max_p95_ratio", 0.0.into()),
+                ("max_error_rate", 0.0.into()),
+                ("recovery", "manual".into()),
+            ],
+        );
+    });
+    let db = "fb_latency";
+    pgbench_db_on_both(&c, db);
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &[
+            "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "25", "-n",
+        ],
+    )
+    .background();
+    p.wait_for(15, "reads served by the target", |p| target_reads(p) > 200);
+    assert_eq!(failback(&p)["state"], "healthy", "{:#}", failback(&p));
+
+    relay.set_delay(Duration::from_millis(50));
+    let delayed_at = now_us();
+    let trip = wait_tripped(&p, 15);
+    assert_eq!(trip["rule"], "p95", "{trip:#}");
+    let measured = trip["measured"].as_f64().unwrap();
+    assert!(measured >= 45.0, "p95 measured {measured} ms: {trip:#}");
+    assert_eq!(trip["threshold"].as_f64(), Some(25.0), "{trip:#}");
+    assert_eq!(trip["unit"], "ms");
+    assert_eq!(trip["scope"], "all reads");
+    assert_eq!(
+        trip["new"]["effective_percent"].as_f64(),
+        Some(0.0),
+        "{trip:#}"
+    );
+    assert_eq!(
+        trip["new"]["read_percent"].as_f64(),
+        Some(50.0),
+        "the configured share is kept"
+    );
+    let trip_us = trip["time_us"].as_i64().unwrap();
+    assert!(
+        trip_us - delayed_at <= 5_000_000,
+        "tripped {} ms after the delay began, beyond the 5 s window",
+        (trip_us - delayed_at) / 1000
+    );
+
+    // From one second after the trip on, no read goes to the target.
+    let one_s_after = Duration::from_micros((trip_us + 1_000_000 - now_us()).max(0) as u64);
+    std::thread::sleep(one_s_after);
+    let at_1s = target_reads(&p);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        target_reads(&p),
+        at_1s,
+        "reads still reach the target after the trip"
+    );
+    let status = failback(&p);
+    assert_eq!(status["rule"], "p95");
+    assert_eq!(
+        p.status()["routing"]["effective_percent"].as_f64(),
+        Some(0.0)
+    );
+    let metrics = p.admin_get("/metrics").1;
+    assert!(
+        metrics.contains("pgshift_failback_trips_total{rule=\"p95\"} 1"),
+        "{metrics}"
+    );
+    load.pgbench_ok();
+}
+
+#[test]
+fn a_table_dropped_on_the_target_trips_the_error_rate_rule() {
+    let c = Clusters::get();
+    let p = Proxy::start_with(|cfg| configure(cfg, 100.0, &[("recovery", "manual".into())]));
+    let db = "fb_errors";
+    pgbench_db_on_both(&c, db);
+    let count = "SELECT count(*), sum(abalance) FROM pgbench_accounts";
+    let source_before = c.sql(c.source_port, db, count);
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &[
+            "-S", "-M", "extended", "-c", "4", "-j", "2", "-T", "15", "-n",
+        ],
+    )
+    .background();
+    p.wait_for(15, "reads served by the target", |p| target_reads(p) > 200);
+    c.sql(c.target_port, db, "DROP TABLE pgbench_accounts");
+    let trip = wait_tripped(&p, 15);
+    assert_eq!(trip["rule"], "error_rate", "{trip:#}");
+    assert!(trip["measured"].as_f64().unwrap() > 0.05, "{trip:#}");
+    assert_eq!(trip["threshold"].as_f64(), Some(0.05));
+    let diverged = trip["windows"]["target"]["errors_by"]["diverged"].as_u64();
+    assert!(diverged.unwrap_or(0) > 0, "{trip:#}");
+    // Every failed read ran on the source instead: no client saw an error.
+    load.pgbench_ok();
+    assert!(p.stat("/metrics/routing/fallbacks/query_error") > 0);
+    // The source is untouched.
+    assert_eq!(c.sql(c.source_port, db, count), source_before);
+}
+
+#[test]
+fn per_fingerprint_mode_fails_back_only_the_failing_shape() {
+    let c = Clusters::get();
+    let p = Proxy::start_with(|cfg| {
+        configure(
+            cfg,
+            100.0,
+            &[
+                ("per_fingerprint", true.into()),
+                ("recovery", "manual".into()),
+            ],
+        )
+    });
+    let db = "fb_shapes";
+    pgbench_db_on_both(&c, db);
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.sql");
+    let b = dir.path().join("b.sql");
+    std::fs::write(
+        &a,
+        "\\set aid random(1, 100000)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    std::fs::write(&b, "SELECT bbalance FROM pgbench_branches WHERE bid = 1;\n").unwrap();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &[
+            "-f", &a, "-f", &b, "-M", "prepared", "-c", "4", "-j", "2", "-T", "20", "-n",
+        ],
+    )
+    .background();
+    p.wait_for(15, "reads served by the target", |p| target_reads(p) > 200);
+    c.sql(c.target_port, db, "DROP TABLE pgbench_branches");
+    let trip = wait_tripped(&p, 15);
+    let scope = trip["scope"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{trip:#}"));
+    assert_eq!(scope.len(), 1, "{trip:#}");
+    let query = scope[0]["query"].as_str().unwrap();
+    assert!(query.contains("pgbench_branches"), "{trip:#}");
+    let status = failback(&p);
+    assert_eq!(status["scope"], trip["scope"], "{status:#}");
+    let shapes = &p.status()["routing"]["health_limit"]["shapes"];
+    assert_eq!(shapes.as_array().map(Vec::len), Some(1), "{shapes}");
+    // The other shape keeps its routing.
+    // (Links dropped by the failing prepares come back with backoff.)
+    let before = target_reads(&p);
+    p.wait_for(15, "the other shape's reads on the target", |p| {
+        target_reads(p) > before + 50
+    });
+    assert_eq!(failback(&p)["state"], "tripped");
+    load.pgbench_ok();
+}
+
+#[test]
+fn a_stalled_target_stays_failed_back_until_ctl_resume() {
+    let c = Clusters::get();
+    let relay = Relay::start(target_addr(&c));
+    let rp = relay.port();
+    let p = Proxy::start_with(|cfg| {
+        cfg["target"]["port"] = toml_edit::value(rp as i64);
+        configure(
+            cfg,
+            100.0,
+            &[
+                ("recovery", "manual".into()),
+                // Auto recovery would probe within two seconds.
+                ("cooldown_s", 1.into()),
+                ("step_s", 1.into()),
+            ],
+        );
+        cfg["routing"]["target_timeout_ms"] = toml_edit::value(300);
+    });
+    let db = "fb_manual";
+    pgbench_db_on_both(&c, db);
+    let load = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &["-S", "-c", "4", "-j", "2", "-T", "30", "-n"],
+    )
+    .background();
+    p.wait_for(15, "reads served by the target", |p| target_reads(p) > 200);
+    relay.set_stall(true);
+    let trip = wait_tripped(&p, 20);
+    relay.set_stall(false);
+    // The routed reads in flight timed out and ran on the source; a
+    // session whose link timed out stops routing until it is back, so with
+    // four clients it is the stalled health checks that trip.
+    assert!(p.stat("/metrics/routing/fallbacks/timeout") > 0);
+    assert!(
+        ["health_check", "error_rate"].contains(&trip["rule"].as_str().unwrap()),
+        "{trip:#}"
+    );
+    assert_eq!(trip["recovery"], "manual");
+
+    // The target is fine again (its checks pass), but nothing comes back
+    // by itself.
+    p.wait_for(20, "passing checks", |p| {
+        failback(p)["checks"]["target"]["failures_in_a_row"] == 0
+    });
+    let reads = target_reads(&p);
+    std::thread::sleep(Duration::from_secs(5));
+    let st = failback(&p);
+    assert_eq!(st["state"], "tripped", "{st:#}");
+    assert!(st["next"].as_str().unwrap().contains("resume"), "{st:#}");
+    assert_eq!(target_reads(&p), reads);
+    assert!(audited(&p, &["failback_probe", "failback_step"]).is_empty());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
+        .arg("--config")
+        .arg(p.dir.path().join("proxy.toml"))
+        .args(["ctl", "resume", "--reason", "target checked by hand"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    p.wait_for(20, "reads on the target after resume", |p| {
+        failback(p)["state"] == "healthy" && target_reads(p) > reads + 50
+    });
+    let resume = audited(&p, &["resume"]);
+    assert_eq!(resume.len(), 1);
+    assert_eq!(resume[0]["reason"], "target checked by hand");
+    assert_eq!(resume[0]["new"]["effective_percent"].as_f64(), Some(100.0));
+    load.pgbench_ok();
+}
+
+#[test]
+fn refused_connections_trip_the_health_check_rule_without_traffic() {
+    let c = Clusters::get();
+    let relay = Relay::start(target_addr(&c));
+    let rp = relay.port();
+    let p = Proxy::start_with(|cfg| {
+        cfg["target"]["port"] = toml_edit::value(rp as i64);
+        configure(
+            cfg,
+            0.0,
+            &[
+                ("check_interval_ms", 200.into()),
+                ("check_failures", 3.into()),
+                ("check_user", SUPERUSER.into()),
+                ("check_database", "postgres".into()),
+                ("cooldown_s", 1.into()),
+                ("step_s", 1.into()),
+            ],
+        );
+    });
+    p.wait_for(10, "passing health checks", |p| {
+        let f = failback(p);
+        f["checks"]["target"]["ok"].as_u64() > Some(2)
+            && f["checks"]["target"]["connect_only"] == false
+    });
+    let started = Instant::now();
+    relay.set_refuse(true);
+    relay.cut();
+    let trip = wait_tripped(&p, 10);
+    assert_eq!(trip["rule"], "health_check", "{trip:#}");
+    assert_eq!(trip["threshold"].as_f64(), Some(3.0));
+    let err = failback(&p)["checks"]["target"]["last_error"].clone();
+    assert!(err.as_str().is_some_and(|e| !e.is_empty()), "{err}");
+    relay.set_refuse(false);
+    // Auto recovery: checks pass again, the cooldown passes, the probe
+    // steps run (nothing is routed at 0%), and the target is healthy.
+    p.wait_for(20, "recovery", |p| failback(p)["state"] == "healthy");
+    let kinds: Vec<String> = audited(
+        &p,
+        &[
+            "failback_trip",
+            "failback_probe",
+            "failback_step",
+            "failback_recovered",
+        ],
+    )
+    .iter()
+    .map(|e| e["kind"].as_str().unwrap().to_string())
+    .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("failback_trip"),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("failback_recovered"),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"failback_probe".to_string()), "{kinds:?}");
+    eprintln!(
+        "dead target tripped and recovered in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_healthy_minute_of_load_trips_nothing_with_default_thresholds() {
+    let spool = tempfile::tempdir().unwrap();
+    let sp = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        mirror_config(cfg, &sp);
+        let mut r = toml_edit::Table::new();
+        r["read_percent"] = toml_edit::value(50.0);
+        cfg["routing"] = toml_edit::Item::Table(r);
+    });
+    let c = p.clusters.clone();
+    let db = "fb_healthy";
+    pgbench_db_on_both(&c, db);
+    // Writes at a rate the mirror keeps up with on a shared 2-core box
+    // (other tests run beside this one): a mirror minutes behind would
+    // trip the mirror-lag rule, rightly.
+    let writes = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &["-M", "prepared", "-c", "2", "-R", "100", "-T", "60", "-n"],
+    )
+    .background();
+    let reads = pgbench_cmd(
+        &p,
+        SUPERUSER,
+        db,
+        &["-S", "-M", "simple", "-c", "5", "-j", "2", "-T", "60", "-n"],
+    )
+    .background();
+    writes.pgbench_ok();
+    reads.pgbench_ok();
+    let st = failback(&p);
+    assert_eq!(st["state"], "healthy", "{st:#}");
+    assert_eq!(st["trips"], 0, "{st:#}");
+    assert!(audited(&p, &["failback_trip"]).is_empty());
+    // The rules had something to judge: the target served reads and took
+    // the mirrored writes.
+    assert!(
+        target_reads(&p) > 1000,
+        "{:#}",
+        p.status()["metrics"]["routing"]
+    );
+    let metrics = p.admin_get("/metrics").1;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("pgshift_health_requests_total{backend=\"target\",kind=\"mirror\"}")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(!line.ends_with(" 0"), "{line}");
+}

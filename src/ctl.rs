@@ -160,6 +160,7 @@ pub fn status_text(s: &Value) -> String {
         s["source"]["addr"].as_str().unwrap_or("?"),
         s["target"]["addr"].as_str().unwrap_or("?"),
     );
+    out += &failback_lines(&s["failback"]);
     let mi = &s["mirror"];
     if mi.is_null() {
         out += "mirror: not configured\n";
@@ -189,6 +190,69 @@ pub fn status_text(s: &Value) -> String {
     out
 }
 
+/// The health monitor's part of status: its state, what tripped it, and
+/// the target's window against the source's.
+fn failback_lines(f: &Value) -> String {
+    if f.is_null() {
+        return String::new();
+    }
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1} ms"));
+    let mut out = match f["state"].as_str().unwrap_or("?") {
+        "healthy" => format!(
+            "failback: healthy ({}, recovery {}, {} trips so far)\n",
+            if f["enabled"] == true {
+                "armed"
+            } else {
+                "DISABLED"
+            },
+            f["recovery"].as_str().unwrap_or("?"),
+            num(&f["trips"]),
+        ),
+        state => {
+            let scope = match &f["scope"] {
+                Value::Array(shapes) => format!(
+                    "{} query shape(s): {}",
+                    shapes.len(),
+                    shapes
+                        .iter()
+                        .map(|s| s["query"].as_str().unwrap_or("?").to_string())
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ),
+                other => other.as_str().unwrap_or("?").to_string(),
+            };
+            let t = &f["last_trip"];
+            format!(
+                "failback: {} ({} at {}% for {:.0} s) by rule {}: measured {} vs threshold {} {}\n  next: {}\n",
+                state.to_uppercase(),
+                scope,
+                num(&f["cap_percent"]),
+                f["for_s"].as_f64().unwrap_or(0.0),
+                f["rule"].as_str().unwrap_or("?"),
+                t["measured"],
+                t["threshold"],
+                t["unit"].as_str().unwrap_or(""),
+                f["next"].as_str().unwrap_or("-"),
+            )
+        }
+    };
+    for side in ["target", "source"] {
+        let w = &f["windows"][side];
+        out += &format!(
+            "  {side} last {} s: {} requests, {} failed ({:.2}%), p50 {}, p95 {}, p99 {}; checks: {} failed in a row\n",
+            num(&f["window_s"]),
+            num(&w["requests"]),
+            num(&w["errors"]),
+            w["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            ms(&w["p50_ms"]),
+            ms(&w["p95_ms"]),
+            ms(&w["p99_ms"]),
+            num(&f["checks"][side]["failures_in_a_row"]),
+        );
+    }
+    out
+}
+
 /// The routing line of status, and of the answers to route, failback and
 /// resume.
 fn routing_line(r: &Value) -> String {
@@ -205,6 +269,11 @@ fn routing_line(r: &Value) -> String {
         out += &format!(
             "; FAILED BACK (all reads on the source): {}",
             r["failback_reason"].as_str().unwrap_or("")
+        );
+    } else if let Some(why) = r["health_limit"]["why"].as_str() {
+        out += &format!(
+            "; health monitor: {why}, {}% in effect",
+            num(&r["effective_percent"])
         );
     }
     out + "\n"

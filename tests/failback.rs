@@ -306,6 +306,23 @@ fn a_stalled_target_stays_failed_back_until_ctl_resume() {
     assert_eq!(target_reads(&p), reads);
     assert!(audited(&p, &["failback_probe", "failback_step"]).is_empty());
 
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .arg("--config")
+            .arg(p.dir.path().join("proxy.toml"))
+            .arg("ctl")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("failback: TRIPPED (all reads at 0%")
+            && text.contains("next: waiting for resume"),
+        "{text}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
         .arg("--config")
         .arg(p.dir.path().join("proxy.toml"))

@@ -212,7 +212,7 @@ impl Recorder {
     }
 
     /// Takes every buffered sample (swapping in `spare`'s allocation).
-    fn drain(&self, spare: &mut Vec<Sample>, mut f: impl FnMut(&Sample)) {
+    pub fn drain(&self, spare: &mut Vec<Sample>, mut f: impl FnMut(&Sample)) {
         for shard in &self.shards {
             spare.clear();
             {

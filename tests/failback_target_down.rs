@@ -25,6 +25,9 @@ fn a_stopped_target_fails_back_and_ramps_back_through_the_probe_steps() {
         f["cooldown_s"] = toml_edit::value(3);
         f["step_s"] = toml_edit::value(2);
         f["probe_percent"] = toml_edit::value(10.0);
+        // Not the rule under test, and on a loaded 2-core machine routed
+        // reads can be 3x slower than the source's.
+        f["max_p95_ratio"] = toml_edit::value(0.0);
         cfg["failback"] = toml_edit::Item::Table(f);
     });
     let db = "fb_down";

@@ -55,7 +55,8 @@ impl Backend {
     }
 }
 
-/// What the proxy asked of the backend.
+/// What the proxy asked of the backend (in the order of `ALL`: the
+/// discriminant indexes per-kind counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A client's eligible read (served, or attempted on the target).
@@ -80,7 +81,8 @@ impl Kind {
     }
 }
 
-/// A failure that is the backend's fault.
+/// A failure that is the backend's fault (in the order of `ALL`, as
+/// above).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// No connection, or it broke.

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use super::rules::{self, Breach, Inputs};
 use super::window::Window;
-use super::{Backend, Health, Sample};
+use super::{Backend, Fault, Health, Kind, Sample};
 use crate::config::{FailbackConfig, Recovery};
 use crate::proxy::Proxy;
 use crate::router::Limit;
@@ -133,21 +133,36 @@ impl Monitor {
         }
         let m = &health.metrics;
         let mut spare = std::mem::take(&mut self.spare);
+        // Counted here and added to the metrics once per label set per
+        // tick: resolving a label set per sample cost more than the rest.
+        let mut requests = [[0u64; 4]; 2];
+        let mut faults = [[0u64; 6]; 2];
         health.recorder.drain(&mut spare, |s| {
             self.windows[s.backend as usize].add(now, s);
-            m.requests
-                .get_or_create(&vec![
-                    ("backend", s.backend.label()),
-                    ("kind", s.kind.label()),
-                ])
-                .inc();
+            requests[s.backend as usize][s.kind as usize] += 1;
             if let Some(f) = s.fault {
-                m.errors
-                    .get_or_create(&vec![("backend", s.backend.label()), ("fault", f.label())])
-                    .inc();
+                faults[s.backend as usize][f as usize] += 1;
             }
         });
         self.spare = spare;
+        for b in [Backend::Source, Backend::Target] {
+            for k in Kind::ALL {
+                let n = requests[b as usize][k as usize];
+                if n > 0 {
+                    m.requests
+                        .get_or_create(&vec![("backend", b.label()), ("kind", k.label())])
+                        .inc_by(n);
+                }
+            }
+            for f in Fault::ALL {
+                let n = faults[b as usize][f as usize];
+                if n > 0 {
+                    m.errors
+                        .get_or_create(&vec![("backend", b.label()), ("fault", f.label())])
+                        .inc_by(n);
+                }
+            }
+        }
         let dropped = health
             .recorder
             .dropped

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::{Fault, Kind, Sample};
+use super::{Fault, Sample};
 
 const SLICES: u32 = 10;
 /// Shapes kept per slice; the rest count under shape 0 ("other"), which is
@@ -66,9 +66,9 @@ impl Totals {
 
     fn add(&mut self, s: &Sample) {
         self.requests += 1;
-        self.by_kind[Kind::ALL.iter().position(|k| *k == s.kind).unwrap_or(0)] += 1;
+        self.by_kind[s.kind as usize] += 1;
         if let Some(f) = s.fault {
-            self.faults[Fault::ALL.iter().position(|x| *x == f).unwrap_or(0)] += 1;
+            self.faults[f as usize] += 1;
         }
         if s.latency_us > 0 {
             self.latency.saturating_record(s.latency_us as u64);
@@ -231,7 +231,7 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Backend;
+    use super::super::{Backend, Kind};
     use super::*;
 
     fn read(ms: u64, fault: Option<Fault>) -> Sample {

@@ -506,7 +506,9 @@ impl<'a> Decider<'a> {
     /// Whether this session could route anything with these settings (so
     /// holding a batch back is worth it).
     fn may_route(&self, s: &Settings) -> bool {
-        s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold
+        // (Shape 0 is in no capped set: with a cap on some shapes, others
+        // may still route.)
+        s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold_for(|| 0)
     }
 
     /// A simple Query at a request boundary: `Some(routed)` when it goes to

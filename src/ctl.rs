@@ -226,7 +226,7 @@ fn failback_lines(f: &Value) -> String {
                 "failback: {} ({} at {}% for {:.0} s) by rule {}: measured {} vs threshold {} {}\n  next: {}\n",
                 state.to_uppercase(),
                 scope,
-                num(&f["cap_percent"]),
+                f["cap_percent"].as_f64().map_or("-".into(), |p| p.to_string()),
                 f["for_s"].as_f64().unwrap_or(0.0),
                 f["rule"].as_str().unwrap_or("?"),
                 t["measured"],

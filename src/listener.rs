@@ -201,16 +201,11 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
         return Ok(());
     };
     let cfg = &proxy.config;
-    let load = |p: &Option<std::path::PathBuf>| {
-        p.as_deref()
-            .map(crate::upstream::passfile::PassFile::load)
-            .transpose()
-    };
     let upstreams = crate::shadow::exec::Upstreams {
         source: crate::net::connect::Upstream::new("source", &cfg.source)?,
-        source_passfile: load(&cfg.source.passfile)?,
+        source_passfile: load_passfile(&cfg.source.passfile)?,
         target: crate::net::connect::Upstream::new("target", &cfg.target)?,
-        target_passfile: load(&cfg.target.passfile)?,
+        target_passfile: load_passfile(&cfg.target.passfile)?,
     };
     let mut exec = crate::shadow::exec::Exec::new(
         shadow,
@@ -224,6 +219,15 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A passfile named in the config, loaded (for the proxy's own logins).
+fn load_passfile(
+    p: &Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<crate::upstream::passfile::PassFile>> {
+    p.as_deref()
+        .map(crate::upstream::passfile::PassFile::load)
+        .transpose()
+}
+
 /// Starts the health monitor's thread and the health checks of both
 /// backends (on a thread of their own).
 fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
@@ -231,22 +235,17 @@ fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
         return Ok(());
     };
     let cfg = &proxy.config;
-    let load = |p: &Option<std::path::PathBuf>| {
-        p.as_deref()
-            .map(crate::upstream::passfile::PassFile::load)
-            .transpose()
-    };
     use crate::health::{check::Checker, Backend};
     let checkers = [
         Checker {
             backend: Backend::Source,
             upstream: crate::net::connect::Upstream::new("source", &cfg.source)?,
-            passfile: load(&cfg.source.passfile)?,
+            passfile: load_passfile(&cfg.source.passfile)?,
         },
         Checker {
             backend: Backend::Target,
             upstream: crate::net::connect::Upstream::new("target", &cfg.target)?,
-            passfile: load(&cfg.target.passfile)?,
+            passfile: load_passfile(&cfg.target.passfile)?,
         },
     ];
     // Their own thread and runtime: a check times what the backend does,

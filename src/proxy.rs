@@ -211,7 +211,8 @@ impl Proxy {
     }
 
     /// The same, applied first and audited after: a health monitor trip
-    /// must not wait for the disk (an fsync took seconds here under load)
+    /// must not wait for the disk (the audit entry is fsynced, and the
+    /// disk of a busy host can take seconds)
     /// while reads go to a failing target. The settings stay applied even
     /// when the audit write fails (the error says so).
     pub fn set_routing_urgently(

@@ -350,12 +350,7 @@ fn a_stalled_target_stays_failed_back_until_ctl_resume() {
             && text.contains("next: waiting for resume"),
         "{text}"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
-        .arg("--config")
-        .arg(p.dir.path().join("proxy.toml"))
-        .args(["ctl", "resume", "--reason", "target checked by hand"])
-        .output()
-        .unwrap();
+    let out = ctl(&["resume", "--reason", "target checked by hand"]);
     assert!(out.status.success(), "{out:?}");
     p.wait_for(20, "reads on the target after resume", |p| {
         failback(p)["state"] == "healthy" && target_reads(p) > reads + 50

@@ -132,16 +132,6 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-fn ctl(p: &Proxy, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
-        .arg("--config")
-        .arg(p.dir.path().join("proxy.toml"))
-        .arg("ctl")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     let secret = tempfile::tempdir().unwrap();
@@ -151,7 +141,7 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     let p = Proxy::start_with(move |cfg| {
         cfg["admin"]["token_file"] = toml_edit::value(tf);
     });
-    let out = ctl(&p, &["status"]);
+    let out = p.ctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -160,7 +150,7 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     );
     assert!(text.contains("mirror: not configured"), "{text}");
 
-    let out = ctl(&p, &["status", "--json"]);
+    let out = p.ctl(&["status", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, {
@@ -170,13 +160,13 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
         live
     });
 
-    let out = ctl(&p, &["config"]);
+    let out = p.ctl(&["config"]);
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["epoch"], 1);
     assert_eq!(v["config"]["source"]["port"], p.clusters.source_port);
 
-    let out = ctl(&p, &["audit"]);
+    let out = p.ctl(&["audit"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(text.lines().count(), 1, "{text}");
@@ -184,7 +174,7 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
 
     // A wrong token: a clear error and a failing exit code.
     std::fs::write(&token_file, "not-the-token\n").unwrap();
-    let out = ctl(&p, &["status"]);
+    let out = p.ctl(&["status"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("bearer token"), "{err}");

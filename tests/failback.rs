@@ -333,16 +333,7 @@ fn a_stalled_target_stays_failed_back_until_ctl_resume() {
     assert_eq!(target_reads(&p), reads);
     assert!(audited(&p, &["failback_probe", "failback_step"]).is_empty());
 
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
-            .arg("--config")
-            .arg(p.dir.path().join("proxy.toml"))
-            .arg("ctl")
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let out = ctl(&["status"]);
+    let out = p.ctl(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -350,7 +341,7 @@ fn a_stalled_target_stays_failed_back_until_ctl_resume() {
             && text.contains("next: waiting for resume"),
         "{text}"
     );
-    let out = ctl(&["resume", "--reason", "target checked by hand"]);
+    let out = p.ctl(&["resume", "--reason", "target checked by hand"]);
     assert!(out.status.success(), "{out:?}");
     p.wait_for(20, "reads on the target after resume", |p| {
         failback(p)["state"] == "healthy" && target_reads(p) > reads + 50

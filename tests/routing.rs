@@ -500,15 +500,7 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
         .any(|s| s.metric == "pgshift_config_epoch"));
 
     // The CLI says the same.
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .arg("ctl")
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let ctl = |args: &[&str]| p.ctl(args);
     std::fs::write(&cfg_path, with("100")).unwrap();
     let out = ctl(&["route", "--read-percent", "7.5"]);
     assert!(out.status.success(), "{out:?}");

@@ -242,12 +242,7 @@ async fn a_row_changed_on_the_target_is_confirmed_naming_row_and_column() {
         "{metrics}"
     );
     // And `ctl mismatches` lists it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
-        .arg("--config")
-        .arg(p.dir.path().join("proxy.toml"))
-        .args(["ctl", "mismatches"])
-        .output()
-        .unwrap();
+    let out = p.ctl(&["mismatches"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(fp) && text.contains("balance"), "{text}");

@@ -367,11 +367,24 @@ impl Health {
     /// The shape of a statement the target ran, remembering its text the
     /// first time (for status and the audit log).
     pub fn shape_of(&self, sql: &[u8]) -> u64 {
+        thread_local! {
+            /// Shapes this thread has named already: the shared map's lock
+            /// is taken once per shape and thread, not once per read.
+            static NAMED: std::cell::RefCell<std::collections::HashSet<u64>> =
+                std::cell::RefCell::default();
+        }
         let h = shape_hash(sql);
-        let mut names = self.shape_names.lock().unwrap_or_else(|p| p.into_inner());
-        if names.len() < MAX_SHAPE_NAMES && !names.contains_key(&h) {
-            let text = String::from_utf8_lossy(&sql[..sql.len().min(200)]).into_owned();
-            names.insert(h, text);
+        let new = NAMED.with(|n| {
+            let mut n = n.borrow_mut();
+            n.len() < MAX_SHAPE_NAMES && n.insert(h)
+        });
+        if new {
+            let mut names = self.shape_names.lock().unwrap_or_else(|p| p.into_inner());
+            if names.len() < MAX_SHAPE_NAMES {
+                names.entry(h).or_insert_with(|| {
+                    String::from_utf8_lossy(&sql[..sql.len().min(200)]).into_owned()
+                });
+            }
         }
         h
     }

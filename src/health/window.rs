@@ -148,10 +148,6 @@ impl Window {
         }
     }
 
-    pub fn length(&self) -> Duration {
-        self.slice_len * SLICES
-    }
-
     pub fn totals(&self) -> &Totals {
         &self.total
     }

@@ -147,8 +147,9 @@ pub struct RouteLink {
     pub health: Option<Arc<crate::health::Health>>,
     /// The eligible read now on the source is a routed read the target
     /// failed with a query error: if the source answers it, the target
-    /// was at fault (shape kept for the report).
-    pub rerun_of_target_error: Mutex<Option<u64>>,
+    /// was at fault (its shape, for the report, in `rerun_shape`).
+    pub rerun_of_target_error: AtomicBool,
+    pub rerun_shape: AtomicU64,
     /// What the source answered the eligible read now on it: 0 nothing
     /// failed, 1 an error, 2 an error that is the server's fault.
     pub source_read_error: AtomicU8,
@@ -179,7 +180,8 @@ impl Default for RouteLink {
             shadow_armed: AtomicBool::new(false),
             shadow_tap: Mutex::default(),
             health: None,
-            rerun_of_target_error: Mutex::default(),
+            rerun_of_target_error: AtomicBool::new(false),
+            rerun_shape: AtomicU64::new(0),
             source_read_error: AtomicU8::new(0),
             fallback_read: AtomicBool::new(false),
         }

@@ -165,12 +165,7 @@ impl Fallback {
 /// 25006 (read-only transaction) is the guard that catches a "read" that
 /// writes: target sessions run with `default_transaction_read_only`.
 pub fn is_fallback_code(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code.starts_with("58")
-        || code.starts_with("XX")
-        || code == "25006"
+    crate::health::is_server_fault(code) || code == "25006"
 }
 
 /// Waits until `ready()` holds, checking again at each wake-up of

@@ -311,11 +311,8 @@ where
                 req.shadow = None;
                 self.link.fallback_read.store(true, Relaxed);
                 if why == Fallback::QueryError {
-                    *self
-                        .link
-                        .rerun_of_target_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(req.shape);
+                    self.link.rerun_shape.store(req.shape, Relaxed);
+                    self.link.rerun_of_target_error.store(true, Relaxed);
                 }
                 let r = self.to_source(&req).await;
                 done(self);

@@ -927,12 +927,8 @@ fn source_read_outcome(
         s = s.latency(took);
     }
     h.record(s);
-    let rerun = link
-        .rerun_of_target_error
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(shape) = rerun {
+    if link.rerun_of_target_error.swap(false, Relaxed) {
+        let shape = link.rerun_shape.load(Relaxed);
         let fault = (error == 0).then_some(Fault::Diverged);
         h.record(Sample::new(Backend::Target, Kind::Read, fault).shape(shape));
     }

@@ -306,6 +306,18 @@ level = "info"
             .collect()
     }
 
+    /// `pgshift ctl ARGS` against this proxy (address and token from its
+    /// config file).
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .arg("--config")
+            .arg(self.dir.path().join("proxy.toml"))
+            .arg("ctl")
+            .args(args)
+            .output()
+            .expect("run pgshift ctl")
+    }
+
     /// A GET on the admin API; returns (status code, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin_port, path, self.token.as_deref())

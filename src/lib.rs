@@ -31,6 +31,8 @@ pub mod mirror;
 pub mod net;
 pub mod protocol;
 pub mod proxy;
+pub mod record;
+pub mod replay;
 pub mod router;
 pub mod session;
 pub mod shadow;

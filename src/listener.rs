@@ -137,6 +137,9 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     if let Some(a) = applier {
         let _ = tokio::task::spawn_blocking(move || a.join()).await;
     }
+    // Every session has ended: the capture gets its last records.
+    let rec = Arc::clone(&proxy);
+    let _ = tokio::task::spawn_blocking(move || rec.record.close()).await;
     info!("pgshift stopped");
     Ok(())
 }
@@ -416,6 +419,15 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
         changed
     });
     let failback_new = new.failback.clone();
+    // Record: any change stops the recording in force and starts the new
+    // one (a new capture: recordings never append to an old one).
+    let record_changed = old.record != new.record;
+    if record_changed {
+        changes.push(serde_json::json!({
+            "key": "record", "old": &old.record, "new": &new.record,
+        }));
+    }
+    let record_new = new.record.clone();
     *file = new;
     if changes.is_empty() {
         info!(restart_needed = ?restart, "config reloaded; nothing to change live");
@@ -443,6 +455,15 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     }
     if let (true, Some(h)) = (failback_changed, &proxy.health) {
         h.store(failback_new);
+    }
+    if record_changed {
+        if let Some(why) = proxy.record.apply(&record_new) {
+            let entry =
+                serde_json::json!({ "epoch": epoch, "path": record_new.path, "reason": why });
+            if let Err(e) = proxy.audit.record("record_not_started", who, entry) {
+                error!(error = %e, "cannot write the audit log");
+            }
+        }
     }
     proxy.bump_epoch(epoch);
     info!(epoch, "config reloaded");

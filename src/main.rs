@@ -34,6 +34,9 @@ enum Command {
     Run,
     /// Validate the config file and exit: non-zero, with the key and line, when it is wrong.
     Check,
+    /// Replay recorded sessions (a pgshift capture or a Postgres csvlog)
+    /// against a server, and report latency, errors and rates.
+    Replay(ReplayArgs),
     /// Talk to a running proxy's admin API (found through the config file).
     Ctl {
         /// Print the API's JSON instead of text.
@@ -45,6 +48,96 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The capture (its base path, as in `record.path`, or one segment
+    /// file), or a csvlog file with `--format csvlog`.
+    input: PathBuf,
+    /// Where to replay: a libpq URL or key=value string. Its user and
+    /// database, when given, replace each session's recorded ones.
+    #[arg(long)]
+    url: String,
+    /// `capture` (pgshift's own) or `csvlog` (a Postgres csvlog written with
+    /// log_statement = 'all').
+    #[arg(long, default_value = "capture", value_parser = ["capture", "csvlog"])]
+    format: String,
+    /// 1 = the recorded timing between messages, 2 = twice as fast, `max` =
+    /// no waiting.
+    #[arg(long, default_value = "1")]
+    speed: pgshift::replay::Speed,
+    /// Replay only the first N sessions.
+    #[arg(long)]
+    sessions: Option<u64>,
+    /// Start over at the end of the input (until --duration, or forever).
+    #[arg(long = "loop")]
+    looped: bool,
+    /// Stop after this long: seconds, or with a unit (90s, 5m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: give seconds or a number with s, m or h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?}: must be above 0"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn replay(args: ReplayArgs) -> ExitCode {
+    let opts = pgshift::replay::Options {
+        input: args.input,
+        format: if args.format == "csvlog" {
+            pgshift::replay::Format::Csvlog
+        } else {
+            pgshift::replay::Format::Capture
+        },
+        url: args.url,
+        speed: args.speed,
+        sessions: args.sessions,
+        looped: args.looped,
+        duration: args.duration,
+        progress: !args.quiet && !args.json,
+    };
+    match pgshift::replay::run(opts) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("pgshift replay: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgshift replay: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -95,7 +188,13 @@ enum CtlCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Replaying needs no proxy config.
+    if let Some(Command::Replay(_)) = cli.command {
+        if let Some(Command::Replay(args)) = cli.command.take() {
+            return replay(args);
+        }
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -109,6 +208,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config, cli.config),
+        Command::Replay(_) => ExitCode::FAILURE, // handled above
         Command::Ctl {
             json,
             admin,

@@ -34,10 +34,47 @@ pub struct Metrics {
     pub route: crate::router::RouteMetrics,
     pub shadow: crate::shadow::ShadowMetrics,
     pub health: std::sync::Arc<crate::health::HealthMetrics>,
+    pub record: std::sync::Arc<RecordMetrics>,
     started: std::time::Instant,
 }
 
 type DynLabels = Vec<(&'static str, String)>;
+
+/// The session recorder's metrics (see `record`).
+#[derive(Default)]
+pub struct RecordMetrics {
+    pub active: Gauge,
+    pub messages: Counter,
+    pub bytes: Counter,
+    pub dropped_runs: Counter,
+}
+
+impl RecordMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register(
+            "record_active",
+            "1 while client sessions are being recorded",
+            m.active.clone(),
+        );
+        r.register(
+            "record_messages",
+            "Client messages written to the capture",
+            m.messages.clone(),
+        );
+        r.register(
+            "record_bytes",
+            "Bytes written to the capture",
+            m.bytes.clone(),
+        );
+        r.register(
+            "record_dropped_runs",
+            "Runs of client bytes not recorded because the recording buffer was full (each ends one session's recording)",
+            m.dropped_runs.clone(),
+        );
+        m
+    }
+}
 
 /// The write mirror's metrics (see `mirror`).
 pub struct MirrorMetrics {
@@ -287,9 +324,11 @@ impl Metrics {
         route.register(&mut registry);
         let shadow = crate::shadow::ShadowMetrics::register(&mut registry);
         let health = std::sync::Arc::new(crate::health::HealthMetrics::register(&mut registry));
+        let record = std::sync::Arc::new(RecordMetrics::register(&mut registry));
         Self {
             shadow,
             health,
+            record,
             registry,
             mirror,
             route,

@@ -59,6 +59,8 @@ pub struct Proxy {
     pub shadow: Option<Arc<crate::shadow::Shadow>>,
     /// The health monitor, when the proxy has a target to fail back from.
     pub health: Option<Arc<crate::health::Health>>,
+    /// Session recording for replay (`[record]`), switchable live.
+    pub record: crate::record::Recording,
     /// The shadow executor's queue, taken when it starts.
     pub shadow_jobs: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::shadow::Job>>>,
 }
@@ -141,6 +143,7 @@ impl Proxy {
         Ok(Self {
             health,
             shadow,
+            record: crate::record::Recording::new(&config.record, Arc::clone(&metrics.record)),
             shadow_jobs: std::sync::Mutex::new(shadow_jobs),
             router,
             rules,
@@ -181,6 +184,7 @@ impl Proxy {
         if let Some(h) = &self.health {
             cfg.failback = (*h.settings()).clone();
         }
+        cfg.record = self.record.config();
         if let Some(sh) = &self.shadow {
             let live = sh.settings();
             cfg.shadow.sample_percent = live.sample_percent;
@@ -311,6 +315,7 @@ impl Proxy {
             })),
             "routing": self.router.status(),
             "failback": self.health.as_ref().map(|h| h.status()),
+            "record": self.record.status(),
         })
     }
 }

@@ -68,6 +68,8 @@ pub async fn serve(
     if let (Some(h), Some(_)) = (&proxy.health, &target_link) {
         h.saw_session(&startup);
     }
+    // Recorded from here: after authentication, so no password is.
+    let recorder = proxy.record.session(id, &startup);
     let end = forward_session(
         &proxy,
         &mut client,
@@ -76,8 +78,10 @@ pub async fn serve(
         &startup,
         peer,
         target_link,
+        recorder.as_ref(),
     )
     .await;
+    drop(recorder);
     proxy.metrics.client_sessions_active.dec();
     span.in_scope(|| info!(reason = %end, "session closed"));
 }
@@ -257,6 +261,7 @@ fn split(stream: &mut Stream) -> (BoxRead<'_>, BoxWrite<'_>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the session's parts, each owned by `serve`
 async fn forward_session(
     proxy: &Proxy,
     client: &mut Stream,
@@ -265,6 +270,7 @@ async fn forward_session(
     startup: &StartupMessage,
     peer: SocketAddr,
     target_link: Option<TargetLink>,
+    recorder: Option<&crate::record::SessionRecorder>,
 ) -> End {
     let Established {
         mut server,
@@ -309,6 +315,7 @@ async fn forward_session(
             proxy.config.limits.max_message_bytes,
         );
         frontend.capture = capture.as_ref();
+        frontend.record = recorder;
         frontend.mirror = proxy.mirror.as_deref().filter(|_| capture.is_some());
         let mut backend = BackendInspector::new(&shared);
         if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {

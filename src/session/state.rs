@@ -236,6 +236,8 @@ pub struct FrontendInspector<'a> {
     plan: Option<ProbePlan>,
     /// Read routing, when the proxy has a target.
     pub route: Option<Decider<'a>>,
+    /// The session's recording for replay, when one is on.
+    pub record: Option<&'a crate::record::SessionRecorder>,
     /// Client messages seen (the mirror counts the same way).
     msg_no: u64,
     /// This run holds bytes for the source.
@@ -267,6 +269,7 @@ impl<'a> FrontendInspector<'a> {
             syncs_since_execute: 0,
             capture: None,
             mirror: None,
+            record: None,
             plan: None,
             route: None,
             msg_no: 0,
@@ -781,6 +784,9 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     fn forwarding(&mut self, bytes: &[u8]) {
+        if let Some(r) = self.record {
+            r.client_bytes(bytes);
+        }
         if let Some(c) = self.capture {
             c.lock()
                 .unwrap_or_else(|p| p.into_inner())

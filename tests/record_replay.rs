@@ -1,0 +1,466 @@
+//! Recording sessions through the proxy and replaying them (`[record]`,
+//! `pgshift replay`), on the real clusters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// `pgshift replay` with these arguments.
+fn replay(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgshift"))
+        .arg("replay")
+        .args(args)
+        .output()
+        .expect("run pgshift replay")
+}
+
+/// A replay that must succeed; its `--json` report.
+#[track_caller]
+fn replay_json(input: &Path, url: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![input.to_str().unwrap(), "--url", url, "--json"];
+    args.extend_from_slice(extra);
+    let out = replay(&args);
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "replay report is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What TPC-B leaves behind, comparable across databases: every row of
+/// accounts, branches and tellers, and history without its mtime (as a
+/// sorted multiset).
+fn tpcb_state(c: &Clusters, db: &str) -> Vec<String> {
+    [
+        "SELECT count(*) || ' ' || md5(string_agg(aid || ':' || bid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts",
+        "SELECT count(*) || ' ' || md5(string_agg(bid || ':' || bbalance, ',' ORDER BY bid)) FROM pgbench_branches",
+        "SELECT count(*) || ' ' || md5(string_agg(tid || ':' || bid || ':' || tbalance, ',' ORDER BY tid)) FROM pgbench_tellers",
+        "SELECT count(*) || ' ' || coalesce(md5(string_agg(tid || ':' || bid || ':' || aid || ':' || delta, ',' ORDER BY tid, bid, aid, delta)), '-') FROM pgbench_history",
+    ]
+    .iter()
+    .map(|q| c.sql(c.source_port, db, q))
+    .collect()
+}
+
+fn segments(base: &Path) -> Vec<PathBuf> {
+    let dir = base.parent().unwrap();
+    let name = base.file_name().unwrap().to_str().unwrap().to_string();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{name}.")))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A proxy recording to `cap` (no target links: recording needs none).
+fn recording_proxy(cap: &Path, edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+    let cap = cap.to_str().unwrap().to_string();
+    Proxy::start_with(move |c| {
+        c["target"]["session_links"] = toml_edit::value(false);
+        c["record"]["path"] = toml_edit::value(cap);
+        edit(c);
+    })
+}
+
+/// The check: TPC-B recorded through the proxy, in all three
+/// protocol modes, replayed directly against a copy of the database taken
+/// before the run, leaves the same tables (history without mtime). The
+/// capture rotates (1 MiB segments), so sessions span segments.
+#[test]
+fn recorded_pgbench_replays_to_the_same_tables() {
+    let c = Clusters::get();
+    let (db, copy) = ("rr_pgbench", "rr_pgbench_copy");
+    c.fresh_db(db);
+    let init = pg_tool(&c, "pgbench")
+        .args([
+            "-h",
+            &c.host,
+            "-p",
+            &c.source_port.to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args(["-i", "-s", "1", "-q", db])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    c.sql(
+        c.source_port,
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {copy} WITH (FORCE)"),
+    );
+    c.sql(
+        c.source_port,
+        "postgres",
+        &format!("CREATE DATABASE {copy} TEMPLATE {db}"),
+    );
+    let before = tpcb_state(&c, db);
+
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("tpcb.pgcap");
+    let mut p = recording_proxy(&cap, |c| {
+        c["record"]["max_file_bytes"] = toml_edit::value(1_i64 << 20);
+    });
+    for (mode, secs, clients) in [
+        ("prepared", "4", "4"),
+        ("simple", "3", "3"),
+        ("extended", "3", "2"),
+    ] {
+        pgbench_cmd(
+            &p,
+            SUPERUSER,
+            db,
+            &["-n", "-M", mode, "-T", secs, "-c", clients, "-j", "2"],
+        )
+        .background()
+        .pgbench_ok();
+    }
+    let st = p.status();
+    let rec = &st["record"]["current"];
+    assert_eq!(st["record"]["recording"], true, "{st:#}");
+    assert!(rec["sessions"].as_u64().unwrap() >= 9, "{rec:#}");
+    assert_eq!(rec["dropped_runs"], 0, "{rec:#}");
+    assert_eq!(rec["sessions_incomplete"], 0, "{rec:#}");
+    assert!(
+        rec["segment"].as_u64().unwrap() >= 2,
+        "no rotation: {rec:#}"
+    );
+    // Stopping the proxy finishes the capture.
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(30), Some(0));
+    let segs = segments(&cap);
+    assert!(segs.len() >= 2, "{segs:?}");
+    let after = tpcb_state(&c, db);
+    assert_ne!(before, after, "the recorded run changed nothing");
+
+    let url = format!("postgres://{SUPERUSER}@{}:{}/{copy}", c.host, c.source_port);
+    let report = replay_json(&cap, &url, &["--speed", "max"]);
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["failed_to_connect"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["lost"], 0, "{report:#}");
+    assert_eq!(
+        report["sessions"]["started"], report["meta"]["sessions"],
+        "{report:#}"
+    );
+    assert_eq!(
+        report["statements"], report["meta"]["recorded_statements"],
+        "{report:#}"
+    );
+    assert!(report["statements"].as_u64().unwrap() > 1000, "{report:#}");
+    assert_eq!(
+        tpcb_state(&c, copy),
+        after,
+        "replayed tables differ from the recorded run's"
+    );
+}
+
+/// Passwords never reach the capture (a SCRAM login through the proxy),
+/// and with `redact_parameters` neither do bind parameter values; a
+/// redacted capture still replays (its parameters are NULL).
+#[test]
+fn passwords_and_redacted_parameters_stay_out_of_the_capture() {
+    let c = Clusters::get();
+    c.fresh_db("rr_redact");
+    let work = tempfile::tempdir().unwrap();
+    let secret = "param-value-7f3a91";
+    let run = |cap: &Path, redact: bool| -> Vec<u8> {
+        let mut p = recording_proxy(cap, |c| {
+            c["record"]["redact_parameters"] = toml_edit::value(redact);
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut cfg = p.pg_config("pgshift_scram", "rr_redact");
+            cfg.password("scram-secret");
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let row = client
+                .query_one("SELECT $1::text AS v", &[&secret])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), secret);
+            drop(client);
+            let _ = conn.await;
+        });
+        p.signal("TERM");
+        assert_eq!(p.wait_exit(30), Some(0));
+        segments(cap)
+            .iter()
+            .flat_map(|s| std::fs::read(s).unwrap())
+            .collect()
+    };
+    let contains =
+        |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+
+    let plain = run(&work.path().join("plain"), false);
+    assert!(
+        contains(&plain, "SELECT $1::text"),
+        "the statement is recorded"
+    );
+    assert!(
+        contains(&plain, secret),
+        "without redaction the parameter is recorded"
+    );
+    assert!(!contains(&plain, "scram-secret"), "a password was recorded");
+    assert!(
+        !contains(&plain, "SCRAM-SHA-256"),
+        "a SASL exchange was recorded"
+    );
+
+    let redacted = run(&work.path().join("redacted"), true);
+    assert!(contains(&redacted, "SELECT $1::text"));
+    assert!(
+        !contains(&redacted, secret),
+        "a redacted parameter was recorded"
+    );
+    assert!(!contains(&redacted, "scram-secret"));
+
+    let url = format!(
+        "postgres://pgshift_scram:scram-secret@{}:{}/rr_redact",
+        c.host, c.source_port
+    );
+    let report = replay_json(&work.path().join("redacted"), &url, &["--speed", "max"]);
+    assert_eq!(report["meta"]["redacted"], true, "{report:#}");
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["started"], 1, "{report:#}");
+}
+
+/// `[record]` switches live: on from a reload, off again (the capture is
+/// finished), and a second start at the same path is refused (recordings
+/// never overwrite) and shown in status and the audit log. A bad value is
+/// rejected with key and line and the recording in force stays.
+#[test]
+fn recording_switches_live_and_never_overwrites() {
+    let c = Clusters::get();
+    c.fresh_db("rr_live");
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("live");
+    let p = Proxy::start_with(|c| {
+        c["target"]["session_links"] = toml_edit::value(false);
+    });
+    let cfg_path = p.dir.path().join("proxy.toml");
+    let base = std::fs::read_to_string(&cfg_path).unwrap();
+    let write_cfg = |extra: &str| std::fs::write(&cfg_path, format!("{base}\n{extra}")).unwrap();
+    let url = p.url(SUPERUSER, "rr_live");
+    assert_eq!(p.status()["record"]["recording"], false);
+
+    write_cfg(&format!("[record]\npath = \"{}\"\n", cap.display()));
+    p.signal("HUP");
+    p.wait_for(10, "recording on", |p| {
+        p.status()["record"]["recording"] == true
+    });
+    psql_ok(
+        &url,
+        &[
+            "-c",
+            "CREATE TABLE t (v int)",
+            "-c",
+            "INSERT INTO t VALUES (1), (2)",
+        ],
+        None,
+    );
+    p.wait_for(10, "the session recorded", |p| {
+        p.status()["record"]["current"]["messages"].as_u64() >= Some(2)
+    });
+
+    // A bad value: rejected with key and line; the recording stays on.
+    write_cfg(&format!(
+        "[record]\npath = \"{}\"\nmax_file_bytes = 5\n",
+        cap.display()
+    ));
+    p.signal("HUP");
+    p.wait_for(10, "the rejection", |p| {
+        !p.status()["config"]["last_rejection"].is_null()
+    });
+    let st = p.status();
+    let rej = &st["config"]["last_rejection"];
+    assert_eq!(rej["key"], "record.max_file_bytes", "{rej:#}");
+    assert!(rej["line"].as_u64().is_some(), "{rej:#}");
+    assert_eq!(st["record"]["recording"], true);
+
+    // Off: the capture is finished and replays.
+    write_cfg("");
+    p.signal("HUP");
+    p.wait_for(10, "recording off and finished", |p| {
+        let s = p.status();
+        s["record"]["recording"] == false && s["record"]["last"]["finished"] == true
+    });
+    c.sql(c.source_port, "rr_live", "DROP TABLE t");
+    let report = replay_json(
+        &cap,
+        &format!(
+            "postgres://{SUPERUSER}@{}:{}/rr_live",
+            c.host, c.source_port
+        ),
+        &["--speed", "max"],
+    );
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(c.sql(c.source_port, "rr_live", "SELECT sum(v) FROM t"), "3");
+
+    // On again at the same path: refused, said in status and the audit log.
+    write_cfg(&format!("[record]\npath = \"{}\"\n", cap.display()));
+    p.signal("HUP");
+    p.wait_for(10, "the start error", |p| {
+        p.status()["record"]["start_error"].is_string()
+    });
+    let st = p.status();
+    assert!(
+        st["record"]["start_error"]
+            .as_str()
+            .unwrap()
+            .contains("never overwrites"),
+        "{st:#}"
+    );
+    assert!(p
+        .audit_entries()
+        .iter()
+        .any(|e| e["kind"] == "record_not_started"));
+    assert!(p
+        .audit_entries()
+        .iter()
+        .any(|e| e["kind"] == "config_reload" && e["changes"].to_string().contains("\"record\"")));
+}
+
+/// A recording that cannot keep up never slows or breaks the client: with
+/// the smallest buffer, a 20 MB COPY through the proxy succeeds, the
+/// session's recording stops (counted, shown in status), and what was
+/// recorded ends marked incomplete and still reads.
+#[test]
+fn a_full_buffer_drops_recording_not_the_client() {
+    let c = Clusters::get();
+    c.fresh_db("rr_full");
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("full");
+    let mut p = recording_proxy(&cap, |c| {
+        c["record"]["buffer_bytes"] = toml_edit::value(1_i64 << 20);
+    });
+    let url = p.url(SUPERUSER, "rr_full");
+    psql_ok(&url, &["-c", "CREATE TABLE big (id int, pad text)"], None);
+    let mut data = Vec::new();
+    for i in 0..200_000 {
+        data.extend_from_slice(format!("{i}\t{}\n", "x".repeat(90)).as_bytes());
+    }
+    psql_ok(&url, &["-c", "\\copy big FROM STDIN"], Some(&data));
+    assert_eq!(
+        c.sql(c.source_port, "rr_full", "SELECT count(*) FROM big"),
+        "200000"
+    );
+    let st = p.status();
+    let rec = &st["record"]["current"];
+    assert!(rec["dropped_runs"].as_u64().unwrap() >= 1, "{rec:#}");
+    assert!(rec["sessions_incomplete"].as_u64().unwrap() >= 1, "{rec:#}");
+    assert_eq!(
+        st["record"]["recording"], true,
+        "recording goes on for other sessions"
+    );
+    let metrics = http_get(p.admin_port, "/metrics", None).1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pgshift_record_dropped_runs_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(30), Some(0));
+    let check = replay(&[
+        cap.to_str().unwrap(),
+        "--url",
+        "postgres://nobody@127.0.0.1:1/x",
+        "--sessions",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// A truncated or corrupt capture is rejected with an error naming the
+/// file and the offset, before anything is replayed; so is a file that is
+/// not a capture.
+#[test]
+fn truncated_or_corrupt_captures_are_rejected_with_the_offset() {
+    let c = Clusters::get();
+    c.fresh_db("rr_corrupt");
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("good");
+    let mut p = recording_proxy(&cap, |_| {});
+    let url = p.url(SUPERUSER, "rr_corrupt");
+    psql_ok(&url, &["-c", "CREATE TABLE t (v int)"], None);
+    psql_ok(&url, &["-c", "INSERT INTO t VALUES (1)"], None);
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(30), Some(0));
+    let good = std::fs::read(&segments(&cap)[0]).unwrap();
+    let target = format!(
+        "postgres://{SUPERUSER}@{}:{}/rr_corrupt",
+        c.host, c.source_port
+    );
+    let count = || c.sql(c.source_port, "rr_corrupt", "SELECT count(*) FROM t");
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated",
+            good[..good.len() - 3].to_vec(),
+            "truncated at offset",
+        ),
+        (
+            "corrupt",
+            {
+                let mut b = good.clone();
+                let i = b.len() - 20;
+                b[i] ^= 0x55;
+                b
+            },
+            "corrupt record at offset",
+        ),
+        ("header", good[..12].to_vec(), "truncated at offset 12"),
+        (
+            "foreign",
+            b"PGDMP\x01\x0e\x00 not ours".to_vec(),
+            "not a pgshift capture",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let f = work.path().join(format!("{name}.000001"));
+        std::fs::write(&f, &bytes).unwrap();
+        let out = replay(&[f.to_str().unwrap(), "--url", &target, "--speed", "max"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(
+            err.contains(f.to_str().unwrap()),
+            "{name}: the file is named: {err}"
+        );
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert_eq!(
+            count(),
+            "1",
+            "{name}: something was replayed from a bad file"
+        );
+    }
+    // The good capture itself replays (inserting one more row).
+    c.sql(c.source_port, "rr_corrupt", "DROP TABLE t");
+    let report = replay_json(&cap, &target, &["--speed", "max"]);
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(count(), "1");
+}

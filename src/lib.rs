@@ -16,7 +16,11 @@
 //! - `ctl`: `pgshift ctl`, the admin API's command-line client.
 //! - `classify`: the statement classifier (read, write, lock, ...).
 //! - `mirror`: write mirroring: capture, spool, commit order, applier.
-//! - `router`: read routing policy (not wired into sessions yet).
+//! - `router`: read routing: settings, per-request decisions, the responder.
+//! - `shadow`: shadow reads and result diffing.
+//! - `health`: the health monitor and automatic failback.
+//! - `record`: recording client sessions into captures.
+//! - `replay`: `pgshift replay` of captures and Postgres csvlogs.
 
 pub mod admin;
 pub mod audit;

@@ -36,21 +36,6 @@ fn replay_json(input: &Path, url: &str, extra: &[&str]) -> serde_json::Value {
     })
 }
 
-/// What TPC-B leaves behind, comparable across databases: every row of
-/// accounts, branches and tellers, and history without its mtime (as a
-/// sorted multiset).
-fn tpcb_state(c: &Clusters, db: &str) -> Vec<String> {
-    [
-        "SELECT count(*) || ' ' || md5(string_agg(aid || ':' || bid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts",
-        "SELECT count(*) || ' ' || md5(string_agg(bid || ':' || bbalance, ',' ORDER BY bid)) FROM pgbench_branches",
-        "SELECT count(*) || ' ' || md5(string_agg(tid || ':' || bid || ':' || tbalance, ',' ORDER BY tid)) FROM pgbench_tellers",
-        "SELECT count(*) || ' ' || coalesce(md5(string_agg(tid || ':' || bid || ':' || aid || ':' || delta, ',' ORDER BY tid, bid, aid, delta)), '-') FROM pgbench_history",
-    ]
-    .iter()
-    .map(|q| c.sql(c.source_port, db, q))
-    .collect()
-}
-
 fn segments(base: &Path) -> Vec<PathBuf> {
     let dir = base.parent().unwrap();
     let name = base.file_name().unwrap().to_str().unwrap().to_string();
@@ -86,31 +71,8 @@ fn recording_proxy(cap: &Path, edit: impl FnOnce(&mut toml_edit::DocumentMut)) -
 fn recorded_pgbench_replays_to_the_same_tables() {
     let c = Clusters::get();
     let (db, copy) = ("rr_pgbench", "rr_pgbench_copy");
-    c.fresh_db(db);
-    let init = pg_tool(&c, "pgbench")
-        .args([
-            "-h",
-            &c.host,
-            "-p",
-            &c.source_port.to_string(),
-            "-U",
-            SUPERUSER,
-        ])
-        .args(["-i", "-s", "1", "-q", db])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    c.sql(
-        c.source_port,
-        "postgres",
-        &format!("DROP DATABASE IF EXISTS {copy} WITH (FORCE)"),
-    );
-    c.sql(
-        c.source_port,
-        "postgres",
-        &format!("CREATE DATABASE {copy} TEMPLATE {db}"),
-    );
-    let before = tpcb_state(&c, db);
+    pgbench_db_on_source(&c, db, Some(copy));
+    let before = pgbench_state(&c, db);
 
     let work = tempfile::tempdir().unwrap();
     let cap = work.path().join("tpcb.pgcap");
@@ -146,25 +108,15 @@ fn recorded_pgbench_replays_to_the_same_tables() {
     assert_eq!(p.wait_exit(30), Some(0));
     let segs = segments(&cap);
     assert!(segs.len() >= 2, "{segs:?}");
-    let after = tpcb_state(&c, db);
+    let after = pgbench_state(&c, db);
     assert_ne!(before, after, "the recorded run changed nothing");
 
     let url = format!("postgres://{SUPERUSER}@{}:{}/{copy}", c.host, c.source_port);
     let report = replay_json(&cap, &url, &["--speed", "max"]);
-    assert_eq!(report["errors_total"], 0, "{report:#}");
-    assert_eq!(report["sessions"]["failed_to_connect"], 0, "{report:#}");
-    assert_eq!(report["sessions"]["lost"], 0, "{report:#}");
-    assert_eq!(
-        report["sessions"]["started"], report["meta"]["sessions"],
-        "{report:#}"
-    );
-    assert_eq!(
-        report["statements"], report["meta"]["recorded_statements"],
-        "{report:#}"
-    );
+    assert_replay_complete(&report);
     assert!(report["statements"].as_u64().unwrap() > 1000, "{report:#}");
     assert_eq!(
-        tpcb_state(&c, copy),
+        pgbench_state(&c, copy),
         after,
         "replayed tables differ from the recorded run's"
     );
@@ -463,4 +415,73 @@ fn truncated_or_corrupt_captures_are_rejected_with_the_offset() {
     let report = replay_json(&cap, &target, &["--speed", "max"]);
     assert_eq!(report["errors_total"], 0, "{report:#}");
     assert_eq!(count(), "1");
+}
+
+/// Pointed at pgshift, a replay is live traffic: a recorded TPC-B and
+/// select-only capture replayed through a proxy with mirroring, 50% read
+/// routing and every eligible read shadowed leaves the target equal to the
+/// source, and its reads are routed and compared with no confirmed
+/// mismatch.
+#[test]
+fn a_replay_through_pgshift_is_mirrored_routed_and_shadowed() {
+    use common::mirror::*;
+    let c = Clusters::get();
+    let work = tempfile::tempdir().unwrap();
+
+    // Record somewhere else: a plain recording proxy over its own database.
+    pgbench_db_on_source(&c, "rr_through_rec", None);
+    let cap = work.path().join("cap");
+    let mut rec = recording_proxy(&cap, |_| {});
+    for args in [["-M", "prepared", "-T", "3"], ["-M", "simple", "-T", "2"]] {
+        let mut a = vec!["-n", "-c", "2", "-j", "2"];
+        a.extend_from_slice(&args);
+        pgbench_cmd(&rec, SUPERUSER, "rr_through_rec", &a)
+            .background()
+            .pgbench_ok();
+    }
+    pgbench_cmd(
+        &rec,
+        SUPERUSER,
+        "rr_through_rec",
+        &["-n", "-S", "-M", "simple", "-T", "2", "-c", "2"],
+    )
+    .background()
+    .pgbench_ok();
+    rec.signal("TERM");
+    assert_eq!(rec.wait_exit(30), Some(0));
+
+    // Replay through a mirroring, routing, shadowing proxy over a database
+    // with the same pgbench data on both clusters.
+    pgbench_db_on_both(&c, "rr_through");
+    let spool = work.path().join("spool");
+    let p = Proxy::start_with(|cfg| {
+        mirror_config(cfg, &spool);
+        cfg["routing"]["read_percent"] = toml_edit::value(50.0);
+        cfg["shadow"]["sample_percent"] = toml_edit::value(100.0);
+        // Failback has its own tests; here a slow moment must not change
+        // where reads go.
+        cfg["failback"]["enabled"] = toml_edit::value(false);
+    });
+    let url = format!("postgres://{SUPERUSER}@127.0.0.1:{}/rr_through", p.port);
+    let report = replay_json(&cap, &url, &["--speed", "max"]);
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["lost"], 0, "{report:#}");
+    assert_eq!(
+        report["statements"], report["meta"]["recorded_statements"],
+        "{report:#}"
+    );
+    p.wait_mirror_drained(120);
+    assert_pgbench_tables_same(&c, "rr_through");
+    assert!(
+        p.stat("/metrics/routing/target/reads") > 0,
+        "no read was routed"
+    );
+    p.wait_for(60, "shadow reads compared", |p| {
+        let (_, body) = p.admin_get("/mismatches");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["counts"]["compared"]["match"].as_u64() > Some(100)
+    });
+    let (_, body) = p.admin_get("/mismatches");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["counts"]["compared"]["mismatch_confirmed"], 0, "{v:#}");
 }

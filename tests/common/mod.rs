@@ -123,6 +123,70 @@ pub fn pgbench_db_on_both(c: &Clusters, db: &str) {
     }
 }
 
+/// A fresh `db` on the source only with the pgbench tables (scale 1),
+/// loaded directly; with `copy`, also a copy of it taken now (a database
+/// made from it as a template), to replay into later.
+pub fn pgbench_db_on_source(c: &Clusters, db: &str, copy: Option<&str>) {
+    c.fresh_db(db);
+    let out = pgbench_on_source(c, &["-i", "-s", "1", "-q", db]);
+    assert!(out.status.success(), "{out:?}");
+    if let Some(copy) = copy {
+        let drop = format!("DROP DATABASE IF EXISTS {copy} WITH (FORCE)");
+        c.sql(c.source_port, "postgres", &drop);
+        let create = format!("CREATE DATABASE {copy} TEMPLATE {db}");
+        c.sql(c.source_port, "postgres", &create);
+    }
+}
+
+/// pgbench straight to the source as the superuser.
+pub fn pgbench_on_source(c: &Clusters, args: &[&str]) -> Output {
+    pg_tool(c, "pgbench")
+        .args([
+            "-h",
+            &c.host,
+            "-p",
+            &c.source_port.to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A `pgshift replay --json` report of a replay that went through: no
+/// error, every session of the input logged in and stayed connected, every
+/// statement of the input ran.
+#[track_caller]
+pub fn assert_replay_complete(report: &serde_json::Value) {
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["failed_to_connect"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["lost"], 0, "{report:#}");
+    assert_eq!(
+        report["sessions"]["started"], report["meta"]["sessions"],
+        "{report:#}"
+    );
+    assert_eq!(
+        report["statements"], report["meta"]["recorded_statements"],
+        "{report:#}"
+    );
+}
+
+/// What TPC-B leaves behind in `db` on the source, comparable across
+/// databases: digests of every row of accounts, branches and tellers, and
+/// of history without its mtime (as a sorted multiset).
+pub fn pgbench_state(c: &Clusters, db: &str) -> Vec<String> {
+    [
+        "SELECT count(*) || ' ' || md5(string_agg(aid || ':' || bid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts",
+        "SELECT count(*) || ' ' || md5(string_agg(bid || ':' || bbalance, ',' ORDER BY bid)) FROM pgbench_branches",
+        "SELECT count(*) || ' ' || md5(string_agg(tid || ':' || bid || ':' || tbalance, ',' ORDER BY tid)) FROM pgbench_tellers",
+        "SELECT count(*) || ' ' || coalesce(md5(string_agg(tid || ':' || bid || ':' || aid || ':' || delta, ',' ORDER BY tid, bid, aid, delta)), '-') FROM pgbench_history",
+    ]
+    .iter()
+    .map(|q| c.sql(c.source_port, db, q))
+    .collect()
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

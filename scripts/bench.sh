@@ -1,61 +1,83 @@
 #!/usr/bin/env bash
-# scripts/bench.sh — pgbench comparison of direct Postgres vs PgBouncer vs pgshift.
+# scripts/bench.sh — the benchmark behind docs/benchmarks.md: direct Postgres vs
+# PgBouncer vs pgshift (passthrough, mirroring, read routing, shadow reads, session
+# recording) under pgbench, then the proxies' memory with idle client connections.
 # A benchmark, not a test: it prints numbers, it does not judge them.
 #
 # Usage: [ROUNDS=3] [DURATION=15] [CLIENTS=8] [THREADS=2] [SCALE=10] [OUT=file.md] \
-#        scripts/bench.sh
+#        [MEMORY_SESSIONS="1000 10000"] scripts/bench.sh
 #
 #   ROUNDS    rounds; each round runs every workload against every target (default 3)
 #   DURATION  seconds per pgbench run (default 15)
 #   CLIENTS   pgbench -c (default 8)          THREADS  pgbench -j (default 2)
 #   SCALE     pgbench -i -s (default 10)
-#   OUT       also write the result table (markdown) to this file (default: stdout only)
+#   OUT       also write the whole report (markdown) to this file (default: stdout only)
 #   BENCH_PGSHIFT_CONFIG  use this pgshift config file as is (must listen on 127.0.0.1:6433;
-#             no pgshift-mirror instance then)
+#             no other pgshift instance then)
 #   BENCH_MIRROR=0  leave out the pgshift-mirror and pgshift-spool instances
-#   PGSHIFT_BIN  the proxy binary (default target/release/pgshift, built first)
+#   BENCH_ROUTING=0 / BENCH_SHADOW=0 / BENCH_RECORD=0  leave out pgshift-r50 and -r100 /
+#             pgshift-s10 and -s100 / pgshift-rec
+#   BENCH_MEMORY=0  skip the idle-connection memory stage
+#   MEMORY_SESSIONS  idle client counts of that stage (default "1000 10000")
+#   BENCH_ONLY=pgbench | memory  run only the pgbench stage / only the memory stage
+#   PGSHIFT_BIN  the proxy binary, used as is (default: target/release/pgshift, built
+#             first with cargo build --release --bins)
 #   PGSHIFT_KEEP_CLUSTERS=1  leave the test clusters running at the end
-#   Quick check: DURATION=3 ROUNDS=1 SCALE=1 scripts/bench.sh
+#   Quick check: DURATION=3 ROUNDS=1 SCALE=1 MEMORY_SESSIONS=1000 scripts/bench.sh
 #
+# Stage 1, pgbench. The test clusters (scripts/cluster.sh: source 127.0.0.1:54321, target
+# 127.0.0.1:54322) both get database pgshift_bench with pgbench -i -s SCALE.
 # Targets (all 127.0.0.1, database pgshift_bench, user postgres):
 #   direct     the source cluster itself, port 54321
 #   pgbouncer  Debian's PgBouncer, port 6434: session pooling, auth_type trust,
 #              default_pool_size CLIENTS+2, max_client_conn 200,
 #              ignore_startup_parameters = extra_float_digits (run as postgres when root)
-#   pgshift    target/release/pgshift, port 6433, admin 127.0.0.1:9931, source
-#              127.0.0.1:54321 and target 127.0.0.1:54322 with sslmode disable. Its config
-#              is proxy.toml with 6432->6433, 9930->9931, every sslmode set to disable and
-#              relative paths made absolute (".clusters/" -> the real cluster dir, others
-#              -> the repo root, where proxy.toml lives), written to a temp file; if
-#              proxy.toml is missing, a guessed minimal config.
+#   pgshift    target/release/pgshift in passthrough, port 6433, admin 127.0.0.1:9931.
+#              Every instance's config is proxy.toml, written to a temp file (and copied to
+#              the run directory) by pgshift_config (scripts/lib.sh) with: listen and admin
+#              addresses set, every sslmode set to disable, relative paths made absolute
+#              (".clusters/" -> the real cluster dir, others -> the repo root, where
+#              proxy.toml lives), the mirror's spool, shadow.mismatch_log and audit.path
+#              in the run directory, and, unless said otherwise below, mirror.enabled
+#              false, routing.read_percent 0, shadow.sample_percent 0 and record.path
+#              unset (no recording). Without proxy.toml there is no pgshift instance.
 #              If pgshift does not build or start, it is skipped with a message.
-#   pgshift-mirror  the same binary and config with [mirror] enabled = true (spool in the
-#              run directory), port 6435, admin 127.0.0.1:9932. The target database gets
+#   pgshift-mirror  mirror.enabled true, port 6435, admin 9932. The target database gets
 #              the same pgbench -i, so the mirror replays TPC-B onto matching rows. After
 #              each of its runs the script records the mirror's counters and waits for it
 #              to drain before the next run (so the applier does not steal CPU from it).
-#   pgshift-spool  the same with mirroring on but [target] port 9 (nothing listens):
-#              sessions capture and spool every committed write, nothing is applied.
-#              Port 6436, admin 9933. Its spool (run directory) grows by every write.
-#   pgshift-r50, pgshift-r100  the same config (mirroring off) with routing.read_percent
-#              50 and 100: select-only reads go to the target cluster (which holds the same
-#              pgbench data) for that share of sessions. Ports 6437 and 6438, admin 9934 and
-#              9935; select-only workloads only. BENCH_ROUTING=0 leaves them out.
-#   pgshift-s10, pgshift-s100  the same config (mirroring off, read_percent 0) with
-#              shadow.sample_percent 10 and 100: that share of select-only reads also runs
-#              on the target and the answers are compared. Ports 6439 and 6440, admin 9936
-#              and 9937; select-only workloads only. BENCH_SHADOW=0 leaves them out.
+#   pgshift-spool  mirroring on but target.port 9 (nothing listens): sessions capture
+#              and spool every committed write, nothing is applied. Port 6436, admin
+#              9933. Its spool (run directory) grows by every write.
+#   pgshift-r50, pgshift-r100  routing.read_percent 50 and 100: select-only reads go to
+#              the target cluster (which holds the same pgbench data) for that share of
+#              sessions. Ports 6437 and 6438, admin 9934 and 9935; select-only workloads
+#              only.
+#   pgshift-s10, pgshift-s100  shadow.sample_percent 10 and 100: that share of
+#              select-only reads also runs on the target and the answers are compared.
+#              Ports 6439 and 6440, admin 9936 and 9937; select-only workloads only.
+#   pgshift-rec  session recording on: record.path in the run directory (a fresh
+#              capture), record.max_file_bytes 64 MiB and record.max_files 2, so the proxy
+#              itself keeps at most 128 MiB of capture on disk; the capture is deleted
+#              when the instance stops. Port 6441, admin 9938; all four workloads.
+#              Started only if GET /status reports record.recording true.
 # Workloads: select-only -M simple, -M extended, -M prepared; TPC-B -M simple.
 # Within each round and workload the targets run one after another, in an order that
-# rotates from one round/workload to the next.
+# rotates from one round/workload to the next (the order of the list is kept:
+# pgshift-rec, pgshift and pgshift-mirror are neighbours, so they mostly run back to
+# back).
 #
-# Reported per workload and target: median TPS (pgbench "tps = N (without initial
-# connection time)"), median "latency average", TPS relative to direct, and the proxy's
-# median CPU time per transaction (utime+stime from /proc/<pid>/stat before and after the
-# run, in clock ticks of `getconf CLK_TCK`, divided by "number of transactions actually
-# processed"), and for pgshift the part of it spent in the session worker threads
-# (/proc/<pid>/task/*, threads named pgshift-worker-*; the rest is the mirror's
-# applier). Raw pgbench outputs stay in target/bench/<timestamp>/.
+# Reported, first, the full comparison table: one row per workload, the direct TPS,
+# then for PgBouncer, pgshift, pgshift-mirror, pgshift-r50, pgshift-s100 and
+# pgshift-rec "median TPS (ratio to direct) / proxy CPU µs per transaction" ("-" where
+# the variant does not run that workload). Then per workload and target: median TPS
+# (pgbench "tps = N (without initial connection time)"), median "latency average", TPS
+# relative to direct, and the proxy's median CPU time per transaction (utime+stime
+# from /proc/<pid>/stat before and after the run, in clock ticks of `getconf CLK_TCK`,
+# divided by "number of transactions actually processed"), and for pgshift the part of
+# it spent in the session worker threads (/proc/<pid>/task/*, threads named
+# pgshift-worker-*; the rest is the mirror's applier, the recording's writer, ...).
+# Raw pgbench outputs stay in target/bench/<timestamp>/.
 # For pgshift-r50/-r100 also: TPS vs pgshift at read_percent 0 (median of the per-round
 # ratios), and from each instance's /status the reads each backend served and their
 # p50/p99 latency (the proxy's hdr histograms: request to ReadyForQuery, all of that
@@ -66,8 +88,24 @@
 # and the CPU the source and target clusters used during those runs (the target's is
 # the shadow reads' extra work), with each instance's shadow counters from /status.
 # For pgshift-mirror also: TPS with mirroring on vs off (median of the per-round
-# ratios, pgshift-mirror / pgshift, which ran back to back), units applied during
-# the run per second, lag at the end of the run, and how fast the backlog drained.
+# ratios, pgshift-mirror / pgshift, same round), units applied during the run per
+# second, lag at the end of the run, and how fast the backlog drained.
+# For pgshift-spool: TPS vs pgshift (median of the per-round ratios).
+# For pgshift-rec also: TPS with recording on vs off (median of the per-round ratios,
+# pgshift-rec / pgshift, same round), both CPU µs/txn, and per transaction the
+# messages recorded and bytes written to the capture, with the dropped runs and
+# incomplete sessions: the deltas of GET /status record.current over each run (read
+# once the writer has caught up, at most 5 s after the run, before the CPU sample).
+#
+# Stage 2, idle-connection memory (unless BENCH_MEMORY=0 or BENCH_ONLY=pgbench): the
+# stage-1 proxies are stopped, then scripts/idle_memory.sh runs as a child process with
+# MEMORY_SESSIONS (its header describes the method: pgshift and PgBouncer, RSS before,
+# with all N idle clients and peak, per client; pgshift with target.session_links off
+# where the target cluster has too few backends; the source cluster restarted with a
+# higher max_connections for counts above its 2200, and restored after, also by this
+# script's cleanup). Its table (with the reason for any row it could not measure) is
+# printed and appended to the report; if it ends without one, the report says so, and
+# the pgbench tables stand.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -107,6 +145,22 @@ PGSHIFT_R50_PORT=6437
 PGSHIFT_R50_ADMIN_PORT=9934
 PGSHIFT_R100_PORT=6438
 PGSHIFT_R100_ADMIN_PORT=9935
+BENCH_RECORD="${BENCH_RECORD:-1}"
+PGSHIFT_REC_PORT=6441
+PGSHIFT_REC_ADMIN_PORT=9938
+REC_FILE_BYTES=$((64 << 20))   # record.max_file_bytes of pgshift-rec
+REC_MAX_FILES=2                # record.max_files: at most 128 MiB of capture on disk
+BENCH_MEMORY="${BENCH_MEMORY:-1}"
+MEMORY_SESSIONS="${MEMORY_SESSIONS:-1000 10000}"
+BENCH_ONLY="${BENCH_ONLY:-}"
+case "$BENCH_ONLY" in
+    "" | pgbench | memory) ;;
+    *) die "BENCH_ONLY must be pgbench or memory (got '$BENCH_ONLY')" ;;
+esac
+# The idle-memory stage's own instances (scripts/idle_memory.sh).
+MEMORY_PGSHIFT_PORT=6443
+MEMORY_PGSHIFT_ADMIN_PORT=9939
+MEMORY_PGBOUNCER_PORT=6442
 declare -A PX_PID=()
 PGBOUNCER_PORT=6434
 POOL_SIZE=$((CLIENTS + 2))
@@ -121,10 +175,13 @@ MIRROR_TSV="$RUN_DIR/mirror.tsv"
 : >"$MIRROR_TSV"
 CLUSTER_TSV="$RUN_DIR/clusters.tsv"
 : >"$CLUSTER_TSV"
+REC_TSV="$RUN_DIR/record.tsv"
+: >"$REC_TSV"
 CLK_TCK="$(getconf CLK_TCK)"
 
 PGBOUNCER_PID=""
 BOUNCER_DIR=""
+MEM_PID=""
 PGSHIFT_CONFIGS=()
 
 stop_pid() { # stop_pid PID NAME: SIGTERM, bounded wait, then SIGKILL
@@ -150,6 +207,13 @@ cleanup() {
     done
     stop_pid "$PGBOUNCER_PID" pgbouncer
     [[ ${#PGSHIFT_CONFIGS[@]} -gt 0 ]] && rm -f "${PGSHIFT_CONFIGS[@]}"
+    rm -rf "$RUN_DIR"/capture-*
+    if [[ -n "$MEM_PID" ]]; then
+        # The memory stage restores the source cluster itself when it ends.
+        kill -TERM "$MEM_PID" 2>/dev/null
+        wait "$MEM_PID" 2>/dev/null
+    fi
+    [[ -n "${PGSHIFT_CLUSTER_DIR:-}" ]] && source_max_connections_restore
     if [[ "${PGSHIFT_KEEP_CLUSTERS:-0}" == 1 ]]; then
         log "PGSHIFT_KEEP_CLUSTERS=1: leaving the clusters running"
     else
@@ -170,9 +234,51 @@ unset PGHOST PGPORT PGDATABASE PGPASSWORD PGSSLMODE
 
 for p in "$PGBOUNCER_PORT" "$PGSHIFT_PORT" "$PGSHIFT_ADMIN_PORT" "$PGSHIFT_MIRROR_PORT" "$PGSHIFT_MIRROR_ADMIN_PORT" \
     "$PGSHIFT_SPOOL_PORT" "$PGSHIFT_SPOOL_ADMIN_PORT" "$PGSHIFT_R50_PORT" "$PGSHIFT_R50_ADMIN_PORT" \
-    "$PGSHIFT_R100_PORT" "$PGSHIFT_R100_ADMIN_PORT"; do
+    "$PGSHIFT_R100_PORT" "$PGSHIFT_R100_ADMIN_PORT" "$PGSHIFT_S10_PORT" "$PGSHIFT_S10_ADMIN_PORT" \
+    "$PGSHIFT_S100_PORT" "$PGSHIFT_S100_ADMIN_PORT" "$PGSHIFT_REC_PORT" "$PGSHIFT_REC_ADMIN_PORT" \
+    "$MEMORY_PGSHIFT_PORT" "$MEMORY_PGSHIFT_ADMIN_PORT" "$MEMORY_PGBOUNCER_PORT"; do
     port_open "$H" "$p" && die "$H:$p is already in use; stop whatever listens there first"
 done
+
+# ---------------------------------------------------------------- idle-memory stage
+# scripts/idle_memory.sh as a child process (so that nothing it runs into can end this
+# script); its markdown table goes to $RUN_DIR/memory.md, with the reason for any row
+# it could not measure, or a line saying why there is no table at all.
+memory_stage() {
+    local rc=0 binenv=()
+    step "idle client connections: $MEMORY_SESSIONS (scripts/idle_memory.sh)"
+    if [[ -n "${PGSHIFT_BIN:-}" ]]; then
+        binenv=("PGSHIFT_BIN=$PGSHIFT_BIN")
+    elif ((BUILT)); then
+        binenv=("PGSHIFT_BIN=$ROOT/target/release/pgshift")
+    fi
+    rm -f "$RUN_DIR/memory.md"
+    env "${binenv[@]}" MEMORY_SESSIONS="$MEMORY_SESSIONS" MEMORY_DIR="$RUN_DIR/memory" OUT="$RUN_DIR/memory.md" \
+        MEMORY_PGSHIFT_PORT="$MEMORY_PGSHIFT_PORT" MEMORY_PGSHIFT_ADMIN_PORT="$MEMORY_PGSHIFT_ADMIN_PORT" \
+        MEMORY_PGBOUNCER_PORT="$MEMORY_PGBOUNCER_PORT" "$ROOT/scripts/idle_memory.sh" >"$RUN_DIR/memory-stage.out" &
+    MEM_PID=$!
+    wait "$MEM_PID" || rc=$?
+    MEM_PID=""
+    if [[ ! -s "$RUN_DIR/memory.md" ]]; then
+        echo "Idle client connections: NOT MEASURED: scripts/idle_memory.sh exited with status $rc before writing its table (its log is above; files in $RUN_DIR/memory)." \
+            >"$RUN_DIR/memory.md"
+    elif ((rc)); then
+        printf '\n(scripts/idle_memory.sh exited with status %s: rows after the last one above were not measured.)\n' "$rc" \
+            >>"$RUN_DIR/memory.md"
+    fi
+}
+BUILT=0
+if [[ "$BENCH_ONLY" == memory ]]; then
+    memory_stage
+    cp "$RUN_DIR/memory.md" "$RUN_DIR/report.md"
+    echo
+    cat "$RUN_DIR/report.md"
+    if [[ -n "$OUT" ]]; then
+        cp "$RUN_DIR/report.md" "$OUT"
+        log "table written to $OUT"
+    fi
+    exit 0
+fi
 
 step "database $DB at scale $SCALE on source and target"
 for port in "$DIRECT_PORT" "$TARGET_PORT"; do
@@ -225,24 +331,38 @@ psql -X -At -h "$H" -p "$PGBOUNCER_PORT" -d "$DB" -c 'select 1' >/dev/null \
 log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') running (pid $PGBOUNCER_PID)"
 
 # ---------------------------------------------------------------- pgshift
-# Three instances of the same binary and config, run interleaved: "pgshift" with
-# mirroring off (passthrough), "pgshift-mirror" with it on, and "pgshift-spool" with
-# it on but the target unreachable, so that only the hot-path capture and the spool
-# appends cost anything (nothing is applied, no target Postgres competes for CPU).
+# Instances of the same binary and config, run interleaved: "pgshift" in passthrough,
+# "pgshift-mirror" with mirroring on, "pgshift-spool" with it on but the target
+# unreachable (only the hot-path capture and the spool appends cost anything: nothing
+# is applied, no target Postgres competes for CPU), "pgshift-r50/-r100" routing reads,
+# "pgshift-s10/-s100" shadowing reads, and "pgshift-rec" recording sessions.
 declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT
-    [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT)
+    [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT [pgshift-rec]=$PGSHIFT_REC_PORT)
 declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT [pgshift-r50]=$PGSHIFT_R50_ADMIN_PORT
     [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT [pgshift-s10]=$PGSHIFT_S10_ADMIN_PORT
-    [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT)
-BUILT=0
-start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCENT] [SAMPLE_PERCENT]
+    [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT [pgshift-rec]=$PGSHIFT_REC_ADMIN_PORT)
+# The recording's counters from the admin API (.record): recording(1|0) messages
+# bytes_written dropped_runs sessions sessions_incomplete segment start_error|error|-
+record_status() {
+    python3 - "$1" <<'PY'
+import json, sys, urllib.request
+r = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=10))["record"]
+c = r.get("current") or {}
+err = (r.get("start_error") or c.get("error") or "-").replace("\n", " ")
+print(int(bool(r.get("recording"))), c.get("messages", 0), c.get("bytes_written", 0), c.get("dropped_runs", 0),
+      c.get("sessions", 0), c.get("sessions_incomplete", 0), c.get("segment", 0), err)
+PY
+}
+start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCENT] [SAMPLE_PERCENT] [RECORD(on|off)]
     local name="$1" mirror="$2" port="${PX_PORT[$1]}" admin="${PX_ADMIN[$1]}" cfg
-    local target_port="${3:-$TARGET_PORT}" read_percent="${4:-0}" sample_percent="${5:-0}"
-    step "starting $name on $H:$port (mirroring $mirror)"
+    local target_port="${3:-$TARGET_PORT}" read_percent="${4:-0}" sample_percent="${5:-0}" record="${6:-off}"
+    step "starting $name on $H:$port (mirroring $mirror, recording $record)"
     if ((!BUILT)); then
-        if ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
+        if [[ -n "${PGSHIFT_BIN:-}" ]]; then
+            log "PGSHIFT_BIN=$PGSHIFT_BIN: using it as is (no cargo build)"
+        elif ! timeout 1800 cargo build --release --bins >"$RUN_DIR/cargo-build.log" 2>&1; then
             tail -n 20 "$RUN_DIR/cargo-build.log" >&2
             warn "pgshift does not build (log: $RUN_DIR/cargo-build.log); benchmarking without it"
             return 1
@@ -256,50 +376,21 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
         cp "$BENCH_PGSHIFT_CONFIG" "$cfg"
     elif [[ -f "$ROOT/proxy.toml" ]]; then
         rm -rf "$RUN_DIR/spool-$name"
-        python3 - "$ROOT/proxy.toml" "$PGSHIFT_CLUSTER_DIR" "$ROOT" \
-            "$port" "$admin" "$mirror" "$RUN_DIR/spool-$name" "$target_port" "$read_percent" \
-            "$sample_percent" "$RUN_DIR/mismatches-$name.jsonl" >"$cfg" <<'PY'
-import re, sys
-src, cluster_dir, root, port, admin_port, mirror, spool, target_port, read_percent, \
-    sample_percent, mismatch_log = sys.argv[1:]
-section, seen_mirror, seen_routing, seen_shadow = "", False, False, False
-for line in open(src):
-    m = re.match(r"^\s*\[([a-z_]+)\]", line)
-    if m:
-        section = m.group(1)
-        seen_mirror |= section == "mirror"
-        seen_routing |= section == "routing"
-        seen_shadow |= section == "shadow"
-    line = re.sub(r"(?<![0-9])6432(?![0-9])", port, line)
-    line = re.sub(r"(?<![0-9])9930(?![0-9])", admin_port, line)
-    line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
-    line = re.sub(r"sslmode=[a-z-]+", "sslmode=disable", line)
-    if section == "target" and re.match(r"^\s*port\s*=", line):
-        line = f"port = {target_port}\n"
-    if section == "mirror" and re.match(r"^\s*enabled\s*=", line):
-        line = f"enabled = {'true' if mirror == 'on' else 'false'}\n"
-    if section == "mirror" and re.match(r"^\s*spool_dir\s*=", line):
-        line = f'spool_dir = "{spool}"\n'
-    if section == "routing" and re.match(r"^\s*read_percent\s*=", line):
-        line = f"read_percent = {read_percent}\n"
-    if section == "shadow" and re.match(r"^\s*sample_percent\s*=", line):
-        line = f"sample_percent = {sample_percent}\n"
-    if section == "shadow" and re.match(r"^\s*#?\s*mismatch_log\s*=", line):
-        line = f'mismatch_log = "{mismatch_log}"\n'
-    # Relative paths: resolved against proxy.toml's dir by pgshift; make them absolute.
-    m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
-    if m and re.search(r"(cert|tls_key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
-        val = m.group(2)
-        val = cluster_dir + val[len(".clusters"):] if val.startswith(".clusters/") else root + "/" + val
-        line = m.group(1) + val + m.group(3)
-    sys.stdout.write(line)
-if mirror == "on" and not seen_mirror:
-    sys.stdout.write(f'\n[mirror]\nenabled = true\nspool_dir = "{spool}"\n')
-if not seen_routing:
-    sys.stdout.write(f'\n[routing]\nread_percent = {read_percent}\n')
-if not seen_shadow:
-    sys.stdout.write(f'\n[shadow]\nsample_percent = {sample_percent}\nmismatch_log = "{mismatch_log}"\n')
-PY
+        local rec=('record.path=')
+        if [[ "$record" == on ]]; then
+            # A fresh capture path (a recording never overwrites its first segment);
+            # the proxy itself keeps at most REC_MAX_FILES segments of REC_FILE_BYTES.
+            rm -rf "$RUN_DIR/capture-$name"
+            mkdir -p "$RUN_DIR/capture-$name"
+            rec=("record.path=\"$RUN_DIR/capture-$name/capture\"" "record.max_file_bytes=$REC_FILE_BYTES"
+                "record.max_files=$REC_MAX_FILES")
+        fi
+        pgshift_config "$ROOT/proxy.toml" "listen.addr=\"$H:$port\"" "admin.addr=\"$H:$admin\"" \
+            "target.port=$target_port" "mirror.enabled=$([[ "$mirror" == on ]] && echo true || echo false)" \
+            "mirror.spool_dir=\"$RUN_DIR/spool-$name\"" "routing.read_percent=$read_percent" \
+            "shadow.sample_percent=$sample_percent" "shadow.mismatch_log=\"$RUN_DIR/mismatches-$name.jsonl\"" \
+            "audit.path=\"$RUN_DIR/audit-$name.jsonl\"" "${rec[@]}" >"$cfg" \
+            || { warn "could not derive a config from proxy.toml; no $name instance"; return 1; }
     else
         warn "proxy.toml not found; benchmarking without pgshift"
         return 1
@@ -327,6 +418,16 @@ PY
         unset "PX_PID[$name]"
         return 1
     fi
+    if [[ "$record" == on ]]; then
+        local rs
+        rs="$(record_status "$admin" 2>&1)" || rs="no status: $rs"
+        if [[ "$rs" != 1\ * ]]; then
+            warn "$name runs but is not recording ($rs); benchmarking without it"
+            stop_pid "$pid" "$name"
+            unset "PX_PID[$name]"
+            return 1
+        fi
+    fi
     log "$name running (pid $pid)"
 }
 TARGETS=(direct pgbouncer)
@@ -343,9 +444,21 @@ if [[ "$BENCH_SHADOW" == 1 ]]; then
     if start_pgshift pgshift-s10 off "$TARGET_PORT" 0 10; then TARGETS+=(pgshift-s10); fi
     if start_pgshift pgshift-s100 off "$TARGET_PORT" 0 100; then TARGETS+=(pgshift-s100); fi
 fi
+if [[ "$BENCH_RECORD" == 1 ]] && start_pgshift pgshift-rec off "$TARGET_PORT" 0 0 on; then
+    # Right before pgshift in the rotation (pgshift-mirror is right after it).
+    order=()
+    for t in "${TARGETS[@]}"; do
+        [[ "$t" == pgshift ]] && order+=(pgshift-rec)
+        order+=("$t")
+    done
+    [[ " ${order[*]} " == *" pgshift-rec "* ]] || order+=(pgshift-rec)
+    TARGETS=("${order[@]}")
+fi
 
 # ---------------------------------------------------------------- runs
 WORKLOADS=(select-simple select-extended select-prepared tpcb-simple)
+# The routing and shadow instances measure reads only (select-only workloads).
+select_only_target() { [[ "$1" =~ ^pgshift-[rs][0-9]+$ ]]; }
 
 port_of() {
     case "$1" in
@@ -420,6 +533,8 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         m0="$(mirror_status "${PX_ADMIN[$tgt]}" || true)"
         tc0="$(cluster_cpu_ticks "$PGSHIFT_CLUSTER_DIR/target" || true)"
     fi
+    local rec0="" rec1="" prev="" j
+    [[ "$tgt" == pgshift-rec ]] && rec0="$(record_status "${PX_ADMIN[$tgt]}" || true)"
     local cs0="" ct0="" cs1="" ct1="" lat_args=()
     if [[ "$wl" == select-* ]]; then
         # Every transaction's latency, for the client-side p99.
@@ -436,6 +551,16 @@ run_one() { # run_one ROUND WORKLOAD TARGET
     # shellcheck disable=SC2046
     timeout $((DURATION + 120)) pgbench -h "$H" -p "$port" -c "$CLIENTS" -j "$THREADS" \
         -T "$DURATION" $(workload_args "$wl") "${lat_args[@]}" "$DB" >"$out" 2>&1 || rc=$?
+    if [[ -n "$rec0" ]]; then
+        # Until the writer has written what the run recorded (bytes_written stops
+        # moving; at most 5 s), so that its CPU counts too.
+        for ((j = 0; j < 50; j++)); do
+            rec1="$(record_status "${PX_ADMIN[$tgt]}" || true)"
+            [[ -n "$rec1" && "$(awk '{print $3}' <<<"$rec1")" == "$(awk '{print $3}' <<<"$prev")" ]] && break
+            prev="$rec1"
+            sleep 0.1
+        done
+    fi
     [[ -n "$pid" ]] && after="$(proc_cpu_ticks "$pid" || true)"
     [[ "$tgt" == pgshift* ]] && wafter="$(thread_cpu_ticks "$pid" pgshift-worker || true)"
     if [[ -n "$cs0" && -n "$ct0" ]]; then
@@ -470,6 +595,16 @@ run_one() { # run_one ROUND WORKLOAD TARGET
         return 0
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$round" "$wl" "$tgt" "$tps" "$lat" "$txns" "$ticks" "$wticks" >>"$RESULTS"
+    if [[ -n "$rec0" && -n "$rec1" ]]; then
+        # round workload txns messages bytes_written dropped_runs sessions sessions_incomplete
+        # recording_at_end segment error (deltas over the run but the last three)
+        local a b
+        read -r -a a <<<"$rec0"
+        read -r -a b <<<"$rec1"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$wl" "$txns" $((b[1] - a[1])) $((b[2] - a[2])) \
+            $((b[3] - a[3])) $((b[4] - a[4])) $((b[5] - a[5])) "${b[0]}" "${b[6]}" "${b[*]:7}" >>"$REC_TSV"
+        log "  recording: $((b[1] - a[1])) messages, $((b[2] - a[2])) bytes written ($(((b[2] - a[2]) / (txns > 0 ? txns : 1))) per txn), dropped runs $((b[3] - a[3])), segment ${b[6]}$([[ ${b[0]} == 1 ]] || echo ", NOT RECORDING: ${b[*]:7}")"
+    fi
     if [[ -n "$m1" && -n "$m2" ]]; then
         # round workload processed_in_run spooled_in_run lag_end_txns lag_end_s drain_s
         # processed_in_drain divergences target_cluster_ticks
@@ -485,7 +620,7 @@ run_one() { # run_one ROUND WORKLOAD TARGET
 
 nt=${#TARGETS[@]}
 nr=0
-for t in "${TARGETS[@]}"; do [[ "$t" == pgshift-r* || "$t" == pgshift-s* ]] && nr=$((nr + 1)); done
+for t in "${TARGETS[@]}"; do if select_only_target "$t"; then nr=$((nr + 1)); fi; done
 total=$((ROUNDS * (${#WORKLOADS[@]} * (nt - nr) + 3 * nr)))
 step "running $total pgbench runs of ${DURATION}s (~$((total * (DURATION + 2) / 60)) min): targets ${TARGETS[*]}"
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -494,8 +629,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         log "round $r/$ROUNDS, workload $wl"
         for ((k = 0; k < nt; k++)); do
             tgt="${TARGETS[$(((r + wi + k) % nt))]}"
-            # The routing and shadow instances measure reads only.
-            [[ ("$tgt" == pgshift-r* || "$tgt" == pgshift-s*) && "$wl" != select-* ]] && continue
+            if select_only_target "$tgt" && [[ "$wl" != select-* ]]; then continue; fi
             run_one "$r" "$wl" "$tgt"
         done
     done
@@ -521,11 +655,13 @@ for t in sys.argv[2:]:
 json.dump(out, open(sys.argv[1], "w"))
 PY
 TABLE="$RUN_DIR/results.md"
-python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" "$RUN_DIR" "$CLUSTER_TSV" >"$TABLE" <<'EOF'
+BENCH_TARGETS="${TARGETS[*]}" python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" "$RUN_DIR" \
+    "$CLUSTER_TSV" "$REC_TSV" "$BENCH_MIRROR$BENCH_ROUTING$BENCH_SHADOW$BENCH_RECORD" >"$TABLE" <<'EOF'
 import glob, json, os, sys, statistics
 path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 routing = json.load(open(sys.argv[5])) if len(sys.argv) > 5 else {}
-run_dir, cluster_path = sys.argv[6], sys.argv[7]
+run_dir, cluster_path, rec_path, enabled = sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
+started = os.environ.get("BENCH_TARGETS", "").split()
 
 def p99_ms(wl, tgt, rnd="*"):
     # pgbench -l lines: client txn latency_us script_no epoch_s epoch_us
@@ -554,9 +690,51 @@ for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
     if wticks != "" and int(txns) > 0:
         d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
 order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-r50": 3, "pgshift-r100": 4,
-         "pgshift-s10": 5, "pgshift-s100": 6, "pgshift-mirror": 7, "pgshift-spool": 8}
-targets.sort(key=lambda t: order.get(t, 9))
+         "pgshift-s10": 5, "pgshift-s100": 6, "pgshift-mirror": 7, "pgshift-spool": 8, "pgshift-rec": 9}
+targets.sort(key=lambda t: order.get(t, 10))
 med = lambda xs: statistics.median(xs) if xs else None
+
+# The full comparison table first: one row per workload, one column per variant.
+labels = {"select-simple": "select-only, -M simple", "select-extended": "select-only, -M extended",
+          "select-prepared": "select-only, -M prepared", "tpcb-simple": "TPC-B, -M simple"}
+variants = [("pgbouncer", "PgBouncer"), ("pgshift", "pgshift passthrough"), ("pgshift-mirror", "pgshift mirroring"),
+            ("pgshift-r50", "pgshift 50% routing"), ("pgshift-s100", "pgshift 100% shadowing"),
+            ("pgshift-rec", "pgshift recording")]
+# Which switch leaves a variant out (BENCH_MIRROR BENCH_ROUTING BENCH_SHADOW BENCH_RECORD).
+switch = {"pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
+          "pgshift-s100": (2, "BENCH_SHADOW=0"), "pgshift-rec": (3, "BENCH_RECORD=0")}
+print("Each cell: median TPS (TPS / direct) / the proxy's CPU time per transaction in µs; "
+      "\"-\": the variant does not run that workload (routing and shadowing: select-only only).")
+print()
+print("| workload | direct TPS | " + " | ".join(l for _, l in variants) + " |")
+print("|---|---:|" + "---:|" * len(variants))
+for wl in workloads:
+    base = med(data.get((wl, "direct"), {}).get("tps", []))
+    cells = [f"{base:.0f}" if base else "failed"]
+    for tgt, _ in variants:
+        d = data.get((wl, tgt))
+        if d is None:
+            cells.append("-")
+        elif not d["tps"]:
+            cells.append(f"failed ×{d['failed']}")
+        else:
+            tps, cpu = med(d["tps"]), med(d["cpu"])
+            ratio = f"{tps / base:.2f}" if base else "-"
+            cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+            cells.append(f"{tps:.0f} ({ratio}) / {cpu_s}" + (f" ({d['failed']} failed)" if d["failed"] else ""))
+    print(f"| {labels.get(wl, wl)} | " + " | ".join(cells) + " |")
+missing = []
+for tgt, label in variants:
+    if tgt in started:
+        continue
+    i, flag = switch.get(tgt, (None, None))
+    missing.append(f"{tgt} ({flag})" if i is not None and enabled[i:i + 1] == "0" else f"{tgt} (did not start; see the log)")
+if missing:
+    print()
+    print("Not in this run: " + ", ".join(missing) + ".")
+print()
+print("All targets, per workload:")
+print()
 print("| workload | target | median TPS | median latency ms | p99 latency ms | TPS vs direct | proxy CPU µs/txn | of which session workers |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for wl in workloads:
@@ -617,9 +795,9 @@ if ratios or mrows:
             print(f"| {wl} | {med_r} | {rs_s} | - | - | - | - | - | - | - |")
 route_ratios = {}
 for (rnd, wl, tgt), tps in by_round.items():
-    if tgt.startswith("pgshift-r") and (rnd, wl, "pgshift") in by_round:
+    if tgt in ("pgshift-r50", "pgshift-r100") and (rnd, wl, "pgshift") in by_round:
         route_ratios.setdefault((wl, tgt), []).append(tps / by_round[(rnd, wl, "pgshift")])
-if route_ratios or any(k.startswith("pgshift-r") for k in routing):
+if route_ratios or any(k in ("pgshift-r50", "pgshift-r100") for k in routing):
     print()
     print("Read routing: select-only TPS at read_percent 50 and 100 vs 0 (pgshift), same round:")
     print()
@@ -696,6 +874,36 @@ if spool_ratios:
         rs = spool_ratios.get(wl, [])
         if rs:
             print(f"| {wl} | {statistics.median(rs):.3f} | {' '.join(f'{r:.3f}' for r in rs)} |")
+rec_ratios = {}
+for (rnd, wl, tgt), tps in by_round.items():
+    if tgt == "pgshift-rec" and (rnd, wl, "pgshift") in by_round:
+        rec_ratios.setdefault(wl, []).append(tps / by_round[(rnd, wl, "pgshift")])
+rrows = [l.rstrip("\n").split("\t") for l in open(rec_path) if l.strip()]
+if rec_ratios or rrows:
+    print()
+    print("Recording on (pgshift-rec: [record] on, otherwise pgshift's passthrough config) vs off (pgshift), "
+          "TPS ratio per round (same round); recorded per transaction from its GET /status record.current "
+          "counters (bytes as written to the capture):")
+    print()
+    print("| workload | TPS ratio, median | per round | CPU µs/txn pgshift | CPU µs/txn pgshift-rec | messages/txn | bytes recorded/txn | dropped runs | sessions incomplete |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for wl in workloads:
+        rs = rec_ratios.get(wl, [])
+        rr = [r for r in rrows if r[1] == wl and int(r[2]) > 0]
+        if not rs and not rr:
+            continue
+        c0, c1 = med(data.get((wl, "pgshift"), {}).get("cpu", [])), med(data.get((wl, "pgshift-rec"), {}).get("cpu", []))
+        f = lambda x: f"{x:.1f}" if x is not None else "-"
+        msgs = med([int(r[3]) / int(r[2]) for r in rr])
+        byts = med([int(r[4]) / int(r[2]) for r in rr])
+        dropped = sum(int(r[5]) for r in rr)
+        incomplete = sum(int(r[7]) for r in rr)
+        print(f"| {wl} | {f'{statistics.median(rs):.3f}' if rs else '-'} | {' '.join(f'{r:.3f}' for r in rs)} | "
+              f"{f(c0)} | {f(c1)} | {f(msgs)} | {f(byts)} | {dropped} | {incomplete} |")
+    off = [r for r in rrows if r[8] != "1"]
+    if off:
+        print()
+        print(f"WARNING: pgshift-rec was not recording at the end of {len(off)} run(s): {off[-1][10]}")
 EOF
 {
     echo "pgbench: ROUNDS=$ROUNDS DURATION=${DURATION}s CLIENTS=$CLIENTS THREADS=$THREADS SCALE=$SCALE; $(nproc) cores; $(psql -X -At -h "$H" -p "$DIRECT_PORT" -d postgres -c 'show server_version') ; medians over rounds"
@@ -709,6 +917,27 @@ if [[ -n "$OUT" ]]; then
     log "table written to $OUT"
 fi
 log "raw pgbench outputs: $RUN_DIR"
+
+if [[ "$BENCH_MEMORY" == 1 && "$BENCH_ONLY" != pgbench ]]; then
+    # The pgbench stage's proxies go first: their memory and ports.
+    for name in "${!PX_PID[@]}"; do
+        stop_pid "${PX_PID[$name]}" "$name"
+        wait "${PX_PID[$name]}" 2>/dev/null || true
+        unset "PX_PID[$name]"
+    done
+    stop_pid "$PGBOUNCER_PID" pgbouncer
+    PGBOUNCER_PID=""
+    rm -rf "$RUN_DIR"/capture-*
+    memory_stage
+    { echo; cat "$RUN_DIR/memory.md"; } >>"$RUN_DIR/report.md"
+    echo
+    cat "$RUN_DIR/memory.md"
+    if [[ -n "$OUT" ]]; then
+        cp "$RUN_DIR/report.md" "$OUT"
+        log "table written to $OUT"
+    fi
+    log "whole report: $RUN_DIR/report.md"
+fi
 if ((FAILED_BASELINE)); then
     die "some direct/pgbouncer runs failed"
 fi

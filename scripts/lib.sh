@@ -26,6 +26,14 @@
 #   proc_cpu_ticks PID    utime+stime of PID (all threads) in clock ticks
 #   thread_cpu_ticks PID PREFIX   the same, summed over PID's threads whose name
 #                         starts with PREFIX (e.g. pgshift-worker: the hot path)
+#   pgshift_config PROXY_TOML [SECTION.KEY=VALUE ...]
+#                         prints a pgshift config derived from PROXY_TOML with those keys
+#                         set (or, with an empty VALUE, commented out), every sslmode
+#                         disable and relative paths absolute (bench.sh, idle_memory.sh)
+#   source_max_connections_raise N / source_max_connections_restore
+#                         restart the source test cluster with max_connections=N, and
+#                         back with its own settings (restore: only if raised; a marker
+#                         file in the cluster dir remembers it across runs)
 #
 # Every command these helpers run reads from /dev/null, so nothing ever waits for input.
 
@@ -216,4 +224,104 @@ proc_cpu_ticks() {
     # shellcheck disable=SC2086
     set -- $rest
     echo $(( ${12} + ${13} ))
+}
+
+# ---------------------------------------------------------------- benchmark helpers
+# (used by scripts/bench.sh and scripts/idle_memory.sh)
+
+# pgshift_config PROXY_TOML [SECTION.KEY=VALUE ...] > NEW_TOML
+#   A pgshift config derived from PROXY_TOML (normally proxy.toml). VALUE is raw TOML
+#   (quote strings: 'listen.addr="127.0.0.1:6433"'); it replaces the section's
+#   uncommented KEY line, or is inserted right after the section's header (a section
+#   that does not exist is appended). An empty VALUE (record.path=) comments the
+#   KEY line out, i.e. leaves the key at its default. Also: every sslmode is set to
+#   disable, and relative paths of keys named *cert, *tls_key, *file, *path, *dir,
+#   *log are made absolute (".clusters/..." -> $PGSHIFT_CLUSTER_DIR/..., others ->
+#   the repository root, where proxy.toml lives). Needs PGSHIFT_CLUSTER_DIR.
+pgshift_config() {
+    local src="$1"
+    shift
+    python3 - "$src" "${PGSHIFT_CLUSTER_DIR:?run eval \"\$(scripts/cluster.sh env)\" first}" "$ROOT" "$@" <<'PY'
+import re, sys
+src, cluster_dir, root = sys.argv[1:4]
+over = {}
+for a in sys.argv[4:]:
+    k, eq, v = a.partition("=")
+    sec, dot, key = k.partition(".")
+    if not eq or not dot:
+        sys.exit(f"pgshift_config: bad override {a!r} (want section.key=value)")
+    over.setdefault(sec, {})[key] = v.strip() or None
+lines = open(src).read().splitlines(keepends=True)
+if lines and not lines[-1].endswith("\n"):
+    lines[-1] += "\n"
+hdr = re.compile(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$")
+kv = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+defined, section = set(), ""
+for line in lines:
+    m = hdr.match(line)
+    if m:
+        section = m.group(1)
+    elif kv.match(line):
+        defined.add((section, kv.match(line).group(1)))
+out, section, sections = [], "", set()
+for line in lines:
+    m = hdr.match(line)
+    if m:
+        section = m.group(1)
+        sections.add(section)
+        out.append(line)
+        out += [f"{k} = {v}\n" for k, v in over.get(section, {}).items()
+                if v is not None and (section, k) not in defined]
+        continue
+    m = kv.match(line)
+    if m and m.group(1) in over.get(section, {}):
+        v = over[section][m.group(1)]
+        out.append(f"{m.group(1)} = {v}\n" if v is not None else "# " + line)
+        continue
+    line = re.sub(r"""(sslmode\s*=\s*)(["'])[a-z-]*\2""", r"\1\2disable\2", line)
+    line = re.sub(r"sslmode=[a-z-]+", "sslmode=disable", line)
+    # Relative paths are resolved against the config file's dir by pgshift.
+    m = re.match(r"""^(\s*#?\s*\w+\s*=\s*")([^"/][^"]*)(".*)$""", line, re.S)
+    if m and re.search(r"(cert|tls_key|file|path|dir|log)$", m.group(1).split("=")[0].strip().lstrip("#").strip()):
+        val = m.group(2)
+        val = cluster_dir + val[len(".clusters"):] if val.startswith(".clusters/") else root + "/" + val
+        line = m.group(1) + val + m.group(3)
+    out.append(line)
+for sec, kvs in over.items():
+    add = [f"{k} = {v}\n" for k, v in kvs.items() if v is not None]
+    if sec not in sections and add:
+        out += [f"\n[{sec}]\n"] + add
+sys.stdout.write("".join(out))
+PY
+}
+
+# source_max_connections_raise N: restarts the source test cluster
+# ($PGSHIFT_CLUSTER_DIR/source) with `pg_ctl restart -o "-c max_connections=N"` (as the
+# cluster owner), for a measurement that needs more backends than its 2200.
+# source_max_connections_restore: if raised, restarts it with -o "" (the settings of
+# its config files again). A marker file remembers a raised cluster, so restore is
+# safe to call any time (cleanup traps) and also undoes one left by a killed run.
+_source_raised_marker() { echo "${PGSHIFT_CLUSTER_DIR:?}/source.max_connections_raised"; }
+_source_pg_ctl_restart() { # OPTS
+    local d="$PGSHIFT_CLUSTER_DIR/source"
+    # The postmaster must inherit no pipe of ours (a caller reading our output to EOF
+    # would wait for it), hence all three redirected.
+    as_pg_user "$PGSHIFT_PG_BIN/pg_ctl" -D "$d" -l "$PGSHIFT_CLUSTER_DIR/logs/source.log" \
+        -m fast -w -t 300 restart -o "$1" </dev/null >/dev/null 2>&1
+}
+source_max_connections_raise() {
+    local n="$1"
+    echo "$n" >"$(_source_raised_marker)"
+    log "restarting the source cluster with max_connections=$n"
+    _source_pg_ctl_restart "-c max_connections=$n"
+}
+source_max_connections_restore() {
+    [[ -f "$(_source_raised_marker)" ]] || return 0
+    log "restarting the source cluster with its normal settings"
+    if _source_pg_ctl_restart ""; then
+        rm -f "$(_source_raised_marker)"
+    else
+        warn "could not restart the source cluster (log: $PGSHIFT_CLUSTER_DIR/logs/source.log)"
+        return 1
+    fi
 }

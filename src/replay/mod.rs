@@ -281,6 +281,10 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
     let mut tasks = tokio::task::JoinSet::new();
     let mut senders: HashMap<u64, mpsc::UnboundedSender<Bytes>> = HashMap::new();
     let queued = Arc::new(AtomicU64::new(0));
+    // Each session's "finished" flag: while it runs, and once its End has
+    // been dispatched (until it is seen finished).
+    let mut running: HashMap<u64, tokio::sync::watch::Receiver<bool>> = HashMap::new();
+    let mut ended: Vec<tokio::sync::watch::Receiver<bool>> = Vec::new();
     let mut paused = false;
     let (mut base_at, mut base_us) = (tokio::time::Instant::now(), None::<u64>);
     loop {
@@ -318,12 +322,21 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
             } => {
                 let (stx, srx) = mpsc::unbounded_channel();
                 senders.insert(session, stx);
+                let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+                running.insert(session, done_rx);
+                // Sessions that ended before this one started, as recorded,
+                // end before it starts here too (its task waits; the
+                // dispatcher does not).
+                ended.retain(|d| !*d.borrow());
+                let after = ended.clone();
                 tasks.spawn(run_session(
                     Arc::clone(&target),
                     params,
                     Queue {
                         rx: srx,
                         queued: Arc::clone(&queued),
+                        after,
+                        _done: Done(done_tx),
                     },
                     Arc::clone(&stats),
                     Arc::clone(&stop),
@@ -348,6 +361,7 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
             }
             Event::End { session, .. } => {
                 senders.remove(&session);
+                ended.extend(running.remove(&session));
             }
         }
         // Reap finished tasks as we go, so a long replay holds only live ones.
@@ -434,6 +448,19 @@ fn spawn_progress(
 struct Queue {
     rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicU64>,
+    /// Sessions to wait for before starting.
+    after: Vec<tokio::sync::watch::Receiver<bool>>,
+    _done: Done,
+}
+
+/// Tells the sessions waiting for this one that it has finished, however
+/// its task ends.
+struct Done(tokio::sync::watch::Sender<bool>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Queue {
@@ -476,6 +503,10 @@ async fn run_session(
     // A csvlog has the COPY statement but not its data.
     no_copy_data: bool,
 ) {
+    for mut before in std::mem::take(&mut rx.after) {
+        // An error means the other task is gone: finished too.
+        let _ = before.wait_for(|done| *done).await;
+    }
     let startup = target.startup(&params);
     let (stream, leftover) = match target.connect(&startup).await {
         Ok(s) => s,

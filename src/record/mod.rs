@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use tracing::{info, warn};
 
 use crate::config::RecordConfig;
+use crate::mirror::capture::now_us;
 use crate::protocol::startup::StartupMessage;
 
 /// Per-thread buffers (the same sharding as the router's histograms).
@@ -192,12 +192,6 @@ pub fn segment_path(base: &Path, n: u32) -> PathBuf {
     let mut s = base.as_os_str().to_owned();
     s.push(format!(".{n:06}"));
     PathBuf::from(s)
-}
-
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The proxy's recording switch: the recording in force, if any.

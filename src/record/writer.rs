@@ -339,7 +339,7 @@ impl Writer {
 
     /// Sessions still open when recording stops.
     fn end_open_sessions(&mut self) -> Result<(), String> {
-        let at = super::now_us();
+        let at = crate::mirror::capture::now_us();
         let mut open: Vec<u64> = self.sessions.keys().copied().collect();
         open.sort_unstable();
         for id in open {
@@ -403,13 +403,28 @@ impl Writer {
         };
         let next = old.number + 1;
         let old_path = self.path_of(old.number);
-        old.finish()
+        // The closed segment is flushed here and made durable on a thread
+        // of its own: an fsync can take seconds on a busy disk, and the
+        // buffers must keep draining meanwhile (a bench run that fsynced
+        // here lost two sessions' recordings to full buffers).
+        let mut out = old.out;
+        out.flush()
             .map_err(|e| format!("cannot finish {}: {e}", old_path.display()))?;
+        let synced = std::thread::Builder::new()
+            .name("pgshift-record-sync".into())
+            .spawn(move || {
+                if let Err(e) = out.get_ref().sync_data() {
+                    tracing::warn!(error = %e, file = %old_path.display(), "cannot sync a finished capture segment");
+                }
+            });
+        if let Err(e) = synced {
+            tracing::warn!(error = %e, "cannot start a thread to sync a capture segment");
+        }
         let file = SegmentFile::create(
             &self.sink.path,
             next,
             self.sink.config.redact_parameters,
-            super::now_us(),
+            crate::mirror::capture::now_us(),
         )
         .map_err(|e| format!("{e:#}"))?;
         self.file = Some(file);

@@ -32,12 +32,15 @@ fn a_stopped_target_fails_back_and_ramps_back_through_the_probe_steps() {
     });
     let db = "fb_down";
     pgbench_db_on_both(&c, db);
+    // Long enough to outlast a slow stop and start of the target (a fast
+    // stop took over 20 s once in CI here) plus the ramp, so there is still
+    // load when the reads should return to the target.
     let load = pgbench_cmd(
         &p,
         SUPERUSER,
         db,
         &[
-            "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "60", "-n",
+            "-S", "-M", "prepared", "-c", "8", "-j", "2", "-T", "120", "-n",
         ],
     )
     .background();

@@ -15,7 +15,7 @@
 #      PGSHIFT_TARGET_PORT, PGSHIFT_CLUSTER_DIR, PGSHIFT_PG_BIN, ...), plus PGSHIFT_BIN
 #      (the release binary)
 #   4. cargo build --release --bins
-#   5. cargo test --release [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
+#   5. cargo test --release --no-fail-fast [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
 #      (--test-threads=2 is not added if you pass your own --test-threads)
 #   6. stops the clusters on exit, unless PGSHIFT_KEEP_CLUSTERS=1
 #
@@ -87,9 +87,10 @@ env | grep '^PGSHIFT_' | sort | sed 's/^/    /' >&2
 step "cargo build --release --bins"
 cargo build --release --bins
 
-step "cargo test --release ${cargo_args[*]-} -- ${bin_args[*]}"
+# --no-fail-fast: one run reports every failing binary, not just the first.
+step "cargo test --release --no-fail-fast ${cargo_args[*]-} -- ${bin_args[*]}"
 set +e
-cargo test --release "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
+cargo test --release --no-fail-fast "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
 rc=$?
 set -e
 if [[ $rc -eq 0 ]]; then

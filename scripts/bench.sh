@@ -296,27 +296,7 @@ PGBOUNCER_BIN="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 BOUNCER_DIR="$PGSHIFT_CLUSTER_DIR/bench"   # traversable by the postgres user
 rm -rf "$BOUNCER_DIR"
 mkdir -p "$BOUNCER_DIR"
-printf '"postgres" ""\n' >"$BOUNCER_DIR/userlist.txt"
-cat >"$BOUNCER_DIR/pgbouncer.ini" <<EOF
-; Written by scripts/bench.sh
-[databases]
-* = host=$H port=$DIRECT_PORT
-
-[pgbouncer]
-listen_addr = $H
-listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
-auth_type = trust
-auth_file = $BOUNCER_DIR/userlist.txt
-pool_mode = session
-default_pool_size = $POOL_SIZE
-max_client_conn = $MAX_CLIENT_CONN
-ignore_startup_parameters = extra_float_digits
-logfile = $BOUNCER_DIR/pgbouncer.log
-pidfile = $BOUNCER_DIR/pgbouncer.pid
-admin_users = postgres
-EOF
-chown -R "$(pg_owner)" "$BOUNCER_DIR"
+write_pgbouncer_ini "$BOUNCER_DIR" "$PGBOUNCER_PORT" "$DIRECT_PORT" "$POOL_SIZE" "$MAX_CLIENT_CONN" scripts/bench.sh
 as_pg_user "$PGBOUNCER_BIN" -d -q "$BOUNCER_DIR/pgbouncer.ini" </dev/null >/dev/null 2>&1 \
     || { cat "$BOUNCER_DIR/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer failed to start"; }
 for ((i = 0; i < 100; i++)); do

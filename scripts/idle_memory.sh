@@ -372,27 +372,7 @@ measure_pgbouncer() {
     [[ -x "$PGBOUNCER_BIN" ]] || { row pgbouncer "$n" - failed "" "" "" "" "" "" "" "pgbouncer not found"; return 0; }
     rm -rf "$dir"
     mkdir -p "$dir"
-    printf '"postgres" ""\n' >"$dir/userlist.txt"
-    cat >"$dir/pgbouncer.ini" <<EOF
-; Written by scripts/idle_memory.sh
-[databases]
-* = host=$H port=$PGSHIFT_SOURCE_PORT
-
-[pgbouncer]
-listen_addr = $H
-listen_port = $PB_PORT
-unix_socket_dir =
-auth_type = trust
-auth_file = $dir/userlist.txt
-pool_mode = session
-default_pool_size = 20
-max_client_conn = $((n + 100))
-ignore_startup_parameters = extra_float_digits
-logfile = $dir/pgbouncer.log
-pidfile = $dir/pgbouncer.pid
-admin_users = postgres
-EOF
-    chown -R "$(pg_owner)" "$dir"
+    write_pgbouncer_ini "$dir" "$PB_PORT" "$PGSHIFT_SOURCE_PORT" 20 "$((n + 100))" scripts/idle_memory.sh
     # runuser's PAM session sets the soft fd limit to 1024: raise it where pgbouncer starts.
     # shellcheck disable=SC2016
     if ! as_pg_user bash -c 'ulimit -n "$1" && exec "$2" -d -q "$3"' _ "$need" "$PGBOUNCER_BIN" "$dir/pgbouncer.ini" \

@@ -325,3 +325,32 @@ source_max_connections_restore() {
         return 1
     fi
 }
+
+# write_pgbouncer_ini DIR LISTEN_PORT SERVER_PORT POOL_SIZE MAX_CLIENT_CONN WRITER
+# A PgBouncer for the benchmarks: session pooling, trust auth for postgres,
+# every database on 127.0.0.1:SERVER_PORT; config, userlist, log and pid
+# file in DIR (which must be traversable by the postgres user).
+write_pgbouncer_ini() {
+    local dir="$1" port="$2" server_port="$3" pool="$4" max_clients="$5" writer="$6"
+    printf '"postgres" ""\n' >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<EOF
+; Written by $writer
+[databases]
+* = host=127.0.0.1 port=$server_port
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = session
+default_pool_size = $pool
+max_client_conn = $max_clients
+ignore_startup_parameters = extra_float_digits
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+admin_users = postgres
+EOF
+    chown -R "$(pg_owner)" "$dir"
+}

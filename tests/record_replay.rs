@@ -485,3 +485,55 @@ fn a_replay_through_pgshift_is_mirrored_routed_and_shadowed() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["counts"]["compared"]["mismatch_confirmed"], 0, "{v:#}");
 }
+
+/// `--loop` starts the capture over (a pass at a time) and `--duration`
+/// ends a replay early, whether it is still dispatching or its sessions
+/// are still working through what they were sent.
+#[test]
+fn loop_and_duration_bound_a_replay() {
+    let c = Clusters::get();
+    pgbench_db_on_source(&c, "rr_loop", None);
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("loop");
+    let mut p = recording_proxy(&cap, |_| {});
+    pgbench_cmd(
+        &p,
+        SUPERUSER,
+        "rr_loop",
+        &["-n", "-S", "-T", "3", "-c", "2"],
+    )
+    .background()
+    .pgbench_ok();
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(30), Some(0));
+    let url = format!(
+        "postgres://{SUPERUSER}@{}:{}/rr_loop",
+        c.host, c.source_port
+    );
+
+    // At the recorded pace, one second of a three-second capture.
+    let cut = replay_json(&cap, &url, &["--duration", "1s"]);
+    assert_eq!(cut["errors_total"], 0, "{cut:#}");
+    assert_eq!(cut["sessions"]["lost"], 0, "{cut:#}");
+    let (done, all) = (
+        cut["statements"].as_u64().unwrap(),
+        cut["meta"]["recorded_statements"].as_u64().unwrap(),
+    );
+    assert!(done > 0 && done < all, "{done} of {all}: {cut:#}");
+
+    // As fast as possible, over and over, for a while.
+    let looped = replay_json(
+        &cap,
+        &url,
+        &["--speed", "max", "--loop", "--duration", "6s"],
+    );
+    assert_eq!(looped["errors_total"], 0, "{looped:#}");
+    assert_eq!(looped["sessions"]["lost"], 0, "{looped:#}");
+    let passes = looped["meta"]["passes"].as_u64().unwrap();
+    assert!(passes >= 2, "{looped:#}");
+    let per_pass = looped["meta"]["sessions"].as_u64().unwrap();
+    assert!(
+        looped["sessions"]["started"].as_u64().unwrap() > per_pass,
+        "later passes started sessions: {looped:#}"
+    );
+}

@@ -243,10 +243,11 @@ enum Feed {
 async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::Result<Report> {
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let passes = Arc::new(AtomicU64::new(0));
+    // Passes the dispatcher began (the reader may be further ahead).
+    let mut passes = 0;
     let (tx, mut rx) = mpsc::channel::<Feed>(8192);
     let reader = {
-        let (opts, stop, passes) = (opts.clone(), Arc::clone(&stop), Arc::clone(&passes));
+        let (opts, stop) = (opts.clone(), Arc::clone(&stop));
         std::thread::Builder::new()
             .name("replay-reader".into())
             .spawn(move || -> anyhow::Result<()> {
@@ -254,7 +255,6 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
                 loop {
                     let mut r = Reader::open(&opts)?;
                     let mut adm = Admission::new(opts.sessions);
-                    passes.fetch_add(1, Relaxed);
                     if tx.blocking_send(Feed::Pass).is_err() {
                         return Ok(());
                     }
@@ -297,6 +297,12 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
         let Some(feed) = feed else { break };
         let ev = match feed {
             Feed::Pass => {
+                // A new pass starts once the last one's sessions are done,
+                // so passes do not pile up ahead of the server.
+                if !join_all(&mut tasks, deadline, &stop).await {
+                    break;
+                }
+                passes += 1;
                 (base_at, base_us) = (tokio::time::Instant::now(), None);
                 continue;
             }
@@ -367,13 +373,11 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
         // Reap finished tasks as we go, so a long replay holds only live ones.
         while tasks.try_join_next().is_some() {}
     }
-    // Input done (or time is up): sessions finish what they were sent.
-    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-        stop.store(true, Relaxed);
-    }
+    // Input done (or time is up): sessions finish what they were sent,
+    // but not past --duration.
     drop(rx);
     senders.clear();
-    while tasks.join_next().await.is_some() {}
+    join_all(&mut tasks, deadline, &stop).await;
     stop.store(true, Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(p) = progress {
@@ -386,8 +390,34 @@ async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::R
         Ok(r) => r?,
         Err(_) => anyhow::bail!("the input reader panicked"),
     }
-    meta.passes = passes.load(Relaxed);
+    meta.passes = passes;
     Ok(stats.report(meta, elapsed))
+}
+
+/// Waits for every session task; at `deadline` tells them to stop and
+/// keeps waiting. Returns whether the deadline had not passed.
+async fn join_all(
+    tasks: &mut tokio::task::JoinSet<()>,
+    deadline: Option<tokio::time::Instant>,
+    stop: &AtomicBool,
+) -> bool {
+    loop {
+        let next = match deadline {
+            Some(d) if !stop.load(Relaxed) => {
+                match tokio::time::timeout_at(d, tasks.join_next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        stop.store(true, Relaxed);
+                        continue;
+                    }
+                }
+            }
+            _ => tasks.join_next().await,
+        };
+        if next.is_none() {
+            return !stop.load(Relaxed);
+        }
+    }
 }
 
 /// Progress on stderr while the replay runs: a bar on a terminal, a line
@@ -506,6 +536,9 @@ async fn run_session(
     for mut before in std::mem::take(&mut rx.after) {
         // An error means the other task is gone: finished too.
         let _ = before.wait_for(|done| *done).await;
+    }
+    if stop.load(Relaxed) {
+        return; // --duration ran out while it waited
     }
     let startup = target.startup(&params);
     let (stream, leftover) = match target.connect(&startup).await {

@@ -14,8 +14,11 @@
 #      environment (scripts/cluster.sh env: PGSHIFT_HOST, PGSHIFT_SOURCE_PORT,
 #      PGSHIFT_TARGET_PORT, PGSHIFT_CLUSTER_DIR, PGSHIFT_PG_BIN, ...), plus PGSHIFT_BIN
 #      (the release binary)
-#   4. cargo build --release --bins
-#   5. cargo test --release --no-fail-fast [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
+#   4. cargo build --profile ci --bins (the `ci` profile in Cargo.toml: optimised
+#      like release, without LTO, so the test harnesses link quickly)
+#   5. cargo test --profile ci --no-fail-fast [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
+#      (the benches are built and run once each in test mode too, with --benches,
+#      unless you pass your own cargo args)
 #      (--test-threads=2 is not added if you pass your own --test-threads)
 #   6. stops the clusters on exit, unless PGSHIFT_KEEP_CLUSTERS=1
 #
@@ -80,17 +83,22 @@ trap 'exit 143' TERM
 step "starting the test clusters"
 "$ROOT/scripts/cluster.sh" start
 eval "$("$ROOT/scripts/cluster.sh" env)"
-export PGSHIFT_BIN="$ROOT/target/release/pgshift"
+export PGSHIFT_BIN="$ROOT/target/ci/pgshift"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 env | grep '^PGSHIFT_' | sort | sed 's/^/    /' >&2
 
-step "cargo build --release --bins"
-cargo build --release --bins
+step "cargo build --profile ci --bins"
+cargo build --profile ci --bins
 
+# With no cargo args: every test target, plus the benches once each in test
+# mode (their assertions run, their timings do not matter).
+if [[ ${#cargo_args[@]} -eq 0 ]]; then
+    cargo_args=(--lib --bins --tests --benches)
+fi
 # --no-fail-fast: one run reports every failing binary, not just the first.
-step "cargo test --release --no-fail-fast ${cargo_args[*]-} -- ${bin_args[*]}"
+step "cargo test --profile ci --no-fail-fast ${cargo_args[*]} -- ${bin_args[*]}"
 set +e
-cargo test --release --no-fail-fast "${cargo_args[@]+"${cargo_args[@]}"}" -- "${bin_args[@]}"
+cargo test --profile ci --no-fail-fast "${cargo_args[@]}" -- "${bin_args[@]}"
 rc=$?
 set -e
 if [[ $rc -eq 0 ]]; then

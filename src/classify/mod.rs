@@ -14,18 +14,21 @@
 pub mod analyze;
 pub mod lexer;
 mod parser;
+pub mod reads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use lexer::Token;
+pub use reads::{Reads, Scope};
 
 /// What one statement does, as far as mirroring and routing care.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Class {
-    /// Reads data only: may be routed, is mirrored only inside a write
-    /// transaction.
-    Read,
+    /// Reads only: may be routed when its scope is table data (see
+    /// `reads`), is mirrored only inside a write transaction or when a
+    /// function it calls turns out to have written.
+    Read(Reads),
     /// Changes data, schema, sequences or anything a target must repeat.
     Write,
     /// Takes locks without writing (`SELECT ... FOR UPDATE`, `LOCK`,
@@ -62,10 +65,18 @@ pub enum SessionOp {
 }
 
 impl Class {
+    /// A read of table data that calls nothing unknown.
+    pub const READ: Class = Class::Read(Reads::DATA);
+
     /// Whether the target must run this statement even outside a write
     /// transaction.
     pub fn is_write(&self) -> bool {
         matches!(self, Class::Write)
+    }
+
+    /// A read any server with the same data answers the same way.
+    pub fn is_portable_read(&self) -> bool {
+        matches!(self, Class::Read(r) if r.scope == Scope::Data)
     }
 }
 
@@ -239,7 +250,8 @@ fn lexical(stmt: &str, rules: &Rules) -> Option<Class> {
     match first.as_str() {
         "select" | "values" | "table" | "with" | "show" => {
             if first == "show" {
-                return Some(Class::Read);
+                // The session's and the server's settings.
+                return Some(Class::Read(Reads::SERVER));
             }
             // Anything that could make a query write or lock, or a
             // syntax the lexer does not follow, goes to the parser.
@@ -248,20 +260,36 @@ fn lexical(stmt: &str, rules: &Rules) -> Option<Class> {
             ]) {
                 return None;
             }
-            // Function calls: a word followed by `(`, possibly qualified.
+            // Function calls (a word followed by `(`) other than portable
+            // built-ins, qualified names, and words that may name system
+            // catalogs, columns or types: the parser decides.
             for (i, (t, _)) in s.words.iter().enumerate() {
-                let name = match t {
-                    Token::Word(w) => w.to_ascii_lowercase(),
-                    Token::Quoted(q) => q.to_string(),
+                let (name, quoted) = match t {
+                    Token::Word(w) => (w.to_ascii_lowercase(), false),
+                    Token::Quoted(q) => (q.to_string(), true),
                     _ => continue,
                 };
-                if matches!(s.words.get(i + 1), Some((Token::Open, _)))
-                    && rules.may_write_or_lock(&name)
-                {
+                if reads::lexical_word_is_suspect(&name) {
+                    return None;
+                }
+                if !matches!(s.words.get(i + 1), Some((Token::Open, _))) {
+                    continue;
+                }
+                let qualified =
+                    i > 0 && matches!(s.words.get(i - 1), Some((Token::Other(b'.'), _)));
+                if qualified || rules.may_write_or_lock(&name) {
+                    return None;
+                }
+                let call = if quoted {
+                    Some(reads::function(None, &name))
+                } else {
+                    reads::lexical_call(&name)
+                };
+                if call.is_some_and(|r| r != Reads::DATA) {
                     return None;
                 }
             }
-            Some(Class::Read)
+            Some(Class::READ)
         }
         "insert" | "update" | "delete" | "merge" | "truncate" | "create" | "alter" | "drop"
         | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "vacuum" | "analyze"
@@ -313,7 +341,8 @@ fn lexical(stmt: &str, rules: &Rules) -> Option<Class> {
             }
         }
         "listen" | "unlisten" | "load" => Some(Class::Session(SessionOp::SourceOnly)),
-        "fetch" | "move" | "close" => Some(Class::Read),
+        // Cursors are the session's: wherever they were declared.
+        "fetch" | "move" | "close" => Some(Class::Read(Reads::SESSION)),
         // COPY, EXPLAIN, PREPARE, EXECUTE, DEALLOCATE, DISCARD, DECLARE and
         // anything unusual: the parser.
         _ => None,

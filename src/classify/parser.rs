@@ -8,6 +8,7 @@
 use pg_query::protobuf::{self, node::Node as N};
 use serde_json::Value;
 
+use super::reads::{self, Reads};
 use super::{Class, Rules, SessionOp};
 
 /// One class per statement; a string the grammar rejects is one `Write`
@@ -36,23 +37,35 @@ fn statement(node: &N, rules: &Rules) -> Class {
     match node {
         N::SelectStmt(_) => query(node, rules),
         N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) | N::MergeStmt(_) => Class::Write,
+        // A plan (and with ANALYZE its timings) describes the server that
+        // made it.
         N::ExplainStmt(e) => {
             let analyze = e.options.iter().any(|o| match &o.node {
                 Some(N::DefElem(d)) => d.defname == "analyze" && !def_is_false(d),
                 _ => false,
             });
             match e.query.as_ref().and_then(|q| q.node.as_ref()) {
-                Some(inner) if analyze => statement(inner, rules),
-                _ => Class::Read,
+                Some(inner) if analyze => match statement(inner, rules) {
+                    Class::Read(_) => Class::Read(Reads::SERVER),
+                    other => other,
+                },
+                _ => Class::Read(Reads::SERVER),
             }
         }
         N::CopyStmt(c) => {
             if c.is_from {
                 Class::Write
             } else {
-                match c.query.as_ref().and_then(|q| q.node.as_ref()) {
-                    Some(inner) => statement(inner, rules),
-                    None => Class::Read,
+                match (
+                    c.query.as_ref().and_then(|q| q.node.as_ref()),
+                    c.relation.as_ref(),
+                ) {
+                    (Some(inner), _) => statement(inner, rules),
+                    (None, Some(r)) => Class::Read(reads::relation(
+                        (!r.schemaname.is_empty()).then_some(r.schemaname.as_str()),
+                        &r.relname,
+                    )),
+                    (None, None) => Class::READ,
                 }
             }
         }
@@ -88,7 +101,7 @@ fn statement(node: &N, rules: &Rules) -> Class {
             }
         }
         N::ConstraintsSetStmt(_) => Class::TxnControl,
-        N::VariableShowStmt(_) => Class::Read,
+        N::VariableShowStmt(_) => Class::Read(Reads::SERVER),
         N::DiscardStmt(d) => {
             use protobuf::DiscardMode as M;
             let mode = M::try_from(d.target);
@@ -113,15 +126,17 @@ fn statement(node: &N, rules: &Rules) -> Class {
         N::DeallocateStmt(d) => Class::Session(SessionOp::Deallocate {
             name: (!d.isall).then(|| d.name.clone()),
         }),
+        // A cursor is the session's, on the server that declared it.
         N::DeclareCursorStmt(d) => match d.query.as_ref().and_then(|q| q.node.as_ref()) {
             Some(inner) => match statement(inner, rules) {
                 Class::Write => Class::Write,
                 Class::Lock => Class::Lock,
-                _ => Class::Read,
+                Class::Read(r) => Class::Read(r.and(Reads::SESSION)),
+                _ => Class::Read(Reads::SESSION),
             },
             None => Class::Write,
         },
-        N::FetchStmt(_) | N::ClosePortalStmt(_) => Class::Read,
+        N::FetchStmt(_) | N::ClosePortalStmt(_) => Class::Read(Reads::SESSION),
         N::ListenStmt(_) | N::UnlistenStmt(_) | N::LoadStmt(_) => {
             Class::Session(SessionOp::SourceOnly)
         }
@@ -151,13 +166,18 @@ fn query(node: &N, rules: &Rules) -> Class {
     let Ok(tree) = serde_json::to_value(node) else {
         return Class::Write;
     };
-    let mut found = Class::Read;
-    walk(&tree, rules, &mut found);
-    found
+    let mut found = Class::READ;
+    let mut reads = Reads::DATA;
+    walk(&tree, rules, &mut found, &mut reads);
+    match found {
+        Class::Read(_) => Class::Read(reads),
+        other => other,
+    }
 }
 
-/// Raises `found` to Lock or Write on anything that locks or writes.
-fn walk(v: &Value, rules: &Rules, found: &mut Class) {
+/// Raises `found` to Lock or Write on anything that locks or writes, and
+/// `reads` on what makes the read server-local or call unknown functions.
+fn walk(v: &Value, rules: &Rules, found: &mut Class, reads: &mut Reads) {
     if *found == Class::Write {
         return;
     }
@@ -165,6 +185,26 @@ fn walk(v: &Value, rules: &Rules, found: &mut Class) {
         Value::Object(map) => {
             for (k, child) in map {
                 match k.as_str() {
+                    "RangeVar" => {
+                        let text = |f: &str| child.get(f).and_then(Value::as_str).unwrap_or("");
+                        let schema = text("schemaname");
+                        *reads = reads.and(reads::relation(
+                            (!schema.is_empty()).then_some(schema),
+                            text("relname"),
+                        ));
+                    }
+                    "ColumnRef" => {
+                        let last = names(child.get("fields")).pop();
+                        if last.is_some_and(|c| reads::is_system_column(&c)) {
+                            *reads = reads.and(Reads::SERVER);
+                        }
+                    }
+                    "type_name" | "typeName" => {
+                        let last = names(child.get("names")).pop();
+                        if last.is_some_and(|t| reads::is_server_type(&t)) {
+                            *reads = reads.and(Reads::SERVER);
+                        }
+                    }
                     "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                         *found = Class::Write;
                         return;
@@ -177,37 +217,46 @@ fn walk(v: &Value, rules: &Rules, found: &mut Class) {
                         *found = Class::Lock;
                     }
                     "FuncCall" => {
-                        if let Some(name) = func_name(child) {
-                            match rules.function(&name) {
+                        let parts = names(child.get("funcname"));
+                        if let Some(bare) = parts.last() {
+                            match rules.function(&parts.join(".")) {
                                 Some(Class::Write) => {
                                     *found = Class::Write;
                                     return;
                                 }
                                 Some(Class::Lock) => *found = Class::Lock,
-                                _ => {}
+                                _ => {
+                                    let schema =
+                                        (parts.len() > 1).then(|| parts[parts.len() - 2].as_str());
+                                    *reads = reads.and(reads::function(schema, bare));
+                                }
                             }
                         }
                     }
                     _ => {}
                 }
-                walk(child, rules, found);
+                walk(child, rules, found, reads);
             }
         }
         Value::Array(items) => {
             for item in items {
-                walk(item, rules, found);
+                walk(item, rules, found, reads);
             }
         }
         _ => {}
     }
 }
 
-/// `schema.name` of a FuncCall node, lower-cased as the grammar folds it.
-fn func_name(call: &Value) -> Option<String> {
-    let parts = call.get("funcname")?.as_array()?;
-    let names: Vec<&str> = parts
-        .iter()
-        .filter_map(|p| p.get("node")?.get("String")?.get("sval")?.as_str())
-        .collect();
-    (!names.is_empty()).then(|| names.join("."))
+/// The String parts of a name list (`funcname`, `fields`, `names`), as the
+/// grammar folded them.
+fn names(list: Option<&Value>) -> Vec<String> {
+    list.and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.get("node")?.get("String")?.get("sval")?.as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -39,6 +39,14 @@ fn one(sql: &str) -> Class {
 
 use Class::*;
 
+const READ: Class = Class::READ;
+const CALLS: Class = Class::Read(Reads {
+    scope: Scope::Data,
+    calls: true,
+});
+const SERVER: Class = Class::Read(Reads::SERVER);
+const SESSION: Class = Class::Read(Reads::SESSION);
+
 #[test]
 fn plain_reads() {
     for sql in [
@@ -48,21 +56,75 @@ fn plain_reads() {
         "VALUES (1), (2)",
         "TABLE t",
         "WITH x AS (SELECT 1) SELECT * FROM x",
-        "SHOW search_path",
         "SELECT count(*), lower(name) FROM t GROUP BY 2",
         "SELECT pg_sleep(0)",
+        "COPY t TO STDOUT",
+        "COPY (SELECT * FROM t) TO STDOUT",
+        "SELECT updated_at, \"update\" FROM t", // words that only look like keywords
+        "SELECT 'nextval(1)', $$ insert into t $$ FROM t",
+        "SELECT a.x FROM t a JOIN u ON u.id = a.id WHERE a.v IN (1, 2)",
+        "SELECT \"users\".\"id\" FROM \"users\" WHERE \"users\".\"email\" = $1",
+        "SELECT coalesce(max(v), 0)::numeric(10,2) FROM t",
+    ] {
+        assert_eq!(one(sql), READ, "{sql}");
+    }
+}
+
+#[test]
+fn reads_of_server_or_session_state_are_not_portable() {
+    for sql in [
+        "SHOW search_path",
         "EXPLAIN SELECT * FROM t",
         "EXPLAIN (ANALYZE false) DELETE FROM t",
         "EXPLAIN DELETE FROM t",
-        "COPY t TO STDOUT",
-        "COPY (SELECT * FROM t) TO STDOUT",
-        "FETCH 10 FROM c",
-        "DECLARE c CURSOR FOR SELECT * FROM t",
-        "SELECT updated_at, \"update\" FROM t", // words that only look like keywords
-        "SELECT 'nextval(1)', $$ insert into t $$ FROM t",
+        "EXPLAIN ANALYZE SELECT 1",
+        "SELECT * FROM pg_stat_activity",
+        "SELECT pid FROM pg_catalog.pg_locks",
+        "SELECT pg_backend_pid()",
+        "SELECT pg_cancel_backend(123)",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'x'",
+        "SELECT inet_server_port()",
+        "SELECT currval('s')",
+        "SELECT version()",
+        "SELECT current_setting('port')",
+        "SELECT ctid, * FROM t",
+        "SELECT t.xmin FROM t",
+        "SELECT 't'::regclass::oid",
+        "SELECT table_name FROM information_schema.tables",
+        "SELECT typname FROM pg_type WHERE oid = $1",
+        "COPY pg_class TO STDOUT",
     ] {
-        assert_eq!(one(sql), Read, "{sql}");
+        assert_eq!(one(sql), SERVER, "{sql}");
     }
+    for sql in [
+        "FETCH 10 FROM c",
+        "MOVE NEXT IN c",
+        "CLOSE c",
+        "DECLARE c CURSOR FOR SELECT * FROM t",
+    ] {
+        assert_eq!(one(sql), SESSION, "{sql}");
+    }
+}
+
+#[test]
+fn reads_that_call_unknown_functions_may_write() {
+    for sql in [
+        "SELECT f()",
+        "SELECT my_schema.lower(v) FROM t",
+        "SELECT * FROM t WHERE v = \"f\"(1)",
+        "SELECT * FROM generate_report($1)",
+        "WITH x AS (SELECT touch(id) FROM t) SELECT count(*) FROM x",
+    ] {
+        assert_eq!(one(sql), CALLS, "{sql}");
+    }
+    // Server-local and unknown together: never routed, and still probed.
+    assert_eq!(
+        one("SELECT f(), pg_backend_pid()"),
+        Class::Read(Reads {
+            scope: Scope::Server,
+            calls: true
+        })
+    );
 }
 
 #[test]
@@ -121,8 +183,8 @@ fn writes_of_every_shape() {
 #[test]
 fn configured_names_only_match_where_they_should() {
     // app.bump is configured qualified: another schema's bump is a read.
-    assert_eq!(one("SELECT other.bump(1)"), Read);
-    assert_eq!(one("SELECT bump_count FROM t"), Read);
+    assert_eq!(one("SELECT other.bump(1)"), CALLS);
+    assert_eq!(one("SELECT bump_count FROM t"), READ);
 }
 
 #[test]
@@ -230,7 +292,7 @@ fn session_state() {
         one("PREPARE sel AS SELECT * FROM t WHERE id = $1"),
         Session(SessionOp::Prepare {
             name: "sel".into(),
-            body: Box::new(Read)
+            body: Box::new(READ)
         })
     );
     assert_eq!(one("EXECUTE ins(1)"), Execute { name: "ins".into() });
@@ -252,12 +314,12 @@ fn session_state() {
 fn multi_statement_strings_are_split_and_each_part_classified() {
     assert_eq!(
         class("BEGIN; UPDATE t SET v = 1; SELECT 1; COMMIT;"),
-        vec![Begin { read_only: false }, Write, Read, TxnControl]
+        vec![Begin { read_only: false }, Write, READ, TxnControl]
     );
     // A `;` inside a string, a comment or a dollar quote does not split.
     assert_eq!(
         class("SELECT ';' /* ; */ -- ;\n; DO $$ BEGIN UPDATE t SET v = 1; END $$"),
-        vec![Read, Write]
+        vec![READ, Write]
     );
     assert!(class("").is_empty());
     assert!(class(" ; -- nothing").is_empty());
@@ -266,10 +328,10 @@ fn multi_statement_strings_are_split_and_each_part_classified() {
 #[test]
 fn comments_and_quoting_never_fool_it() {
     assert_eq!(one("/* SELECT */ DELETE FROM t"), Write);
-    assert_eq!(one("-- DELETE\nSELECT 1"), Read);
-    assert_eq!(one("SELECT '; DELETE FROM t'"), Read);
-    assert_eq!(one("SELECT $x$ ; DELETE FROM t; $x$"), Read);
-    assert_eq!(one("SELECT /* nextval('s') */ 1"), Read);
+    assert_eq!(one("-- DELETE\nSELECT 1"), READ);
+    assert_eq!(one("SELECT '; DELETE FROM t'"), READ);
+    assert_eq!(one("SELECT $x$ ; DELETE FROM t; $x$"), READ);
+    assert_eq!(one("SELECT /* nextval('s') */ 1"), READ);
     assert_eq!(
         one("/* a /* nested */ comment */ INSERT INTO t VALUES (1)"),
         Write

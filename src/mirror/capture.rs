@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::inflight::{self, InFlight};
-use super::order::{OrderKey, Probe};
+use super::order::{OrderKey, Probe, ProbeRow};
 use super::record::{startup_param, Outcome, Segment, TxnRecord};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::protocol::error::parse_error_fields;
@@ -58,6 +58,8 @@ struct Statement {
 struct Seg {
     bytes: Vec<u8>,
     write: bool,
+    /// Calls functions that may write (the probe's xid tells).
+    calls: bool,
     /// Session-state statements executed in this segment.
     session: Vec<(String, SessionOp)>,
     /// Statements bound here that the unit did not parse itself.
@@ -70,6 +72,7 @@ impl Seg {
     fn extend(&mut self, other: Seg) {
         self.bytes.extend_from_slice(&other.bytes);
         self.write |= other.write;
+        self.calls |= other.calls;
         self.session.extend(other.session);
         self.uses.extend(other.uses);
         self.commitish |= other.commitish;
@@ -105,6 +108,11 @@ pub struct Capture {
     /// The unit so far.
     unit: Vec<Segment>,
     unit_write: bool,
+    /// The unit called functions that may have written.
+    unit_calls: bool,
+    /// The unit's top-level transaction id on the source, once a probe
+    /// read it: the unit wrote, whatever the classifier thought.
+    unit_xid: Option<u64>,
     unit_commit: bool,
     unit_error: bool,
     unit_session: Vec<(String, SessionOp)>,
@@ -136,6 +144,10 @@ pub struct Capture {
     arm_no: u64,
     /// The order probe riding on the request in flight, if any.
     pub probe: Probe,
+    /// Whether that probe gives the unit its order key (at a commit, or
+    /// after an autocommit write), or only its transaction id (after a
+    /// write inside a block).
+    pub probe_orders: bool,
     /// The unit's order key, once its probe answered.
     unit_lsn: Option<u64>,
     /// "user\0database", for the mirror's record of where probes work.
@@ -190,6 +202,8 @@ impl Capture {
             syncs_since_execute: 0,
             unit: Vec::new(),
             unit_write: false,
+            unit_calls: false,
+            unit_xid: None,
             unit_commit: false,
             unit_error: false,
             unit_session: Vec::new(),
@@ -210,6 +224,7 @@ impl Capture {
             armed_at_us: 0,
             arm_no: 0,
             probe: Probe::Idle,
+            probe_orders: true,
             unit_lsn: None,
             probe_key,
             probe_works: None,
@@ -248,12 +263,13 @@ impl Capture {
         let Some(seg) = self.closed.back() else {
             return;
         };
-        let wrote = self.unit_write || self.closed.iter().any(|s| s.write);
+        let wrote =
+            self.unit_write || self.unit_calls || self.closed.iter().any(|s| s.write || s.calls);
         // With requests still unanswered, the block status is not known.
         let may_commit = seg.commitish || !self.in_block || self.closed.len() > 1;
         if wrote && may_commit {
             let now = now_us();
-            self.arm_no = journal.arm(*slot, self.session, now, &self.unit_text);
+            self.arm_no = journal.arm(*slot, self.session, now, self.unit_xid, &self.unit_text);
             if self.armed_at_us == 0 {
                 self.armed_at_us = now;
             }
@@ -276,10 +292,20 @@ impl Capture {
         }
     }
 
-    /// Whether the open unit wrote something (so its commit gets a probe).
+    /// Whether the open unit wrote something, or called functions that may
+    /// have (so its commit gets a probe).
     pub fn wrote(&self) -> bool {
         self.capturing
-            && (self.unit_write || self.open.write || self.closed.iter().any(|s| s.write))
+            && (self.unit_write
+                || self.unit_calls
+                || self.open.write
+                || self.open.calls
+                || self.closed.iter().any(|s| s.write || s.calls))
+    }
+
+    /// The unit's transaction id, once known.
+    pub fn xid(&self) -> Option<u64> {
+        self.unit_xid
     }
 
     /// Whether the mirror was capturing at the last server message.
@@ -287,9 +313,17 @@ impl Capture {
         self.capturing
     }
 
-    /// The open unit's order key arrived.
-    pub fn set_lsn(&mut self, lsn: u64) {
-        self.unit_lsn = Some(lsn);
+    /// The probe riding on the request answered.
+    pub fn probe_answered(&mut self, row: ProbeRow) {
+        if self.probe_orders {
+            self.unit_lsn = Some(row.lsn);
+        }
+        if let Some(xid) = row.xid {
+            self.unit_xid = Some(xid);
+            if let (Some((journal, slot)), true) = (&self.journal, self.armed_at_us != 0) {
+                journal.set_xid(*slot, xid);
+            }
+        }
     }
 
     /// At the end of the session: the statements of a unit whose commit was
@@ -416,7 +450,7 @@ impl Capture {
                 let classes = classify(&self.rules, &text);
                 let class = match &classes[..] {
                     [c] => c.clone(),
-                    [] => Class::Read,
+                    [] => Class::READ,
                     _ => Class::Write,
                 };
                 let st = Statement {
@@ -542,6 +576,7 @@ impl Capture {
     fn statement(&mut self, text: &str, class: Class) {
         match class {
             Class::Write => self.open.write = true,
+            Class::Read(r) if r.calls => self.open.calls = true,
             Class::TxnControl => self.open.commitish = true,
             Class::Execute { name } if self.sql_prepared.get(&name).copied().unwrap_or(true) => {
                 self.open.write = true
@@ -611,6 +646,7 @@ impl Capture {
             return Finished::Nothing;
         };
         self.unit_write |= seg.write;
+        self.unit_calls |= seg.calls;
         self.unit_session.extend(seg.session);
         self.unit_uses.extend(seg.uses);
         let ended_rollback =
@@ -625,10 +661,13 @@ impl Capture {
         }
         // The unit is over. Did any of it commit on the source?
         let committed = self.unit_commit || (!self.unit_error && !ended_rollback);
+        // A unit wrote when the classifier saw a write, or when the source
+        // gave it a transaction id (a function that writes).
+        let wrote = self.unit_write || self.unit_xid.is_some();
         let pre_version = self.state_version;
         // The record carries the state from before the unit: the unit's own
         // SETs and PREPAREs are replayed with it.
-        let pre_state: Vec<Vec<u8>> = if committed && self.unit_write && mirror_on {
+        let pre_state: Vec<Vec<u8>> = if committed && wrote && mirror_on {
             self.state
                 .iter()
                 .map(|(_, t)| t.clone().into_bytes())
@@ -642,7 +681,7 @@ impl Capture {
                 self.apply_state(text, op);
             }
         }
-        let result = if committed && self.unit_write && mirror_on {
+        let result = if committed && wrote && mirror_on {
             if self.overflow {
                 Finished::Lost {
                     bytes: self.unit_bytes,
@@ -668,6 +707,8 @@ impl Capture {
                     post_state_version: self.state_version,
                     prepared,
                     segments: std::mem::take(&mut self.unit),
+                    xid: self.unit_xid,
+                    recovered: false,
                     order: OrderKey {
                         lsn: self.unit_lsn,
                         own: self
@@ -713,7 +754,9 @@ impl Capture {
     fn reset_unit(&mut self) {
         self.unit.clear();
         self.unit_lsn = None;
+        self.unit_xid = None;
         self.unit_write = false;
+        self.unit_calls = false;
         self.unit_commit = false;
         self.unit_error = false;
         self.unit_session.clear();

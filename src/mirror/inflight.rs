@@ -31,19 +31,22 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 const SLOT: usize = 1024;
-const HEADER: usize = 1 + 8 + 8 + 2;
+const HEADER: usize = 1 + 8 + 8 + 8 + 2;
 /// Statement text kept per slot (the rest is cut).
 pub const MAX_TEXT: usize = SLOT - HEADER;
 /// Upper bound on slots (sessions open at once); beyond it, sessions run
 /// without a slot and that is counted.
 const MAX_SLOTS: u32 = 1 << 20;
-const ARMED: u8 = 1;
+/// Slot format 2 added the transaction id (format 1 slots read as none).
+const ARMED: u8 = 2;
 
 /// A unit left armed by a previous process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InDoubt {
     pub session: u64,
     pub time_us: u64,
+    /// The unit's transaction id on the source, when a probe read it.
+    pub xid: Option<u64>,
     pub statements: String,
 }
 
@@ -129,18 +132,40 @@ impl InFlight {
 
     /// Marks `slot` as holding a possibly committing unit; returns the arm
     /// number (unchanged while the slot stays armed).
-    pub fn arm(&self, slot: u32, session: u64, time_us: u64, statements: &str) -> u64 {
+    pub fn arm(
+        &self,
+        slot: u32,
+        session: u64,
+        time_us: u64,
+        xid: Option<u64>,
+        statements: &str,
+    ) -> u64 {
         let arm = *self
             .armed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(slot)
             .or_insert_with(|| self.next_arm.fetch_add(1, Ordering::Relaxed));
-        self.write_slot(slot, session, time_us, statements);
+        self.write_slot(slot, session, time_us, xid, statements);
         arm
     }
 
-    fn write_slot(&self, slot: u32, session: u64, time_us: u64, statements: &str) {
+    /// The armed unit's transaction id became known.
+    pub fn set_xid(&self, slot: u32, xid: u64) {
+        let at = slot as u64 * SLOT as u64 + 17;
+        if let Err(e) = self.file.write_all_at(&(xid + 1).to_be_bytes(), at) {
+            tracing::warn!(error = %e, "cannot write the mirror's in-flight journal");
+        }
+    }
+
+    fn write_slot(
+        &self,
+        slot: u32,
+        session: u64,
+        time_us: u64,
+        xid: Option<u64>,
+        statements: &str,
+    ) {
         let mut text = &statements.as_bytes()[..statements.len().min(MAX_TEXT)];
         // Cut on a character boundary.
         while std::str::from_utf8(text).is_err() {
@@ -150,7 +175,8 @@ impl InFlight {
         buf[0] = ARMED;
         buf[1..9].copy_from_slice(&session.to_be_bytes());
         buf[9..17].copy_from_slice(&time_us.to_be_bytes());
-        buf[17..19].copy_from_slice(&(text.len() as u16).to_be_bytes());
+        buf[17..25].copy_from_slice(&xid.map_or(0, |x| x + 1).to_be_bytes());
+        buf[25..27].copy_from_slice(&(text.len() as u16).to_be_bytes());
         buf[HEADER..HEADER + text.len()].copy_from_slice(text);
         let n = HEADER + text.len();
         if let Err(e) = self.file.write_all_at(&buf[..n], slot as u64 * SLOT as u64) {
@@ -200,13 +226,14 @@ fn decode(slot: &[u8; SLOT]) -> Option<InDoubt> {
     if slot[0] != ARMED {
         return None;
     }
-    let n = u16::from_be_bytes([slot[17], slot[18]]) as usize;
+    let n = u16::from_be_bytes([slot[25], slot[26]]) as usize;
     if n > MAX_TEXT {
         return None;
     }
     Some(InDoubt {
         session: u64::from_be_bytes(slot[1..9].try_into().ok()?),
         time_us: u64::from_be_bytes(slot[9..17].try_into().ok()?),
+        xid: u64::from_be_bytes(slot[17..25].try_into().ok()?).checked_sub(1),
         statements: String::from_utf8_lossy(&slot[HEADER..HEADER + n]).into_owned(),
     })
 }
@@ -225,11 +252,12 @@ mod tests {
             j.acquire().unwrap(),
             j.acquire().unwrap(),
         );
-        j.arm(a, 7, 100, "UPDATE t SET v = 1; COMMIT");
-        j.arm(b, 8, 200, "INSERT INTO t VALUES (1)");
+        j.arm(a, 7, 100, None, "UPDATE t SET v = 1; COMMIT");
+        j.set_xid(a, 741);
+        j.arm(b, 8, 200, None, "INSERT INTO t VALUES (1)");
         j.disarm(b);
         let long = "é".repeat(MAX_TEXT); // cut on a character boundary
-        j.arm(c, 9, 300, &long);
+        j.arm(c, 9, 300, None, &long);
         drop(j);
         let (j, left) = InFlight::open(dir.path()).unwrap();
         assert_eq!(left.len(), 2, "{left:?}");
@@ -238,6 +266,7 @@ mod tests {
             InDoubt {
                 session: 7,
                 time_us: 100,
+                xid: Some(741),
                 statements: "UPDATE t SET v = 1; COMMIT".into()
             }
         );
@@ -245,15 +274,15 @@ mod tests {
         assert!(left[1].statements.chars().all(|ch| ch == 'é'));
         assert_eq!(left[1].statements.len(), MAX_TEXT / 2 * 2);
         // Arm numbers: kept while armed, new after a disarm.
-        let a1 = j.arm(a, 7, 100, "x");
-        assert_eq!(j.arm(a, 7, 101, "x; y"), a1);
+        let a1 = j.arm(a, 7, 100, None, "x");
+        assert_eq!(j.arm(a, 7, 101, None, "x; y"), a1);
         assert_eq!(j.snapshot(None), vec![(a, a1)]);
         assert!(j.snapshot(Some(a)).is_empty());
         assert!(!j.is_settled(j.run, a, a1));
         assert!(j.is_settled(j.run + 1, a, a1));
         j.disarm(a);
         assert!(j.is_settled(j.run, a, a1));
-        assert_ne!(j.arm(a, 7, 102, "z"), a1);
+        assert_ne!(j.arm(a, 7, 102, None, "z"), a1);
         j.disarm(a);
         // Reopening cleared the journal; released slots are reused.
         drop(j);

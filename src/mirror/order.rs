@@ -41,9 +41,14 @@ use bytes::{Bytes, BytesMut};
 use crate::classify::lexer::{self, Token};
 use crate::protocol::message::put_message as message;
 
-/// What the probe asks the source. `pg_current_wal_insert_lsn()` is
-/// callable by any role and reads one spinlock-protected counter.
-pub const PROBE_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// What the probe asks the source: the WAL insert position (the order key)
+/// and the transaction's top-level id, if it has one (a unit that was
+/// assigned an id wrote something, whatever the classifier thought). Both
+/// functions are callable by any role; both are schema-qualified, so a
+/// function of the same name earlier on the client's search_path cannot
+/// answer instead (PostgreSQL 13 or later).
+pub const PROBE_SQL: &str =
+    "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.pg_current_xact_id_if_assigned()";
 /// Name of the probe's prepared statement and portal on the source.
 const PROBE_NAME: &[u8] = b"__pgshift_order_probe";
 
@@ -69,7 +74,17 @@ pub enum Shape {
     Commit,
     /// A lone INSERT, UPDATE, DELETE or MERGE.
     Dml,
+    /// A lone SELECT, VALUES or WITH that calls functions which may write
+    /// (or holds a data-modifying word): the probe's transaction id tells.
+    Calls,
     Other,
+}
+
+impl Shape {
+    /// A lone statement the probe may follow in the same request.
+    pub fn takes_trailing_probe(self) -> bool {
+        matches!(self, Shape::Dml | Shape::Calls)
+    }
 }
 
 /// Looks at the words of `sql` only (the classifier already decided
@@ -81,6 +96,10 @@ pub fn shape(sql: &str) -> Shape {
     let mut statements = 0;
     let mut in_statement = false;
     let mut extra = false;
+    // A word, then `(`: a call unless the word is a keyword or a known
+    // portable built-in.
+    let mut last_word: Option<&str> = None;
+    let mut calls = false;
     let ok = lexer::tokens(sql, |t, _| match t {
         Token::Semicolon => {
             if in_statement {
@@ -93,6 +112,25 @@ pub fn shape(sql: &str) -> Shape {
                 extra = true;
             }
             in_statement = true;
+            match t {
+                Token::Open => {
+                    if let Some(w) = last_word {
+                        calls |= called(w);
+                    }
+                }
+                Token::Word(w)
+                    if ["insert", "update", "delete", "merge"]
+                        .iter()
+                        .any(|k| w.eq_ignore_ascii_case(k)) =>
+                {
+                    calls = true
+                }
+                _ => {}
+            }
+            last_word = match t {
+                Token::Word(w) | Token::Quoted(w) => Some(w),
+                _ => None,
+            };
             if let Token::Word(w) = t {
                 if statements == 0 {
                     if first.is_none() {
@@ -119,9 +157,31 @@ pub fn shape(sql: &str) -> Shape {
         .any(|k| is(w, k))
     {
         Shape::Dml
+    } else if calls
+        && ["select", "values", "with", "table"]
+            .iter()
+            .any(|k| is(w, k))
+    {
+        Shape::Calls
     } else {
         Shape::Other
     }
+}
+
+/// Whether `word(` calls a function that may write: anything but grammar
+/// words and portable built-ins (erring towards a probe is harmless).
+fn called(word: &str) -> bool {
+    let mut lower = [0u8; 48];
+    let Some(buf) = lower.get_mut(..word.len()) else {
+        return true;
+    };
+    for (d, s) in buf.iter_mut().zip(word.bytes()) {
+        *d = s.to_ascii_lowercase();
+    }
+    let Ok(w) = std::str::from_utf8(buf) else {
+        return true;
+    };
+    crate::classify::reads::lexical_call(w).is_some_and(|r| r.calls)
 }
 
 /// The probe as a simple Query of its own (before a simple COMMIT).
@@ -195,16 +255,44 @@ pub fn appended_query(query_body: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// Parses the probe's DataRow (one text column, `X/Y` in hex).
-pub fn lsn_from_row(body: &[u8]) -> Option<u64> {
+/// What one probe read on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRow {
+    /// The WAL insert position.
+    pub lsn: u64,
+    /// The top-level transaction id (a full 64-bit `xid8`), when the
+    /// transaction has been assigned one (it wrote).
+    pub xid: Option<u64>,
+}
+
+/// Parses the probe's DataRow: `X/Y` in hex, then a decimal xid or NULL.
+pub fn key_from_row(body: &[u8]) -> Option<ProbeRow> {
     let cols = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
-    if cols != 1 {
+    if cols != 2 {
         return None;
     }
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let text = std::str::from_utf8(body.get(6..6 + usize::try_from(len).ok()?)?).ok()?;
-    let (hi, lo) = text.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    let mut rest = body.get(2..)?;
+    let mut column = || -> Option<Option<&[u8]>> {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = rest.get(4..)?;
+        if len < 0 {
+            return Some(None);
+        }
+        let len = usize::try_from(len).ok()?;
+        let v = rest.get(..len)?;
+        rest = rest.get(len..)?;
+        Some(Some(v))
+    };
+    let lsn = std::str::from_utf8(column()??).ok()?;
+    let xid = match column()? {
+        None => None,
+        Some(x) => Some(std::str::from_utf8(x).ok()?.parse::<u64>().ok()?),
+    };
+    let (hi, lo) = lsn.split_once('/')?;
+    Some(ProbeRow {
+        lsn: (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?,
+        xid,
+    })
 }
 
 /// Where the session is in the answers to a request that carries a probe.
@@ -236,8 +324,8 @@ pub enum Probe {
 pub enum Step {
     Forward,
     Drop,
-    /// Dropped, and it carried the order key.
-    Lsn(u64),
+    /// Dropped, and it carried the order key and the transaction id.
+    Key(ProbeRow),
     /// Dropped: the probe failed (the unit gets no key).
     Failed,
     /// Forwarded: the probe failed after the client's statement, which the
@@ -263,7 +351,7 @@ impl Probe {
                     *self = Probe::Idle;
                     Step::Drop
                 }
-                b'D' => lsn_from_row(body).map_or(Step::Failed, Step::Lsn),
+                b'D' => key_from_row(body).map_or(Step::Failed, Step::Key),
                 b'E' => Step::Failed,
                 _ => Step::Drop,
             },
@@ -280,7 +368,7 @@ impl Probe {
                     Probe::Leading { left: left - 1 }
                 };
                 if tag == b'D' {
-                    lsn_from_row(body).map_or(Step::Failed, Step::Lsn)
+                    key_from_row(body).map_or(Step::Failed, Step::Key)
                 } else {
                     Step::Drop
                 }
@@ -317,7 +405,7 @@ impl Probe {
                     *self = Probe::Skipping;
                     Step::ForwardFailed
                 }
-                b'D' => lsn_from_row(body).map_or(Step::Failed, Step::Lsn),
+                b'D' => key_from_row(body).map_or(Step::Failed, Step::Key),
                 _ => Step::Drop,
             },
             Probe::Skipping => {
@@ -485,6 +573,15 @@ mod tests {
         assert_eq!(shape("UPDATE t SET v = 1; COMMIT"), Shape::Other);
         assert_eq!(shape("BEGIN"), Shape::Other);
         assert_eq!(shape("copy t from stdin"), Shape::Other);
+        assert_eq!(shape("SELECT f()"), Shape::Calls);
+        assert_eq!(shape("select app.touch($1)"), Shape::Calls);
+        assert_eq!(shape("SELECT count(*) FROM t WHERE a IN (1)"), Shape::Other);
+        assert_eq!(shape("SELECT abalance FROM t WHERE aid = $1"), Shape::Other);
+        assert_eq!(
+            shape("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"),
+            Shape::Calls
+        );
+        assert_eq!(shape("SELECT f(); SELECT 1"), Shape::Other);
         assert_eq!(shape("update t set s = 'unterminated"), Shape::Other);
         assert_eq!(shape(""), Shape::Other);
     }
@@ -494,7 +591,7 @@ mod tests {
         let q = appended_query(b"UPDATE t SET v = 1 -- note\0");
         assert_eq!(
             &q[5..],
-            b"UPDATE t SET v = 1 -- note\n;SELECT pg_current_wal_insert_lsn()\0"
+            format!("UPDATE t SET v = 1 -- note\n;{PROBE_SQL}\0").as_bytes()
         );
         assert_eq!(
             i32::from_be_bytes(q[1..5].try_into().unwrap()) as usize,
@@ -502,20 +599,51 @@ mod tests {
         );
     }
 
+    /// A probe DataRow: the LSN text and no xid.
     fn row(text: &str) -> Vec<u8> {
-        let mut v = 1u16.to_be_bytes().to_vec();
+        row_xid(text, None)
+    }
+
+    fn row_xid(text: &str, xid: Option<&str>) -> Vec<u8> {
+        let mut v = 2u16.to_be_bytes().to_vec();
         v.extend((text.len() as i32).to_be_bytes());
         v.extend(text.as_bytes());
+        match xid {
+            Some(x) => {
+                v.extend((x.len() as i32).to_be_bytes());
+                v.extend(x.as_bytes());
+            }
+            None => v.extend((-1i32).to_be_bytes()),
+        }
         v
     }
 
+    fn key(lsn: u64, xid: Option<u64>) -> Step {
+        Step::Key(ProbeRow { lsn, xid })
+    }
+
     #[test]
-    fn lsn_parses_and_rejects_garbage() {
-        assert_eq!(lsn_from_row(&row("0/16B3748")), Some(0x16B3748));
-        assert_eq!(lsn_from_row(&row("1A/0")), Some(0x1A << 32));
-        assert_eq!(lsn_from_row(&row("zz")), None);
-        assert_eq!(lsn_from_row(&[0, 1, 0, 0, 0, 9, b'0']), None);
-        assert_eq!(lsn_from_row(&[]), None);
+    fn probe_rows_parse_and_garbage_is_rejected() {
+        assert_eq!(
+            key_from_row(&row("0/16B3748")),
+            Some(ProbeRow {
+                lsn: 0x16B3748,
+                xid: None
+            })
+        );
+        assert_eq!(
+            key_from_row(&row_xid("1A/0", Some("4294967302"))),
+            Some(ProbeRow {
+                lsn: 0x1A << 32,
+                xid: Some(4294967302)
+            })
+        );
+        assert_eq!(key_from_row(&row("zz")), None);
+        assert_eq!(key_from_row(&row_xid("0/1", Some("-3"))), None);
+        // One column (an old probe, or a function answering instead).
+        assert_eq!(key_from_row(&[0, 1, 0, 0, 0, 3, b'0', b'/', b'1']), None);
+        assert_eq!(key_from_row(&[0, 2, 0, 0, 0, 9, b'0']), None);
+        assert_eq!(key_from_row(&[]), None);
     }
 
     #[test]
@@ -523,7 +651,7 @@ mod tests {
         let mut p = Probe::Standalone;
         assert_eq!(p.step(b'T', b""), Step::Drop);
         assert_eq!(p.step(b'N', b""), Step::Forward);
-        assert_eq!(p.step(b'D', &row("0/10")), Step::Lsn(16));
+        assert_eq!(p.step(b'D', &row("0/10")), key(16, None));
         assert_eq!(p.step(b'C', b"SELECT 1\0"), Step::Drop);
         assert_eq!(p.step(b'Z', b"T"), Step::Drop);
         assert_eq!(p.step(b'C', b"COMMIT\0"), Step::Forward);
@@ -533,13 +661,13 @@ mod tests {
     #[test]
     fn leading_probe_drops_its_own_answers_then_forwards_the_client_s() {
         let q = prepended_query(b"END;\0");
-        assert_eq!(&q[5..], b"SELECT pg_current_wal_insert_lsn();END;\0");
+        assert_eq!(&q[5..], format!("{PROBE_SQL};END;\0").as_bytes());
         let mut p = Probe::Leading {
             left: PREPENDED_ANSWERS,
         };
         assert_eq!(p.step(b'T', b""), Step::Drop);
         assert_eq!(p.step(b'S', b""), Step::Forward);
-        assert_eq!(p.step(b'D', &row("0/30")), Step::Lsn(48));
+        assert_eq!(p.step(b'D', &row("0/30")), key(48, None));
         assert_eq!(p.step(b'C', b"SELECT 1\0"), Step::Drop);
         assert!(!p.active());
         assert_eq!(p.step(b'C', b"COMMIT\0"), Step::Forward);
@@ -560,7 +688,7 @@ mod tests {
             assert_eq!(p.step(tag, &row("client")), Step::Forward);
         }
         assert_eq!(p.step(b'T', b""), Step::Drop);
-        assert_eq!(p.step(b'D', &row("0/20")), Step::Lsn(32));
+        assert_eq!(p.step(b'D', &row("0/20")), key(32, None));
         assert_eq!(p.step(b'C', b""), Step::Drop);
         assert_eq!(p.step(b'Z', b"I"), Step::Forward);
         assert!(!p.active());
@@ -576,7 +704,7 @@ mod tests {
         for tag in [b'3', b'3', b'1', b'2'] {
             assert_eq!(p.step(tag, b""), Step::Drop);
         }
-        assert_eq!(p.step(b'D', &row("0/1")), Step::Lsn(1));
+        assert_eq!(p.step(b'D', &row("0/1")), key(1, None));
         for tag in [b'C', b'3', b'3'] {
             assert_eq!(p.step(tag, b""), Step::Drop);
         }

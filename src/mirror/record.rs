@@ -64,6 +64,13 @@ pub struct TxnRecord {
     /// prepare itself.
     pub prepared: Vec<(Vec<u8>, Vec<u8>)>,
     pub segments: Vec<Segment>,
+    /// The unit's top-level transaction id on the source, when a probe
+    /// read it (`pg_current_xact_id_if_assigned()`).
+    pub xid: Option<u64>,
+    /// Recovered after a crash from the in-flight journal: the source
+    /// committed it (`pg_xact_status`), but the answers to its last
+    /// request were never read, so they are not compared.
+    pub recovered: bool,
     /// Its place in source commit order (see `order`).
     pub order: OrderKey,
 }
@@ -72,8 +79,10 @@ pub struct TxnRecord {
 #[error("corrupt spool record: {0}")]
 pub struct DecodeError(&'static str);
 
-/// Version 2 added the order key; version 1 records read without one.
-const VERSION: u8 = 2;
+/// Version 2 added the order key, version 3 the transaction id and flags;
+/// older records read without them.
+const VERSION: u8 = 3;
+const RECOVERED: u8 = 1;
 
 fn put_bytes(b: &mut BytesMut, v: &[u8]) {
     b.put_u32(v.len() as u32);
@@ -137,6 +146,8 @@ impl TxnRecord {
             b.put_u32(slot);
             b.put_u64(arm);
         }
+        b.put_u64(self.xid.map_or(0, |x| x.saturating_add(1)));
+        b.put_u8(if self.recovered { RECOVERED } else { 0 });
         b.put_u32(self.startup.len() as u32);
         for (k, v) in &self.startup {
             put_bytes(b, k);
@@ -178,7 +189,7 @@ impl TxnRecord {
     pub fn decode(seq: u64, mut b: &[u8]) -> Result<Self, DecodeError> {
         let b = &mut b;
         let version = get_u8(b)?;
-        if version != VERSION && version != 1 {
+        if !(1..=VERSION).contains(&version) {
             return Err(DecodeError("unknown record version"));
         }
         let mut r = TxnRecord {
@@ -198,6 +209,10 @@ impl TxnRecord {
             for _ in 0..n {
                 r.order.deps.push((get_u32(b)?, get_u64(b)?));
             }
+        }
+        if version >= 3 {
+            r.xid = get_u64(b)?.checked_sub(1);
+            r.recovered = get_u8(b)? & RECOVERED != 0;
         }
         let n = get_u32(b)?;
         r.startup.reserve(capacity(n, b));
@@ -293,6 +308,8 @@ mod tests {
                     Outcome::Suspended,
                 ],
             }],
+            xid: Some(4_294_967_302),
+            recovered: true,
             order: OrderKey {
                 lsn: Some(0x16B3748),
                 run: 99,

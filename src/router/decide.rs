@@ -448,20 +448,14 @@ impl<'a> Decider<'a> {
         let Ok(sql) = std::str::from_utf8(sql) else {
             return Kind::Other;
         };
-        // SHOW answers from the session's settings: the source's are the
-        // client's (the target session runs read-only on purpose).
-        if sql
-            .trim_start()
-            .get(..4)
-            .is_some_and(|w| w.eq_ignore_ascii_case("show"))
-        {
-            return Kind::Other;
-        }
+        // Only reads of table data are portable: SHOW, statistics, system
+        // catalogs, cursors and admin functions answer about the session's
+        // own server (see `classify::reads`).
         let classes = self.classifier.classify(sql);
         match &classes[..] {
             [] => Kind::Other,
             [Class::Begin { read_only: true }] => Kind::BeginReadOnly,
-            cs if cs.iter().all(|c| *c == Class::Read) => Kind::Read,
+            cs if cs.iter().all(Class::is_portable_read) => Kind::Read,
             _ => Kind::Other,
         }
     }

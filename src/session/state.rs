@@ -254,6 +254,8 @@ struct ProbePlan {
     completions: u32,
     executes: u32,
     fits: bool,
+    /// Outside a block: the probe gives the order key too.
+    orders: bool,
 }
 
 impl<'a> FrontendInspector<'a> {
@@ -324,6 +326,7 @@ impl<'a> FrontendInspector<'a> {
             // client's own request: one answer flush instead of two.
             Shape::Commit if status == b'T' && c.wrote() && c.probe_works == Some(true) => {
                 self.shared.probe_active.store(true, Relaxed);
+                c.probe_orders = true;
                 if extended {
                     c.probe = Probe::Leading {
                         left: order::EXTENDED_ANSWERS,
@@ -338,10 +341,18 @@ impl<'a> FrontendInspector<'a> {
             }
             Shape::Commit if status == b'T' && c.wrote() => {
                 c.probe = Probe::Standalone;
+                c.probe_orders = true;
                 self.shared.probe_active.store(true, Relaxed);
                 Some((shape, Verdict::Before(own_request())))
             }
-            Shape::Dml if status == b'I' && c.probe_works == Some(true) => {
+            // An autocommit write (or a read calling functions that may
+            // write) gets its order key and transaction id after it; a
+            // write inside a block, its transaction id, so that a crash
+            // while its COMMIT is on the way can be resolved.
+            s if s.takes_trailing_probe()
+                && c.probe_works == Some(true)
+                && (status == b'I' || c.xid().is_none()) =>
+            {
                 Some((shape, Verdict::Forward))
             }
             _ => None,
@@ -360,7 +371,7 @@ impl<'a> FrontendInspector<'a> {
                 let dml = statement
                     .and_then(|name| self.statements.get(name))
                     .and_then(|q| std::str::from_utf8(q).ok())
-                    .is_some_and(|q| order::shape(q) == Shape::Dml);
+                    .is_some_and(|q| order::shape(q).takes_trailing_probe());
                 plan.fits &= dml;
             }
             EXECUTE => {
@@ -383,10 +394,12 @@ impl<'a> FrontendInspector<'a> {
         if !plan.fits || plan.executes != 1 {
             return Verdict::Forward;
         }
-        capture.lock().unwrap_or_else(|p| p.into_inner()).probe = Probe::Trailing {
+        let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
+        c.probe = Probe::Trailing {
             left: plan.completions,
             extended: true,
         };
+        c.probe_orders = plan.orders;
         self.shared.probe_active.store(true, Relaxed);
         Verdict::Before(order::extended(false))
     }
@@ -533,9 +546,10 @@ impl FrontendInspector<'_> {
                 let text = statement.and_then(|n| self.statements.get(n)).cloned();
                 if let Some((shape, v)) = text.and_then(|t| self.probe_for_start(&t, true)) {
                     verdict = v;
-                    if shape == Shape::Dml {
+                    if shape.takes_trailing_probe() {
                         self.plan = Some(ProbePlan {
                             fits: true,
+                            orders: self.shared.tx_status.load(Relaxed) == b'I',
                             ..ProbePlan::default()
                         });
                     }
@@ -565,13 +579,14 @@ impl FrontendInspector<'_> {
                 }
                 if self.at_request_start() {
                     match self.probe_for_start(text, false) {
-                        Some((Shape::Dml, _)) => {
+                        Some((shape, _)) if shape.takes_trailing_probe() => {
                             if let Some(c) = self.capture {
-                                c.lock().unwrap_or_else(|p| p.into_inner()).probe =
-                                    Probe::Trailing {
-                                        left: 1,
-                                        extended: false,
-                                    };
+                                let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+                                c.probe = Probe::Trailing {
+                                    left: 1,
+                                    extended: false,
+                                };
+                                c.probe_orders = s.tx_status.load(Relaxed) == b'I';
                                 s.probe_active.store(true, Relaxed);
                                 verdict = Verdict::Replace(order::appended_query(body));
                             }
@@ -595,9 +610,10 @@ impl FrontendInspector<'_> {
                     self.plan = None;
                     if let Some((shape, v)) = self.probe_for_start(query, true) {
                         verdict = v;
-                        if shape == Shape::Dml {
+                        if shape.takes_trailing_probe() {
                             self.plan = Some(ProbePlan {
                                 fits: true,
+                                orders: s.tx_status.load(Relaxed) == b'I',
                                 ..ProbePlan::default()
                             });
                         }
@@ -856,9 +872,9 @@ impl<'a> BackendInspector<'a> {
                 return None;
             }
             Step::Drop => return Some(Verdict::Drop),
-            Step::Lsn(lsn) => {
+            Step::Key(row) => {
                 if !c.probe_check {
-                    c.set_lsn(lsn);
+                    c.probe_answered(row);
                 }
                 true
             }

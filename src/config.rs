@@ -570,6 +570,23 @@ pub enum OnFull {
     Backpressure,
 }
 
+/// When the mirror's spool reaches stable storage (`mirror.fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Every unit, and the in-flight journal entry of every commit, is on
+    /// stable storage before the commit is acknowledged (one fdatasync
+    /// serves every session waiting at that moment).
+    #[default]
+    Commit,
+    /// Every `fsync_interval_ms`: a machine crash can lose that window
+    /// (recorded as a gap at the next start).
+    Interval,
+    /// Left to the operating system (a proxy crash loses nothing; a
+    /// machine crash can lose anything not yet written back).
+    Off,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorConfig {
@@ -588,7 +605,12 @@ pub struct MirrorConfig {
     /// Largest unit of work captured whole in memory.
     #[serde(default = "default_max_txn_bytes")]
     pub max_txn_bytes: usize,
-    /// Flush the spool to stable storage this often (0 = leave it to the OS).
+    /// When a spooled unit is on stable storage: before the client sees
+    /// its commit (`commit`, grouped across sessions), within
+    /// `fsync_interval_ms` (`interval`), or when the OS writes it (`off`).
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: flush the spool to stable storage this often.
     #[serde(default = "default_fsync_interval_ms")]
     pub fsync_interval_ms: u64,
     /// JSON-lines log of divergences (default: `<spool_dir>/divergences.jsonl`).
@@ -607,6 +629,7 @@ impl Default for MirrorConfig {
             on_full: default_on_full(),
             write_functions: Vec::new(),
             max_txn_bytes: default_max_txn_bytes(),
+            fsync: FsyncPolicy::default(),
             fsync_interval_ms: default_fsync_interval_ms(),
             divergence_log: None,
             apply_timeout_ms: default_apply_timeout_ms(),
@@ -632,11 +655,8 @@ impl MirrorConfig {
         if !(100..=3_600_000).contains(&self.apply_timeout_ms) {
             return err("mirror.apply_timeout_ms", "must be between 100 and 3600000");
         }
-        if self.fsync_interval_ms > 3_600_000 {
-            return err(
-                "mirror.fsync_interval_ms",
-                "must be at most 3600000 (0 = never)",
-            );
+        if !(1..=3_600_000).contains(&self.fsync_interval_ms) {
+            return err("mirror.fsync_interval_ms", "must be between 1 and 3600000");
         }
         if self.spool_dir.as_os_str().is_empty() {
             return err("mirror.spool_dir", "must not be empty");

@@ -137,6 +137,14 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     if let Some(a) = applier {
         let _ = tokio::task::spawn_blocking(move || a.join()).await;
     }
+    // A clean stop: the next start knows nothing was lost.
+    if let Some(m) = proxy.mirror.clone() {
+        let _ = tokio::task::spawn_blocking(move || {
+            m.spool.stop_sync();
+            m.spool.close();
+        })
+        .await;
+    }
     // Every session has ended: the capture gets its last records.
     let rec = Arc::clone(&proxy);
     let _ = tokio::task::spawn_blocking(move || rec.record.close()).await;
@@ -162,18 +170,25 @@ fn start_mirror(
         .as_deref()
         .map(crate::upstream::passfile::PassFile::load)
         .transpose()?;
-    if cfg.fsync_interval_ms > 0 {
+    {
+        // Syncs the in-flight journal and the spool: on demand, one round
+        // for every session waiting at that moment (`fsync = "commit"`),
+        // or on a timer (`"interval"`).
         let m = Arc::clone(&mirror);
         let every = Duration::from_millis(cfg.fsync_interval_ms);
         std::thread::Builder::new()
             .name("pgshift-spool-sync".into())
-            .spawn(move || loop {
-                std::thread::sleep(every);
-                if let Err(e) = m.spool.sync().and_then(|()| m.inflight.sync()) {
-                    warn!(error = %e, "spool fsync failed");
-                }
+            .spawn(move || {
+                let journal = Arc::clone(&m.inflight);
+                m.spool.sync_loop(every, &|| journal.sync(), &|synced| {
+                    journal.release_files(synced)
+                });
             })?;
     }
+    let source = crate::net::connect::Upstream::new("source", &proxy.config.source)?;
+    let source_passfile = load_passfile(&proxy.config.source.passfile)?;
+    let resolver =
+        crate::mirror::recover::run(Arc::clone(&mirror), source, source_passfile, phase.clone());
     let applier = crate::mirror::apply::Applier::new(mirror, upstream, passfile);
     let handle = std::thread::Builder::new()
         .name("pgshift-mirror".into())
@@ -182,7 +197,13 @@ fn start_mirror(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(applier.run(phase)),
+                Ok(rt) => rt.block_on(async move {
+                    // Units in doubt are resolved beside the applier, on its
+                    // thread: off the hot path, and ready before it needs them.
+                    let resolver = tokio::spawn(resolver);
+                    applier.run(phase).await;
+                    resolver.abort();
+                }),
                 Err(e) => error!(error = %e, "cannot start the mirror applier"),
             }
         })?;

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use super::order::{Entry, Sequencer};
 use super::record::{Outcome, TxnRecord};
 use super::report::{Divergence, NonDeterministic};
-use super::spool::SpoolReader;
+use super::spool::{Read1, SpoolReader};
 use super::Mirror;
 use crate::classify::analyze::{analyze, Analysis};
 use crate::classify::lexer;
@@ -96,6 +96,17 @@ struct Conn {
     /// Prepared statements on this connection: name -> Parse message.
     prepared: HashMap<Vec<u8>, Vec<u8>>,
     last_used: Instant,
+    /// The target backend's process id (from BackendKeyData).
+    pid: Option<i32>,
+}
+
+/// A target backend left running a unit the applier gave up waiting for:
+/// it must be gone (terminated, its transaction rolled back or committed)
+/// before the unit is tried again, or both could apply it.
+#[derive(Debug, Clone)]
+struct Abandoned {
+    pid: i32,
+    session: u64,
 }
 
 /// Why a unit could not be applied now.
@@ -143,18 +154,24 @@ impl Feed {
             && self.records.len() < MAX_BUFFERED
             && self.bytes < MAX_BUFFERED_BYTES
         {
+            if let Some(end) = mirror.spool.skipped_through(self.next) {
+                // Numbers no unit was spooled under (a restart skipped them).
+                self.seq.skip_to(end);
+                self.next = end + 1;
+                continue;
+            }
             match self.reader.read(self.next) {
-                Ok(Some(rec)) => {
+                Ok(Read1::Record(rec)) => {
                     self.bytes += record_bytes(&rec);
                     self.seq.push(Entry {
                         seq: rec.seq,
                         key: rec.order.clone(),
                     });
-                    self.records.insert(rec.seq, rec);
+                    self.records.insert(rec.seq, *rec);
                     self.next += 1;
                     added += 1;
                 }
-                Ok(None) => {
+                Ok(Read1::Missing) => {
                     // Not on disk: released already (applied); move to
                     // what exists.
                     let first = mirror.spool.first_seq();
@@ -165,13 +182,17 @@ impl Feed {
                         break;
                     }
                 }
+                Ok(Read1::Gap { from, to, why }) => {
+                    let to = to.min(mirror.spool.last_seq()).max(from);
+                    warn!(from, to, reason = %why, "unreadable spool records; skipping them");
+                    mirror.unreadable(from, to, &why);
+                    self.seq.skip_to(to);
+                    self.next = to + 1;
+                }
                 Err(e) => {
                     let seq = self.next;
                     warn!(seq, error = %e, "unreadable spool record; skipping it");
-                    mirror
-                        .report
-                        .gap(&format!("spool record {seq} unreadable: {e}"), seq);
-                    mirror.metrics.mirror.gaps.inc();
+                    mirror.unreadable(seq, seq, &e.to_string());
                     self.seq.skip_to(seq);
                     self.next += 1;
                 }
@@ -213,6 +234,8 @@ pub struct Applier {
     /// unavailable (no privileges).
     progress: HashMap<String, Option<Progress>>,
     analyses: HashMap<String, Arc<Analysis>>,
+    /// An attempt given up on while it may still run on the target.
+    abandoned: Option<Abandoned>,
     /// Non-deterministic default columns per (database, table).
     defaults: HashMap<(String, String), Vec<(String, String)>>,
     attempts: u32,
@@ -227,6 +250,7 @@ impl Applier {
             conns: HashMap::new(),
             progress: HashMap::new(),
             analyses: HashMap::new(),
+            abandoned: None,
             defaults: HashMap::new(),
             attempts: 0,
         }
@@ -315,6 +339,20 @@ impl Applier {
                     waiting_for_order = false;
                     // What settled may have just been spooled: look again with it.
                     if feed.refill(&self.mirror) > 0 {
+                        continue;
+                    }
+                    if choice.seq > self.mirror.spool.applicable_seq() {
+                        // Read ahead (so its place in commit order is known)
+                        // but not on stable storage yet: a unit applied and
+                        // then lost in a machine crash would be on the target
+                        // and out of the spool's account.
+                        let synced = self.mirror.spool.synced.notified();
+                        self.mirror.spool.want_sync();
+                        tokio::select! {
+                            _ = synced => {}
+                            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                            _ = shutdown.changed() => {}
+                        }
                         continue;
                     }
                     choice.seq
@@ -418,6 +456,9 @@ impl Applier {
             position: 0,
         };
         self.mirror.divergence(d);
+        // The target misses a committed unit: that is a gap, and the
+        // target needs a re-sync.
+        self.mirror.unapplied(rec.seq, rec.xid, why);
     }
 
     async fn connect(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
@@ -429,9 +470,10 @@ impl Applier {
             .cloned()
             .collect();
         let startup = StartupMessage::new(3, 0, params);
-        let (stream, buf, _) = connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
-            .await
-            .map_err(Retry::Connect)?;
+        let (stream, buf, key) =
+            connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
+                .await
+                .map_err(Retry::Connect)?;
         let mut conn = Conn {
             stream,
             buf,
@@ -439,6 +481,7 @@ impl Applier {
             state_version: None,
             prepared: HashMap::new(),
             last_used: Instant::now(),
+            pid: key.map(|k| k.pid),
         };
         if !self.progress.contains_key(&database) {
             let p = self.setup_progress(&mut conn).await?;
@@ -562,16 +605,80 @@ impl Applier {
     /// Applies one unit; `Ok(false)` when the target had applied it already.
     /// `after` is the progress once this unit is applied.
     async fn apply(&mut self, rec: &TxnRecord, after: &(u64, Vec<u64>)) -> Result<bool, Retry> {
+        if let Some(a) = self.abandoned.take() {
+            if let Err(e) = self.end_abandoned(rec, &a).await {
+                self.abandoned = Some(a);
+                return Err(e);
+            }
+            // Whatever it did is in the progress row now: read it again.
+            self.progress.remove(rec.database());
+        }
         let mut conn = match self.conns.remove(&rec.session) {
             Some(c) => c,
             None => self.connect(rec).await?,
         };
         let r = self.apply_on(&mut conn, rec, after).await;
-        if r.is_ok() {
-            conn.last_used = Instant::now();
-            self.conns.insert(rec.session, conn);
+        match &r {
+            Ok(_) => {
+                conn.last_used = Instant::now();
+                self.conns.insert(rec.session, conn);
+            }
+            // The unit may still be running (or waiting for a lock) there.
+            Err(Retry::Lost(_)) => {
+                self.abandoned = conn.pid.map(|pid| Abandoned {
+                    pid,
+                    session: rec.session,
+                })
+            }
+            Err(Retry::Connect(_)) => {}
         }
         r
+    }
+
+    /// Makes sure the backend of an abandoned attempt is gone: terminates
+    /// it from a fresh connection (as the same role, which may signal its
+    /// own backends) and waits until it has left `pg_stat_activity`.
+    async fn end_abandoned(&mut self, rec: &TxnRecord, a: &Abandoned) -> Result<(), Retry> {
+        let mut conn = self.connect(rec).await?;
+        let pid = a.pid;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = BytesMut::new();
+        query(
+            &mut out,
+            &format!("SELECT pg_catalog.pg_terminate_backend({pid})"),
+        );
+        let answers = self.round_trip(&mut conn, &out, 1).await?;
+        if let Some((_, e)) = answers[0].errors.first() {
+            warn!(pid, session = a.session, error = %e, "cannot terminate an abandoned apply attempt on the target");
+        }
+        loop {
+            let mut out = BytesMut::new();
+            query(
+                &mut out,
+                &format!("SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = {pid}"),
+            );
+            let answers = self.round_trip(&mut conn, &out, 1).await?;
+            let left = answers[0]
+                .rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .unwrap_or_default();
+            if left == "0" {
+                info!(
+                    pid,
+                    session = a.session,
+                    "abandoned apply attempt ended on the target"
+                );
+                self.conns.insert(rec.session, conn);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Retry::Lost(format!(
+                    "the target backend {pid} running an abandoned attempt is still there"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn apply_on(

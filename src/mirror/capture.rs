@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::inflight::{self, InFlight};
+use super::inflight::{self, InDoubt, InFlight};
 use super::order::{OrderKey, Probe, ProbeRow};
 use super::record::{startup_param, Outcome, Segment, TxnRecord};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
@@ -140,6 +140,14 @@ pub struct Capture {
     journal: Option<(Arc<InFlight>, u32)>,
     /// When the slot was armed (0 = not armed).
     armed_at_us: u64,
+    /// The journal write of the latest arm, until the request it guards is
+    /// let go (see `take_arm_write`).
+    arm_write: Option<u64>,
+    /// Segments of the unit already in the journal's intent.
+    journaled: usize,
+    /// The intent was written with the unit's transaction id (so the
+    /// source can say whether it committed).
+    intent_xid: bool,
     /// The arm number the journal gave (see `inflight`).
     arm_no: u64,
     /// The order probe riding on the request in flight, if any.
@@ -161,8 +169,6 @@ pub struct Capture {
     /// Whether the mirror was capturing at the last server message: nothing
     /// is armed while it is off (those units would not be mirrored anyway).
     capturing: bool,
-    /// The unit's statement texts, for the in-flight journal.
-    unit_text: String,
 }
 
 const MAX_STATEMENT_BYTES: usize = 16 << 20;
@@ -222,6 +228,9 @@ impl Capture {
             desyncs: 0,
             journal,
             armed_at_us: 0,
+            arm_write: None,
+            journaled: 0,
+            intent_xid: false,
             arm_no: 0,
             probe: Probe::Idle,
             probe_orders: true,
@@ -231,26 +240,9 @@ impl Capture {
             probe_check: false,
             in_block: false,
             capturing: true,
-            unit_text: String::new(),
             msg_no: 0,
             hidden: VecDeque::new(),
         }
-    }
-
-    /// Keeps statement text for the journal (bounded; the rest is cut).
-    fn note_text(&mut self, text: &str) {
-        if self.journal.is_none() || !self.capturing || self.unit_text.len() >= inflight::MAX_TEXT {
-            return;
-        }
-        if !self.unit_text.is_empty() {
-            self.unit_text.push_str("; ");
-        }
-        let room = inflight::MAX_TEXT.saturating_sub(self.unit_text.len());
-        let mut end = text.len().min(room);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.unit_text.push_str(&text[..end]);
     }
 
     /// Called as a request closes, before it is forwarded: arms the
@@ -269,27 +261,110 @@ impl Capture {
         let may_commit = seg.commitish || !self.in_block || self.closed.len() > 1;
         if wrote && may_commit {
             let now = now_us();
-            self.arm_no = journal.arm(*slot, self.session, now, self.unit_xid, &self.unit_text);
+            // The unit so far goes into the journal whole the first time,
+            // then only what was added since.
+            let (from, prepared) = if self.armed_at_us == 0 {
+                (0, self.uses_so_far())
+            } else {
+                (
+                    self.journaled,
+                    self.closed
+                        .back()
+                        .map(|s| s.uses.clone())
+                        .unwrap_or_default(),
+                )
+            };
+            let mut intent = TxnRecord {
+                session: self.session,
+                committed_at_us: now,
+                xid: self.unit_xid,
+                prepared: dedup_prepared(prepared),
+                segments: self.segments_so_far(from),
+                ..TxnRecord::default()
+            };
+            let (arm, write) = if self.armed_at_us == 0 {
+                intent.startup = self.startup.clone();
+                intent.state_version = self.state_version;
+                intent.state = self.state_texts();
+                intent.post_state_version = u64::MAX;
+                journal.arm(*slot, &intent)
+            } else {
+                journal.arm_more(*slot, &intent)
+            };
+            self.journaled = from + intent.segments.len();
+            self.intent_xid |= self.unit_xid.is_some();
+            self.arm_no = arm;
+            self.arm_write = Some(write);
             if self.armed_at_us == 0 {
                 self.armed_at_us = now;
             }
         }
     }
 
-    /// Called after a ReadyForQuery was handled (and any record spooled):
-    /// disarms the journal once nothing is in flight.
-    pub fn settle(&mut self) {
+    /// The unit's segments from `from` on: answered ones with their
+    /// answers, requests still in flight without.
+    fn segments_so_far(&self, from: usize) -> Vec<Segment> {
+        let in_flight = self
+            .closed
+            .iter()
+            .chain(std::iter::once(&self.open).filter(|o| !o.bytes.is_empty()))
+            .map(|s| Segment {
+                messages: s.bytes.clone(),
+                status: b'T',
+                outcomes: Vec::new(),
+            });
+        self.unit
+            .iter()
+            .cloned()
+            .chain(in_flight)
+            .skip(from)
+            .collect()
+    }
+
+    /// Statements the unit so far binds without having parsed them.
+    fn uses_so_far(&self) -> Vec<(Vec<u8>, Arc<[u8]>)> {
+        self.unit_uses
+            .iter()
+            .cloned()
+            .chain(self.closed.iter().flat_map(|s| s.uses.iter().cloned()))
+            .collect()
+    }
+
+    fn state_texts(&self) -> Vec<Vec<u8>> {
+        self.state
+            .iter()
+            .map(|(_, t)| t.clone().into_bytes())
+            .collect()
+    }
+
+    /// The journal write that must be on stable storage before the request
+    /// that armed it goes to the source (`fsync = "commit"`).
+    pub fn take_arm_write(&mut self) -> Option<u64> {
+        self.arm_write.take()
+    }
+
+    /// Called after a ReadyForQuery was handled (and any record spooled, as
+    /// `seq`; 0 for none): disarms the journal once nothing is in flight.
+    pub fn settle(&mut self, seq: u64) {
         if self.armed_at_us != 0
             && self.unit.is_empty()
             && self.closed.is_empty()
             && self.open.bytes.is_empty()
         {
             if let Some((journal, slot)) = &self.journal {
-                journal.disarm(*slot);
+                journal.disarm(*slot, seq);
             }
             self.armed_at_us = 0;
             self.arm_no = 0;
+            self.journaled = 0;
+            self.intent_xid = false;
         }
+    }
+
+    /// Whether the unit's journal intent holds its transaction id: after a
+    /// crash, the source can say whether it committed.
+    pub fn resolvable(&self) -> bool {
+        self.intent_xid && self.journal.is_some()
     }
 
     /// Whether the open unit wrote something, or called functions that may
@@ -326,18 +401,46 @@ impl Capture {
         }
     }
 
-    /// At the end of the session: the statements of a unit whose commit was
-    /// in flight (its outcome on the source is unknown), if any.
-    pub fn end(&mut self) -> Option<(u64, String)> {
+    /// At the end of the session: the unit whose commit was in flight (its
+    /// outcome on the source is unknown), if any. Its journal intent stays
+    /// armed until the caller has handed it to recovery.
+    pub fn end(&mut self) -> Option<InDoubt> {
         if self.armed_at_us == 0 {
             return None;
         }
+        let mut unit = TxnRecord {
+            session: self.session,
+            committed_at_us: self.armed_at_us,
+            startup: self.startup.clone(),
+            state_version: self.state_version,
+            state: self.state_texts(),
+            post_state_version: u64::MAX,
+            prepared: dedup_prepared(self.uses_so_far()),
+            segments: self.segments_so_far(0),
+            xid: self.unit_xid,
+            ..TxnRecord::default()
+        };
+        unit.recovered = true;
+        let at = std::mem::take(&mut self.armed_at_us);
+        Some(InDoubt {
+            session: self.session,
+            time_us: at,
+            xid: self.unit_xid,
+            statements: inflight::statements_of(&unit),
+            unit: Some(unit),
+            key: None,
+            spooled_as: None,
+        })
+    }
+
+    /// Disarms the journal slot of a unit `end` returned, once recovery
+    /// holds it.
+    pub fn forget_in_doubt(&mut self) {
         if let Some((journal, slot)) = &self.journal {
-            journal.disarm(*slot);
+            journal.disarm(*slot, 0);
         }
         self.arm_no = 0;
-        let at = std::mem::take(&mut self.armed_at_us);
-        Some((at, std::mem::take(&mut self.unit_text)))
+        self.journaled = 0;
     }
 
     /// Sees the bytes about to be written to the source (any cut).
@@ -495,10 +598,7 @@ impl Capture {
                     .and_then(|s| self.statements.get(s))
                     .map(|s| (s.class.clone(), Arc::clone(&s.text)));
                 match st {
-                    Some((class, text)) => {
-                        self.note_text(&text);
-                        self.statement(&text, class)
-                    }
+                    Some((class, text)) => self.statement(&text, class),
                     // Unknown portal: the source will say; assume a write.
                     None => self.open.write = true,
                 }
@@ -529,7 +629,6 @@ impl Capture {
                 // Fast-path function calls are large-object writes in practice.
                 self.store(msg, false);
                 self.open.write = true;
-                self.note_text("(fast-path function call)");
                 self.close_segment();
                 self.maybe_arm();
             }
@@ -555,7 +654,6 @@ impl Capture {
 
     fn query(&mut self, text: &str) {
         let classes = classify(&self.rules, text);
-        self.note_text(text);
         // Statement texts matter only for session state; split only then.
         let parts = if classes.len() > 1 && classes.iter().any(|c| matches!(c, Class::Session(_))) {
             crate::classify::lexer::split(text).unwrap_or_default()
@@ -688,15 +786,7 @@ impl Capture {
                 }
             } else {
                 self.mirrored_any = true;
-                let mut prepared: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-                for (name, parse) in self.unit_uses.drain(..) {
-                    if !prepared
-                        .iter()
-                        .any(|(n, p)| *n == name && p[..] == parse[..])
-                    {
-                        prepared.push((name, parse.to_vec()));
-                    }
-                }
+                let prepared = dedup_prepared(std::mem::take(&mut self.unit_uses));
                 Finished::Mirror(Box::new(TxnRecord {
                     seq: 0,
                     session: self.session,
@@ -762,12 +852,25 @@ impl Capture {
         self.unit_session.clear();
         self.unit_uses.clear();
         self.unit_parsed.clear();
-        self.unit_text.clear();
         self.unit_bytes =
             self.open.bytes.len() + self.closed.iter().map(|s| s.bytes.len()).sum::<usize>();
         self.overflow = false;
         self.portals.retain(|p, _| !p.is_empty());
     }
+}
+
+/// Each (name, Parse message) once.
+fn dedup_prepared(uses: Vec<(Vec<u8>, Arc<[u8]>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut prepared: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for (name, parse) in uses {
+        if !prepared
+            .iter()
+            .any(|(n, p)| *n == name && p[..] == parse[..])
+        {
+            prepared.push((name, parse.to_vec()));
+        }
+    }
+    prepared
 }
 
 fn cstr_text(body: &[u8]) -> String {
@@ -852,7 +955,7 @@ mod tests {
             panic!("the committed block is mirrored");
         };
         assert_eq!(rec.segments.len(), 3);
-        c.settle();
+        c.settle(1);
         assert_eq!(c.armed_at_us, 0);
 
         // A read never arms; an autocommit write does, before it is sent.
@@ -863,11 +966,19 @@ mod tests {
         assert_ne!(c.armed_at_us, 0);
         // The process dies here: no settle, no Drop.
         std::mem::forget(c);
+        drop(journal);
 
+        // The journal holds the whole unit; the block settled as spool
+        // record 1 comes back for the spool to confirm.
         let (_, left) = InFlight::open(dir.path()).unwrap();
-        assert_eq!(left.len(), 1, "{left:?}");
-        assert_eq!(left[0].session, 7);
-        assert_eq!(left[0].statements, "INSERT INTO t VALUES (2)");
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0].spooled_as, Some(1));
+        assert_eq!(left[1].spooled_as, None);
+        assert_eq!(left[1].session, 7);
+        assert_eq!(left[1].statements, "INSERT INTO t VALUES (2)");
+        let unit = left[1].unit.as_ref().expect("the unit, whole");
+        assert_eq!(unit.segments.len(), 1);
+        assert_eq!(unit.param("user"), Some("u"));
     }
 
     #[test]
@@ -877,9 +988,11 @@ mod tests {
         block_with(&mut c, "DELETE FROM t", "DELETE 3");
         c.client_bytes(&query("COMMIT"));
         // The source connection drops before the answer.
-        let (_, text) = c.end().expect("in doubt");
-        assert_eq!(text, "BEGIN; DELETE FROM t; COMMIT");
+        let d = c.end().expect("in doubt");
+        assert_eq!(d.statements, "BEGIN; DELETE FROM t; COMMIT");
+        assert_eq!(d.unit.as_ref().map(|u| u.segments.len()), Some(3));
         assert!(c.end().is_none(), "reported once");
+        c.forget_in_doubt();
         // A failed block arms at COMMIT and is not mirrored.
         let mut c = capture(&journal);
         c.client_bytes(&query("BEGIN"));
@@ -895,7 +1008,7 @@ mod tests {
             answer(&mut c, "ROLLBACK", b'I'),
             Finished::Nothing
         ));
-        c.settle();
+        c.settle(0);
         assert!(c.end().is_none());
     }
 }

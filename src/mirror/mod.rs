@@ -18,6 +18,7 @@ pub mod capture;
 pub mod inflight;
 pub mod order;
 pub mod record;
+pub mod recover;
 pub mod report;
 pub mod spool;
 
@@ -62,6 +63,8 @@ pub struct Mirror {
     /// Every outcome check is reported to the health monitor (set once,
     /// when the proxy has one).
     pub health: std::sync::OnceLock<Arc<crate::health::Health>>,
+    /// Units in doubt waiting to be resolved against the source.
+    pub recovery: recover::Recovery,
 }
 
 /// The seq of a unit that will never be applied.
@@ -83,7 +86,7 @@ impl Mirror {
         metrics: Arc<Metrics>,
         audit: Option<Arc<crate::audit::Audit>>,
     ) -> anyhow::Result<Arc<Self>> {
-        let spool = Spool::open(&cfg.spool_dir, cfg.max_spool_bytes).map_err(|e| {
+        let spool = Spool::open(&cfg.spool_dir, cfg.max_spool_bytes, cfg.fsync).map_err(|e| {
             anyhow::anyhow!("cannot open the spool in {}: {e}", cfg.spool_dir.display())
         })?;
         let log = cfg
@@ -113,16 +116,38 @@ impl Mirror {
             probe_works: Mutex::default(),
             audit,
             health: std::sync::OnceLock::new(),
+            recovery: recover::Recovery::default(),
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
-        for d in left {
-            m.in_doubt(
-                d.session,
-                d.time_us,
-                &d.statements,
-                "the proxy stopped while this unit's commit was on its way to the source",
+        let o = &m.spool.opened;
+        if o.may_have_lost(cfg.fsync) {
+            let why = format!(
+                "the machine restarted while pgshift ran with mirror.fsync = \"{}\": units acknowledged after the last sync may be missing (seqs from {} on, before {})",
+                if cfg.fsync == crate::config::FsyncPolicy::Interval { "interval" } else { "off" },
+                o.last_on_disk + 1,
+                o.next_seq
             );
+            m.metrics.mirror.gaps.inc();
+            m.audit_gap(&why);
+            m.report.gap(&why, o.last_on_disk);
+        }
+        // What the previous process's journal left: units whose spool
+        // record made it are done; the rest are resolved (see `recover`).
+        let owners = m.spool.recent_owners();
+        for d in left {
+            let spooled = match (d.spooled_as, d.key) {
+                (Some(seq), _) => seq <= m.spool.opened.last_on_disk,
+                (None, Some(key)) => owners.contains(&key),
+                (None, None) => false,
+            };
+            if !spooled {
+                m.unit_in_doubt(
+                    d,
+                    "the proxy stopped while this unit's commit was on its way to the source",
+                    true,
+                );
+            }
         }
         Ok(m)
     }
@@ -180,7 +205,9 @@ impl Mirror {
                     .set(self.spool.bytes() as i64);
                 Spooled::Done(seq)
             }
-            Err(AppendError::Full { .. }) if self.on_full == OnFull::Backpressure => {
+            Err(AppendError::Full { .. } | AppendError::NoSpace(_))
+                if self.on_full == OnFull::Backpressure =>
+            {
                 Spooled::Full(rec)
             }
             Err(e) => {
@@ -191,6 +218,36 @@ impl Mirror {
                 Spooled::Done(NEVER)
             }
         }
+    }
+
+    /// Spooled records `from..=to` cannot be read back (damaged frames):
+    /// the target misses them.
+    pub fn unreadable(&self, from: u64, to: u64, why: &str) {
+        let why = format!("spool records {from} to {to} are unreadable ({why}); the target misses them and needs a re-sync");
+        error!(reason = %why, "MIRROR GAP");
+        self.metrics.mirror.gaps.inc();
+        self.audit_gap(&why);
+        self.report.gap(&why, from.saturating_sub(1));
+    }
+
+    /// The applier gave up on a committed unit: the target misses it.
+    pub fn unapplied(&self, seq: u64, xid: Option<u64>, why: &str) {
+        let why = format!(
+            "spool record {seq} (source transaction {}) was given up after repeated failures on the target ({why}); the target misses it and needs a re-sync",
+            xid.map_or("unknown".to_string(), |x| x.to_string())
+        );
+        error!(reason = %why, "MIRROR GAP");
+        self.metrics.mirror.gaps.inc();
+        self.audit_gap(&why);
+        self.report.gap(&why, seq.saturating_sub(1));
+    }
+
+    /// The spool could not make `seq` durable: mirroring stops with a gap
+    /// (nothing acknowledged since the last good sync can be vouched for).
+    pub fn sync_failed(&self, why: &str) {
+        self.stop(&format!(
+            "the spool could not be synced to stable storage ({why}); mirroring stopped, the target needs a re-sync"
+        ));
     }
 
     /// Whether the order probe is known to work for this user and database.
@@ -300,11 +357,17 @@ impl Mirror {
             "lag_transactions": last - applied,
             "lag_seconds": lag_s,
             "spool_bytes": self.spool.bytes(),
+            "fsync": self.spool.policy(),
+            "synced_seq": self.spool.synced_seq(),
+            "spool_failure": self.spool.failure(),
             "max_spool_bytes": self.spool.max_bytes(),
             "spool_dir": self.spool.dir().display().to_string(),
             "on_full": format!("{:?}", self.on_full),
             "lost_transactions": m.lost_transactions.get(),
             "in_doubt_transactions": m.in_doubt.get(),
+            "in_doubt_resolving": self.recovery.pending(),
+            "in_doubt_resolved_committed": self.recovery.committed.load(Ordering::Relaxed),
+            "in_doubt_resolved_aborted": self.recovery.aborted.load(Ordering::Relaxed),
             "skipped_already_applied": m.already_applied.get(),
             "units_without_order_key": m.unordered.get(),
             "order_waits": m.order_waits.get(),

@@ -243,6 +243,28 @@ impl Report {
         self.record_gap(g);
     }
 
+    /// A unit in doubt that the source's transaction status settled:
+    /// spooled again as `seq` (committed) or dropped (0).
+    pub fn resolved(
+        &self,
+        session: u64,
+        xid: Option<u64>,
+        outcome: &str,
+        statements: &str,
+        seq: u64,
+    ) {
+        let g = json!({
+            "time_us": super::capture::now_us(),
+            "kind": "resolved",
+            "after_seq": seq,
+            "reason": outcome,
+            "session": session,
+            "xid": xid,
+            "statements": statements,
+        });
+        self.record_gap(g);
+    }
+
     pub fn set_apply_state(&self, s: Option<String>) {
         self.inner().apply_state = s;
     }

@@ -10,3 +10,6 @@ pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const INVALID_AUTHORIZATION: &str = "28000";
 pub const QUERY_CANCELED: &str = "57014";
+pub const IO_ERROR: &str = "58030";
+pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+pub const ACTIVE_SQL_TRANSACTION: &str = "25001";

@@ -70,13 +70,14 @@ pub trait Inspector {
     /// inspector added or dropped (mirroring captures them).
     fn forwarding(&mut self, _bytes: &[u8]) {}
     /// Something that must finish before those bytes go out (a commit
-    /// acknowledgement waiting for spool space).
+    /// acknowledgement waiting for spool space or stable storage). An
+    /// error ends the pump instead: those bytes must never go out.
     fn hold(&mut self) -> Option<Hold<'_>> {
         None
     }
 }
 
-pub type Hold<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+pub type Hold<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 #[derive(Debug)]
 pub enum PumpEnd {
@@ -94,6 +95,10 @@ pub enum PumpError {
     Read(io::Error),
     #[error("write failed: {0}")]
     Write(io::Error),
+    /// What was to be forwarded must not be (a commit acknowledgement the
+    /// mirror cannot vouch for).
+    #[error("{0}")]
+    Withheld(String),
 }
 
 /// Moves messages from `rd` to `wr` until EOF, an error, or the inspector
@@ -192,7 +197,7 @@ where
         if pos > 0 {
             insp.forwarding(&buf[..pos]);
             if let Some(wait) = insp.hold() {
-                wait.await;
+                wait.await.map_err(PumpError::Withheld)?;
             }
             insp.writing(false, false);
             if edits.is_empty() {

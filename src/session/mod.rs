@@ -420,14 +420,14 @@ async fn forward_session(
         }
     };
     if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {
-        let left = c.lock().unwrap_or_else(|p| p.into_inner()).end();
-        if let Some((at, statements)) = left {
-            m.in_doubt(
-                id,
-                at,
-                &statements,
+        let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = c.end() {
+            m.unit_in_doubt(
+                d,
                 "the session ended while this unit's commit was on its way to the source",
+                false,
             );
+            c.forget_in_doubt();
         }
     }
     if statements.overflowed {
@@ -471,6 +471,10 @@ async fn forward_session(
             )),
             false,
         ),
+        // A commit the mirror could not make durable: no acknowledgement.
+        End::Server(Err(PumpError::Withheld(why))) | End::Client(Err(PumpError::Withheld(why))) => {
+            (Some((sqlstate::IO_ERROR, why.clone())), true)
+        }
         End::IdleTimeout => (
             Some((
                 sqlstate::IDLE_SESSION_TIMEOUT,

@@ -811,16 +811,55 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     /// Source-bound bytes wait while a routed request is unanswered, so
-    /// answers reach the client in request order.
+    /// answers reach the client in request order; and, with
+    /// `fsync = "commit"`, a request that may commit a write waits until
+    /// its in-flight journal entry is on stable storage (a crash after the
+    /// source commits must find it).
     fn hold(&mut self) -> Option<Hold<'_>> {
-        let link = self.route.as_ref()?.link;
-        if !self.run_source || !link.target_busy() {
+        let journal = match (self.capture, self.mirror) {
+            (Some(c), Some(m)) if m.spool.policy() == crate::config::FsyncPolicy::Commit => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_arm_write()
+                .filter(|&w| m.inflight.synced() < w)
+                .map(|w| (m, w)),
+            _ => None,
+        };
+        let link = self
+            .route
+            .as_ref()
+            .map(|r| r.link)
+            .filter(|l| self.run_source && l.target_busy());
+        if journal.is_none() && link.is_none() {
             return None;
         }
-        Some(Box::pin(crate::router::wait_until(
-            &link.target_idle,
-            || !link.target_busy(),
-        )))
+        Some(Box::pin(async move {
+            if let Some((m, write)) = journal {
+                loop {
+                    let notified = m.spool.synced.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if m.inflight.synced() >= write {
+                        break;
+                    }
+                    if let Some(why) = m.spool.failure() {
+                        m.sync_failed(&why);
+                        if m.on_full == crate::config::OnFull::Backpressure {
+                            return Err(format!(
+                                "pgshift could not record this commit durably before sending it ({why}); nothing was sent to the source"
+                            ));
+                        }
+                        break;
+                    }
+                    m.spool.want_sync();
+                    notified.await;
+                }
+            }
+            if let Some(link) = link {
+                crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -836,6 +875,9 @@ pub struct BackendInspector<'a> {
     pub max_inspected: usize,
     /// A unit waiting for spool space (`on_full = "backpressure"`).
     pending: Option<Box<TxnRecord>>,
+    /// A spooled unit whose commit acknowledgement waits for the spool to
+    /// reach stable storage (`fsync = "commit"`).
+    unsynced: Option<u64>,
     /// Read routing, when the proxy has a target.
     pub route: Option<(&'a RouteLink, &'a RouteMetrics)>,
 }
@@ -847,6 +889,7 @@ impl<'a> BackendInspector<'a> {
             mirror: None,
             max_inspected: 16,
             pending: None,
+            unsynced: None,
             route: None,
         }
     }
@@ -906,10 +949,25 @@ impl<'a> BackendInspector<'a> {
         // Held throughout: the session's other pump runs on this same thread,
         // so this lock is never contended.
         let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spooled_as = 0;
         match capture.server_message(tag, body, mirror.capturing()) {
             Finished::Nothing => {}
             Finished::Mirror(rec) => match mirror.spool_record(rec) {
-                Spooled::Done(seq) => self.spooled(seq),
+                Spooled::Done(seq) => {
+                    self.spooled(seq);
+                    spooled_as = seq;
+                    // A unit whose durable journal intent names its
+                    // transaction id can be recovered from the source after
+                    // any crash: its acknowledgement need not wait for the
+                    // spool. Others wait for the sync round starting now.
+                    if seq != crate::mirror::NEVER
+                        && !capture.resolvable()
+                        && mirror.spool.durable(seq) != Ok(true)
+                    {
+                        mirror.spool.want_sync();
+                        self.unsynced = Some(seq);
+                    }
+                }
                 Spooled::Full(rec) => {
                     // Not applied before it is spooled: reads stay on the
                     // source meanwhile.
@@ -921,9 +979,10 @@ impl<'a> BackendInspector<'a> {
                 "a committed unit of {bytes} bytes exceeded mirror.max_txn_bytes and was not mirrored; mirroring stopped, the target needs a re-sync"
             )),
         }
-        // The unit is in the spool (or needs none): its journal slot can go.
-        if tag == READY_FOR_QUERY && self.pending.is_none() {
-            capture.settle();
+        // The unit is in the spool for good (or needs none): its journal
+        // slot can go.
+        if tag == READY_FOR_QUERY && self.pending.is_none() && self.unsynced.is_none() {
+            capture.settle(spooled_as);
         }
     }
 }
@@ -1078,8 +1137,11 @@ impl Inspector for BackendInspector<'_> {
         // The source only speaks unprompted (notices, notifications) while
         // a routed request is being answered: that waits for the answer.
         let route = self.route.map(|(l, _)| l).filter(|l| l.target_busy());
-        let spool = self.pending.take().zip(self.mirror);
-        if route.is_none() && spool.is_none() {
+        let (pending, unsynced) = (self.pending.take(), self.unsynced.take());
+        let mirror = self
+            .mirror
+            .filter(|_| pending.is_some() || unsynced.is_some());
+        if route.is_none() && mirror.is_none() {
             return None;
         }
         let link = self.route.map(|(l, _)| l);
@@ -1087,23 +1149,44 @@ impl Inspector for BackendInspector<'_> {
             if let Some(link) = route {
                 crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
             }
-            let Some((mut rec, (mirror, capture))) = spool else {
-                return;
+            let Some((mirror, capture)) = mirror else {
+                return Ok(());
             };
-            mirror.metrics.mirror.backpressure_waits.inc();
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                match mirror.spool_record(rec) {
-                    Spooled::Done(seq) => {
-                        if let Some(link) = link {
-                            link.last_spooled_seq.store(seq, Relaxed);
+            let mut seq = unsynced;
+            if let Some(mut rec) = pending {
+                mirror.metrics.mirror.backpressure_waits.inc();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    match mirror.spool_record(rec) {
+                        Spooled::Done(s) => {
+                            if let Some(link) = link {
+                                link.last_spooled_seq.store(s, Relaxed);
+                            }
+                            seq = (s != crate::mirror::NEVER).then_some(s);
+                            break;
                         }
-                        capture.lock().unwrap_or_else(|p| p.into_inner()).settle();
-                        return;
+                        Spooled::Full(r) => rec = r,
                     }
-                    Spooled::Full(r) => rec = r,
                 }
             }
+            let synced = match seq {
+                Some(seq) => mirror.spool.wait_durable(seq).await,
+                None => Ok(()),
+            };
+            capture
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .settle(seq.unwrap_or(0));
+            if let Err(why) = synced {
+                mirror.sync_failed(&why);
+                if mirror.on_full == crate::config::OnFull::Backpressure {
+                    // Never acknowledge past a gap.
+                    return Err(format!(
+                        "pgshift could not make this commit durable in its mirror spool ({why}); the transaction committed on the source, and the target misses it"
+                    ));
+                }
+            }
+            Ok(())
         }))
     }
 }

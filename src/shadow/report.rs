@@ -3,7 +3,7 @@
 //! mismatch, written as it is confirmed).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -187,13 +187,11 @@ fn now_us() -> u64 {
 impl Report {
     /// Opens (appends to) the mismatch log.
     pub fn open(path: &Path, metrics: ShadowMetrics) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        // Private: it holds statement texts, parameters and rows.
+        crate::private_files::create_parent(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the directory of {}: {e}", path.display())
+        })?;
+        let file = crate::private_files::open_append(path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),

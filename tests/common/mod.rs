@@ -252,6 +252,16 @@ level = "info"
     /// Starts a proxy after `edit` adjusts the base config, e.g.
     /// `|c| c["limits"]["max_client_connections"] = toml_edit::value(5)`.
     pub fn start_with(edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        Self::launch(edit, None)
+    }
+
+    /// As `start_with`, with the proxy started under this umask (an octal
+    /// string, e.g. "000"), to check the modes of the files it writes.
+    pub fn start_under_umask(umask: &str, edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        Self::launch(edit, Some(umask))
+    }
+
+    fn launch(edit: impl FnOnce(&mut toml_edit::DocumentMut), umask: Option<&str>) -> Proxy {
         let clusters = Clusters::get();
         let (mut port, mut admin_port) = (free_port(), free_port());
         let mut cfg = Self::base_config(&clusters, port, admin_port);
@@ -270,7 +280,17 @@ level = "info"
             let cfg_path = dir.path().join("proxy.toml");
             std::fs::write(&cfg_path, cfg.to_string()).unwrap();
             let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            let mut cmd = match umask {
+                None => Command::new(env!("CARGO_BIN_EXE_pgshift")),
+                Some(mask) => {
+                    let mut c = Command::new("sh");
+                    c.arg("-c")
+                        .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+                        .arg(env!("CARGO_BIN_EXE_pgshift"));
+                    c
+                }
+            };
+            let child = cmd
                 .arg("--config")
                 .arg(&cfg_path)
                 .env(

@@ -733,8 +733,19 @@ pub struct AdminConfig {
     /// Where the admin HTTP API listens; omit to disable it.
     #[serde(default = "default_admin_addr")]
     pub addr: Option<SocketAddr>,
-    /// A file holding the bearer token every admin request must carry.
+    /// A file holding the bearer token every admin request must carry
+    /// (owner-only: a file group or others may read is refused).
     pub token_file: Option<PathBuf>,
+    /// Host names (or `name:port`) accepted in the Host header besides the
+    /// listen address, `localhost`, `127.0.0.1` and `[::1]`: every other
+    /// Host is refused (421), against DNS rebinding.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Show statement texts, parameters and rows in `/status`,
+    /// `/mismatches` and `/audit` as they are; needs `token_file`.
+    /// Otherwise literals are replaced by `$n` and data by `<redacted>`.
+    #[serde(default)]
+    pub show_data: bool,
 }
 
 impl Default for AdminConfig {
@@ -742,6 +753,45 @@ impl Default for AdminConfig {
         Self {
             addr: default_admin_addr(),
             token_file: None,
+            allowed_hosts: Vec::new(),
+            show_data: false,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((format!("admin.{k}"), m));
+        if self.show_data && self.token_file.is_none() {
+            return err(
+                "show_data",
+                "needs admin.token_file: data is only shown to requests that carry the token"
+                    .into(),
+            );
+        }
+        if let Some(h) = self
+            .allowed_hosts
+            .iter()
+            .find(|h| !crate::admin::valid_allowed_host(h))
+        {
+            return err(
+                "allowed_hosts",
+                format!(
+                    "{h:?} is not a host name, IP address or [IPv6] address with an optional :port"
+                ),
+            );
+        }
+        match (self.addr, &self.token_file) {
+            (Some(addr), None) if !addr.ip().is_loopback() => err(
+                "addr",
+                "without admin.token_file the admin API may only listen on a loopback address"
+                    .into(),
+            ),
+            (Some(_), Some(tf)) => match crate::admin::read_token(tf) {
+                Ok(_) => Ok(()),
+                Err(e) => err("token_file", format!("{e:#}")),
+            },
+            _ => Ok(()),
         }
     }
 }
@@ -995,21 +1045,7 @@ impl Config {
         if !(1..=86_400).contains(&self.target.keepalive_s) {
             return err("target.keepalive_s", "must be between 1 and 86400".into());
         }
-        if let Some(addr) = self.admin.addr {
-            match &self.admin.token_file {
-                None if !addr.ip().is_loopback() => return err(
-                    "admin.addr",
-                    "without admin.token_file the admin API may only listen on a loopback address"
-                        .into(),
-                ),
-                Some(tf) => {
-                    if let Err(e) = crate::admin::read_token(tf) {
-                        return err("admin.token_file", format!("{e:#}"));
-                    }
-                }
-                None => {}
-            }
-        }
+        self.admin.validate()?;
         let l = &self.limits;
         if !(1..=1_000_000).contains(&l.max_client_connections) {
             return err(
@@ -1248,6 +1284,54 @@ port = 54322
         let text = MINIMAL.replace("[target]\nhost = \"127.0.0.1\"\nport = 54322\n", "");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert!(e.message.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn admin_show_data_needs_a_private_token_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let text = format!("{MINIMAL}\n[admin]\nshow_data = true\n");
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("admin.show_data"), Some(14))
+        );
+        assert!(e.message.contains("token_file"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("admin.token");
+        std::fs::write(&tf, "tok\n").unwrap();
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[admin]\nshow_data = true\ntoken_file = {:?}\n",
+            tf.display().to_string()
+        );
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("admin.token_file"), Some(15))
+        );
+        assert!(e.message.contains("group or world access"), "{e}");
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert!(c.admin.show_data);
+    }
+
+    #[test]
+    fn admin_allowed_hosts_are_host_names_or_addresses() {
+        let text = format!(
+            "{MINIMAL}\n[admin]\nallowed_hosts = [\"pgshift.internal\", \"10.0.0.5:9930\", \"[fd00::1]\"]\n"
+        );
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+        for bad in ["a b", "http://x", "x:port", "[nope]", ""] {
+            let text = format!("{MINIMAL}\n[admin]\nallowed_hosts = [{bad:?}]\n");
+            let e = Config::parse(&text, "t", None).unwrap_err();
+            assert_eq!(
+                (e.key.as_deref(), e.line),
+                (Some("admin.allowed_hosts"), Some(14)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ fn config_changes_and_rejections_are_audited_and_served() {
     let spool = tempfile::tempdir().unwrap();
     let secret = tempfile::tempdir().unwrap();
     let token_file = secret.path().join("admin.token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    write_secret(&token_file, "s3cret-token\n");
     let (sp, tf) = (spool.path().to_path_buf(), token_file.display().to_string());
     let p = Proxy::start_with(move |cfg| {
         mirror_config(cfg, &sp);
@@ -136,7 +136,7 @@ fn now_us() -> u64 {
 fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     let secret = tempfile::tempdir().unwrap();
     let token_file = secret.path().join("admin.token");
-    std::fs::write(&token_file, "ctl-token\n").unwrap();
+    write_secret(&token_file, "ctl-token\n");
     let tf = token_file.display().to_string();
     let p = Proxy::start_with(move |cfg| {
         cfg["admin"]["token_file"] = toml_edit::value(tf);

@@ -770,7 +770,7 @@ fn admin_api_requires_the_bearer_token_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let token = "pgshift-test-token-4f1c";
     let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    write_secret(&token_file, &format!("{token}\n"));
     let tf = token_file.display().to_string();
     let p = Proxy::start_with(|cfg| cfg["admin"]["token_file"] = toml_edit::value(tf));
 
@@ -800,4 +800,122 @@ fn admin_api_requires_the_bearer_token_when_configured() {
         "3"
     );
     assert!(!p.log().contains(token), "token in the log");
+}
+
+/// Every admin request must name this API in its Host (DNS rebinding),
+/// and changes must be JSON (no cross-origin form posts); `pgshift ctl`
+/// does both.
+#[test]
+fn admin_api_refuses_foreign_hosts_and_changes_that_are_not_json() {
+    let p = Proxy::start_with(|cfg| {
+        let mut hosts = toml_edit::Array::new();
+        hosts.push("pgshift.test");
+        cfg["admin"]["allowed_hosts"] = toml_edit::value(hosts);
+    });
+    let port = p.admin_port;
+    let get = |host: Option<&str>| {
+        let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        raw_http(port, &format!("GET /status HTTP/1.0\r\n{host}\r\n"))
+    };
+    for ok in [
+        "localhost".to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "[::1]".into(),
+        "pgshift.test:8080".into(),
+        "PGSHIFT.TEST".into(),
+    ] {
+        let (code, body) = get(Some(&ok));
+        assert_eq!(code, 200, "Host {ok}: {body}");
+    }
+    for bad in [
+        "evil.example",
+        "evil.example:9930",
+        "localhost.evil.example",
+        "10.1.2.3",
+    ] {
+        let (code, body) = get(Some(bad));
+        assert_eq!(code, 421, "Host {bad}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("allowed_hosts"),
+            "{v}"
+        );
+    }
+    let (code, body) = get(None);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Host header"), "{body}");
+    // An absolute URI names the host too.
+    let (code, _) = raw_http(
+        port,
+        "GET http://evil.example/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 421);
+    // Unknown paths are refused the same way (and then not found).
+    assert_eq!(
+        raw_http(port, "GET /nope HTTP/1.0\r\nHost: evil.example\r\n\r\n").0,
+        421
+    );
+    assert_eq!(
+        raw_http(port, "GET /nope HTTP/1.0\r\nHost: localhost\r\n\r\n").0,
+        404
+    );
+
+    // Changes need Content-Type: application/json (an empty body is fine).
+    let post = |ctype: &str, body: &str| {
+        raw_http(
+            port,
+            &format!(
+                "POST /failback HTTP/1.0\r\nHost: localhost\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    for ctype in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+    ] {
+        let (code, body) = post(ctype, r#"{"reason": "form"}"#);
+        assert_eq!(code, 415, "{ctype:?}: {body}");
+        assert!(body.contains("application/json"), "{body}");
+    }
+    assert_eq!(
+        p.stat("/config/epoch"),
+        1,
+        "a refused change applied nothing"
+    );
+    let (code, body) = post("Content-Type: application/json\r\n", "");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = raw_http(
+        port,
+        "PUT /routing HTTP/1.0\r\nHost: localhost\r\nContent-Type: Application/JSON; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(code, 200, "{body}");
+    // pgshift ctl sends a Host and JSON.
+    let out = p.ctl(&["resume", "--reason", "ctl works"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.ctl(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// One raw HTTP exchange with the admin API; (status code, body).
+fn raw_http(port: u16, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }

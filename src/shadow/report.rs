@@ -165,6 +165,8 @@ struct Group {
 struct Noise {
     query: String,
     reason: String,
+    /// What differed, when that is why (values: redacted by the admin API).
+    detail: Option<String>,
     learned_at_us: u64,
     /// Reads of it skipped since.
     skipped: u64,
@@ -298,8 +300,8 @@ impl Report {
     }
 
     /// Learns a fingerprint as non-deterministic: its reads are no longer
-    /// compared.
-    pub fn learn_noise(&self, fp: &str, query: &str, reason: &str) {
+    /// compared. `detail` says what differed (it may hold values).
+    pub fn learn_noise(&self, fp: &str, query: &str, reason: &str, detail: Option<&str>) {
         let mut n = self.noise.lock().unwrap_or_else(|p| p.into_inner());
         if n.contains_key(fp) || n.len() >= MAX_GROUPS {
             return;
@@ -314,6 +316,7 @@ impl Report {
             Noise {
                 query: truncate(query),
                 reason: reason.to_string(),
+                detail: detail.map(str::to_string),
                 learned_at_us: now_us(),
                 skipped: 0,
             },
@@ -357,6 +360,7 @@ impl Report {
                     "fingerprint": fp,
                     "query": n.query,
                     "reason": n.reason,
+                    "detail": n.detail,
                     "learned_at_us": n.learned_at_us,
                     "skipped": n.skipped,
                 })

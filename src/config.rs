@@ -725,6 +725,10 @@ pub struct UpstreamConfig {
     /// Target only: seconds between liveness pings on an idle session link.
     #[serde(default = "default_keepalive_s")]
     pub keepalive_s: u64,
+    /// Authentication methods the proxy's own logins accept from this
+    /// server, as libpq's `require_auth` (default: not `password`).
+    #[serde(default)]
+    pub require_auth: crate::upstream::require_auth::RequireAuth,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -1284,6 +1288,34 @@ port = 54322
         let text = MINIMAL.replace("[target]\nhost = \"127.0.0.1\"\nport = 54322\n", "");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert!(e.message.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn require_auth_is_checked_with_its_line_and_defaults_to_no_cleartext() {
+        use crate::upstream::require_auth::AuthMethod;
+        let c = Config::parse(MINIMAL, "t", None).unwrap();
+        for u in [&c.source, &c.target] {
+            assert!(!u.require_auth.allows(AuthMethod::Password));
+            assert!(u.require_auth.allows(AuthMethod::ScramSha256));
+        }
+        let text = MINIMAL.replace(
+            "port = 54322",
+            "port = 54322\nrequire_auth = \"scram-sha-256\"",
+        );
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert!(!c.target.require_auth.allows(AuthMethod::Md5));
+        for bad in ["md5,!password", "kerberos", ""] {
+            let text = MINIMAL.replace(
+                "port = 54322",
+                &format!("port = 54322\nrequire_auth = {bad:?}"),
+            );
+            let e = Config::parse(&text, "t", None).unwrap_err();
+            assert_eq!(
+                (e.key.as_deref(), e.line),
+                (Some("target.require_auth"), Some(12)),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Upstream {
     pub port: u16,
     pub sslmode: SslMode,
     pub connect_timeout: Duration,
+    /// The authentication methods the proxy's own logins accept.
+    pub require_auth: crate::upstream::require_auth::RequireAuth,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -35,6 +37,7 @@ impl Upstream {
             port: cfg.port,
             sslmode: cfg.sslmode,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            require_auth: cfg.require_auth,
             tls,
         })
     }

@@ -1000,6 +1000,15 @@ impl Config {
             if u.host.is_empty() {
                 return err(&format!("{name}.host"), "must not be empty".into());
             }
+            if u.sslmode == SslMode::VerifyFull && !crate::net::tls::valid_server_name(&u.host) {
+                return err(
+                    &format!("{name}.host"),
+                    format!(
+                        "{:?} is not a valid DNS name or IP address, so sslmode verify-full cannot check the server's certificate against it",
+                        u.host
+                    ),
+                );
+            }
             if u.port == 0 {
                 return err(
                     &format!("{name}.port"),
@@ -1288,6 +1297,23 @@ port = 54322
         let text = MINIMAL.replace("[target]\nhost = \"127.0.0.1\"\nport = 54322\n", "");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert!(e.message.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn verify_full_needs_a_host_a_certificate_can_name() {
+        let text = MINIMAL.replace(
+            "host = \"127.0.0.1\"\nport = 54322",
+            "host = \"db host\"\nport = 54322\nsslmode = \"verify-full\"",
+        );
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("target.host"), Some(10)));
+        assert!(e.message.contains("not a valid DNS name"), "{e}");
+        // Other modes do not check the name: the host is only resolved.
+        let text = MINIMAL.replace(
+            "host = \"127.0.0.1\"\nport = 54322",
+            "host = \"db host\"\nport = 54322",
+        );
+        Config::parse(&text, "t", None).unwrap();
     }
 
     #[test]

@@ -76,12 +76,14 @@ impl Upstream {
         match answer {
             b'S' => {
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                let tls = connector
-                    .connect(super::tls::server_name(&self.host), tcp)
-                    .await
-                    .with_context(|| {
-                        format!("TLS handshake with {} at {} failed", self.name, self.addr())
+                let peer = tcp.peer_addr()?.ip();
+                let name =
+                    super::tls::server_name(&self.host, self.sslmode, peer).with_context(|| {
+                        format!("cannot connect to {} at {}", self.name, self.addr())
                     })?;
+                let tls = connector.connect(name, tcp).await.with_context(|| {
+                    format!("TLS handshake with {} at {} failed", self.name, self.addr())
+                })?;
                 Ok(Stream::ClientTls(Box::new(tls)))
             }
             b'N' if self.sslmode == SslMode::Prefer => Ok(Stream::Plain(tcp)),

@@ -4,6 +4,14 @@
 //! with a new epoch). With `admin.token_file` every request needs
 //! `Authorization: Bearer <token>`; without one the config only allows a
 //! loopback address.
+//!
+//! Every request must name an allowed Host (the listen address,
+//! `localhost`, `127.0.0.1`, `[::1]` or one of `admin.allowed_hosts`), so
+//! a web page cannot reach a loopback API through DNS rebinding (421
+//! otherwise). PUT and POST need `Content-Type: application/json`, which a
+//! browser cannot send cross-origin without a preflight the API never
+//! answers (415 otherwise). Unless `admin.show_data` is set (which needs a
+//! token), statement texts and data in responses are redacted (`redact`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,17 +19,28 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::proxy::Proxy;
 
-/// Reads a bearer token file: its first line, trimmed, must not be empty.
+/// Reads a bearer token file: its first line, trimmed, must not be empty,
+/// and no one but its owner may read or write it.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if crate::private_files::is_shared(meta.permissions().mode()) {
+        bail!(
+            "{} has group or world access (mode {:04o}); permissions should be u=rw (0600) or less",
+            path.display(),
+            meta.permissions().mode() & 0o7777
+        );
+    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
@@ -31,10 +50,77 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Splits a Host value into its host (`name`, `1.2.3.4` or `[v6]`) and
+/// port; `None` when it is not of that shape.
+fn split_host(h: &str) -> Option<(&str, Option<&str>)> {
+    let (host, port) = if h.starts_with('[') {
+        let end = h.find(']')?;
+        let (host, rest) = h.split_at(end + 1);
+        match rest {
+            "" => (host, None),
+            r => (host, Some(r.strip_prefix(':')?)),
+        }
+    } else {
+        match h.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (h, None),
+        }
+    };
+    if host.is_empty() || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Whether `h` may be listed in `admin.allowed_hosts`: a host name, an
+/// IPv4 address or a bracketed IPv6 address, with an optional `:port`.
+pub fn valid_allowed_host(h: &str) -> bool {
+    match split_host(h) {
+        Some((host, _)) if host.starts_with('[') => host
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .is_some_and(|v| v.parse::<std::net::Ipv6Addr>().is_ok()),
+        Some((host, _)) => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'),
+        None => false,
+    }
+}
+
+/// Hosts always allowed, with any port.
+const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]"];
+
+/// Whether a request's Host (or absolute URI authority) names this API:
+/// the listen address as it is, a loopback name with any port, or an
+/// allowed host (any port unless the entry has one). Case-insensitive.
+pub fn host_allowed(host: &str, listen: SocketAddr, allowed: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    if host == listen.to_string() {
+        return true;
+    }
+    let Some((name, _)) = split_host(&host) else {
+        return false;
+    };
+    LOOPBACK_HOSTS.contains(&name)
+        || allowed
+            .iter()
+            .map(|a| a.to_ascii_lowercase())
+            .any(|a| match split_host(&a) {
+                Some((_, Some(_))) => a == host,
+                Some((a_name, None)) => a_name == name,
+                None => false,
+            })
+}
+
 #[derive(Clone)]
 struct AdminState {
     proxy: Arc<Proxy>,
     token: Option<Arc<str>>,
+    /// The address the API is bound to (a Host naming it is allowed).
+    listen: SocketAddr,
+    allowed_hosts: Arc<[String]>,
+    /// `admin.show_data`: responses are not redacted.
+    show_data: bool,
 }
 
 /// Binds the admin address; done before the proxy starts serving so a taken
@@ -56,9 +142,17 @@ pub async fn serve(
     } else {
         info!(%addr, "admin API listening; requests need the bearer token");
     }
+    let admin = &proxy.config.admin;
+    let (allowed_hosts, show_data) = (Arc::from(admin.allowed_hosts.clone()), admin.show_data);
+    if !show_data {
+        info!("admin API redacts statement texts and data (admin.show_data is off)");
+    }
     let state = AdminState {
-        proxy,
         token: token.map(Arc::from),
+        listen: addr,
+        allowed_hosts,
+        show_data,
+        proxy,
     };
     let app = Router::new()
         .route("/status", get(status))
@@ -70,12 +164,100 @@ pub async fn serve(
         .route("/failback", post(failback))
         .route("/resume", post(resume))
         .route("/mismatches", get(mismatches))
+        .fallback(not_found)
+        // Outermost last: the Host check, then the token, then the body's
+        // content type.
+        .layer(axum::middleware::from_fn(require_json))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
         .with_state(state);
     axum::serve(listener, app).await.context("admin API failed")
+}
+
+/// A JSON error answer.
+fn refuse(code: StatusCode, error: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": error }))).into_response()
+}
+
+async fn not_found() -> Response {
+    refuse(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// Refuses a request whose Host (or absolute URI authority) does not name
+/// this API: a page served from another name that resolves to a loopback
+/// address (DNS rebinding) must not reach it.
+async fn check_host(State(st): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(host) = req.headers().get(header::HOST) else {
+        return refuse(StatusCode::BAD_REQUEST, "a Host header is required");
+    };
+    let host = host.to_str().unwrap_or("");
+    let names = [Some(host), req.uri().authority().map(|a| a.as_str())];
+    if let Some(bad) = names
+        .into_iter()
+        .flatten()
+        .find(|h| !host_allowed(h, st.listen, &st.allowed_hosts))
+    {
+        debug!(
+            host = bad,
+            "admin API: request for a host that is not allowed refused"
+        );
+        return refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "host {bad:?} is not allowed: use the admin address, localhost, 127.0.0.1 or [::1], or list the name in admin.allowed_hosts"
+            ),
+        );
+    }
+    next.run(req).await
+}
+
+/// Requests that change something must say their body is JSON: a browser
+/// cannot send that cross-origin without a CORS preflight, which the API
+/// never answers, so a web page cannot post to it.
+async fn require_json(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "requests that change something need Content-Type: application/json (an empty body is allowed)",
+        );
+    }
+    next.run(req).await
+}
+
+/// A response as it may be shown: as it is with `admin.show_data`, else
+/// redacted (off the main thread: normalising many statements takes a
+/// while, and the main thread runs the accept loop).
+async fn shown(st: &AdminState, mut v: serde_json::Value) -> Response {
+    if st.show_data {
+        return Json(v).into_response();
+    }
+    match tokio::task::spawn_blocking(move || {
+        crate::redact::redact(&mut v);
+        v
+    })
+    .await
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot redact the response: {e}"),
+        ),
+    }
 }
 
 async fn authorize(State(st): State<AdminState>, req: Request, next: Next) -> Response {
@@ -120,7 +302,8 @@ async fn audit(
                 .into_response()
         }
     };
-    Json(st.proxy.audit.since(since)).into_response()
+    let entries = serde_json::Value::Array(st.proxy.audit.since(since));
+    shown(&st, entries).await
 }
 
 /// `GET /mismatches[?fingerprint=]`: shadow-read mismatches grouped by
@@ -130,7 +313,10 @@ async fn mismatches(
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
     match &st.proxy.shadow {
-        Some(sh) => Json(sh.report.to_json(q.get("fingerprint").map(String::as_str))).into_response(),
+        Some(sh) => {
+            let v = sh.report.to_json(q.get("fingerprint").map(String::as_str));
+            shown(&st, v).await
+        }
         None => (
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({"error": "shadow reads need a target (target.session_links = true)"})),
@@ -143,8 +329,9 @@ async fn config(State(st): State<AdminState>) -> Json<serde_json::Value> {
     Json(st.proxy.effective_config())
 }
 
-async fn status(State(st): State<AdminState>) -> Json<serde_json::Value> {
-    Json(st.proxy.status())
+async fn status(State(st): State<AdminState>) -> Response {
+    let v = st.proxy.status();
+    shown(&st, v).await
 }
 
 async fn metrics(State(st): State<AdminState>) -> impl IntoResponse {
@@ -296,4 +483,63 @@ fn fail_back_or_resume(st: &AdminState, body: &[u8], back: bool) -> Response {
         h.state.lock().unwrap_or_else(|p| p.into_inner()).resumed();
     }
     applied(st, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_naming_this_api_are_allowed_and_others_are_not() {
+        let listen: SocketAddr = "127.0.0.1:9930".parse().unwrap();
+        let none: Vec<String> = Vec::new();
+        for ok in [
+            "127.0.0.1:9930",
+            "localhost",
+            "localhost:9930",
+            "LOCALHOST:1234",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:9930",
+        ] {
+            assert!(host_allowed(ok, listen, &none), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9930",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:9930",
+            "localhost:notaport",
+            "",
+            "[::1",
+            "10.0.0.5:9930",
+        ] {
+            assert!(!host_allowed(bad, listen, &none), "{bad}");
+        }
+        let allowed = vec!["PgShift.Internal".to_string(), "10.0.0.5:9930".into()];
+        assert!(host_allowed("pgshift.internal", listen, &allowed));
+        assert!(host_allowed("pgshift.internal:9930", listen, &allowed));
+        assert!(host_allowed("10.0.0.5:9930", listen, &allowed));
+        assert!(!host_allowed("10.0.0.5:80", listen, &allowed));
+        assert!(!host_allowed("10.0.0.5", listen, &allowed));
+        // A listen address that is not loopback is allowed as written.
+        let public: SocketAddr = "[fd00::7]:9930".parse().unwrap();
+        assert!(host_allowed("[fd00::7]:9930", public, &none));
+        assert!(!host_allowed("[fd00::7]:9931", public, &none));
+    }
+
+    #[test]
+    fn token_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("t");
+        std::fs::write(&tf, "tok\n").unwrap();
+        for mode in [0o644, 0o604, 0o660, 0o602] {
+            std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token(&tf).unwrap_err().to_string();
+            assert!(e.contains("group or world access"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(read_token(&tf).unwrap(), "tok");
+    }
 }

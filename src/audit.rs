@@ -5,7 +5,7 @@
 //! in memory for `GET /audit`.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -26,12 +26,11 @@ struct Inner {
 }
 
 impl Audit {
-    /// Opens (creating) the log for appending.
+    /// Opens (creating) the log for appending. It is private (see
+    /// `private_files`): entries can carry failed-back query texts.
     pub fn open(path: &Path) -> io::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        crate::private_files::create_parent(path)?;
+        let file = crate::private_files::open_append(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             inner: Mutex::new(Inner {

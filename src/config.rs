@@ -745,6 +745,10 @@ pub struct UpstreamConfig {
     /// Target only: seconds between liveness pings on an idle session link.
     #[serde(default = "default_keepalive_s")]
     pub keepalive_s: u64,
+    /// Authentication methods the proxy's own logins accept from this
+    /// server, as libpq's `require_auth` (default: not `password`).
+    #[serde(default)]
+    pub require_auth: crate::upstream::require_auth::RequireAuth,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -753,8 +757,19 @@ pub struct AdminConfig {
     /// Where the admin HTTP API listens; omit to disable it.
     #[serde(default = "default_admin_addr")]
     pub addr: Option<SocketAddr>,
-    /// A file holding the bearer token every admin request must carry.
+    /// A file holding the bearer token every admin request must carry
+    /// (owner-only: a file group or others may read is refused).
     pub token_file: Option<PathBuf>,
+    /// Host names (or `name:port`) accepted in the Host header besides the
+    /// listen address, `localhost`, `127.0.0.1` and `[::1]`: every other
+    /// Host is refused (421), against DNS rebinding.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Show statement texts, parameters and rows in `/status`,
+    /// `/mismatches` and `/audit` as they are; needs `token_file`.
+    /// Otherwise literals are replaced by `$n` and data by `<redacted>`.
+    #[serde(default)]
+    pub show_data: bool,
 }
 
 impl Default for AdminConfig {
@@ -762,6 +777,45 @@ impl Default for AdminConfig {
         Self {
             addr: default_admin_addr(),
             token_file: None,
+            allowed_hosts: Vec::new(),
+            show_data: false,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((format!("admin.{k}"), m));
+        if self.show_data && self.token_file.is_none() {
+            return err(
+                "show_data",
+                "needs admin.token_file: data is only shown to requests that carry the token"
+                    .into(),
+            );
+        }
+        if let Some(h) = self
+            .allowed_hosts
+            .iter()
+            .find(|h| !crate::admin::valid_allowed_host(h))
+        {
+            return err(
+                "allowed_hosts",
+                format!(
+                    "{h:?} is not a host name, IP address or [IPv6] address with an optional :port"
+                ),
+            );
+        }
+        match (self.addr, &self.token_file) {
+            (Some(addr), None) if !addr.ip().is_loopback() => err(
+                "addr",
+                "without admin.token_file the admin API may only listen on a loopback address"
+                    .into(),
+            ),
+            (Some(_), Some(tf)) => match crate::admin::read_token(tf) {
+                Ok(_) => Ok(()),
+                Err(e) => err("token_file", format!("{e:#}")),
+            },
+            _ => Ok(()),
         }
     }
 }
@@ -966,6 +1020,15 @@ impl Config {
             if u.host.is_empty() {
                 return err(&format!("{name}.host"), "must not be empty".into());
             }
+            if u.sslmode == SslMode::VerifyFull && !crate::net::tls::valid_server_name(&u.host) {
+                return err(
+                    &format!("{name}.host"),
+                    format!(
+                        "{:?} is not a valid DNS name or IP address, so sslmode verify-full cannot check the server's certificate against it",
+                        u.host
+                    ),
+                );
+            }
             if u.port == 0 {
                 return err(
                     &format!("{name}.port"),
@@ -1015,21 +1078,7 @@ impl Config {
         if !(1..=86_400).contains(&self.target.keepalive_s) {
             return err("target.keepalive_s", "must be between 1 and 86400".into());
         }
-        if let Some(addr) = self.admin.addr {
-            match &self.admin.token_file {
-                None if !addr.ip().is_loopback() => return err(
-                    "admin.addr",
-                    "without admin.token_file the admin API may only listen on a loopback address"
-                        .into(),
-                ),
-                Some(tf) => {
-                    if let Err(e) = crate::admin::read_token(tf) {
-                        return err("admin.token_file", format!("{e:#}"));
-                    }
-                }
-                None => {}
-            }
-        }
+        self.admin.validate()?;
         let l = &self.limits;
         if !(1..=1_000_000).contains(&l.max_client_connections) {
             return err(
@@ -1268,6 +1317,99 @@ port = 54322
         let text = MINIMAL.replace("[target]\nhost = \"127.0.0.1\"\nport = 54322\n", "");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert!(e.message.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn verify_full_needs_a_host_a_certificate_can_name() {
+        let text = MINIMAL.replace(
+            "host = \"127.0.0.1\"\nport = 54322",
+            "host = \"db host\"\nport = 54322\nsslmode = \"verify-full\"",
+        );
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("target.host"), Some(10)));
+        assert!(e.message.contains("not a valid DNS name"), "{e}");
+        // Other modes do not check the name: the host is only resolved.
+        let text = MINIMAL.replace(
+            "host = \"127.0.0.1\"\nport = 54322",
+            "host = \"db host\"\nport = 54322",
+        );
+        Config::parse(&text, "t", None).unwrap();
+    }
+
+    #[test]
+    fn require_auth_is_checked_with_its_line_and_defaults_to_no_cleartext() {
+        use crate::upstream::require_auth::AuthMethod;
+        let c = Config::parse(MINIMAL, "t", None).unwrap();
+        for u in [&c.source, &c.target] {
+            assert!(!u.require_auth.allows(AuthMethod::Password));
+            assert!(u.require_auth.allows(AuthMethod::ScramSha256));
+        }
+        let text = MINIMAL.replace(
+            "port = 54322",
+            "port = 54322\nrequire_auth = \"scram-sha-256\"",
+        );
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert!(!c.target.require_auth.allows(AuthMethod::Md5));
+        for bad in ["md5,!password", "kerberos", ""] {
+            let text = MINIMAL.replace(
+                "port = 54322",
+                &format!("port = 54322\nrequire_auth = {bad:?}"),
+            );
+            let e = Config::parse(&text, "t", None).unwrap_err();
+            assert_eq!(
+                (e.key.as_deref(), e.line),
+                (Some("target.require_auth"), Some(12)),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_show_data_needs_a_private_token_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let text = format!("{MINIMAL}\n[admin]\nshow_data = true\n");
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("admin.show_data"), Some(14))
+        );
+        assert!(e.message.contains("token_file"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("admin.token");
+        std::fs::write(&tf, "tok\n").unwrap();
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[admin]\nshow_data = true\ntoken_file = {:?}\n",
+            tf.display().to_string()
+        );
+        let e = Config::parse(&text, "t", None).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("admin.token_file"), Some(15))
+        );
+        assert!(e.message.contains("group or world access"), "{e}");
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert!(c.admin.show_data);
+    }
+
+    #[test]
+    fn admin_allowed_hosts_are_host_names_or_addresses() {
+        let text = format!(
+            "{MINIMAL}\n[admin]\nallowed_hosts = [\"pgshift.internal\", \"10.0.0.5:9930\", \"[fd00::1]\"]\n"
+        );
+        let c = Config::parse(&text, "t", None).unwrap();
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+        for bad in ["a b", "http://x", "x:port", "[nope]", ""] {
+            let text = format!("{MINIMAL}\n[admin]\nallowed_hosts = [{bad:?}]\n");
+            let e = Config::parse(&text, "t", None).unwrap_err();
+            assert_eq!(
+                (e.key.as_deref(), e.line),
+                (Some("admin.allowed_hosts"), Some(14)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -337,12 +337,21 @@ pub fn mismatches_text(v: &Value) -> String {
         );
         let d = &f["last_confirmed"]["difference"];
         if let Some(detail) = d["detail"].as_str() {
-            out += &format!("    last: {detail}\n");
+            // The column is named even when the admin API redacts the detail.
+            let column = d["first_column"]
+                .as_str()
+                .map(|c| format!(" (column {c})"))
+                .unwrap_or_default();
+            out += &format!("    last: {detail}{column}\n");
         }
     }
     for n in v["noise"].as_array().into_iter().flatten() {
+        let detail = n["detail"]
+            .as_str()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         out += &format!(
-            "noise {} ({} reads skipped): {}  {}\n",
+            "noise {} ({} reads skipped): {}{detail}  {}\n",
             n["fingerprint"].as_str().unwrap_or("?"),
             num(&n["skipped"]),
             n["reason"].as_str().unwrap_or("?"),

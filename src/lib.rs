@@ -13,6 +13,9 @@
 //! - `admin`, `metrics`: the HTTP API and its counters.
 //! - `audit`: the append-only log of every change, flushed before it applies.
 //! - `config`: the TOML config and its validation.
+//! - `private_files`: creating the files and directories that hold data
+//!   owner-only (0600 / 0700), whatever the umask.
+//! - `redact`: what the admin API hides without `admin.show_data`.
 //! - `ctl`: `pgshift ctl`, the admin API's command-line client.
 //! - `classify`: the statement classifier (read, write, lock, ...).
 //! - `mirror`: write mirroring: capture, spool, commit order, applier.
@@ -33,9 +36,11 @@ pub mod listener;
 pub mod metrics;
 pub mod mirror;
 pub mod net;
+pub mod private_files;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
+pub mod redact;
 pub mod replay;
 pub mod router;
 pub mod session;

@@ -15,7 +15,7 @@ fn config_changes_and_rejections_are_audited_and_served() {
     let spool = tempfile::tempdir().unwrap();
     let secret = tempfile::tempdir().unwrap();
     let token_file = secret.path().join("admin.token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    write_secret(&token_file, "s3cret-token\n");
     let (sp, tf) = (spool.path().to_path_buf(), token_file.display().to_string());
     let p = Proxy::start_with(move |cfg| {
         mirror_config(cfg, &sp);
@@ -136,7 +136,7 @@ fn now_us() -> u64 {
 fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     let secret = tempfile::tempdir().unwrap();
     let token_file = secret.path().join("admin.token");
-    std::fs::write(&token_file, "ctl-token\n").unwrap();
+    write_secret(&token_file, "ctl-token\n");
     let tf = token_file.display().to_string();
     let p = Proxy::start_with(move |cfg| {
         cfg["admin"]["token_file"] = toml_edit::value(tf);
@@ -178,4 +178,125 @@ fn ctl_reads_status_and_audit_through_the_token_protected_api() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("bearer token"), "{err}");
+}
+
+/// Files the spool itself writes (src/mirror/spool.rs, inflight.rs and the
+/// applier's progress file), not yet created through `private_files`:
+/// under a permissive umask they take its mode, but they sit in the spool
+/// directory, which is 0700.
+/// Every file (0600) and directory (0700) under `dir`, the spool's own
+/// files included; returns (path, mode) of each one checked.
+fn check_private(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let path = e.path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{} is {mode:04o}", path.display());
+            out.push((path.clone(), mode));
+            check_private(&path, out);
+        } else {
+            assert_eq!(mode, 0o600, "{} is {mode:04o}", path.display());
+            out.push((path, mode));
+        }
+    }
+}
+
+#[test]
+fn files_the_proxy_writes_are_private_under_a_permissive_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path().to_path_buf();
+    // A spool directory anyone may enter, holding a divergence log anyone
+    // may read: both are tightened.
+    let spool = r.join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let divergences = spool.join("divergences.jsonl");
+    std::fs::write(&divergences, "").unwrap();
+    std::fs::set_permissions(&divergences, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (audit_log, mismatch_log, capture) = (
+        r.join("logs/audit/audit.jsonl"),
+        r.join("logs/shadow/mismatches.jsonl"),
+        r.join("rec/day1/capture"),
+    );
+    let (sp, al, ml, cap) = (
+        spool.clone(),
+        audit_log.clone(),
+        mismatch_log.clone(),
+        capture.clone(),
+    );
+    let p = Proxy::start_under_umask("000", move |cfg| {
+        mirror_config(cfg, &sp);
+        cfg["shadow"]["sample_percent"] = toml_edit::value(100.0);
+        cfg["shadow"]["mismatch_log"] = toml_edit::value(ml.display().to_string());
+        cfg["audit"]["path"] = toml_edit::value(al.display().to_string());
+        cfg["record"]["path"] = toml_edit::value(cap.display().to_string());
+    });
+    // The proxy really runs under the permissive umask.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    assert!(
+        proc_status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Umask:", "0000"])),
+        "{proc_status}"
+    );
+    let c = p.clusters.clone();
+    let db = "private_files";
+    c.fresh_db(db);
+    let url = p.url(SUPERUSER, db);
+    psql_ok(
+        &url,
+        &[
+            "-c",
+            "CREATE TABLE t(id int PRIMARY KEY, secret text)",
+            "-c",
+            "INSERT INTO t VALUES (1, 'private-value')",
+            "-c",
+            "SELECT * FROM t WHERE id = 1",
+        ],
+        None,
+    );
+    p.wait_mirror_drained(30);
+    // Mirroring off by editing the file: a gap, in gaps.jsonl.
+    let cfg_path = p.dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("enabled = true", "enabled = false")).unwrap();
+    let gaps = spool.join("gaps.jsonl");
+    p.wait_for(10, "the gap", |_| {
+        std::fs::read_to_string(&gaps).is_ok_and(|t| t.contains("\"gap\""))
+    });
+    p.wait_for(10, "the recording to reach its segment", |p| {
+        p.status()["record"]["current"]["messages"].as_u64() >= Some(3)
+    });
+
+    let mut checked = Vec::new();
+    check_private(&r, &mut checked);
+    let checked: Vec<_> = checked.into_iter().map(|(p, _)| p).collect();
+    for wanted in [
+        &spool,
+        &divergences,
+        &gaps,
+        &audit_log,
+        &mismatch_log,
+        &r.join("logs"),
+        &r.join("rec/day1"),
+        &r.join("rec/day1/capture.000001"),
+    ] {
+        assert!(
+            checked.contains(wanted),
+            "{} not written: {checked:?}",
+            wanted.display()
+        );
+    }
+    assert!(std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .contains("config_reload"));
+    let log = p.log();
+    assert!(
+        log.contains("tightened permissions") && log.contains("divergences.jsonl"),
+        "the tightening is logged, naming the file:\n{log}"
+    );
 }

@@ -770,7 +770,7 @@ fn admin_api_requires_the_bearer_token_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let token = "pgshift-test-token-4f1c";
     let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    write_secret(&token_file, &format!("{token}\n"));
     let tf = token_file.display().to_string();
     let p = Proxy::start_with(|cfg| cfg["admin"]["token_file"] = toml_edit::value(tf));
 
@@ -800,4 +800,425 @@ fn admin_api_requires_the_bearer_token_when_configured() {
         "3"
     );
     assert!(!p.log().contains(token), "token in the log");
+}
+
+/// Every admin request must name this API in its Host (DNS rebinding),
+/// and changes must be JSON (no cross-origin form posts); `pgshift ctl`
+/// does both.
+#[test]
+fn admin_api_refuses_foreign_hosts_and_changes_that_are_not_json() {
+    let p = Proxy::start_with(|cfg| {
+        let mut hosts = toml_edit::Array::new();
+        hosts.push("pgshift.test");
+        cfg["admin"]["allowed_hosts"] = toml_edit::value(hosts);
+    });
+    let port = p.admin_port;
+    let get = |host: Option<&str>| {
+        let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        raw_http(port, &format!("GET /status HTTP/1.0\r\n{host}\r\n"))
+    };
+    for ok in [
+        "localhost".to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "[::1]".into(),
+        "pgshift.test:8080".into(),
+        "PGSHIFT.TEST".into(),
+    ] {
+        let (code, body) = get(Some(&ok));
+        assert_eq!(code, 200, "Host {ok}: {body}");
+    }
+    for bad in [
+        "evil.example",
+        "evil.example:9930",
+        "localhost.evil.example",
+        "10.1.2.3",
+    ] {
+        let (code, body) = get(Some(bad));
+        assert_eq!(code, 421, "Host {bad}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("allowed_hosts"),
+            "{v}"
+        );
+    }
+    let (code, body) = get(None);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Host header"), "{body}");
+    // An absolute URI names the host too.
+    let (code, _) = raw_http(
+        port,
+        "GET http://evil.example/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 421);
+    // Unknown paths are refused the same way (and then not found).
+    assert_eq!(
+        raw_http(port, "GET /nope HTTP/1.0\r\nHost: evil.example\r\n\r\n").0,
+        421
+    );
+    assert_eq!(
+        raw_http(port, "GET /nope HTTP/1.0\r\nHost: localhost\r\n\r\n").0,
+        404
+    );
+
+    // Changes need Content-Type: application/json (an empty body is fine).
+    let post = |ctype: &str, body: &str| {
+        raw_http(
+            port,
+            &format!(
+                "POST /failback HTTP/1.0\r\nHost: localhost\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    for ctype in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+    ] {
+        let (code, body) = post(ctype, r#"{"reason": "form"}"#);
+        assert_eq!(code, 415, "{ctype:?}: {body}");
+        assert!(body.contains("application/json"), "{body}");
+    }
+    assert_eq!(
+        p.stat("/config/epoch"),
+        1,
+        "a refused change applied nothing"
+    );
+    let (code, body) = post("Content-Type: application/json\r\n", "");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = raw_http(
+        port,
+        "PUT /routing HTTP/1.0\r\nHost: localhost\r\nContent-Type: Application/JSON; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(code, 200, "{body}");
+    // pgshift ctl sends a Host and JSON.
+    let out = p.ctl(&["resume", "--reason", "ctl works"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.ctl(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// One raw HTTP exchange with the admin API; (status code, body).
+fn raw_http(port: u16, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+// ------------------------------------------------ target.require_auth
+
+/// What a fake target asks for at login.
+#[derive(Clone, Copy, PartialEq)]
+enum FakeAuth {
+    /// AuthenticationCleartextPassword.
+    Cleartext,
+    /// AuthenticationSASL, AuthenticationSASLContinue, then
+    /// AuthenticationOk without AuthenticationSASLFinal: an impostor that
+    /// cannot prove it knows the password.
+    ScramWithoutFinal,
+}
+
+/// What the fake target saw.
+#[derive(Default)]
+struct FakeSeen {
+    /// Cleartext passwords it was sent.
+    passwords: Vec<String>,
+    /// SCRAM exchanges that reached the client's final message.
+    scram_finals: usize,
+    /// Logins it completed (AuthenticationOk and ReadyForQuery sent).
+    logins: usize,
+}
+
+/// A TCP server the test controls, speaking just enough of the protocol
+/// for a login; runs until the test's runtime ends.
+async fn fake_target(auth: FakeAuth) -> (u16, Arc<std::sync::Mutex<FakeSeen>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(FakeSeen::default()));
+    let s2 = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let seen = Arc::clone(&s2);
+            tokio::spawn(async move {
+                let _ = fake_session(sock, auth, &seen).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn be_msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn be_auth(code: i32, data: &[u8]) -> Vec<u8> {
+    be_msg(b'R', &[&code.to_be_bytes()[..], data].concat())
+}
+
+async fn fe_msg(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let tag = s.read_u8().await?;
+    let len = s.read_i32().await?;
+    let mut body = vec![0; (len.max(4) - 4) as usize];
+    s.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+async fn fake_session(
+    mut s: tokio::net::TcpStream,
+    auth: FakeAuth,
+    seen: &std::sync::Mutex<FakeSeen>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The startup packet (an SSLRequest first is answered N).
+    loop {
+        let len = s.read_i32().await?;
+        let mut rest = vec![0; (len.max(4) - 4) as usize];
+        s.read_exact(&mut rest).await?;
+        if rest.get(..4) == Some(&80877103i32.to_be_bytes()[..]) {
+            s.write_all(b"N").await?;
+            continue;
+        }
+        break;
+    }
+    let ok_ready = [
+        be_auth(0, b""),
+        be_msg(b'K', &[0, 0, 0, 42, 0, 0, 0, 7]),
+        be_msg(b'Z', b"I"),
+    ]
+    .concat();
+    match auth {
+        FakeAuth::Cleartext => {
+            s.write_all(&be_auth(3, b"")).await?;
+            let (_, body) = fe_msg(&mut s).await?;
+            let pw =
+                String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
+            seen.lock().unwrap().passwords.push(pw);
+        }
+        FakeAuth::ScramWithoutFinal => {
+            s.write_all(&be_auth(10, b"SCRAM-SHA-256\0\0")).await?;
+            let (_, first) = fe_msg(&mut s).await?;
+            // "SCRAM-SHA-256\0", a length, "n,,n=,r=<client nonce>"
+            let text = String::from_utf8_lossy(&first).into_owned();
+            let nonce = text.rsplit("r=").next().unwrap_or("").to_string();
+            let server_first = format!("r={nonce}fake-server-nonce,s=c2FsdHNhbHRzYWx0,i=4096");
+            s.write_all(&be_auth(11, server_first.as_bytes())).await?;
+            fe_msg(&mut s).await?;
+            seen.lock().unwrap().scram_finals += 1;
+            // No AuthenticationSASLFinal: straight to Ok.
+        }
+    }
+    s.write_all(&ok_ready).await?;
+    seen.lock().unwrap().logins += 1;
+    // Keepalive Syncs and simple queries get an answer; the rest waits.
+    loop {
+        let (tag, _) = fe_msg(&mut s).await?;
+        match tag {
+            b'S' => s.write_all(&be_msg(b'Z', b"I")).await?,
+            b'Q' => {
+                s.write_all(&[be_msg(b'I', b""), be_msg(b'Z', b"I")].concat())
+                    .await?
+            }
+            b'X' => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// A proxy whose target is the fake on `port`, with a passfile holding
+/// the superuser's password for it.
+fn proxy_on_fake_target(port: u16, require_auth: Option<&str>) -> (Proxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pf = dir.path().join("fake.pgpass");
+    write_secret(
+        &pf,
+        &format!("127.0.0.1:{port}:*:{SUPERUSER}:fake-target-secret\n"),
+    );
+    let pf = pf.display().to_string();
+    let require_auth = require_auth.map(str::to_string);
+    let p = Proxy::start_with(move |cfg| {
+        cfg["target"]["host"] = toml_edit::value("127.0.0.1");
+        cfg["target"]["port"] = toml_edit::value(i64::from(port));
+        cfg["target"]["passfile"] = toml_edit::value(pf);
+        if let Some(r) = require_auth {
+            cfg["target"]["require_auth"] = toml_edit::value(r);
+        }
+    });
+    (p, dir)
+}
+
+/// Holds a session as the superuser on the (real) source through `p`, so
+/// its target link logs in to the fake.
+async fn hold_session(
+    p: &Proxy,
+    app: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let (client, conn) = p
+        .pg_config(SUPERUSER, "postgres")
+        .application_name(app)
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let row = client.query_one("select 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1, "the source serves");
+    (client, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_asking_for_a_cleartext_password_gets_none_unless_require_auth_allows_it() {
+    let (port, seen) = fake_target(FakeAuth::Cleartext).await;
+
+    // The default leaves out "password": the link is refused and the
+    // password never sent.
+    let (p, _pf) = tokio::task::block_in_place(|| proxy_on_fake_target(port, None));
+    let (client, task) = hold_session(&p, "fake_cleartext_default").await;
+    tokio::task::block_in_place(|| {
+        p.wait_for(10, "a refused target login", |p| {
+            p.stat("/metrics/target/logins_failed") >= 1
+        });
+        p.wait_for(5, "the refusal in the log", |p| {
+            log_text(p).lines().any(|l| {
+                l.contains("target login failed")
+                    && l.contains("cleartext password")
+                    && l.contains("target.require_auth")
+            })
+        });
+        assert_eq!(p.stat("/metrics/target/logins_ok"), 0);
+    });
+    assert!(
+        seen.lock().unwrap().passwords.is_empty(),
+        "a password was sent"
+    );
+    assert_eq!(seen.lock().unwrap().logins, 0);
+    drop(client);
+    let _ = task.await;
+    drop(p);
+
+    // Allowed explicitly: the passfile's password is sent and the link is up.
+    let (p, _pf) = tokio::task::block_in_place(|| proxy_on_fake_target(port, Some("password")));
+    let (client, task) = hold_session(&p, "fake_cleartext_allowed").await;
+    tokio::task::block_in_place(|| {
+        p.wait_for(10, "a target login", |p| {
+            p.stat("/metrics/target/logins_ok") >= 1
+        })
+    });
+    assert!(
+        seen.lock()
+            .unwrap()
+            .passwords
+            .iter()
+            .all(|pw| pw == "fake-target-secret"),
+        "only the passfile's password"
+    );
+    assert!(seen.lock().unwrap().logins >= 1);
+    assert!(
+        !p.log().contains("fake-target-secret"),
+        "password in the log"
+    );
+    drop(client);
+    let _ = task.await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_skips_scrams_final_message_is_refused() {
+    let (port, seen) = fake_target(FakeAuth::ScramWithoutFinal).await;
+    for require_auth in [None, Some("scram-sha-256")] {
+        let (p, _pf) = tokio::task::block_in_place(|| proxy_on_fake_target(port, require_auth));
+        let (client, task) = hold_session(&p, "fake_scram_no_final").await;
+        tokio::task::block_in_place(|| {
+            p.wait_for(10, "a refused target login", |p| {
+                p.stat("/metrics/target/logins_failed") >= 1
+            });
+            p.wait_for(5, "the refusal in the log", |p| {
+                log_text(p).lines().any(|l| {
+                    l.contains("target login failed")
+                        && l.contains("server skipped SCRAM's final message")
+                })
+            });
+            assert_eq!(p.stat("/metrics/target/logins_ok"), 0, "{require_auth:?}");
+        });
+        drop(client);
+        let _ = task.await;
+    }
+    // The exchange went as far as the client's final message each time.
+    assert!(seen.lock().unwrap().scram_finals >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_auth_scram_refuses_the_md5_role_and_admits_the_scram_role() {
+    let p = tokio::task::block_in_place(|| {
+        Proxy::start_with(|cfg| cfg["target"]["require_auth"] = toml_edit::value("scram-sha-256"))
+    });
+    let (md5_client, md5_conn) = p
+        .pg_config("pgshift_md5", "postgres")
+        .password(MD5_PW)
+        .application_name("require_auth_md5")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let md5_task = tokio::spawn(md5_conn);
+    tokio::task::block_in_place(|| {
+        p.wait_for(10, "the md5 role's refused target login", |p| {
+            p.stat("/metrics/target/logins_failed") >= 1
+        });
+        p.wait_for(5, "the refusal in the log", |p| {
+            log_text(p).lines().any(|l| {
+                l.contains("target login failed")
+                    && l.contains("pgshift_md5")
+                    && l.contains("an md5 password")
+                    && l.contains("target.require_auth")
+            })
+        });
+        assert_eq!(p.stat("/metrics/target/logins_ok"), 0);
+    });
+    // The client's own session on the source is not affected.
+    let row = md5_client
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pgshift_md5");
+
+    let (client, conn) = p
+        .pg_config("pgshift_scram", "postgres")
+        .password(SCRAM_PW)
+        .application_name("require_auth_scram")
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    tokio::task::block_in_place(|| {
+        p.wait_for(10, "the scram role's target login", |p| {
+            p.stat("/metrics/target/logins_ok") >= 1
+        });
+        assert_eq!(
+            target_backends(&p.clusters, "require_auth_scram"),
+            "pgshift_scram@postgres"
+        );
+        assert_eq!(target_backends(&p.clusters, "require_auth_md5"), "");
+        assert_no_secrets(&p);
+    });
+    drop((client, md5_client));
+    task.await.unwrap().unwrap();
+    md5_task.await.unwrap().unwrap();
 }

@@ -16,6 +16,12 @@ fn mirrored_proxy(spool: &std::path::Path) -> Proxy {
     Proxy::start_with(move |cfg| mirror_config(cfg, &spool))
 }
 
+/// The same, with the admin API showing statement texts as they are.
+fn mirrored_proxy_showing_data(spool: &std::path::Path) -> Proxy {
+    let spool = spool.to_path_buf();
+    Proxy::start_showing_data(move |cfg| mirror_config(cfg, &spool))
+}
+
 #[test]
 fn tpcb_8_clients_30s_leaves_the_target_identical() {
     let spool = tempfile::tempdir().unwrap();
@@ -275,32 +281,30 @@ fn a_row_changed_on_the_target_is_reported_when_the_next_write_touches_it() {
     psql_ok(&url, &["-c", "INSERT INTO t VALUES (12, 12)"], None);
     let m = p.wait_mirror_drained(30);
     assert_eq!(m["report"]["divergences_total"], 2, "{m:#}");
+    // The admin API (no admin.show_data) shows the statements with their
+    // literals replaced, and no server error text.
     let divs = m["report"]["divergences"].as_array().unwrap();
     let update = divs
         .iter()
-        .find(|d| {
-            d["statement"]
-                .as_str()
-                .unwrap()
-                .starts_with("UPDATE t SET v = v + 1")
-        })
+        .find(|d| d["statement"] == "UPDATE t SET v = v + $1 WHERE v <= $2")
         .unwrap_or_else(|| panic!("no divergence for the UPDATE: {m:#}"));
     assert_eq!(update["source"], "UPDATE 10", "{update:#}");
     assert_eq!(update["target"], "UPDATE 9", "{update:#}");
     let insert = divs
         .iter()
-        .find(|d| {
-            d["statement"]
-                .as_str()
-                .unwrap()
-                .starts_with("INSERT INTO t VALUES (11")
-        })
+        .find(|d| d["statement"] == "INSERT INTO t VALUES ($1, $2)")
         .unwrap_or_else(|| panic!("no divergence for the INSERT: {m:#}"));
     assert_eq!(insert["source"], "INSERT 0 1", "{insert:#}");
     assert!(
         insert["target"].as_str().unwrap().contains("23505"),
         "{insert:#}"
     );
+    assert_eq!(insert["target_error"], "<redacted>", "{insert:#}");
+    let (code, body) = p.admin_get("/status");
+    assert_eq!(code, 200);
+    for literal in ["v <= 10", "(11, 11)", "duplicate key"] {
+        assert!(!body.contains(literal), "{literal} in /status: {body}");
+    }
     assert_eq!(m["report"]["target_errors_by_class"]["23"], 1, "{m:#}");
     assert_eq!(
         rows(c, c.target_port, db, "select v from t where id = 12"),
@@ -315,9 +319,18 @@ fn a_row_changed_on_the_target_is_reported_when_the_next_write_touches_it() {
         .collect();
     assert_eq!(lines.len(), 2, "{log}");
     let fp = update["fingerprint"].as_str().unwrap();
-    assert!(lines
-        .iter()
-        .any(|l| l["fingerprint"] == fp && l["target"] == "UPDATE 9"));
+    // The log (private to the proxy's user) has the statement as it ran.
+    assert!(lines.iter().any(|l| l["fingerprint"] == fp
+        && l["target"] == "UPDATE 9"
+        && l["statement"] == "UPDATE t SET v = v + 1 WHERE v <= 10"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(spool.path().join("divergences.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     // And the metric is labelled by that fingerprint.
     let metrics = p.metrics_text();
     assert!(
@@ -354,7 +367,7 @@ fn balances(text: &str) -> std::collections::HashMap<i64, i64> {
 #[test]
 fn sigkill_mid_load_then_restart_resumes_without_applying_anything_twice() {
     let spool = tempfile::tempdir().unwrap();
-    let p = mirrored_proxy(spool.path());
+    let p = mirrored_proxy_showing_data(spool.path());
     let c = p.clusters.clone();
     let db = "mirror_kill";
     c.fresh_db(db);
@@ -378,7 +391,7 @@ fn sigkill_mid_load_then_restart_resumes_without_applying_anything_twice() {
     drop(p);
 
     // Same spool, new process.
-    let p = mirrored_proxy(spool.path());
+    let p = mirrored_proxy_showing_data(spool.path());
     let m = p.wait_mirror_drained(120);
     let resumed = m["applied_transactions"].as_u64().unwrap()
         + m["skipped_already_applied"].as_u64().unwrap();

@@ -319,7 +319,7 @@ fn audit(p: &Proxy) -> Vec<serde_json::Value> {
 fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     let secret = tempfile::tempdir().unwrap();
     let token_file = secret.path().join("admin.token");
-    std::fs::write(&token_file, "route-token\n").unwrap();
+    write_secret(&token_file, "route-token\n");
     let tf = token_file.display().to_string();
     let p = Proxy::start_with(move |cfg| {
         routing_config(cfg, 0.0, "session");

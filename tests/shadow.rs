@@ -137,10 +137,21 @@ async fn a_row_changed_on_the_target_is_confirmed_naming_row_and_column() {
     let fps = v["fingerprints"].as_array().unwrap();
     assert_eq!(fps.len(), 1, "{v:#}");
     assert_eq!(fps[0]["confirmed"], 1);
-    assert!(fps[0]["query"]
-        .as_str()
-        .unwrap()
-        .contains("BETWEEN 5 AND 10"));
+    // The admin API (no admin.show_data) shows the statement with its
+    // literals replaced and no rows, parameters or values.
+    assert_eq!(
+        fps[0]["query"], "SELECT id, owner, balance FROM acct WHERE id BETWEEN $1 AND $2",
+        "{v:#}"
+    );
+    let last = &fps[0]["last_confirmed"];
+    assert_eq!(last["difference"]["first_column"], "balance", "{v:#}");
+    for key in ["source_rows", "target_rows", "detail"] {
+        assert_eq!(last["difference"][key], "<redacted>", "{v:#}");
+    }
+    let body = v.to_string();
+    for data in ["70.00", "999.99", "owner7", "BETWEEN 5"] {
+        assert!(!body.contains(data), "{data} in /mismatches: {v:#}");
+    }
 
     let log = mismatch_log(&p);
     assert_eq!(log.len(), 1, "{log:#?}");
@@ -191,7 +202,7 @@ async fn a_row_changed_on_the_target_is_confirmed_naming_row_and_column() {
         p.admin_port,
         "PUT",
         "/routing",
-        None,
+        p.token.as_deref(),
         r#"{"read_percent": 100}"#,
     );
     assert_eq!(code, 200, "{body}");
@@ -320,7 +331,8 @@ async fn physical_order_and_ties_under_order_by_are_not_mismatches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_deterministic_statements_are_learned_as_noise() {
-    let p = Proxy::start_with(|cfg| shadow_config(cfg, 100.0));
+    // The statements are compared as written: the API shows them as they are.
+    let p = Proxy::start_showing_data(|cfg| shadow_config(cfg, 100.0));
     let c = p.clusters.clone();
     let db = "shadow_noise";
     c.fresh_db(db);

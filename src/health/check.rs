@@ -175,11 +175,18 @@ impl Checker {
                 .as_ref()
                 .and_then(|pf| pf.lookup(&self.upstream.host, self.upstream.port, db, user));
             phase.store(1, Relaxed);
-            let buf = match login(&mut stream, startup, password).await {
+            let buf = match login(&mut stream, startup, password, self.upstream.require_auth).await
+            {
                 Ok(l) => l.leftover,
                 // The server is up; the check just cannot get in.
                 Err(LoginError::NoPassword) => {
                     return Verdict::UpConnectOnly("no password for the check's user".into())
+                }
+                Err(e @ LoginError::NotAllowed { .. }) => {
+                    return Verdict::UpConnectOnly(format!(
+                        "{e} ({}.require_auth)",
+                        self.upstream.name
+                    ))
                 }
                 Err(LoginError::Refused { code, message })
                     if code.starts_with("28") || code == "3D000" =>

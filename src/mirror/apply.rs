@@ -288,7 +288,7 @@ impl Applier {
                 last_housekeeping = Instant::now();
                 if low != saved {
                     let tmp = spool_dir.join("applied.tmp");
-                    if std::fs::write(&tmp, low.to_string()).is_ok() {
+                    if crate::private_files::write(&tmp, low.to_string()).is_ok() {
                         let _ = std::fs::rename(&tmp, &applied_path);
                     }
                     saved = low;
@@ -419,7 +419,7 @@ impl Applier {
             }
         }
         let applied = feed.seq.low();
-        let _ = std::fs::write(&applied_path, applied.to_string());
+        let _ = crate::private_files::write(&applied_path, applied.to_string());
         for (_, mut c) in self.conns.drain() {
             let _ = c.stream.write_all(b"X\0\0\0\x04").await;
         }

@@ -27,9 +27,8 @@
 //! applied only once that arm is over.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -178,11 +177,7 @@ fn list_journals(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 fn open_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
+    crate::private_files::open_append(path)
 }
 
 /// One journal record as read back.
@@ -758,7 +753,7 @@ mod tests {
         j.arm(a, &unit(1, "UPDATE t SET v = 2"));
         drop(j);
         let (_, path) = list_journals(dir.path()).unwrap().pop().unwrap();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[0, 0, 0, 40, 1, 2]).unwrap();
         drop(f);
         let (_, left) = InFlight::open(dir.path()).unwrap();

@@ -86,6 +86,14 @@ impl Mirror {
         metrics: Arc<Metrics>,
         audit: Option<Arc<crate::audit::Audit>>,
     ) -> anyhow::Result<Arc<Self>> {
+        // The spool holds every mirrored statement: owner-only, created so
+        // before the spool's own files are (see `private_files`).
+        crate::private_files::private_dir(&cfg.spool_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the spool directory {}: {e}",
+                cfg.spool_dir.display()
+            )
+        })?;
         let spool = Spool::open(&cfg.spool_dir, cfg.max_spool_bytes, cfg.fsync).map_err(|e| {
             anyhow::anyhow!("cannot open the spool in {}: {e}", cfg.spool_dir.display())
         })?;

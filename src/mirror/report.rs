@@ -7,7 +7,7 @@
 //! directory, so a restart does not make them disappear.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -77,13 +77,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// Opens the divergence log and reads `gaps.jsonl` in `spool_dir`. Both
+    /// hold statement texts, so both are private (`private_files`), and so
+    /// is the spool directory itself.
     pub fn open(log_path: &Path, spool_dir: &Path) -> anyhow::Result<Self> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
+        crate::private_files::private_dir(spool_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spool_dir.display()))?;
+        crate::private_files::create_parent(log_path).map_err(|e| {
+            anyhow::anyhow!("cannot create the directory of {}: {e}", log_path.display())
+        })?;
+        let log = crate::private_files::open_append(log_path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
         let gaps_path = spool_dir.join("gaps.jsonl");
+        if gaps_path.exists() {
+            crate::private_files::tighten(&gaps_path)
+                .map_err(|e| anyhow::anyhow!("cannot tighten {}: {e}", gaps_path.display()))?;
+        }
         let mut inner = Inner::default();
         if let Ok(text) = std::fs::read_to_string(&gaps_path) {
             for g in text
@@ -210,12 +219,15 @@ impl Report {
 
     /// Appends to gaps.jsonl and keeps the latest in memory for status.
     fn record_gap(&self, g: serde_json::Value) {
-        if let Ok(mut f) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.gaps_path)
-        {
-            let _ = writeln!(f, "{g}");
+        match crate::private_files::open_append(&self.gaps_path) {
+            Ok(mut f) => {
+                if let Err(e) = writeln!(f, "{g}") {
+                    warn!(error = %e, path = %self.gaps_path.display(), "cannot write the gap log");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, path = %self.gaps_path.display(), "cannot open the gap log")
+            }
         }
         let mut inner = self.inner();
         match g["kind"].as_str() {

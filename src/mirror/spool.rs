@@ -34,7 +34,6 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -170,18 +169,11 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
     Ok(v)
 }
 
-/// Opens a file of the spool: private to the proxy's user.
-fn private_file() -> OpenOptions {
-    let mut o = OpenOptions::new();
-    o.mode(0o600);
-    o
-}
-
 /// Writes `text` to `path` durably: a temporary file, fsync, rename, and
 /// an fsync of the directory.
 fn write_durably(dir: &Path, name: &str, text: &str) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = private_file()
+    let mut f = crate::private_files::options()
         .create(true)
         .write(true)
         .truncate(true)
@@ -291,12 +283,9 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 impl Spool {
     /// Opens (or creates) the spool in `dir`, cutting off a torn tail.
     pub fn open(dir: &Path, max_bytes: u64, policy: FsyncPolicy) -> io::Result<Self> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        crate::private_files::private_dir(dir)?;
         // One proxy per spool: two appenders would interleave records.
-        let lock = private_file()
+        let lock = crate::private_files::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -385,7 +374,7 @@ impl Spool {
             None => segments.push_back((next_seq, 0)),
         }
         let (first, _) = *segments.back().unwrap_or(&(next_seq, 0));
-        let file = private_file()
+        let file = crate::private_files::options()
             .create(true)
             .append(true)
             .open(segment_path(dir, first))?;
@@ -551,7 +540,7 @@ impl Spool {
             return;
         }
         self.synced_seq.fetch_max(last, Ordering::AcqRel);
-        let opened = private_file()
+        let opened = crate::private_files::options()
             .create(true)
             .append(true)
             .open(segment_path(&self.dir, w.next_seq))

@@ -20,6 +20,8 @@ pub struct Upstream {
     pub port: u16,
     pub sslmode: SslMode,
     pub connect_timeout: Duration,
+    /// The authentication methods the proxy's own logins accept.
+    pub require_auth: crate::upstream::require_auth::RequireAuth,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -35,6 +37,7 @@ impl Upstream {
             port: cfg.port,
             sslmode: cfg.sslmode,
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            require_auth: cfg.require_auth,
             tls,
         })
     }
@@ -73,12 +76,14 @@ impl Upstream {
         match answer {
             b'S' => {
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
-                let tls = connector
-                    .connect(super::tls::server_name(&self.host), tcp)
-                    .await
-                    .with_context(|| {
-                        format!("TLS handshake with {} at {} failed", self.name, self.addr())
+                let peer = tcp.peer_addr()?.ip();
+                let name =
+                    super::tls::server_name(&self.host, self.sslmode, peer).with_context(|| {
+                        format!("cannot connect to {} at {}", self.name, self.addr())
                     })?;
+                let tls = connector.connect(name, tcp).await.with_context(|| {
+                    format!("TLS handshake with {} at {} failed", self.name, self.addr())
+                })?;
                 Ok(Stream::ClientTls(Box::new(tls)))
             }
             b'N' if self.sslmode == SslMode::Prefer => Ok(Stream::Plain(tcp)),

@@ -81,10 +81,29 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// Whether `host` is a DNS name or IP address a certificate can be
+/// checked against (what sslmode verify-full needs).
+pub fn valid_server_name(host: &str) -> bool {
+    ServerName::try_from(host).is_ok()
+}
+
 /// The server name to present (SNI) and, under verify-full, to check.
-pub fn server_name(host: &str) -> ServerName<'static> {
-    ServerName::try_from(host.to_string())
-        .unwrap_or_else(|_| ServerName::try_from("localhost").expect("valid name"))
+/// A host that is neither a DNS name nor an IP address is an error under
+/// verify-full (the config refuses it at load; this is the last line). In
+/// the other modes nothing checks the name, and the peer's address stands
+/// in for it, which sends no SNI at all.
+pub fn server_name(
+    host: &str,
+    mode: SslMode,
+    peer: std::net::IpAddr,
+) -> anyhow::Result<ServerName<'static>> {
+    match ServerName::try_from(host.to_string()) {
+        Ok(name) => Ok(name),
+        Err(_) if mode == SslMode::VerifyFull => bail!(
+            "host {host:?} is not a valid DNS name or IP address: sslmode verify-full cannot check the certificate against it"
+        ),
+        Err(_) => Ok(ServerName::IpAddress(peer.into())),
+    }
 }
 
 /// sslmode=verify-ca: the chain must lead to the CA; the name is not checked.
@@ -165,5 +184,38 @@ impl ServerCertVerifier for NoVerification {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
+
+    #[test]
+    fn names_and_addresses_are_presented_as_they_are() {
+        for host in ["db.example.com", "localhost", "127.0.0.1", "::1"] {
+            assert!(valid_server_name(host), "{host}");
+            for mode in [SslMode::Require, SslMode::VerifyFull] {
+                let n = server_name(host, mode, PEER).unwrap();
+                assert_eq!(n.to_str(), host);
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalid_host_never_becomes_localhost() {
+        for host in ["not a host", "db..example", "bad/name", ""] {
+            assert!(!valid_server_name(host), "{host:?}");
+            let e = server_name(host, SslMode::VerifyFull, PEER).unwrap_err();
+            assert!(e.to_string().contains("verify-full"), "{e}");
+            // Without name checks, the peer's address stands in (no SNI).
+            for mode in [SslMode::Prefer, SslMode::Require, SslMode::VerifyCa] {
+                let n = server_name(host, mode, PEER).unwrap();
+                assert_eq!(n, ServerName::IpAddress(PEER.into()), "{host:?} {mode:?}");
+            }
+        }
     }
 }

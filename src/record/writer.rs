@@ -3,7 +3,7 @@
 //! them as records to the current segment, rotating by size.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -36,14 +36,14 @@ impl SegmentFile {
         start_unix_us: u64,
     ) -> anyhow::Result<Self> {
         let path = segment_path(base, number);
+        // A capture holds every client's statements and parameters: the
+        // segments are 0600 and directories the recording creates 0700
+        // (`private_files`); an existing parent is left as it is.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            crate::private_files::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file = crate::private_files::create_new(&path)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let header = SegmentHeader {

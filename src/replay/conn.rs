@@ -55,6 +55,13 @@ impl Target {
                     .map_or(10_000, |d| d.as_millis() as u64),
                 session_links: false,
                 keepalive_s: 60,
+                // As libpq: any method, unless PGREQUIREAUTH limits them.
+                require_auth: match std::env::var("PGREQUIREAUTH") {
+                    Ok(v) if !v.is_empty() => v
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("PGREQUIREAUTH: {e}"))?,
+                    _ => crate::upstream::require_auth::RequireAuth::any(),
+                },
             },
         )?;
         let password = cfg
@@ -122,9 +129,14 @@ impl Target {
                 .connect()
                 .await
                 .map_err(|e| format!("{e:#}"))?;
-            let done = crate::upstream::login::login(&mut stream, startup, password)
-                .await
-                .map_err(|e| e.to_string())?;
+            let done = crate::upstream::login::login(
+                &mut stream,
+                startup,
+                password,
+                self.upstream.require_auth,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             Ok((stream, done.leftover))
         };
         let limit = self.upstream.connect_timeout + crate::upstream::login::LOGIN_TIMEOUT;

@@ -179,7 +179,7 @@ impl Exec {
         if let Some(reason) = &info.noise {
             self.shadow
                 .report
-                .learn_noise(&info.fingerprint, &texts.join(";\n"), reason);
+                .learn_noise(&info.fingerprint, &texts.join(";\n"), reason, None);
         }
         if self.shadow.report.is_noise(&info.fingerprint) {
             self.metrics().skip("noise");
@@ -231,7 +231,8 @@ impl Exec {
                 self.shadow.report.learn_noise(
                     &info.fingerprint,
                     &text,
-                    &format!("two runs on the source differ: {}", d.detail),
+                    "two runs on the source differ",
+                    Some(&d.detail),
                 );
             }
             Ok(Ok(Recheck::Differ(d))) => {

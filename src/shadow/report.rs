@@ -3,7 +3,7 @@
 //! mismatch, written as it is confirmed).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -165,6 +165,8 @@ struct Group {
 struct Noise {
     query: String,
     reason: String,
+    /// What differed, when that is why (values: redacted by the admin API).
+    detail: Option<String>,
     learned_at_us: u64,
     /// Reads of it skipped since.
     skipped: u64,
@@ -187,13 +189,11 @@ fn now_us() -> u64 {
 impl Report {
     /// Opens (appends to) the mismatch log.
     pub fn open(path: &Path, metrics: ShadowMetrics) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        // Private: it holds statement texts, parameters and rows.
+        crate::private_files::create_parent(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the directory of {}: {e}", path.display())
+        })?;
+        let file = crate::private_files::open_append(path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -300,8 +300,8 @@ impl Report {
     }
 
     /// Learns a fingerprint as non-deterministic: its reads are no longer
-    /// compared.
-    pub fn learn_noise(&self, fp: &str, query: &str, reason: &str) {
+    /// compared. `detail` says what differed (it may hold values).
+    pub fn learn_noise(&self, fp: &str, query: &str, reason: &str, detail: Option<&str>) {
         let mut n = self.noise.lock().unwrap_or_else(|p| p.into_inner());
         if n.contains_key(fp) || n.len() >= MAX_GROUPS {
             return;
@@ -316,6 +316,7 @@ impl Report {
             Noise {
                 query: truncate(query),
                 reason: reason.to_string(),
+                detail: detail.map(str::to_string),
                 learned_at_us: now_us(),
                 skipped: 0,
             },
@@ -359,6 +360,7 @@ impl Report {
                     "fingerprint": fp,
                     "query": n.query,
                     "reason": n.reason,
+                    "detail": n.detail,
                     "learned_at_us": n.learned_at_us,
                     "skipped": n.skipped,
                 })

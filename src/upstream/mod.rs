@@ -6,4 +6,5 @@
 
 pub mod login;
 pub mod passfile;
+pub mod require_auth;
 pub mod target;

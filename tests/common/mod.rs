@@ -205,6 +205,22 @@ pub struct Proxy {
     pub clusters: Clusters,
     /// The admin bearer token, when the config has a token file.
     pub token: Option<String>,
+    /// Where `start_showing_data` keeps the token file.
+    pub secrets: Option<tempfile::TempDir>,
+}
+
+/// Writes a file only its owner may read (0600), as the proxy requires of
+/// token files and passfiles.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
 }
 
 impl Proxy {
@@ -252,6 +268,33 @@ level = "info"
     /// Starts a proxy after `edit` adjusts the base config, e.g.
     /// `|c| c["limits"]["max_client_connections"] = toml_edit::value(5)`.
     pub fn start_with(edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        Self::launch(edit, None)
+    }
+
+    /// As `start_with`, with an admin token and `admin.show_data = true`,
+    /// for tests that read statement texts, parameters or rows from the
+    /// admin API (without it they are redacted).
+    pub fn start_showing_data(edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        let secrets = tempfile::tempdir().unwrap();
+        let token_file = secrets.path().join("admin.token");
+        write_secret(&token_file, "show-data-token\n");
+        let tf = token_file.display().to_string();
+        let mut p = Self::start_with(move |cfg| {
+            cfg["admin"]["token_file"] = toml_edit::value(tf);
+            cfg["admin"]["show_data"] = toml_edit::value(true);
+            edit(cfg);
+        });
+        p.secrets = Some(secrets);
+        p
+    }
+
+    /// As `start_with`, with the proxy started under this umask (an octal
+    /// string, e.g. "000"), to check the modes of the files it writes.
+    pub fn start_under_umask(umask: &str, edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Proxy {
+        Self::launch(edit, Some(umask))
+    }
+
+    fn launch(edit: impl FnOnce(&mut toml_edit::DocumentMut), umask: Option<&str>) -> Proxy {
         let clusters = Clusters::get();
         let (mut port, mut admin_port) = (free_port(), free_port());
         let mut cfg = Self::base_config(&clusters, port, admin_port);
@@ -270,7 +313,17 @@ level = "info"
             let cfg_path = dir.path().join("proxy.toml");
             std::fs::write(&cfg_path, cfg.to_string()).unwrap();
             let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            let mut cmd = match umask {
+                None => Command::new(env!("CARGO_BIN_EXE_pgshift")),
+                Some(mask) => {
+                    let mut c = Command::new("sh");
+                    c.arg("-c")
+                        .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+                        .arg(env!("CARGO_BIN_EXE_pgshift"));
+                    c
+                }
+            };
+            let child = cmd
                 .arg("--config")
                 .arg(&cfg_path)
                 .env(
@@ -288,6 +341,7 @@ level = "info"
                 dir,
                 clusters: clusters.clone(),
                 token: token.clone(),
+                secrets: None,
             };
             match p.wait_listening(admin) {
                 Ok(()) => return p,
@@ -466,7 +520,9 @@ pub fn http_request(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let content = if body.is_empty() {
+    // Requests that change something must say their body is JSON (an
+    // empty one included).
+    let content = if method == "GET" {
         String::new()
     } else {
         format!(

@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::classify::Rules;
 use pgshift::config::{HashKey, RoutingConfig};
 use pgshift::protocol::message::{BIND, EXECUTE, SYNC};
-use pgshift::router::decide::{BatchStep, Decider, RouteLink, SessionKeys};
+use pgshift::router::decide::{BatchStep, Decider, QueryRoute, RouteLink, SessionKeys};
 use pgshift::router::policy;
 use pgshift::router::{RouteMetrics, Router, Settings};
 use pgshift::session::state::PreparedStatements;
@@ -119,7 +119,7 @@ impl World {
 /// A simple Query: `route_message` asks `route_query`; what is not routed
 /// goes through `inspect_source`, which shows it to `source_statement`.
 fn simple(d: &mut Decider<'_>, w: &World, body: &[u8], sql: &[u8]) -> usize {
-    if d.route_query(body, sql, true) {
+    if d.route_query(body, sql, true) == QueryRoute::Target {
         return w.take_routed();
     }
     d.source_statement(sql);

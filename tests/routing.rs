@@ -2,8 +2,9 @@
 //! prepared statements on both sides, live changes (file, SIGHUP, API)
 //! under load, failback and resume, and the admin API's guard.
 //!
-//! Which backend answered is read from the answer itself:
-//! `inet_server_port()` is the source's or the target's port.
+//! Which backend answered is read from the answer itself: `SIDE` reads a
+//! table holding each cluster's own port (`inet_server_port()` is
+//! server-local, so the proxy keeps it on the source).
 mod common;
 use common::mirror::*;
 use common::*;
@@ -83,7 +84,7 @@ async fn answered_by(cfg: &tokio_postgres::Config) -> i32 {
     let (client, conn) = cfg.connect(NoTls).await.expect("connect");
     let conn = tokio::spawn(conn);
     let row = client
-        .query_one("SELECT inet_server_port()", &[])
+        .query_one(&format!("SELECT {SIDE}"), &[])
         .await
         .expect("read");
     drop(client);
@@ -103,9 +104,12 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
     });
     let c = p.clusters.clone();
     let target_port = c.target_port as i32;
+    let db = "route_cohorts";
+    c.fresh_db(db);
+    mark_sides(&c, db);
 
     // 5,000 sessions, one decision each: 8-12% answered by the target.
-    let cfg = p.pg_config(SUPERUSER, "postgres");
+    let cfg = p.pg_config(SUPERUSER, db);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
     let mut tasks = Vec::new();
     for _ in 0..5000 {
@@ -162,7 +166,7 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
             for u in &users {
                 let mut seen = Vec::new();
                 for _ in 0..3 {
-                    seen.push(answered_by(&p.pg_config(u, "postgres")).await == target_port);
+                    seen.push(answered_by(&p.pg_config(u, db)).await == target_port);
                 }
                 assert!(
                     seen.iter().all(|s| *s == seen[0]),
@@ -202,6 +206,7 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
     let c = p.clusters.clone();
     let db = "route_ryw";
     c.fresh_db(db);
+    mark_sides(&c, db);
     pgbench_ok(&p, db, &["-i", "-s", "1", "-q"]);
     psql_ok(
         &p.url(SUPERUSER, db),
@@ -218,7 +223,7 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
         .await
         .unwrap();
     let select = client
-        .prepare("SELECT note, inet_server_port() FROM mine WHERE id = $1")
+        .prepare(&format!("SELECT note, {SIDE} FROM mine WHERE id = $1"))
         .await
         .unwrap();
     for i in 0..300i32 {
@@ -243,7 +248,7 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
     // the target again, and find everything there.
     p.wait_mirror_drained(60);
     let rows = client
-        .query("SELECT count(*), inet_server_port() FROM mine", &[])
+        .query(&format!("SELECT count(*), {SIDE} FROM mine"), &[])
         .await
         .unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 300);
@@ -527,14 +532,13 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
         cfg["routing"]["target_timeout_ms"] = toml_edit::value(60_000);
     });
     let target_port = p.clusters.target_port as i32;
-    let (client, conn) = p
-        .pg_config(SUPERUSER, "postgres")
-        .connect(NoTls)
-        .await
-        .unwrap();
+    let db = "route_cancel";
+    p.clusters.fresh_db(db);
+    mark_sides(&p.clusters, db);
+    let (client, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
     tokio::spawn(conn);
     let row = client
-        .query_one("SELECT inet_server_port()", &[])
+        .query_one(&format!("SELECT {SIDE}"), &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), target_port, "not routed");
@@ -545,7 +549,7 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
         token.cancel_query(NoTls).await
     });
     let err = client
-        .simple_query("SELECT pg_sleep(30), inet_server_port()")
+        .simple_query(&format!("SELECT pg_sleep(30), {SIDE}"))
         .await
         .expect_err("the sleep should have been cancelled");
     canceller.await.unwrap().unwrap();
@@ -561,7 +565,7 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
     );
     // The session goes on, still routed.
     let row = client
-        .query_one("SELECT inet_server_port()", &[])
+        .query_one(&format!("SELECT {SIDE}"), &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), target_port);
@@ -575,19 +579,18 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
         p.clusters.target_port.to_string(),
         p.clusters.source_port.to_string(),
     );
-    let (client, conn) = p
-        .pg_config(SUPERUSER, "postgres")
-        .connect(NoTls)
-        .await
-        .unwrap();
+    let db = "route_read_only";
+    p.clusters.fresh_db(db);
+    mark_sides(&p.clusters, db);
+    let (client, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
     tokio::spawn(conn);
     assert_eq!(
-        first_value(&client, "SELECT inet_server_port()").await,
+        first_value(&client, &format!("SELECT {SIDE}")).await,
         target
     );
     client.simple_query("BEGIN READ ONLY").await.unwrap();
     assert_eq!(
-        first_value(&client, "SELECT inet_server_port()").await,
+        first_value(&client, &format!("SELECT {SIDE}")).await,
         target
     );
     // A write inside it fails as Postgres says, and the session lives on.
@@ -613,12 +616,12 @@ async fn a_read_only_transaction_runs_whole_on_the_target_and_its_errors_are_the
     // A read-write transaction stays on the source, reads included.
     client.simple_query("BEGIN").await.unwrap();
     assert_eq!(
-        first_value(&client, "SELECT inet_server_port()").await,
+        first_value(&client, &format!("SELECT {SIDE}")).await,
         source
     );
     client.simple_query("COMMIT").await.unwrap();
     assert_eq!(
-        first_value(&client, "SELECT inet_server_port()").await,
+        first_value(&client, &format!("SELECT {SIDE}")).await,
         target
     );
     // SHOW answers from the source session's settings.
@@ -636,6 +639,7 @@ fn psycopg_reads_at_100_percent_see_their_writes_on_either_side() {
     let c = p.clusters.clone();
     let db = "pgshift_t_route_psycopg";
     c.fresh_db(db);
+    mark_sides(&c, db);
     let script = r#"
 import sys, time, psycopg
 c = psycopg.connect(sys.argv[1], autocommit=True)
@@ -644,12 +648,12 @@ ports = set()
 for i in range(300):
     c.execute("INSERT INTO kv VALUES (%s, %s, %s)", (i, f"v{i}", bytes([i % 256]) * 3))
     # prepare=None: psycopg prepares it server-side after 5 executions.
-    row = c.execute("SELECT v, b, inet_server_port() FROM kv WHERE k = %s", (i,)).fetchone()
+    row = c.execute("SELECT v, b, (SELECT port FROM pgshift_side) FROM kv WHERE k = %s", (i,)).fetchone()
     assert row[0] == f"v{i}" and row[1] == bytes([i % 256]) * 3, row
     ports.add(row[2])
     if i % 50 == 0:
         time.sleep(0.3)  # let the mirror catch up: later reads may go to the target
-        row = c.execute("SELECT count(*), inet_server_port() FROM kv", prepare=True).fetchone()
+        row = c.execute("SELECT count(*), (SELECT port FROM pgshift_side) FROM kv", prepare=True).fetchone()
         assert row[0] == i + 1, row
         ports.add(row[1])
 with c.pipeline():
@@ -658,7 +662,7 @@ values = [cur.fetchone()[0] for cur in curs]
 assert values == [f"v{k}" for k in range(0, 300, 7)], values
 time.sleep(1.0)
 for i in range(20):
-    row = c.execute("SELECT sum(k), inet_server_port() FROM kv", binary=True).fetchone()
+    row = c.execute("SELECT sum(k), (SELECT port FROM pgshift_side) FROM kv", binary=True).fetchone()
     assert row[0] == sum(range(300)), row
     ports.add(row[1])
 print("ports", sorted(ports))

@@ -92,6 +92,7 @@ async fn a_row_changed_on_the_target_is_confirmed_naming_row_and_column() {
     let c = p.clusters.clone();
     let db = "shadow_changed";
     c.fresh_db(db);
+    mark_sides(&c, db);
     let client = connect(&p, db, "shadow_changed").await;
     client
         .batch_execute(
@@ -208,7 +209,9 @@ async fn a_row_changed_on_the_target_is_confirmed_naming_row_and_column() {
     assert_eq!(code, 200, "{body}");
     let client = connect(&p, db, "shadow_changed_target").await;
     let served = client
-        .simple_query("SELECT id, balance, inet_server_port() AS port FROM acct WHERE id = 7")
+        .simple_query(&format!(
+            "SELECT id, balance, {SIDE} AS port FROM acct WHERE id = 7"
+        ))
         .await
         .unwrap();
     let port = served

@@ -753,7 +753,10 @@ mod tests {
         j.arm(a, &unit(1, "UPDATE t SET v = 2"));
         drop(j);
         let (_, path) = list_journals(dir.path()).unwrap().pop().unwrap();
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&[0, 0, 0, 40, 1, 2]).unwrap();
         drop(f);
         let (_, left) = InFlight::open(dir.path()).unwrap();

@@ -19,7 +19,7 @@
 //! responder, which repeats it on the target before the next routed read.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use super::policy;
+use super::txn::{self, Judged, SourceQueue};
 use super::{RouteMetrics, Router, Settings};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
@@ -57,6 +58,34 @@ pub struct Routed {
     pub shadow: Option<Tap>,
     /// Its statement's shape, in per-fingerprint failback mode (else 0).
     pub shape: u64,
+    /// An eligible read: counted for the backend that answers it.
+    pub counted: bool,
+    /// The proxy's own request, whose answer the client never sees; once
+    /// it is answered, these frames (this many requests) go to the source,
+    /// their answers withheld too (a routed transaction moving there).
+    pub internal: Option<(Bytes, u32)>,
+    /// Ends the session with this error instead (a limit passed).
+    pub refuse: Option<String>,
+    /// It ends with a Flush, not a Sync: it is over once each message has
+    /// been answered (or one failed), with no ReadyForQuery.
+    pub flushed: bool,
+}
+
+impl Routed {
+    fn new(frames: BytesMut, in_txn: bool) -> Self {
+        Self {
+            frames,
+            statements: Vec::new(),
+            started: Instant::now(),
+            in_txn,
+            shadow: None,
+            shape: 0,
+            counted: false,
+            internal: None,
+            refuse: None,
+            flushed: false,
+        }
+    }
 }
 
 /// Session state the source got that the target session must repeat.
@@ -128,12 +157,21 @@ pub struct RouteLink {
     pub backend_writing: AtomicBool,
     pub frontend_writing: AtomicBool,
     pub state: Mutex<StateLog>,
-    /// The client's unnamed statement was last parsed in a routed batch:
-    /// the source holds an older one (or none).
-    pub source_unnamed_stale: AtomicBool,
+    /// Statements the client prepared that the source has not got (the
+    /// unnamed one parsed in a routed batch, named ones parsed inside a
+    /// routed transaction): the source gets their Parse before a Bind or
+    /// Describe uses them. `any_source_stale` spares the hot path the lock.
+    pub source_stale: Mutex<HashSet<Box<[u8]>>>,
+    pub any_source_stale: AtomicBool,
     /// ParseCompletes the source owes for Parses the proxy added (the
     /// client never sent them).
     pub drop_parse_complete: AtomicU32,
+    /// Requests the proxy put into the source stream on its own (a routed
+    /// transaction moving there, the session changes it made): their
+    /// answers are withheld but for ParameterStatus and notifications.
+    pub source_owed: AtomicU32,
+    /// Session changes made inside the routed transaction, for the source.
+    pub source_queue: Mutex<SourceQueue>,
     /// Seq of this session's last spooled write unit (0: none).
     pub last_spooled_seq: AtomicU64,
     /// When the eligible read now on the source was sent (its latency is
@@ -173,8 +211,11 @@ impl Default for RouteLink {
             backend_writing: AtomicBool::new(false),
             frontend_writing: AtomicBool::new(false),
             state: Mutex::default(),
-            source_unnamed_stale: AtomicBool::new(false),
+            source_stale: Mutex::default(),
+            any_source_stale: AtomicBool::new(false),
             drop_parse_complete: AtomicU32::new(0),
+            source_owed: AtomicU32::new(0),
+            source_queue: Mutex::default(),
             last_spooled_seq: AtomicU64::new(0),
             source_read_started: Mutex::default(),
             shadow_armed: AtomicBool::new(false),
@@ -196,6 +237,27 @@ impl RouteLink {
     /// Whether anything routed is still being answered.
     pub fn target_busy(&self) -> bool {
         self.target_in_flight.load(Relaxed) > 0 || self.responder_writing.load(Relaxed)
+    }
+
+    /// The source has not got this statement (as the client last parsed it).
+    pub fn mark_source_stale(&self, name: &[u8]) {
+        self.source_stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.into());
+        self.any_source_stale.store(true, Relaxed);
+    }
+
+    /// Whether the source lacks `name`; forgets it (the caller sends the
+    /// Parse, or the source got one from the client).
+    pub fn take_source_stale(&self, name: &[u8]) -> bool {
+        if !self.any_source_stale.load(Relaxed) {
+            return false;
+        }
+        let mut set = self.source_stale.lock().unwrap_or_else(|p| p.into_inner());
+        let was = set.remove(name);
+        self.any_source_stale.store(!set.is_empty(), Relaxed);
+        was
     }
 
     pub fn pin(&self, metrics: &RouteMetrics, why: &str) {
@@ -305,6 +367,30 @@ struct Batch {
     shadow: bool,
     /// The shape of its first statement (per-fingerprint failback mode).
     shape: u64,
+    /// Inside a routed transaction: the texts of the statements it binds,
+    /// in order, and the names it parses.
+    executed: Vec<Arc<[u8]>>,
+    named_parses: Vec<Box<[u8]>>,
+}
+
+/// Where a simple Query goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueryRoute {
+    /// The target (the caller drops it from the source stream).
+    Target,
+    /// The source.
+    Source,
+}
+
+/// A READ ONLY transaction routed to the target (see `txn`).
+#[derive(Default)]
+struct RoutedTxn {
+    /// What went to the target in it while it had not read yet: replayed
+    /// on the source if it moves there.
+    prelude: BytesMut,
+    requests: u32,
+    /// It ran a statement that takes a snapshot.
+    read: bool,
 }
 
 /// Where a held batch goes, decided at one of its messages.
@@ -327,9 +413,9 @@ pub struct Decider<'a> {
     keys: SessionKeys,
     classifier: Classifier,
     batch: Option<Batch>,
-    /// A `BEGIN READ ONLY` went to the target and its answer may not be
-    /// in yet: what follows goes there too.
-    txn_pending: bool,
+    /// The READ ONLY transaction routed to the target, from its BEGIN
+    /// until the target answers its end.
+    txn: Option<RoutedTxn>,
     /// An extended-protocol batch going to the source that may be an
     /// eligible read: (when it started, whether it still is one, whether
     /// it executes anything).
@@ -367,7 +453,7 @@ impl<'a> Decider<'a> {
             keys,
             classifier: Classifier::new(rules),
             batch: None,
-            txn_pending: false,
+            txn: None,
             observed: None,
             kinds: std::collections::HashMap::new(),
             shadow: None,
@@ -425,7 +511,14 @@ impl<'a> Decider<'a> {
     /// Whether reads may leave the source now, with the settings in force.
     /// `source_idle`: nothing in flight on the source, outside a block.
     fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<Settings>>> {
-        if !source_idle || !self.link.ready.load(Relaxed) || self.link.pinned.load(Relaxed) {
+        // A request pipelined behind a routed one goes to the source (its
+        // bytes wait there until the routed answer is relayed): answers
+        // reach the client in request order, a fallback included.
+        if !source_idle
+            || !self.link.ready.load(Relaxed)
+            || self.link.pinned.load(Relaxed)
+            || self.link.target_busy()
+        {
             return None;
         }
         let s = self.router.settings();
@@ -507,28 +600,19 @@ impl<'a> Decider<'a> {
         s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold_for(|| 0)
     }
 
-    /// A simple Query at a request boundary: `Some(routed)` when it goes to
-    /// the target (the caller drops it from the source stream).
-    pub fn route_query(&mut self, body: &[u8], sql: &[u8], source_idle: bool) -> bool {
-        if self.in_txn() && source_idle {
-            self.link.enqueue(Routed {
-                frames: frame(b'Q', body),
-                statements: Vec::new(),
-                started: Instant::now(),
-                in_txn: true,
-                shadow: None,
-                shape: 0,
-            });
-            return true;
+    /// A simple Query at a request boundary: where it goes.
+    pub fn route_query(&mut self, body: &[u8], sql: &[u8], source_idle: bool) -> QueryRoute {
+        if source_idle && self.in_txn() {
+            return self.txn_query(body, sql);
         }
         // Eligible reads are counted (and timed) whichever side serves
         // them, whatever the settings: the operator sees the whole picture.
         if !source_idle {
-            return false;
+            return QueryRoute::Source;
         }
         let kind = self.kind(sql);
         if kind == Kind::Other {
-            return false;
+            return QueryRoute::Source;
         }
         let to_target = self
             .gate(source_idle)
@@ -551,42 +635,145 @@ impl<'a> Decider<'a> {
                     self.link.arm_tap(tap);
                 }
             }
-            return false;
-        }
-        if kind == Kind::BeginReadOnly {
-            self.txn_pending = true;
-        } else {
-            self.metrics.read(true);
+            return QueryRoute::Source;
         }
         let shadow = shadowed
             .then(|| self.shadow_submit(Side::Target, request))
             .flatten();
-        self.link.enqueue(Routed {
-            frames: frame(b'Q', body),
-            statements: Vec::new(),
-            started: Instant::now(),
-            in_txn: false,
-            shadow,
-            shape: self.shape_of(sql),
-        });
+        let mut r = Routed::new(frame(b'Q', body), false);
+        r.shadow = shadow;
+        r.shape = self.shape_of(sql);
+        if kind == Kind::BeginReadOnly {
+            self.txn = Some(RoutedTxn {
+                prelude: r.frames.clone(),
+                requests: 1,
+                read: false,
+            });
+        } else {
+            r.counted = true;
+        }
+        self.link.enqueue(r);
+        QueryRoute::Target
+    }
+
+    /// A simple Query inside the routed transaction (see `txn`).
+    fn txn_query(&mut self, body: &[u8], sql: &[u8]) -> QueryRoute {
+        let texts: Vec<String> = match std::str::from_utf8(sql) {
+            Ok(t) => {
+                let classes = self.classifier.classify(t);
+                if classes.len() > 1 {
+                    match crate::classify::lexer::split(t) {
+                        Ok(parts) if parts.len() == classes.len() => {
+                            parts.iter().map(|p| p.to_string()).collect()
+                        }
+                        _ => vec![t.to_string(); classes.len()],
+                    }
+                } else {
+                    vec![t.to_string(); classes.len()]
+                }
+            }
+            // Not UTF-8: both servers refuse it alike.
+            Err(_) => Vec::new(),
+        };
+        let f = frame(b'Q', body);
+        if self.judge_request(texts.iter().map(String::as_str)) {
+            self.link.enqueue(Routed::new(f, true));
+            QueryRoute::Target
+        } else {
+            QueryRoute::Source
+        }
+    }
+
+    /// Judges the statements a request inside the routed transaction runs,
+    /// in order. True: it goes to the target (its session changes queued
+    /// for the source); false: the transaction moved to the source, where
+    /// the request goes too.
+    fn judge_request<'t>(&mut self, texts: impl Iterator<Item = &'t str>) -> bool {
+        let Some(t) = self.txn.as_ref() else {
+            return false;
+        };
+        let mut read = t.read;
+        let mut actions = Vec::new();
+        for text in texts {
+            let class = self
+                .classifier
+                .classify(text)
+                .first()
+                .cloned()
+                .unwrap_or(Class::READ);
+            match txn::judge(&class, text, read) {
+                Judged::Migrate => {
+                    self.migrate();
+                    return false;
+                }
+                Judged::Target { read: r } => read |= r,
+                other => actions.push((text.to_string(), other)),
+            }
+        }
+        if !actions.is_empty() {
+            let mut q = self
+                .link
+                .source_queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (text, a) in actions {
+                match a {
+                    Judged::AlsoSource { transactional } if !q.push(&text, transactional) => {
+                        drop(q);
+                        let mut r = Routed::new(BytesMut::new(), true);
+                        r.refuse = Some(format!(
+                            "pgshift: more than {} bytes of session changes inside one read-only transaction routed to the target",
+                            txn::MAX_QUEUED_BYTES
+                        ));
+                        self.link.enqueue(r);
+                        return false;
+                    }
+                    Judged::Savepoint(op) => q.savepoint(&op),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(t) = self.txn.as_mut() {
+            t.read = read;
+        }
         true
     }
 
-    /// Whether the session is (or is about to be) in a transaction on the
-    /// target.
+    /// The routed transaction moves to the source: the target's is rolled
+    /// back, then the source gets what the target ran in it (answers
+    /// withheld), then the request that moved it.
+    fn migrate(&mut self) {
+        let Some(t) = self.txn.take() else {
+            return;
+        };
+        let mut r = Routed::new(frame(b'Q', b"ROLLBACK\0"), true);
+        r.internal = Some((t.prelude.freeze(), t.requests));
+        self.link.enqueue(r);
+        self.metrics.transactions_moved.inc();
+        // Nothing the target session did in it stays.
+        let _ = self
+            .link
+            .source_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(false);
+    }
+
+    /// Whether the session is (or is about to be) in the routed
+    /// transaction on the target: from its BEGIN until the target has
+    /// answered everything routed and is outside a transaction again.
     fn in_txn(&mut self) -> bool {
-        if self.txn_pending && !self.link.target_busy() {
-            // The BEGIN's answer is in: the target's status says the rest.
-            self.txn_pending = false;
+        if self.txn.is_some() && !self.link.target_busy() && !self.link.in_target_txn() {
+            self.txn = None;
         }
-        self.txn_pending || self.link.in_target_txn()
+        self.txn.is_some()
     }
 
     /// Whether an extended-protocol message at this point is held back:
     /// inside a batch being held (if it fits), or starting one that might
     /// be routed.
     pub fn collects(&self, tag: u8, len: usize, source_idle: bool) -> bool {
-        let in_txn = self.txn_pending || self.link.in_target_txn();
+        let in_txn = self.txn.is_some();
         if !matches!(
             tag,
             PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH
@@ -627,64 +814,38 @@ impl<'a> Decider<'a> {
                 ..Batch::default()
             },
         };
-        let settings = self.router.settings();
-        let ok = batch.in_txn
-            || match tag {
-                PARSE => {
-                    let mut b = body;
-                    match (take_cstr(&mut b), take_cstr(&mut b)) {
-                        (Ok(b""), Ok(query)) => {
-                            batch.parsed_unnamed = true;
-                            batch.bound_unnamed = false;
-                            if batch.shape == 0 {
-                                batch.shape = self.shape_of(query);
-                            }
-                            let read = self.kind(query) == Kind::Read;
-                            batch.keyed_in |= read && self.in_cohort(&settings, query);
-                            read
-                        }
-                        // A named statement must exist on the source, where
-                        // writes will use it: prepared there, lazily here.
-                        _ => false,
-                    }
-                }
-                BIND => {
-                    let mut b = body;
-                    let _portal = take_cstr(&mut b);
-                    match take_cstr(&mut b) {
-                        Ok(name) => match statements.statement(name) {
-                            Some(st) if !name.is_empty() || batch.parsed_unnamed => {
-                                batch.bound_unnamed |= name.is_empty();
-                                if batch.shape == 0 {
-                                    batch.shape = self.shape_of(&st.query);
-                                }
-                                let read = self.statement_kind(name, &st.query) == Kind::Read;
-                                batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
-                                if read && !name.is_empty() {
-                                    batch.statements.push((name.into(), st.clone()));
-                                }
-                                read
-                            }
-                            _ => false,
-                        },
-                        Err(_) => false,
-                    }
-                }
-                DESCRIBE | SYNC => true,
-                EXECUTE => {
-                    batch.executes = true;
-                    true
-                }
-                // A Close must reach the source; a Flush wants answers now.
-                _ => false,
-            };
+        let ok = if batch.in_txn {
+            self.txn_batch_message(&mut batch, tag, body, statements)
+        } else {
+            self.read_batch_message(&mut batch, tag, body, statements)
+        };
         if !ok {
             return BatchStep::Release(batch.frames.freeze());
         }
-        if tag != SYNC {
+        // Inside the routed transaction a Flush sends what is held (the
+        // client waits for those answers before it goes on).
+        let flushed = batch.in_txn && tag == FLUSH;
+        if tag != SYNC && !flushed {
             put_message(&mut batch.frames, tag, &[body]);
             self.batch = Some(batch);
             return BatchStep::Held;
+        }
+        if batch.in_txn {
+            let executed = std::mem::take(&mut batch.executed);
+            let texts: Vec<String> = executed
+                .iter()
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .collect();
+            if !self.judge_request(texts.iter().map(String::as_str)) {
+                // The transaction moved to the source: so does the batch,
+                // then this message.
+                return BatchStep::Release(batch.frames.freeze());
+            }
+            // Statements parsed here exist on the target now; the source
+            // gets them before a later Bind or Describe there uses them.
+            for name in &batch.named_parses {
+                self.link.mark_source_stale(name);
+            }
         }
         let eligible_read = !batch.in_txn && batch.executes;
         // An unnamed statement parsed but not used here will be bound by a
@@ -727,21 +888,123 @@ impl<'a> Decider<'a> {
             })
             .flatten();
         put_message(&mut batch.frames, tag, &[body]);
-        if eligible_read {
-            self.metrics.read(true);
-        }
         if batch.parsed_unnamed {
-            self.link.source_unnamed_stale.store(true, Relaxed);
+            self.link.mark_source_stale(b"");
         }
-        self.link.enqueue(Routed {
-            frames: batch.frames,
-            statements: batch.statements,
-            started: batch.started.unwrap_or_else(Instant::now),
-            in_txn: batch.in_txn,
-            shadow,
-            shape: batch.shape,
-        });
+        let mut r = Routed::new(batch.frames, batch.in_txn);
+        r.statements = batch.statements;
+        r.started = batch.started.unwrap_or_else(Instant::now);
+        r.shadow = shadow;
+        r.shape = batch.shape;
+        r.counted = eligible_read;
+        r.flushed = flushed;
+        self.link.enqueue(r);
         BatchStep::Routed
+    }
+
+    /// A message of a batch outside a routed transaction: whether it can
+    /// still be a routed read.
+    fn read_batch_message(
+        &mut self,
+        batch: &mut Batch,
+        tag: u8,
+        body: &[u8],
+        statements: &crate::session::state::PreparedStatements,
+    ) -> bool {
+        let settings = self.router.settings();
+        match tag {
+            PARSE => {
+                let mut b = body;
+                match (take_cstr(&mut b), take_cstr(&mut b)) {
+                    (Ok(b""), Ok(query)) => {
+                        batch.parsed_unnamed = true;
+                        batch.bound_unnamed = false;
+                        if batch.shape == 0 {
+                            batch.shape = self.shape_of(query);
+                        }
+                        let read = self.kind(query) == Kind::Read;
+                        batch.keyed_in |= read && self.in_cohort(&settings, query);
+                        read
+                    }
+                    // A named statement must exist on the source, where
+                    // writes will use it: prepared there, lazily here.
+                    _ => false,
+                }
+            }
+            BIND => {
+                let mut b = body;
+                let _portal = take_cstr(&mut b);
+                match take_cstr(&mut b) {
+                    Ok(name) => match statements.statement(name) {
+                        Some(st) if !name.is_empty() || batch.parsed_unnamed => {
+                            batch.bound_unnamed |= name.is_empty();
+                            if batch.shape == 0 {
+                                batch.shape = self.shape_of(&st.query);
+                            }
+                            let read = self.statement_kind(name, &st.query) == Kind::Read;
+                            batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
+                            if read && !name.is_empty() {
+                                batch.statements.push((name.into(), st.clone()));
+                            }
+                            read
+                        }
+                        _ => false,
+                    },
+                    Err(_) => false,
+                }
+            }
+            DESCRIBE | SYNC => true,
+            EXECUTE => {
+                batch.executes = true;
+                true
+            }
+            // A Close must reach the source; a Flush wants answers now.
+            _ => false,
+        }
+    }
+
+    /// A message of a batch inside the routed transaction: it is held to
+    /// its Sync (then judged whole); what it binds is noted.
+    fn txn_batch_message(
+        &mut self,
+        batch: &mut Batch,
+        tag: u8,
+        body: &[u8],
+        statements: &crate::session::state::PreparedStatements,
+    ) -> bool {
+        let mut b = body;
+        match tag {
+            PARSE => {
+                if let Ok(name) = take_cstr(&mut b) {
+                    if name.is_empty() {
+                        batch.parsed_unnamed = true;
+                    } else {
+                        batch.named_parses.push(name.into());
+                    }
+                }
+                true
+            }
+            BIND => {
+                let _portal = take_cstr(&mut b);
+                if let Ok(name) = take_cstr(&mut b) {
+                    if let Some(st) = statements.statement(name) {
+                        batch.executed.push(Arc::clone(&st.query));
+                        // Prepared before the transaction (on the source):
+                        // the target gets it first.
+                        let parsed_here = if name.is_empty() {
+                            batch.parsed_unnamed
+                        } else {
+                            batch.named_parses.iter().any(|n| &**n == name)
+                        };
+                        if !parsed_here {
+                            batch.statements.push((name.into(), st.clone()));
+                        }
+                    }
+                }
+                true
+            }
+            _ => true,
+        }
     }
 
     /// A held batch must go to the source now (a message too big to hold,
@@ -1000,8 +1263,8 @@ mod tests {
         assert_eq!(r.frames[0], BIND);
         assert_eq!(r.frames[r.frames.len() - 5], SYNC);
         assert_eq!(w.link.target_in_flight.load(Relaxed), 1);
-        drop(q);
-        assert_eq!(w.metrics.snapshot()["target"]["reads"], 1);
+        // Counted once the target has answered it (by the responder).
+        assert!(r.counted);
     }
 
     #[test]
@@ -1039,31 +1302,76 @@ mod tests {
         assert_eq!(w.link.target_in_flight.load(Relaxed), 0);
     }
 
+    fn routed(d: &mut Decider<'_>, sql: &str) -> bool {
+        let body = format!("{sql}\0");
+        d.route_query(body.as_bytes(), sql.as_bytes(), true) == QueryRoute::Target
+    }
+
     #[test]
     fn outside_the_cohort_nothing_is_held_and_reads_count_as_source_reads() {
         let w = World::new(0.0);
         let mut d = w.decider();
         assert!(!d.collects(BIND, 20, true));
-        assert!(!d.route_query(b"select 1\0", b"select 1", true));
-        assert!(!d.route_query(b"update t set a=1\0", b"update t set a=1", true));
+        assert!(!routed(&mut d, "select 1"));
+        assert!(!routed(&mut d, "update t set a=1"));
         assert_eq!(w.metrics.snapshot()["source"]["reads"], 1);
         // At 100%, but with the source busy: the source.
         let w = World::new(100.0);
         let mut d = w.decider();
-        assert!(!d.route_query(b"select 1\0", b"select 1", false));
+        assert_eq!(
+            d.route_query(b"select 1\0", b"select 1", false),
+            QueryRoute::Source
+        );
         assert!(!d.collects(BIND, 20, false));
-        assert!(d.route_query(b"select 1\0", b"select 1", true));
-        assert!(!d.route_query(b"show port\0", b"show port", true));
+        assert!(routed(&mut d, "select 1"));
+        // Reads of server-local state stay on the source.
+        assert!(!routed(&mut d, "show port"));
     }
 
     #[test]
-    fn a_read_only_transaction_goes_to_the_target_whole() {
+    fn a_read_pipelined_behind_a_routed_one_goes_to_the_source() {
         let w = World::new(100.0);
         let mut d = w.decider();
-        assert!(d.route_query(b"begin read only\0", b"begin read only", true));
-        // Its answer is not in yet: what follows goes there too, writes included.
-        assert!(d.route_query(b"update t set a = 1\0", b"update t set a = 1", true));
-        assert_eq!(w.link.queue.lock().unwrap().len(), 2);
+        assert!(routed(&mut d, "select 1"));
+        // The first one's answer is not in: the next read waits on the
+        // source side, so the answers keep their order.
+        assert!(!routed(&mut d, "select 2"));
+        assert!(!d.collects(PARSE, 20, true));
+        w.link.target_in_flight.store(0, Relaxed);
+        assert!(routed(&mut d, "select 3"));
+        // Counted when answered, by the side that answers.
+        assert_eq!(w.metrics.snapshot()["target"]["reads"], 0);
+    }
+
+    #[test]
+    fn a_read_only_transaction_runs_on_the_target_until_it_must_move() {
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        assert!(routed(&mut d, "begin read only"));
+        // Before it read: a write moves it to the source (the target's is
+        // rolled back, the source gets the BEGIN first).
+        assert!(!routed(&mut d, "update t set a = 1"));
+        {
+            let q = w.link.queue.lock().unwrap();
+            assert_eq!(q.len(), 2);
+            let (frames, n) = q[1].internal.clone().expect("a move");
+            assert_eq!(n, 1);
+            assert!(frames.windows(15).any(|w| w == b"begin read only"));
+        }
+        assert_eq!(w.metrics.transactions_moved.get(), 1);
+
+        // Once it has read, the target answers whatever comes (Postgres
+        // refuses the write there as it would on the source), and session
+        // settings are queued for the source.
+        let w = World::new(100.0);
+        let mut d = w.decider();
+        assert!(routed(&mut d, "begin read only"));
+        assert!(routed(&mut d, "select 1"));
+        assert!(routed(&mut d, "set search_path = app"));
+        assert!(routed(&mut d, "update t set a = 1"));
+        assert!(routed(&mut d, "set transaction read write"));
+        assert_eq!(w.link.queue.lock().unwrap().len(), 5);
+        assert!(!w.link.source_queue.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1083,7 +1391,7 @@ mod tests {
         assert!(!w.link.pinned.load(Relaxed));
         d.source_statement(b"create temp table x(a int)");
         assert!(w.link.pinned.load(Relaxed));
-        assert!(!d.route_query(b"select 1\0", b"select 1", true));
+        assert!(!routed(&mut d, "select 1"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod decide;
 pub mod policy;
 pub mod responder;
+pub mod txn;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -218,6 +219,9 @@ pub struct RouteMetrics {
     /// Sessions whose reads stay on the source for good (state the target
     /// session could not reproduce).
     pub sessions_pinned: Counter,
+    /// Read-only transactions routed to the target that moved to the source
+    /// before they read (see `txn`).
+    pub transactions_moved: Counter,
     /// Microseconds from request to ReadyForQuery, per backend, sharded.
     latency_source: Vec<Mutex<Histogram<u64>>>,
     latency_target: Vec<Mutex<Histogram<u64>>>,
@@ -236,6 +240,7 @@ impl RouteMetrics {
             fallbacks: Family::default(),
             target_failures_after_start: Counter::default(),
             sessions_pinned: Counter::default(),
+            transactions_moved: Counter::default(),
             latency_source: shards(),
             latency_target: shards(),
         }
@@ -261,6 +266,11 @@ impl RouteMetrics {
             "route_sessions_pinned",
             "Sessions whose reads stay on the source for good",
             self.sessions_pinned.clone(),
+        );
+        r.register(
+            "route_transactions_moved",
+            "Read-only transactions routed to the target that moved to the source before they read",
+            self.transactions_moved.clone(),
         );
     }
 
@@ -355,6 +365,7 @@ impl RouteMetrics {
             },
             "target_failures_after_start": self.target_failures_after_start.get(),
             "sessions_pinned": self.sessions_pinned.get(),
+            "transactions_moved": self.transactions_moved.get(),
         })
     }
 }

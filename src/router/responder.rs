@@ -114,6 +114,8 @@ struct Live {
     guarded: bool,
     /// Named statements prepared on this connection.
     prepared: HashMap<Box<[u8]>, Statement>,
+    /// The last request that ended a transaction committed it.
+    committed: bool,
 }
 
 pub struct Responder<'a, C: ?Sized, S: ?Sized> {
@@ -271,6 +273,11 @@ where
         live: &mut Option<Live>,
         mut req: Routed,
     ) -> Result<(), ResponderEnd> {
+        if let Some(why) = req.refuse.take() {
+            let out = error_response(Severity::Fatal, sqlstate::PROGRAM_LIMIT_EXCEEDED, &why);
+            let _ = self.write_client(&out).await;
+            return Err(ResponderEnd::LostInTransaction(why));
+        }
         let outcome = match live.as_mut() {
             None => Outcome::Fallback(Fallback::Connection, "no target connection".into()),
             Some(l) => {
@@ -287,9 +294,44 @@ where
             this.link.target_idle.notify_waiters();
         };
         self.report(&outcome, &req);
+        if let Some((frames, requests)) = req.internal.take() {
+            // The routed transaction moves to the source: whatever became of
+            // the target's (rolled back, or lost with its connection), the
+            // source gets what it had run, before anything else.
+            if !matches!(outcome, Outcome::Served) {
+                self.lose(
+                    live,
+                    "the target failed while a transaction moved to the source",
+                );
+            }
+            self.link.target_tx.store(b'I', Relaxed);
+            let r = self.inject_source(&frames, requests).await;
+            done(self);
+            return r.map_err(ResponderEnd::SourceGone);
+        }
         match outcome {
             Outcome::Served => {
                 self.route_metrics.latency(true, req.started.elapsed());
+                if req.counted {
+                    self.route_metrics.read(true);
+                }
+                let ended = req.in_txn && !self.link.in_target_txn();
+                if ended {
+                    // The routed transaction is over: the session changes it
+                    // made reach the source (all of them if it committed).
+                    let committed = live.as_ref().is_some_and(|l| l.committed);
+                    let (frames, n) = self
+                        .link
+                        .source_queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take(committed);
+                    if n > 0 {
+                        let r = self.inject_source(&frames, n).await;
+                        done(self);
+                        return r.map_err(ResponderEnd::SourceGone);
+                    }
+                }
                 done(self);
                 Ok(())
             }
@@ -307,6 +349,9 @@ where
                     return Err(ResponderEnd::LostInTransaction(detail));
                 }
                 self.route_metrics.fallback(why);
+                if req.counted {
+                    self.route_metrics.read(false);
+                }
                 // A shadow read compares the target's answer: this one has none.
                 req.shadow = None;
                 self.link.fallback_read.store(true, Relaxed);
@@ -409,6 +454,31 @@ where
             .unwrap_or_else(|p| p.into_inner()) = Some(req.started);
         let mut w = super::responder::SharedWriter(self.source);
         w.write_all(&req.frames).await?;
+        w.flush().await
+    }
+
+    /// Puts requests of the proxy's own into the source stream (their
+    /// answers are withheld by the backend pump): a routed transaction's
+    /// statements when it moves to the source, or the session changes it
+    /// made. The mirror sees them there too.
+    async fn inject_source(&self, frames: &[u8], requests: u32) -> io::Result<()> {
+        if requests == 0 {
+            return Ok(());
+        }
+        super::wait_until(&self.link.source_free, || {
+            !self.link.frontend_writing.load(Relaxed)
+                && self.shared.server_at_boundary.load(Relaxed)
+        })
+        .await;
+        self.shared.add_in_flight(requests);
+        self.link
+            .source_owed
+            .store(self.link.source_owed.load(Relaxed) + requests, Relaxed);
+        if let Some(c) = self.capture {
+            c.lock().unwrap_or_else(|p| p.into_inner()).inject(frames);
+        }
+        let mut w = SharedWriter(self.source);
+        w.write_all(frames).await?;
         w.flush().await
     }
 
@@ -553,7 +623,19 @@ where
             own_answers += 1;
             l.prepared.insert(name.clone(), st.clone());
         }
+        // A request without a Sync of its own (Flush) gets one after the
+        // proxy's Parses, so that their failure cannot swallow it.
+        let mut own_sync = false;
+        if req.flushed && own_answers > 0 {
+            put_message(&mut out, b'S', &[]);
+            own_sync = true;
+        }
         out.put_slice(&req.frames);
+        // What a Flush-ended request gets back before it is over.
+        let mut expected = req.flushed.then(|| expected_answers(&req.frames));
+        // The proxy's own request: its answer is not the client's.
+        let relay = req.internal.is_none();
+        let mut last_commit = false;
         let deadline =
             (!req.in_txn).then(|| Instant::now() + self.router.settings().target_timeout);
         let io_deadline = |d: Option<Instant>| async move {
@@ -610,6 +692,11 @@ where
                     _ => {}
                 }
             }
+            if own_sync && own_failed.is_none() && m.tag == READY_FOR_QUERY {
+                // The answer to the proxy's own Sync after its Parses.
+                own_sync = false;
+                continue;
+            }
             if let Some(why) = &own_failed {
                 if m.tag == READY_FOR_QUERY {
                     l.prepared.clear();
@@ -642,19 +729,49 @@ where
                         return Outcome::Fallback(why, detail);
                     }
                 }
-                // The source owns the session's parameters and LISTENs.
-                PARAMETER_STATUS | b'A' => continue,
+                // The source owns the session's parameters and LISTENs. A
+                // session setting that lifts the read-only guard (any way
+                // it was set) is put back before the next request.
+                PARAMETER_STATUS => {
+                    if guard_lifted(m.body()) {
+                        l.guarded = false;
+                    }
+                    continue;
+                }
+                b'A' => continue,
+                b'C' => last_commit = m.body().starts_with(b"COMMIT\0"),
                 _ => {}
             }
-            held.extend_from_slice(&m.frame);
-            if req.shadow.as_mut().is_some_and(|t| t.feed(&m.frame)) {
-                req.shadow = None;
+            if relay {
+                held.extend_from_slice(&m.frame);
+                if req.shadow.as_mut().is_some_and(|t| t.feed(&m.frame)) {
+                    req.shadow = None;
+                }
             }
-            let done = m.tag == READY_FOR_QUERY;
+            let mut done = m.tag == READY_FOR_QUERY;
             if done {
                 if let Ok(status) = parse_ready_for_query(m.body()) {
                     self.link.target_tx.store(status, Relaxed);
+                    if status == b'I' {
+                        l.committed = last_commit;
+                    }
                 }
+            }
+            if let Some(left) = expected.as_mut() {
+                // A Flush-ended request is over once each of its messages
+                // is answered, or one failed (the rest wait for a Sync).
+                if m.tag == ERROR_RESPONSE {
+                    *left = 0;
+                } else if matches!(
+                    m.tag,
+                    b'1' | b'2' | b'3' | b't' | b'T' | b'n' | b'C' | b'I' | b's'
+                ) {
+                    *left = left.saturating_sub(1);
+                }
+                done |= *left == 0;
+            }
+            if done && relay {
+                track_client_statements(l, &req.frames);
             }
             if done || held.len() >= RELAY_HOLD {
                 if let Err(e) = self.write_client(&held).await {
@@ -696,6 +813,72 @@ where
     }
 }
 
+/// The answers a Flush-ended request gets (one per Parse, Bind, Close and
+/// portal Describe, two per statement Describe, one final one per Execute;
+/// rows aside).
+fn expected_answers(frames: &[u8]) -> u32 {
+    let mut n = 0;
+    let mut at = 0;
+    while let Ok(Some(h)) = crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1) {
+        if frames.len() - at < h.frame_len() {
+            break;
+        }
+        n += match (h.tag, frames.get(at + 5)) {
+            (b'P' | b'B' | b'C' | b'E', _) => 1,
+            (b'D', Some(b'S')) => 2,
+            (b'D', _) => 1,
+            _ => 0,
+        };
+        at += h.frame_len();
+    }
+    n
+}
+
+/// A ParameterStatus saying the target session's default transaction mode
+/// is read-write again.
+fn guard_lifted(body: &[u8]) -> bool {
+    let mut parts = body.split(|&b| b == 0);
+    parts.next() == Some(b"default_transaction_read_only") && parts.next() == Some(b"off")
+}
+
+/// The client's own Parses and Closes that ran on the target connection:
+/// its prepared statements there.
+fn track_client_statements(l: &mut Live, frames: &[u8]) {
+    let mut at = 0;
+    while let Ok(Some(h)) = crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1) {
+        if frames.len() - at < h.frame_len() {
+            break;
+        }
+        let mut body = &frames[at + 5..at + h.frame_len()];
+        match h.tag {
+            b'P' => {
+                if let (Ok(name), Ok(query)) = (
+                    crate::protocol::message::take_cstr(&mut body),
+                    crate::protocol::message::take_cstr(&mut body),
+                ) {
+                    if !name.is_empty() {
+                        l.prepared.insert(
+                            name.into(),
+                            Statement {
+                                query: query.into(),
+                                types: body.into(),
+                            },
+                        );
+                    }
+                }
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                let mut b = &body[1..];
+                if let Ok(name) = crate::protocol::message::take_cstr(&mut b) {
+                    l.prepared.remove(name);
+                }
+            }
+            _ => {}
+        }
+        at += h.frame_len();
+    }
+}
+
 impl Live {
     fn new(conn: Conn) -> Self {
         Self {
@@ -703,6 +886,7 @@ impl Live {
             applied: (u64::MAX, 0),
             guarded: false,
             prepared: HashMap::new(),
+            committed: false,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::protocol::message::{
     READY_FOR_QUERY, SYNC, TERMINATE,
 };
 use crate::protocol::FrameError;
-use crate::router::decide::{BatchStep, Decider, RouteLink};
+use crate::router::decide::{BatchStep, Decider, QueryRoute, RouteLink};
 use crate::router::RouteMetrics;
 
 /// State both directions of a session touch.
@@ -493,22 +493,27 @@ impl FrontendInspector<'_> {
     /// the source.
     fn header_source(&mut self, tag: u8, prefix: &[u8]) -> Verdict {
         let mut verdict = Verdict::Forward;
-        // A Bind of the unnamed statement last parsed in a routed batch:
-        // the source gets that Parse first (and its answer is dropped).
+        // A Bind or Describe of a statement the source has not got (parsed
+        // in a routed batch or inside the routed transaction): the source
+        // gets that Parse first (and its answer is dropped).
         let mut reparse = None;
-        if let (BIND, Some(r)) = (tag, self.route.as_ref()) {
-            if r.link.source_unnamed_stale.load(Relaxed)
-                && Self::bind_statement(prefix) == Some(&b""[..])
-            {
-                if let Some(st) = self.statements.statement(b"") {
+        if let (BIND | DESCRIBE, Some(r)) = (tag, self.route.as_ref()) {
+            let name = match tag {
+                BIND => Self::bind_statement(prefix),
+                _ => prefix
+                    .strip_prefix(b"S")
+                    .and_then(|b| b.iter().position(|&c| c == 0).map(|end| &b[..end])),
+            };
+            let stale = name.filter(|n| r.link.take_source_stale(n));
+            if let Some(name) = stale {
+                if let Some(st) = self.statements.statement(name) {
                     let mut f = BytesMut::new();
                     crate::protocol::message::put_message(
                         &mut f,
                         PARSE,
-                        &[b"\0", &st.query, b"\0", &st.types],
+                        &[name, b"\0", &st.query, b"\0", &st.types],
                     );
                     let l = r.link;
-                    l.source_unnamed_stale.store(false, Relaxed);
                     l.drop_parse_complete
                         .store(l.drop_parse_complete.load(Relaxed) + 1, Relaxed);
                     let f = f.freeze();
@@ -622,8 +627,8 @@ impl FrontendInspector<'_> {
                 s.mid_batch.store(true, Relaxed);
                 let types = &body[name.len() + query.len() + 2..];
                 self.statements.on_parse_typed(name, query, types);
-                if let (true, Some(r)) = (name.is_empty(), self.route.as_ref()) {
-                    r.link.source_unnamed_stale.store(false, Relaxed);
+                if let Some(r) = self.route.as_ref() {
+                    r.link.take_source_stale(name);
                 }
                 self.plan_message(tag, None);
             }
@@ -658,7 +663,7 @@ impl FrontendInspector<'_> {
         };
         if tag == QUERY && !r.holding() {
             let text = parse_query(body)?;
-            if r.route_query(body, text, source_idle) {
+            if r.route_query(body, text, source_idle) == QueryRoute::Target {
                 self.hide(self.msg_no);
                 return Ok(Some(Verdict::Drop));
             }
@@ -746,7 +751,9 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     fn peek(&self, tag: u8) -> usize {
-        if tag == BIND && (self.capture.is_some() || self.route.is_some()) {
+        if (tag == BIND && (self.capture.is_some() || self.route.is_some()))
+            || (tag == DESCRIBE && self.route.is_some())
+        {
             BIND_PEEK
         } else {
             0
@@ -878,6 +885,8 @@ pub struct BackendInspector<'a> {
     /// A spooled unit whose commit acknowledgement waits for the spool to
     /// reach stable storage (`fsync = "commit"`).
     unsynced: Option<u64>,
+    /// The run being forwarded held withheld answers.
+    run_had_owed: bool,
     /// Read routing, when the proxy has a target.
     pub route: Option<(&'a RouteLink, &'a RouteMetrics)>,
 }
@@ -890,6 +899,7 @@ impl<'a> BackendInspector<'a> {
             max_inspected: 16,
             pending: None,
             unsynced: None,
+            run_had_owed: false,
             route: None,
         }
     }
@@ -1016,6 +1026,24 @@ fn source_read_outcome(
 }
 
 impl BackendInspector<'_> {
+    /// Answers to requests the proxy put into the source stream are still
+    /// to come (see `RouteLink::source_owed`).
+    fn owed(&self) -> bool {
+        self.route
+            .is_some_and(|(l, _)| l.source_owed.load(Relaxed) > 0)
+    }
+
+    /// What becomes of one message of such an answer: ParameterStatus and
+    /// notifications are the client's, the rest is withheld.
+    fn owed_message(&mut self, tag: u8) -> Verdict {
+        self.run_had_owed = true;
+        if matches!(tag, b'S' | b'A') {
+            Verdict::Forward
+        } else {
+            Verdict::Drop
+        }
+    }
+
     /// An ErrorResponse (or its first bytes) from the source: remembered
     /// for the health report of the read it answers.
     fn note_source_error(&self, body: &[u8]) {
@@ -1056,6 +1084,9 @@ impl Inspector for BackendInspector<'_> {
 
     #[inline]
     fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
+        if self.owed() {
+            return Ok(self.owed_message(tag));
+        }
         if tag == ERROR_RESPONSE {
             self.note_source_error(prefix);
         }
@@ -1071,6 +1102,21 @@ impl Inspector for BackendInspector<'_> {
     }
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
+        if self.owed() {
+            // An answer to a request the proxy put into the stream: the
+            // mirror follows it, the client does not see it.
+            self.mirror_message(tag, body);
+            if tag == READY_FOR_QUERY {
+                let status = parse_ready_for_query(body)?;
+                self.shared.tx_status.store(status, Relaxed);
+                self.shared.sub_in_flight(1);
+                if let Some((link, _)) = self.route {
+                    link.source_owed
+                        .store(link.source_owed.load(Relaxed).saturating_sub(1), Relaxed);
+                }
+            }
+            return Ok(self.owed_message(tag));
+        }
         if let Some(v) = self.probe_step(tag, body) {
             return Ok(v);
         }
@@ -1111,17 +1157,22 @@ impl Inspector for BackendInspector<'_> {
         Ok(Verdict::Forward)
     }
 
-    /// A shadowed read's answer is copied on its way to the client.
+    /// A shadowed read's answer is copied on its way to the client (not
+    /// from a run that held withheld answers: the copy would not be the
+    /// client's answer alone).
     #[inline]
     fn forwarding(&mut self, bytes: &[u8]) {
         if let Some((link, _)) = self.route {
-            if link.shadow_armed.load(Relaxed) {
+            if link.shadow_armed.load(Relaxed) && !self.run_had_owed {
                 link.feed_tap(bytes);
             }
         }
     }
 
     fn writing(&mut self, done: bool, at_boundary: bool) {
+        if done {
+            self.run_had_owed = false;
+        }
         self.shared
             .client_at_boundary
             .store(done && at_boundary, Relaxed);

@@ -109,6 +109,28 @@ impl Clusters {
     }
 }
 
+/// Which server answered a read: `SIDE` reads a one-row table that
+/// `mark_sides` makes on each cluster directly (not through a proxy),
+/// holding that cluster's port. Unlike `inet_server_port()`, which a proxy
+/// keeps on the source (it is server-local), it is a portable read that
+/// routing may send to either side.
+pub const SIDE: &str = "(SELECT port FROM pgshift_side)";
+
+/// Makes `pgshift_side` in `db` on both clusters (see `SIDE`).
+pub fn mark_sides(c: &Clusters, db: &str) {
+    for port in [c.source_port, c.target_port] {
+        c.sql(
+            port,
+            db,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS pgshift_side(port int PRIMARY KEY); \
+                 INSERT INTO pgshift_side VALUES ({port}) ON CONFLICT DO NOTHING; \
+                 GRANT SELECT ON pgshift_side TO PUBLIC"
+            ),
+        );
+    }
+}
+
 /// A fresh `db` on both clusters with the same pgbench tables (scale 1),
 /// loaded directly, not through a proxy.
 pub fn pgbench_db_on_both(c: &Clusters, db: &str) {

@@ -122,6 +122,9 @@ fn top_level(node: &N, a: &mut Analysis) {
             }
         }
         N::VacuumStmt(v) => a.non_transactional |= v.is_vacuumcmd,
+        // A procedure or DO block may commit on its own: it runs as the
+        // source ran it, outside a transaction block.
+        N::CallStmt(_) | N::DoStmt(_) => a.non_transactional = true,
         N::CreatedbStmt(_)
         | N::DropdbStmt(_)
         | N::CreateTableSpaceStmt(_)
@@ -275,6 +278,8 @@ mod tests {
         assert!(!analyze("REINDEX TABLE t").non_transactional);
         assert!(analyze("CREATE INDEX CONCURRENTLY i ON t (a)").non_transactional);
         assert!(analyze("COMMIT PREPARED 'x'").non_transactional);
+        assert!(analyze("CALL p()").non_transactional);
+        assert!(analyze("DO $$ BEGIN COMMIT; END $$").non_transactional);
         assert!(analyze("BEGIN").transaction_control);
         assert!(analyze("SELECT a FROM t ORDER BY a").ordered);
         assert!(!analyze("SELECT a FROM (SELECT a FROM t ORDER BY a) s").ordered);

@@ -51,7 +51,8 @@ use crate::upstream::passfile::PassFile;
 /// SELECT, INSERT, UPDATE on it to the application roles).
 pub const PROGRESS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgshift_mirror; \
     CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
-    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS above bigint[] NOT NULL DEFAULT '{}'";
+    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS above bigint[] NOT NULL DEFAULT '{}'; \
+    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS pending bigint";
 
 /// Units read ahead of the one being applied, at most (count, bytes). The
 /// sequencer needs the units spooled after the next one in commit order.
@@ -63,6 +64,10 @@ const MAX_BUFFERED_BYTES: usize = 256 << 20;
 struct Progress {
     low: u64,
     above: Vec<u64>,
+    /// A unit that cannot carry its mark inside its own transaction (a
+    /// CALL or DO that commits, VACUUM, ...) was started and not finished:
+    /// it may have partly applied.
+    pending: Option<u64>,
 }
 
 impl Progress {
@@ -492,18 +497,20 @@ impl Applier {
 
     /// Creates (if needed) and reads this database's progress row.
     async fn setup_progress(&self, conn: &mut Conn) -> Result<Option<Progress>, Retry> {
-        let id = self.mirror.spool.id.replace('\'', "''");
+        let id = self.mirror.spool.id.as_str();
         // Separate messages: creating the table needs CREATE on the
         // database, which an operator may have done for us already.
         let mut out = BytesMut::new();
         query(&mut out, PROGRESS_DDL);
-        query(
+        param_query(
             &mut out,
-            &format!("INSERT INTO pgshift_mirror.progress (spool_id, seq) VALUES ('{id}', 0) ON CONFLICT DO NOTHING"),
+            "INSERT INTO pgshift_mirror.progress (spool_id, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+            &[id],
         );
-        query(
+        param_query(
             &mut out,
-            &format!("SELECT seq, above FROM pgshift_mirror.progress WHERE spool_id = '{id}'"),
+            "SELECT seq, above, pending FROM pgshift_mirror.progress WHERE spool_id = $1",
+            &[id],
         );
         let answers = self.round_trip(conn, &out, 3).await?;
         let failed = answers[2]
@@ -533,7 +540,14 @@ impl Applier {
             .and_then(|r| r.get(1).cloned().flatten())
             .map(|a| Progress::parse_above(&a))
             .unwrap_or_default();
-        Ok(low.map(|low| Progress { low, above }))
+        let pending = row
+            .and_then(|r| r.get(2).cloned().flatten())
+            .and_then(|s| s.parse().ok());
+        Ok(low.map(|low| Progress {
+            low,
+            above,
+            pending,
+        }))
     }
 
     /// Writes `out` and reads `groups` ReadyForQuery-terminated answers.
@@ -691,6 +705,20 @@ impl Applier {
         if progress.as_ref().is_some_and(|p| p.has(rec.seq)) {
             return Ok(false); // applied before a restart or a lost connection
         }
+        if progress
+            .as_ref()
+            .is_some_and(|p| p.pending == Some(rec.seq))
+        {
+            // Started and not finished (it could not carry its mark inside
+            // its transaction): running it again could apply part of it
+            // twice. The target needs a re-sync instead.
+            self.mirror.unapplied(
+                rec.seq,
+                rec.xid,
+                "it was interrupted on the target after it began, and it commits on its own, so it may have partly applied",
+            );
+            return Ok(false);
+        }
         // What the unit's statements are, for the outcome check, the
         // non-determinism flags and the choice of how to mark progress.
         let statements: Vec<Vec<String>> = rec
@@ -734,13 +762,15 @@ impl Applier {
             out.extend_from_slice(b"S\0\0\0\x04");
             expect.push(Expect::Internal);
         }
+        // The spool id is checked to be a plain token when the spool opens:
+        // it needs no quoting.
+        let id = &self.mirror.spool.id;
         let mark = progress.as_ref().map(|_| {
             let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
             format!(
-                "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', applied_at = now() WHERE spool_id = '{}'",
+                "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', pending = NULL, applied_at = now() WHERE spool_id = '{id}'",
                 after.0,
                 above.join(","),
-                self.mirror.spool.id.replace('\'', "''")
             )
         });
         let single_autocommit = rec.segments.len() == 1 && rec.segments[0].status == b'I';
@@ -771,10 +801,25 @@ impl Applier {
             }
             if !marked_inside {
                 if let Some(m) = &mark {
+                    // Marked after it, with a pending mark before it: an
+                    // interruption in between is found and reported, never
+                    // applied twice.
+                    let mut before = BytesMut::new();
+                    query(
+                        &mut before,
+                        &format!(
+                            "UPDATE pgshift_mirror.progress SET pending = {} WHERE spool_id = '{id}'",
+                            rec.seq
+                        ),
+                    );
+                    before.extend_from_slice(&out);
+                    out = before;
+                    expect.insert(0, Expect::Mark);
                     query(&mut out, m);
                     expect.push(Expect::Mark);
+                } else {
+                    self.mirror.report.at_least_once();
                 }
-                self.mirror.report.at_least_once();
             }
         }
         let answers = self.round_trip(conn, &out, expect.len()).await?;
@@ -813,6 +858,7 @@ impl Applier {
                 *p = Some(Progress {
                     low: after.0,
                     above: after.1.clone(),
+                    pending: None,
                 });
             }
         }
@@ -822,6 +868,11 @@ impl Applier {
     /// The outcome check: the target must answer each step as the source did.
     fn compare(&mut self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
         let source = &rec.segments[i];
+        if rec.recovered && source.outcomes.is_empty() {
+            // Recovered after a crash: the source's answers to this request
+            // were never read, so there is nothing to compare with.
+            return;
+        }
         let n = source.outcomes.len().max(target.outcomes.len());
         // The health monitor: the target failed what the source did not.
         if let Some(h) = self.mirror.health.get() {
@@ -924,15 +975,12 @@ impl Applier {
         conn: &mut Conn,
         table: &str,
     ) -> Result<Vec<(String, String)>, Retry> {
-        let lit = table.replace('\'', "''");
-        let sql = format!(
-            "SELECT a.attname, CASE WHEN a.attidentity <> '' THEN 'identity' ELSE pg_get_expr(d.adbin, d.adrelid) END \
-             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = to_regclass('{lit}') AND a.attnum > 0 AND NOT a.attisdropped \
-             AND (a.attidentity <> '' OR d.adbin IS NOT NULL)"
-        );
+        let sql = "SELECT a.attname, CASE WHEN a.attidentity <> '' THEN 'identity' ELSE pg_catalog.pg_get_expr(d.adbin, d.adrelid) END \
+             FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+             AND (a.attidentity <> '' OR d.adbin IS NOT NULL)";
         let mut out = BytesMut::new();
-        query(&mut out, &sql);
+        param_query(&mut out, sql, &[table]);
         let answers = self.round_trip(conn, &out, 1).await?;
         let mut v = Vec::new();
         for row in &answers[0].rows {
@@ -967,6 +1015,42 @@ impl Applier {
 /// Appends a simple Query message.
 fn query(out: &mut BytesMut, sql: &str) {
     put_message(out, b'Q', &[sql.as_bytes(), b"\0"]);
+}
+
+/// Name of the applier's own prepared statement for catalog queries (so
+/// the replayed session's unnamed statement is left alone).
+const OWN_STATEMENT: &[u8] = b"__pgshift_catalog";
+
+/// Appends a query with text parameters bound, not quoted into its text
+/// (Parse, Bind, Execute, Close, Sync: one ReadyForQuery-ended answer).
+fn param_query(out: &mut BytesMut, sql: &str, params: &[&str]) {
+    put_message(out, b'C', &[b"S", OWN_STATEMENT, b"\0"]);
+    put_message(
+        out,
+        b'P',
+        &[
+            OWN_STATEMENT,
+            b"\0",
+            sql.as_bytes(),
+            b"\0",
+            &0i16.to_be_bytes(),
+        ],
+    );
+    let mut bind = BytesMut::new();
+    bind.extend_from_slice(b"\0");
+    bind.extend_from_slice(OWN_STATEMENT);
+    bind.extend_from_slice(b"\0");
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        bind.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        bind.extend_from_slice(p.as_bytes());
+    }
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    put_message(out, b'B', &[&bind]);
+    put_message(out, b'E', &[b"\0", &0i32.to_be_bytes()]);
+    put_message(out, b'C', &[b"S", OWN_STATEMENT, b"\0"]);
+    put_message(out, b'S', &[]);
 }
 
 fn close_statement(out: &mut BytesMut, name: &[u8]) {

@@ -66,6 +66,9 @@ struct Seg {
     uses: Vec<(Vec<u8>, Arc<[u8]>)>,
     /// Has transaction control (COMMIT, END, PREPARE TRANSACTION, ...).
     commitish: bool,
+    /// Runs a CALL or DO, which may commit on its own even if it then
+    /// fails.
+    self_committing: bool,
 }
 
 impl Seg {
@@ -76,6 +79,7 @@ impl Seg {
         self.session.extend(other.session);
         self.uses.extend(other.uses);
         self.commitish |= other.commitish;
+        self.self_committing |= other.self_committing;
     }
 }
 
@@ -672,6 +676,9 @@ impl Capture {
 
     /// One statement executed in the open segment.
     fn statement(&mut self, text: &str, class: Class) {
+        if class == Class::Write && first_word_is(text, &["call", "do"]) {
+            self.open.self_committing = true;
+        }
         match class {
             Class::Write => self.open.write = true,
             Class::Read(r) if r.calls => self.open.calls = true,
@@ -745,6 +752,7 @@ impl Capture {
         };
         self.unit_write |= seg.write;
         self.unit_calls |= seg.calls;
+        let seg_self_committing = seg.self_committing;
         self.unit_session.extend(seg.session);
         self.unit_uses.extend(seg.uses);
         let ended_rollback =
@@ -757,8 +765,13 @@ impl Capture {
         if status != b'I' {
             return Finished::Nothing;
         }
-        // The unit is over. Did any of it commit on the source?
-        let committed = self.unit_commit || (!self.unit_error && !ended_rollback);
+        // The unit is over. Did any of it commit on the source? A CALL or
+        // DO outside a block may have committed part of its work before it
+        // failed: it is replayed the same way, failure included (the
+        // outcome check compares the error).
+        let self_committing = self.unit.len() == 1 && seg_self_committing;
+        let committed =
+            self.unit_commit || (!self.unit_error && !ended_rollback) || self_committing;
         // A unit wrote when the classifier saw a write, or when the source
         // gave it a transaction id (a function that writes).
         let wrote = self.unit_write || self.unit_xid.is_some();
@@ -857,6 +870,17 @@ impl Capture {
         self.overflow = false;
         self.portals.retain(|p, _| !p.is_empty());
     }
+}
+
+/// Whether the statement's first word is one of `words` (lower-case).
+fn first_word_is(sql: &str, words: &[&str]) -> bool {
+    let mut first = None;
+    let _ = crate::classify::lexer::tokens(sql, |t, _| {
+        if first.is_none() {
+            first = Some(t);
+        }
+    });
+    matches!(first, Some(crate::classify::lexer::Token::Word(w)) if words.iter().any(|k| w.eq_ignore_ascii_case(k)))
 }
 
 /// Each (name, Parse message) once.

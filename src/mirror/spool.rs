@@ -305,6 +305,21 @@ impl Spool {
                 id
             }
         };
+        // It is written into the target's progress table by name: a plain
+        // token only, never anything that would need quoting.
+        if id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} must hold a plain token (letters, digits, _ or -, at most 64)",
+                    id_path.display()
+                ),
+            ));
+        }
         // How the last process ended: "<boot id> running|clean".
         let boot = boot_id();
         let mut opened = Opened::default();

@@ -55,7 +55,7 @@ SOURCE_PORT=54321
 TARGET_PORT=54322
 HOST=127.0.0.1
 # Bump when the setup below changes: clusters made by an older version are recreated.
-SETUP_VERSION=1
+SETUP_VERSION=2
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
@@ -260,6 +260,13 @@ ssl_cert_file = '$TLS_DIR/server.crt'
 ssl_key_file = '$TLS_DIR/server.key'
 ssl_ca_file = '$TLS_DIR/ca.crt'
 max_wal_size = 2GB
+# Logical decoding for the mirror's row images (mirror.row_images).
+wal_level = logical
+max_replication_slots = 40
+max_wal_senders = 40
+max_slot_wal_keep_size = 4GB
+# Two-phase commit (mirrored: PREPARE TRANSACTION / COMMIT PREPARED).
+max_prepared_transactions = 20
 EOF
     if ! grep -q "^include 'pgshift.conf'" "$d/postgresql.conf"; then
         printf "\ninclude 'pgshift.conf'\n" | as_pg_user tee -a "$d/postgresql.conf" >/dev/null
@@ -307,7 +314,7 @@ EOF
         # from it has one.
         SQL "$name" template1 <<'EOF'
 CREATE SCHEMA pgshift_mirror;
-CREATE TABLE pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, above bigint[] NOT NULL DEFAULT '{}', applied_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, above bigint[] NOT NULL DEFAULT '{}', pending bigint, applied_at timestamptz NOT NULL DEFAULT now());
 GRANT USAGE ON SCHEMA pgshift_mirror TO PUBLIC;
 GRANT SELECT, INSERT, UPDATE ON pgshift_mirror.progress TO PUBLIC;
 EOF

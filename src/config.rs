@@ -618,6 +618,63 @@ pub struct MirrorConfig {
     /// How long one unit may take on the target before it counts as failed.
     #[serde(default = "default_apply_timeout_ms")]
     pub apply_timeout_ms: u64,
+    /// Exact values for writes that cannot be replayed to the same values
+    /// (serial ids, clock and random defaults): applied from the source's
+    /// row images (logical decoding). See docs/mirroring.md.
+    #[serde(default)]
+    pub row_images: RowImagesConfig,
+}
+
+/// `[mirror.row_images]`: where units whose statements would not give the
+/// target the source's values are applied from the rows the source wrote,
+/// read by logical decoding (`test_decoding`) on a slot per database.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowImagesConfig {
+    /// Source databases to read row images from (a replication slot each,
+    /// made at start). Empty: none (such writes stay flagged).
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// The source role that reads them: it needs the REPLICATION attribute
+    /// (password from `source.passfile`).
+    #[serde(default = "default_row_images_user")]
+    pub user: String,
+    /// How long a unit waits for its row images before it is replayed as
+    /// statements instead (and flagged).
+    #[serde(default = "default_row_images_wait_ms")]
+    pub wait_ms: u64,
+    /// Decoded transactions held for the applier, at most; past it the
+    /// stream waits (and the slot keeps the source's WAL meanwhile).
+    #[serde(default = "default_row_images_buffer")]
+    pub max_buffer_bytes: usize,
+    /// How often the target's sequences are brought to the source's values.
+    #[serde(default = "default_sequence_sync_ms")]
+    pub sequence_sync_ms: u64,
+}
+
+impl Default for RowImagesConfig {
+    fn default() -> Self {
+        Self {
+            databases: Vec::new(),
+            user: default_row_images_user(),
+            wait_ms: default_row_images_wait_ms(),
+            max_buffer_bytes: default_row_images_buffer(),
+            sequence_sync_ms: default_sequence_sync_ms(),
+        }
+    }
+}
+
+fn default_row_images_user() -> String {
+    "postgres".into()
+}
+fn default_row_images_wait_ms() -> u64 {
+    5_000
+}
+fn default_row_images_buffer() -> usize {
+    64 << 20
+}
+fn default_sequence_sync_ms() -> u64 {
+    1_000
 }
 
 impl Default for MirrorConfig {
@@ -633,6 +690,7 @@ impl Default for MirrorConfig {
             fsync_interval_ms: default_fsync_interval_ms(),
             divergence_log: None,
             apply_timeout_ms: default_apply_timeout_ms(),
+            row_images: RowImagesConfig::default(),
         }
     }
 }
@@ -670,6 +728,35 @@ impl MirrorConfig {
                 "mirror.write_functions".into(),
                 format!("{f:?} is not a function name"),
             ));
+        }
+        let r = &self.row_images;
+        if let Some(d) = r
+            .databases
+            .iter()
+            .find(|d| d.is_empty() || d.contains('\0'))
+        {
+            return Err((
+                "mirror.row_images.databases".into(),
+                format!("{d:?} is not a database name"),
+            ));
+        }
+        if r.user.is_empty() || r.user.contains('\0') {
+            return err("mirror.row_images.user", "must be a role name");
+        }
+        if !(1..=600_000).contains(&r.wait_ms) {
+            return err("mirror.row_images.wait_ms", "must be between 1 and 600000");
+        }
+        if !((1 << 20)..=(1 << 34)).contains(&r.max_buffer_bytes) {
+            return err(
+                "mirror.row_images.max_buffer_bytes",
+                "must be between 1048576 and 17179869184",
+            );
+        }
+        if !(100..=3_600_000).contains(&r.sequence_sync_ms) {
+            return err(
+                "mirror.row_images.sequence_sync_ms",
+                "must be between 100 and 3600000",
+            );
         }
         Ok(())
     }

@@ -189,7 +189,29 @@ fn start_mirror(
     let source_passfile = load_passfile(&proxy.config.source.passfile)?;
     let resolver =
         crate::mirror::recover::run(Arc::clone(&mirror), source, source_passfile, phase.clone());
-    let applier = crate::mirror::apply::Applier::new(mirror, upstream, passfile);
+    // A row image stream per configured database (`mirror::rows`).
+    let streams: Vec<_> = mirror
+        .rows
+        .streams
+        .values()
+        .map(|s| {
+            Ok(crate::mirror::rows::run(
+                Arc::clone(s),
+                crate::net::connect::Upstream::new("source", &proxy.config.source)?,
+                load_passfile(&proxy.config.source.passfile)?,
+                mirror.rows.user.clone(),
+                crate::mirror::rows::slot_name(&mirror.spool.id, &s.database),
+                phase.clone(),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let source = crate::net::connect::Upstream::new("source", &proxy.config.source)?;
+    let applier = crate::mirror::apply::Applier::new(Arc::clone(&mirror), upstream, passfile)
+        .with_source(
+            source,
+            load_passfile(&proxy.config.source.passfile)?,
+            mirror.rows.user.clone(),
+        );
     let handle = std::thread::Builder::new()
         .name("pgshift-mirror".into())
         .spawn(move || {
@@ -199,10 +221,15 @@ fn start_mirror(
             {
                 Ok(rt) => rt.block_on(async move {
                     // Units in doubt are resolved beside the applier, on its
-                    // thread: off the hot path, and ready before it needs them.
+                    // thread: off the hot path, and ready before it needs them;
+                    // so are the row image streams.
                     let resolver = tokio::spawn(resolver);
+                    let streams: Vec<_> = streams.into_iter().map(tokio::spawn).collect();
                     applier.run(phase).await;
                     resolver.abort();
+                    for s in streams {
+                        s.abort();
+                    }
                 }),
                 Err(e) => error!(error = %e, "cannot start the mirror applier"),
             }

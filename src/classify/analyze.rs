@@ -54,11 +54,19 @@ pub struct Analysis {
     pub ordered: bool,
     /// The grammar rejected the text.
     pub invalid: bool,
+    /// Every effect it has on the database shows in the rows it writes
+    /// (DML, reads, transaction control, session settings): its unit can be
+    /// applied from row images instead (DDL, TRUNCATE, large objects and
+    /// the like cannot).
+    pub row_safe: bool,
 }
 
 /// Analyzes one statement (or a multi-statement string, merged).
 pub fn analyze(sql: &str) -> Analysis {
-    let mut a = Analysis::default();
+    let mut a = Analysis {
+        row_safe: true,
+        ..Analysis::default()
+    };
     match std::panic::catch_unwind(|| pg_query::fingerprint(sql, 0, 0)) {
         Ok(Ok(f)) => a.fingerprint = f.hex,
         _ => {
@@ -96,6 +104,26 @@ fn relation_name(r: &pg_query::protobuf::RangeVar) -> String {
 }
 
 fn top_level(node: &N, a: &mut Analysis) {
+    a.row_safe &= matches!(
+        node,
+        N::SelectStmt(_)
+            | N::InsertStmt(_)
+            | N::UpdateStmt(_)
+            | N::DeleteStmt(_)
+            | N::MergeStmt(_)
+            | N::TransactionStmt(_)
+            | N::VariableSetStmt(_)
+            | N::VariableShowStmt(_)
+            | N::CopyStmt(_)
+            | N::PrepareStmt(_)
+            | N::ExecuteStmt(_)
+            | N::DeallocateStmt(_)
+            | N::DeclareCursorStmt(_)
+            | N::FetchStmt(_)
+            | N::ClosePortalStmt(_)
+            | N::LockStmt(_)
+            | N::ExplainStmt(_)
+    );
     match node {
         N::SelectStmt(s) => a.ordered |= !s.sort_clause.is_empty(),
         N::InsertStmt(i) => {
@@ -279,6 +307,9 @@ mod tests {
         assert!(analyze("CREATE INDEX CONCURRENTLY i ON t (a)").non_transactional);
         assert!(analyze("COMMIT PREPARED 'x'").non_transactional);
         assert!(analyze("CALL p()").non_transactional);
+        assert!(analyze("INSERT INTO t VALUES (1); UPDATE t SET a = 2").row_safe);
+        assert!(!analyze("INSERT INTO t VALUES (1); CREATE TABLE u (a int)").row_safe);
+        assert!(!analyze("TRUNCATE t").row_safe);
         assert!(analyze("DO $$ BEGIN COMMIT; END $$").non_transactional);
         assert!(analyze("BEGIN").transaction_control);
         assert!(analyze("SELECT a FROM t ORDER BY a").ordered);

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use super::order::{Entry, Sequencer};
 use super::record::{Outcome, TxnRecord};
 use super::report::{Divergence, NonDeterministic};
+use super::rows::{Change, Column, Value};
 use super::spool::{Read1, SpoolReader};
 use super::Mirror;
 use crate::classify::analyze::{analyze, Analysis};
@@ -137,6 +138,8 @@ enum Expect {
     Internal,
     Mark,
     Segment(usize),
+    /// The row changes of a unit applied from row images.
+    Rows,
 }
 
 /// The spool as the applier reads it: records read ahead, and the
@@ -241,6 +244,19 @@ pub struct Applier {
     analyses: HashMap<String, Arc<Analysis>>,
     /// An attempt given up on while it may still run on the target.
     abandoned: Option<Abandoned>,
+    /// The source as the row images' user, and its connections per
+    /// database.
+    source: Option<(Upstream, Option<PassFile>, String)>,
+    source_conns: HashMap<String, Conn>,
+    /// The startup parameters of the last unit applied per database (a
+    /// connection as that session's user syncs the sequences there).
+    last_startup: HashMap<String, StartupParams>,
+    last_sequence_sync: Instant,
+    /// Key and generated columns per (database, table), for row images.
+    tables: HashMap<(String, String), Arc<TableMeta>>,
+    /// Databases where units were applied from rows since the last
+    /// sequence sync (their sequences were not advanced on the target).
+    sequences_dirty: std::collections::HashSet<String>,
     /// Non-deterministic default columns per (database, table).
     defaults: HashMap<(String, String), Vec<(String, String)>>,
     attempts: u32,
@@ -252,13 +268,32 @@ impl Applier {
             mirror,
             upstream,
             passfile,
+            source: None,
+            source_conns: HashMap::new(),
+            last_startup: HashMap::new(),
+            last_sequence_sync: Instant::now(),
             conns: HashMap::new(),
             progress: HashMap::new(),
             analyses: HashMap::new(),
             abandoned: None,
+            tables: HashMap::new(),
+            sequences_dirty: Default::default(),
             defaults: HashMap::new(),
             attempts: 0,
         }
+    }
+
+    /// The source, for what row images need from it (the WAL position a
+    /// unit's rows must be decoded by, sequence values): as `user`, with
+    /// the password `passfile` holds.
+    pub fn with_source(
+        mut self,
+        source: Upstream,
+        passfile: Option<PassFile>,
+        user: String,
+    ) -> Self {
+        self.source = Some((source, passfile, user));
+        self
     }
 
     /// Applies records until shutdown reaches Closing.
@@ -300,7 +335,14 @@ impl Applier {
                 }
                 self.mirror.spool.release(low);
                 self.conns.retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
+                self.source_conns
+                    .retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
                 self.publish_gauges(low);
+                self.pass_row_images(&feed);
+                if self.last_sequence_sync.elapsed() >= self.sequence_sync_every() {
+                    self.last_sequence_sync = Instant::now();
+                    self.sync_sequences().await;
+                }
             }
             // A unit chosen once (ready, nothing new read) stays the next
             // one while its apply is retried: anything spooled since has a
@@ -557,50 +599,9 @@ impl Applier {
         out: &[u8],
         groups: usize,
     ) -> Result<Vec<Answer>, Retry> {
-        let io = async {
-            conn.stream.write_all(out).await?;
-            conn.stream.flush().await?;
-            let mut answers = Vec::with_capacity(groups);
-            let mut cur = Answer::default();
-            while answers.len() < groups {
-                let msg = read_message(&mut conn.stream, &mut conn.buf, MAX_TARGET_MESSAGE)
-                    .await?
-                    .ok_or_else(|| std::io::Error::other("target closed the connection"))?;
-                let body = msg.body();
-                match msg.tag {
-                    b'C' => cur.outcomes.push(Outcome::Complete(
-                        String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body))
-                            .into_owned(),
-                    )),
-                    b'E' => {
-                        let f = parse_error_fields(body);
-                        cur.errors.push((
-                            cur.outcomes.len(),
-                            f.message.unwrap_or_default().to_string(),
-                        ));
-                        cur.outcomes
-                            .push(Outcome::Error(f.code.unwrap_or("XX000").to_string()));
-                    }
-                    b'I' => cur.outcomes.push(Outcome::Empty),
-                    b's' => cur.outcomes.push(Outcome::Suspended),
-                    b'D' => cur.rows.push(data_row(body)),
-                    b'Z' => {
-                        cur.status = body.first().copied().unwrap_or(b'I');
-                        answers.push(std::mem::take(&mut cur));
-                    }
-                    _ => {}
-                }
-            }
-            Ok::<_, std::io::Error>(answers)
-        };
-        match tokio::time::timeout(self.mirror.apply_timeout, io).await {
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(Retry::Lost(e.to_string())),
-            Err(_) => Err(Retry::Lost(format!(
-                "no answer within {} ms",
-                self.mirror.apply_timeout.as_millis()
-            ))),
-        }
+        round_trip_on(conn, out, groups, self.mirror.apply_timeout)
+            .await
+            .map_err(Retry::Lost)
     }
 
     fn analysis(&mut self, sql: &str) -> Arc<Analysis> {
@@ -619,6 +620,10 @@ impl Applier {
     /// Applies one unit; `Ok(false)` when the target had applied it already.
     /// `after` is the progress once this unit is applied.
     async fn apply(&mut self, rec: &TxnRecord, after: &(u64, Vec<u64>)) -> Result<bool, Retry> {
+        if !self.mirror.rows.streams.is_empty() {
+            self.last_startup
+                .insert(rec.database().to_string(), rec.startup.clone());
+        }
         if let Some(a) = self.abandoned.take() {
             if let Err(e) = self.end_abandoned(rec, &a).await {
                 self.abandoned = Some(a);
@@ -724,15 +729,46 @@ impl Applier {
         let statements: Vec<Vec<String>> = rec
             .segments
             .iter()
-            .map(|s| segment_statements(&s.messages, conn))
+            .map(|s| segment_statements(&s.messages, conn, rec))
             .collect();
         let mut transactional = true;
         let mut txn_control = false;
+        let mut row_safe = true;
+        let mut writes_seen = false;
+        let mut flags = Vec::new();
         for text in statements.iter().flatten() {
             let a = self.analysis(text);
             transactional &= !a.non_transactional;
             txn_control |= a.transaction_control;
-            self.check_determinism(conn, text, &a).await?;
+            row_safe &= a.row_safe && !a.invalid;
+            writes_seen |= !a.written_tables.is_empty();
+            if let Some(n) = self.nondeterminism(conn, text, &a).await? {
+                flags.push(n);
+            }
+        }
+        // A unit mirrored for its transaction id alone wrote through
+        // functions: what they wrote shows only in its rows.
+        let opaque = !writes_seen && rec.xid.is_some();
+        if !flags.is_empty() || opaque {
+            let why_not = match self.rows_for(conn, rec, row_safe && transactional).await? {
+                Ok(rows) => {
+                    for n in flags {
+                        self.mirror.report.nondeterministic(n, None);
+                    }
+                    return self
+                        .apply_rows(conn, rec, after, progress.as_ref(), rows)
+                        .await;
+                }
+                Err(why) => why,
+            };
+            for n in flags {
+                self.mirror.report.nondeterministic(n, Some(&why_not));
+            }
+            self.mirror
+                .metrics
+                .mirror
+                .nondeterministic
+                .set(self.mirror.report.nondeterministic_count() as i64);
         }
 
         let mut out = BytesMut::new();
@@ -774,7 +810,11 @@ impl Applier {
             )
         });
         let single_autocommit = rec.segments.len() == 1 && rec.segments[0].status == b'I';
-        let first_opens = rec.segments.first().is_some_and(|s| s.status == b'T');
+        // In a block, the mark goes in just before the request that commits
+        // it: by then the transaction is open and as writable as it will be
+        // (a READ ONLY one made READ WRITE, say).
+        let n = rec.segments.len();
+        let mark_after = (n >= 2 && rec.segments[n - 2].status == b'T').then(|| n - 2);
         let mut marked_inside = false;
         if let (Some(m), true) = (&mark, single_autocommit && transactional && !txn_control) {
             // An autocommit unit: wrap it with the mark in one transaction.
@@ -789,9 +829,8 @@ impl Applier {
             for (i, seg) in rec.segments.iter().enumerate() {
                 out.extend_from_slice(&seg.messages);
                 expect.push(Expect::Segment(i));
-                if i == 0 && first_opens {
-                    // The transaction is open after the first segment: the
-                    // mark commits (or rolls back) with it.
+                if Some(i) == mark_after {
+                    // The mark commits (or rolls back) with the unit.
                     if let Some(m) = &mark {
                         query(&mut out, m);
                         expect.push(Expect::Mark);
@@ -846,7 +885,7 @@ impl Applier {
                         warn!(seq = rec.seq, error = %msg, "could not record mirror progress on the target");
                     }
                 }
-                Expect::Internal => {
+                Expect::Internal | Expect::Rows => {
                     if let Some((_, msg)) = a.errors.first() {
                         warn!(seq = rec.seq, error = %msg, "target rejected the mirror's session setup");
                     }
@@ -923,15 +962,16 @@ impl Applier {
         }
     }
 
-    /// Flags statements whose replay cannot produce the source's values.
-    async fn check_determinism(
+    /// Why a statement's replay cannot produce the source's values, if it
+    /// cannot.
+    async fn nondeterminism(
         &mut self,
         conn: &mut Conn,
         text: &str,
         a: &Analysis,
-    ) -> Result<(), Retry> {
+    ) -> Result<Option<NonDeterministic>, Retry> {
         if a.written_tables.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut reasons: Vec<String> = a
             .nondeterministic
@@ -950,22 +990,449 @@ impl Applier {
                 }
             }
         }
-        if !reasons.is_empty() {
-            let flagged = self.mirror.report.nondeterministic(NonDeterministic {
-                fingerprint: a.fingerprint.clone(),
-                statement: super::report::truncate(text, 500),
-                tables: a.written_tables.clone(),
-                reasons,
-            });
-            if flagged {
-                self.mirror
-                    .metrics
-                    .mirror
-                    .nondeterministic
-                    .set(self.mirror.report.nondeterministic_count() as i64);
+        Ok((!reasons.is_empty()).then(|| NonDeterministic {
+            fingerprint: a.fingerprint.clone(),
+            statement: super::report::truncate(text, 500),
+            tables: a.written_tables.clone(),
+            reasons,
+            applied_as_rows: 0,
+            replayed_as_statements: 0,
+            why_not_rows: None,
+        }))
+    }
+
+    /// The statements that apply this unit's transaction from the source's
+    /// row images, or why there are none (then it is replayed as it ran).
+    async fn rows_for(
+        &mut self,
+        conn: &mut Conn,
+        rec: &TxnRecord,
+        row_safe: bool,
+    ) -> Result<Result<Vec<RowStatement>, String>, Retry> {
+        let Some(stream) = self.mirror.rows.stream(rec.database()).cloned() else {
+            return Ok(Err(format!(
+                "no row images for database {} (mirror.row_images.databases)",
+                rec.database()
+            )));
+        };
+        if !row_safe {
+            return Ok(Err(
+                "the unit has statements rows cannot reproduce (DDL, TRUNCATE, CALL, ...)".into(),
+            ));
+        }
+        let Some(xid) = rec.xid else {
+            return Ok(Err(
+                "its transaction id is not known (no order probe)".into()
+            ));
+        };
+        // The source's WAL position now is past the unit's commit: once the
+        // stream is past it too, a transaction not decoded wrote no rows.
+        let committed_before = self.source_insert_lsn(rec.database()).await.ok();
+        let Some(tx) = stream
+            .take(xid, committed_before, self.mirror.rows.wait)
+            .await
+        else {
+            return Ok(Err(format!(
+                "its row images did not arrive within mirror.row_images.wait_ms ({})",
+                stream.state.lock().unwrap_or_else(|p| p.into_inner())
+            )));
+        };
+        if let Err(why) = tx.usable() {
+            return Ok(Err(why));
+        }
+        let mut out = Vec::with_capacity(tx.changes.len());
+        for change in &tx.changes {
+            match self.row_statement(conn, change).await? {
+                Some(st) => out.push(st),
+                None => {
+                    return Ok(Err(format!(
+                        "a row of {} cannot be found on the target without a key",
+                        change_table(change)
+                    )))
+                }
             }
         }
+        Ok(Ok(out))
+    }
+
+    /// Applies a unit from its transaction's row images, in one target
+    /// transaction with its progress mark and with triggers and foreign
+    /// keys off (`session_replication_role = replica`, as logical
+    /// replication applies rows): each change must touch exactly one row.
+    async fn apply_rows(
+        &mut self,
+        conn: &mut Conn,
+        rec: &TxnRecord,
+        after: &(u64, Vec<u64>),
+        progress: Option<&Progress>,
+        rows: Vec<RowStatement>,
+    ) -> Result<bool, Retry> {
+        let mut out = BytesMut::new();
+        query(&mut out, "BEGIN");
+        query(&mut out, "SET LOCAL session_replication_role = replica");
+        let mut expect = vec![Expect::Internal, Expect::Internal];
+        if progress.is_some() {
+            let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
+            query(
+                &mut out,
+                &format!(
+                    "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', pending = NULL, applied_at = now() WHERE spool_id = '{}'",
+                    after.0,
+                    above.join(","),
+                    self.mirror.spool.id
+                ),
+            );
+            expect.push(Expect::Mark);
+        }
+        let mut texts = Vec::with_capacity(rows.len());
+        for (sql, params) in rows {
+            row_query(&mut out, &sql, &params);
+            texts.push(sql);
+        }
+        put_message(&mut out, b'S', &[]);
+        expect.push(Expect::Rows);
+        query(&mut out, "COMMIT");
+        expect.push(Expect::Internal);
+        let answers = self.round_trip(conn, &out, expect.len()).await?;
+        // The session's own state on this connection is no longer known
+        // (the unit's SETs did not run here), nor its unnamed statement.
+        conn.state_version = None;
+        conn.prepared.remove(&b""[..]);
+        let mut failed = None;
+        for (e, a) in expect.iter().zip(&answers) {
+            match e {
+                Expect::Rows => {
+                    for (i, o) in a.outcomes.iter().enumerate() {
+                        let one = matches!(o, Outcome::Complete(t) if t.ends_with(" 1"));
+                        if !one && failed.is_none() {
+                            let why = a
+                                .errors
+                                .iter()
+                                .find(|(p, _)| *p == i)
+                                .map(|(_, m)| m.clone());
+                            failed = Some((i, o.to_string(), why));
+                        }
+                    }
+                }
+                Expect::Mark | Expect::Internal => {
+                    if let Some((_, msg)) = a.errors.first() {
+                        failed.get_or_insert((0, "ERROR".into(), Some(msg.clone())));
+                    }
+                }
+                Expect::Segment(_) => {}
+            }
+        }
+        if let Some((i, target, error)) = failed {
+            let statement = texts.get(i).cloned().unwrap_or_default();
+            self.mirror.divergence(Divergence {
+                time_us: super::capture::now_us(),
+                seq: rec.seq,
+                session: rec.session,
+                fingerprint: "row-image".into(),
+                statement,
+                source: "1 row".into(),
+                target,
+                target_error: error,
+                segment: 0,
+                position: i,
+            });
+        }
+        self.sequences_dirty.insert(conn.database.clone());
+        if let Some(p) = self.progress.get_mut(&conn.database) {
+            if p.is_some() {
+                *p = Some(Progress {
+                    low: after.0,
+                    above: after.1.clone(),
+                    pending: None,
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    /// The statement (and its parameters) that applies one row change;
+    /// `None` when the row cannot be found (no key).
+    async fn row_statement(
+        &mut self,
+        conn: &mut Conn,
+        change: &Change,
+    ) -> Result<Option<RowStatement>, Retry> {
+        let value = |v: &Value| match v {
+            Value::Text(t) => Some(t.clone()),
+            _ => None,
+        };
+        Ok(Some(match change {
+            Change::Insert { table, row } => {
+                let meta = self.table_meta(conn, table).await?;
+                let cols: Vec<&Column> = row
+                    .iter()
+                    .filter(|(c, _)| !meta.generated.contains(c))
+                    .collect();
+                let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
+                let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+                (
+                    format!(
+                        "INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
+                        names.join(", "),
+                        marks.join(", ")
+                    ),
+                    cols.iter().map(|(_, v)| value(v)).collect(),
+                )
+            }
+            Change::Update { table, old, row } => {
+                let meta = self.table_meta(conn, table).await?;
+                let key: Vec<Column> = match old {
+                    Some(old) => old.clone(),
+                    None => row
+                        .iter()
+                        .filter(|(c, _)| meta.key.contains(c))
+                        .cloned()
+                        .collect(),
+                };
+                let set: Vec<&Column> = row
+                    .iter()
+                    .filter(|(c, v)| *v != Value::Unchanged && !meta.generated.contains(c))
+                    .collect();
+                let mut params: Vec<Option<String>> = set.iter().map(|(_, v)| value(v)).collect();
+                let assigns: Vec<String> = set
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (c, _))| format!("{c} = ${}", i + 1))
+                    .collect();
+                if key.is_empty() || set.is_empty() {
+                    return Ok(None);
+                }
+                let conds = key_conditions(&key, &mut params);
+                (
+                    format!("UPDATE {table} SET {} WHERE {conds}", assigns.join(", ")),
+                    params,
+                )
+            }
+            Change::Delete { table, old } => {
+                if old.is_empty() {
+                    return Ok(None);
+                }
+                let mut params = Vec::new();
+                let conds = key_conditions(old, &mut params);
+                (format!("DELETE FROM {table} WHERE {conds}"), params)
+            }
+            Change::Unusable(_) => return Ok(None),
+        }))
+    }
+
+    fn sequence_sync_every(&self) -> Duration {
+        self.mirror.rows.sequence_sync
+    }
+
+    /// A connection to `database` on the source as the row images' user.
+    async fn source_conn(&mut self, database: &str) -> Result<&mut Conn, String> {
+        if !self.source_conns.contains_key(database) {
+            let Some((source, passfile, user)) = &self.source else {
+                return Err("no source connection configured".into());
+            };
+            let params = vec![
+                (b"user".to_vec(), user.clone().into_bytes()),
+                (b"database".to_vec(), database.as_bytes().to_vec()),
+                (b"application_name".to_vec(), b"pgshift mirror".to_vec()),
+            ];
+            let (stream, buf, key) = connect_and_login(
+                source,
+                passfile.as_ref(),
+                &StartupMessage::new(3, 0, params),
+            )
+            .await?;
+            self.source_conns.insert(
+                database.to_string(),
+                Conn {
+                    stream,
+                    buf,
+                    database: database.to_string(),
+                    state_version: None,
+                    prepared: HashMap::new(),
+                    last_used: Instant::now(),
+                    pid: key.map(|k| k.pid),
+                },
+            );
+        }
+        let c = self
+            .source_conns
+            .get_mut(database)
+            .ok_or("no source connection")?;
+        c.last_used = Instant::now();
+        Ok(c)
+    }
+
+    /// Runs one query on the source (dropping the connection on failure).
+    async fn source_query(&mut self, database: &str, out: &[u8]) -> Result<Answer, String> {
+        let timeout = self.mirror.apply_timeout;
+        let conn = self.source_conn(database).await?;
+        let r = round_trip_on(conn, out, 1, timeout).await;
+        match r {
+            Ok(mut a) => Ok(a.remove(0)),
+            Err(e) => {
+                self.source_conns.remove(database);
+                Err(e)
+            }
+        }
+    }
+
+    /// The source's WAL insert position now.
+    async fn source_insert_lsn(&mut self, database: &str) -> Result<u64, String> {
+        let mut out = BytesMut::new();
+        query(&mut out, "SELECT pg_catalog.pg_current_wal_insert_lsn()");
+        let a = self.source_query(database, &out).await?;
+        let text = a
+            .rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or("no WAL position")?;
+        let (hi, lo) = text.split_once('/').ok_or("bad WAL position")?;
+        Ok(
+            (u64::from_str_radix(hi, 16).map_err(|e| e.to_string())? << 32)
+                | u64::from_str_radix(lo, 16).map_err(|e| e.to_string())?,
+        )
+    }
+
+    /// Decoded transactions no unit still to apply needs are let go, so the
+    /// slot can move on.
+    fn pass_row_images(&self, feed: &Feed) {
+        if self.mirror.rows.streams.is_empty() {
+            return;
+        }
+        let needed: std::collections::HashSet<u32> = feed
+            .records
+            .values()
+            .filter_map(|r| r.xid.map(|x| x as u32))
+            .collect();
+        // Everything decoded before the lowest order key still to apply is
+        // done with, but for units still waiting.
+        let lowest = feed
+            .records
+            .values()
+            .filter_map(|r| r.order.lsn)
+            .min()
+            .unwrap_or(u64::MAX);
+        for s in self.mirror.rows.streams.values() {
+            s.pass(lowest, |x| needed.contains(&x));
+        }
+    }
+
+    /// Brings the target's sequences to the source's values, in databases
+    /// where units were applied from rows (which set ids explicitly and so
+    /// do not advance sequences on the target).
+    async fn sync_sequences(&mut self) {
+        let dbs: Vec<String> = self.sequences_dirty.drain().collect();
+        for db in dbs {
+            if let Err(e) = self.sync_sequences_in(&db).await {
+                warn!(database = %db, error = %e, "cannot bring the target's sequences to the source's values; retrying");
+                self.sequences_dirty.insert(db);
+            }
+        }
+    }
+
+    async fn sync_sequences_in(&mut self, db: &str) -> Result<(), String> {
+        let list =
+            "SELECT pg_catalog.format('%I.%I', schemaname, sequencename), last_value, start_value \
+                    FROM pg_catalog.pg_sequences ORDER BY 1";
+        let mut out = BytesMut::new();
+        query(&mut out, list);
+        let source = self.source_query(db, &out).await?;
+        let Some(startup) = self.last_startup.get(db).cloned() else {
+            return Ok(());
+        };
+        let session = u64::MAX - 1;
+        let rec = TxnRecord {
+            startup,
+            ..TxnRecord::default()
+        };
+        let mut conn = match self.conns.remove(&session) {
+            Some(c) if c.database == db => c,
+            _ => self.connect(&rec).await.map_err(|r| match r {
+                Retry::Connect(e) | Retry::Lost(e) => e,
+            })?,
+        };
+        let target = self
+            .round_trip(&mut conn, &out, 1)
+            .await
+            .map_err(|r| match r {
+                Retry::Connect(e) | Retry::Lost(e) => e,
+            })?;
+        let on_target: HashMap<String, Option<String>> = target[0]
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.first()?.clone()?, r.get(1)?.clone())))
+            .collect();
+        let mut fix = BytesMut::new();
+        let mut n = 0;
+        for row in &source.rows {
+            let (Some(Some(name)), Some(last), Some(Some(start))) =
+                (row.first(), row.get(1), row.get(2))
+            else {
+                continue;
+            };
+            if on_target.get(name) == Some(last) || !on_target.contains_key(name) {
+                continue;
+            }
+            match last {
+                Some(v) => param_query(
+                    &mut fix,
+                    "SELECT pg_catalog.setval($1::pg_catalog.regclass, $2::bigint, true)",
+                    &[name, v],
+                ),
+                None => param_query(
+                    &mut fix,
+                    "SELECT pg_catalog.setval($1::pg_catalog.regclass, $2::bigint, false)",
+                    &[name, start],
+                ),
+            }
+            n += 1;
+        }
+        if n > 0 {
+            let answers = self
+                .round_trip(&mut conn, &fix, n)
+                .await
+                .map_err(|r| match r {
+                    Retry::Connect(e) | Retry::Lost(e) => e,
+                })?;
+            if let Some((_, e)) = answers.iter().find_map(|a| a.errors.first()) {
+                return Err(e.clone());
+            }
+            info!(database = %db, sequences = n, "target sequences brought to the source's values");
+        }
+        self.conns.insert(session, conn);
         Ok(())
+    }
+
+    /// Key and generated columns of a table on the target (cached).
+    async fn table_meta(&mut self, conn: &mut Conn, table: &str) -> Result<Arc<TableMeta>, Retry> {
+        let k = (conn.database.clone(), table.to_string());
+        if let Some(m) = self.tables.get(&k) {
+            return Ok(Arc::clone(m));
+        }
+        let sql = "SELECT pg_catalog.quote_ident(a.attname), \
+               a.attgenerated <> '' AS generated, \
+               EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
+                       AND (i.indisreplident OR (i.indisprimary AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index r WHERE r.indrelid = a.attrelid AND r.indisreplident))) \
+                       AND a.attnum = ANY (i.indkey)) AS key \
+             FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
+        let mut out = BytesMut::new();
+        param_query(&mut out, sql, &[table]);
+        let answers = self.round_trip(conn, &out, 1).await?;
+        let mut meta = TableMeta::default();
+        for row in &answers[0].rows {
+            if let [Some(name), Some(generated), Some(key)] = &row[..] {
+                if generated == "t" {
+                    meta.generated.push(name.clone());
+                }
+                if key == "t" {
+                    meta.key.push(name.clone());
+                }
+            }
+        }
+        let meta = Arc::new(meta);
+        self.tables.insert(k, Arc::clone(&meta));
+        Ok(meta)
     }
 
     /// Columns of `table` (as the session resolves it) whose default or
@@ -1012,6 +1479,56 @@ impl Applier {
     }
 }
 
+/// Writes `out` and reads `groups` ReadyForQuery-terminated answers, all
+/// within `limit`.
+async fn round_trip_on(
+    conn: &mut Conn,
+    out: &[u8],
+    groups: usize,
+    limit: Duration,
+) -> Result<Vec<Answer>, String> {
+    let io = async {
+        conn.stream.write_all(out).await?;
+        conn.stream.flush().await?;
+        let mut answers = Vec::with_capacity(groups);
+        let mut cur = Answer::default();
+        while answers.len() < groups {
+            let msg = read_message(&mut conn.stream, &mut conn.buf, MAX_TARGET_MESSAGE)
+                .await?
+                .ok_or_else(|| std::io::Error::other("the server closed the connection"))?;
+            let body = msg.body();
+            match msg.tag {
+                b'C' => cur.outcomes.push(Outcome::Complete(
+                    String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body)).into_owned(),
+                )),
+                b'E' => {
+                    let f = parse_error_fields(body);
+                    cur.errors.push((
+                        cur.outcomes.len(),
+                        f.message.unwrap_or_default().to_string(),
+                    ));
+                    cur.outcomes
+                        .push(Outcome::Error(f.code.unwrap_or("XX000").to_string()));
+                }
+                b'I' => cur.outcomes.push(Outcome::Empty),
+                b's' => cur.outcomes.push(Outcome::Suspended),
+                b'D' => cur.rows.push(data_row(body)),
+                b'Z' => {
+                    cur.status = body.first().copied().unwrap_or(b'I');
+                    answers.push(std::mem::take(&mut cur));
+                }
+                _ => {}
+            }
+        }
+        Ok::<_, std::io::Error>(answers)
+    };
+    match tokio::time::timeout(limit, io).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    }
+}
+
 /// Appends a simple Query message.
 fn query(out: &mut BytesMut, sql: &str) {
     put_message(out, b'Q', &[sql.as_bytes(), b"\0"]);
@@ -1020,6 +1537,69 @@ fn query(out: &mut BytesMut, sql: &str) {
 /// Name of the applier's own prepared statement for catalog queries (so
 /// the replayed session's unnamed statement is left alone).
 const OWN_STATEMENT: &[u8] = b"__pgshift_catalog";
+
+/// A client session's startup parameters, as the spool keeps them.
+type StartupParams = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One row change as a statement with its text parameters (None: NULL).
+type RowStatement = (String, Vec<Option<String>>);
+
+/// A table's columns that locate a row (replica identity, else primary
+/// key) and those the server generates (they cannot be written).
+#[derive(Debug, Default)]
+struct TableMeta {
+    key: Vec<String>,
+    generated: Vec<String>,
+}
+
+fn change_table(c: &Change) -> &str {
+    match c {
+        Change::Insert { table, .. }
+        | Change::Update { table, .. }
+        | Change::Delete { table, .. } => table,
+        Change::Unusable(_) => "a table",
+    }
+}
+
+/// `k1 = $n AND k2 IS NULL ...` for the key's values (appended to `params`).
+fn key_conditions(key: &[Column], params: &mut Vec<Option<String>>) -> String {
+    key.iter()
+        .map(|(c, v)| match v {
+            Value::Text(t) => {
+                params.push(Some(t.clone()));
+                format!("{c} = ${}", params.len())
+            }
+            _ => format!("{c} IS NULL"),
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Appends one row change on the unnamed statement (Parse, Bind, Execute;
+/// the caller ends the run with one Sync).
+fn row_query(out: &mut BytesMut, sql: &str, params: &[Option<String>]) {
+    put_message(
+        out,
+        b'P',
+        &[b"\0", sql.as_bytes(), b"\0", &0i16.to_be_bytes()],
+    );
+    let mut bind = BytesMut::new();
+    bind.extend_from_slice(b"\0\0");
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        match p {
+            Some(v) => {
+                bind.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                bind.extend_from_slice(v.as_bytes());
+            }
+            None => bind.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    put_message(out, b'B', &[&bind]);
+    put_message(out, b'E', &[b"\0", &0i32.to_be_bytes()]);
+}
 
 /// Appends a query with text parameters bound, not quoted into its text
 /// (Parse, Bind, Execute, Close, Sync: one ReadyForQuery-ended answer).
@@ -1096,7 +1676,7 @@ fn frames(mut msgs: &[u8], mut f: impl FnMut(u8, &[u8])) {
 
 /// The statements a segment runs, in the order their outcomes come back:
 /// each statement of a Query, and the statement behind each Execute.
-fn segment_statements(msgs: &[u8], conn: &Conn) -> Vec<String> {
+fn segment_statements(msgs: &[u8], conn: &Conn, rec: &TxnRecord) -> Vec<String> {
     let mut out = Vec::new();
     let mut parsed: HashMap<Vec<u8>, String> = HashMap::new();
     let mut portals: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -1104,8 +1684,13 @@ fn segment_statements(msgs: &[u8], conn: &Conn) -> Vec<String> {
         if let Some(t) = parsed.get(name) {
             return t.clone();
         }
-        conn.prepared
-            .get(name)
+        // Prepared by an earlier unit: the record carries its Parse (the
+        // connection may not hold it yet).
+        rec.prepared
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .or_else(|| conn.prepared.get(name))
             .and_then(|p| {
                 let mut b = &p[HEADER_LEN..];
                 take_cstr(&mut b).ok()?;

@@ -117,6 +117,9 @@ pub struct Capture {
     /// The unit's top-level transaction id on the source, once a probe
     /// read it: the unit wrote, whatever the classifier thought.
     unit_xid: Option<u64>,
+    /// A probe answered during the unit (so a missing xid means it wrote
+    /// nothing).
+    unit_probed: bool,
     unit_commit: bool,
     unit_error: bool,
     unit_session: Vec<(String, SessionOp)>,
@@ -214,6 +217,7 @@ impl Capture {
             unit_write: false,
             unit_calls: false,
             unit_xid: None,
+            unit_probed: false,
             unit_commit: false,
             unit_error: false,
             unit_session: Vec::new(),
@@ -394,6 +398,7 @@ impl Capture {
 
     /// The probe riding on the request answered.
     pub fn probe_answered(&mut self, row: ProbeRow) {
+        self.unit_probed = true;
         if self.probe_orders {
             self.unit_lsn = Some(row.lsn);
         }
@@ -773,8 +778,12 @@ impl Capture {
         let committed =
             self.unit_commit || (!self.unit_error && !ended_rollback) || self_committing;
         // A unit wrote when the classifier saw a write, or when the source
-        // gave it a transaction id (a function that writes).
-        let wrote = self.unit_write || self.unit_xid.is_some();
+        // gave it a transaction id (a function that writes). One that called
+        // functions that may write and got no probe (a routed read that fell
+        // back, a pipelined request) is mirrored too: replaying a read is
+        // harmless, missing a write is not.
+        let wrote =
+            self.unit_write || self.unit_xid.is_some() || (self.unit_calls && !self.unit_probed);
         let pre_version = self.state_version;
         // The record carries the state from before the unit: the unit's own
         // SETs and PREPAREs are replayed with it.
@@ -858,6 +867,7 @@ impl Capture {
         self.unit.clear();
         self.unit_lsn = None;
         self.unit_xid = None;
+        self.unit_probed = false;
         self.unit_write = false;
         self.unit_calls = false;
         self.unit_commit = false;

@@ -20,6 +20,7 @@ pub mod order;
 pub mod record;
 pub mod recover;
 pub mod report;
+pub mod rows;
 pub mod spool;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct Mirror {
     pub health: std::sync::OnceLock<Arc<crate::health::Health>>,
     /// Units in doubt waiting to be resolved against the source.
     pub recovery: recover::Recovery,
+    /// The source's row images, for units statements cannot reproduce.
+    pub rows: rows::RowImages,
 }
 
 /// The seq of a unit that will never be applied.
@@ -125,6 +128,7 @@ impl Mirror {
             audit,
             health: std::sync::OnceLock::new(),
             recovery: recover::Recovery::default(),
+            rows: rows::RowImages::new(&cfg.row_images),
         });
         m.metrics.mirror.enabled.set(cfg.enabled as i64);
         m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
@@ -381,6 +385,7 @@ impl Mirror {
             "order_waits": m.order_waits.get(),
             "backpressure_waits": m.backpressure_waits.get(),
             "target_connections": m.target_connections.get(),
+            "row_images": self.rows.status(),
             "report": self.report.status(),
         })
     }

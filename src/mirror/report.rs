@@ -51,6 +51,12 @@ pub struct NonDeterministic {
     pub statement: String,
     pub tables: Vec<String>,
     pub reasons: Vec<String>,
+    /// Units with it applied from the source's row images (exact values).
+    pub applied_as_rows: u64,
+    /// Units with it replayed as statements: their values on the target
+    /// may differ (with why the rows were not used, the last time).
+    pub replayed_as_statements: u64,
+    pub why_not_rows: Option<String>,
 }
 
 #[derive(Default)]
@@ -174,27 +180,53 @@ impl Report {
         *self.inner().target_errors.entry(class).or_default() += 1;
     }
 
-    /// Flags a fingerprint as non-deterministic; true the first time.
-    pub fn nondeterministic(&self, n: NonDeterministic) -> bool {
+    /// Records a unit with a non-deterministic statement: applied from row
+    /// images (`why_not_rows` None: exact) or replayed as statements.
+    pub fn nondeterministic(&self, mut n: NonDeterministic, why_not_rows: Option<&str>) {
         let mut inner = self.inner();
-        if inner.nondeterministic.contains_key(&n.fingerprint)
-            || inner.nondeterministic.len() >= MAX_FINGERPRINTS
-        {
-            return false;
+        if let Some(seen) = inner.nondeterministic.get_mut(&n.fingerprint) {
+            match why_not_rows {
+                None => seen.applied_as_rows += 1,
+                Some(w) => {
+                    if seen.replayed_as_statements == 0 {
+                        warn!(fingerprint = %n.fingerprint, reason = w,
+                            "mirrored write replayed as statements: its values on the target may differ; verify these tables");
+                    }
+                    seen.replayed_as_statements += 1;
+                    seen.why_not_rows = Some(w.to_string());
+                }
+            }
+            return;
         }
-        warn!(
-            fingerprint = %n.fingerprint,
-            tables = ?n.tables,
-            reasons = ?n.reasons,
-            statement = %truncate(&n.statement, 200),
-            "mirrored write is not deterministic: its values on the target will differ; verify these tables"
-        );
+        if inner.nondeterministic.len() >= MAX_FINGERPRINTS {
+            return;
+        }
+        match why_not_rows {
+            None => n.applied_as_rows = 1,
+            Some(w) => {
+                warn!(
+                    fingerprint = %n.fingerprint,
+                    tables = ?n.tables,
+                    reasons = ?n.reasons,
+                    statement = %truncate(&n.statement, 200),
+                    why_not_rows = w,
+                    "mirrored write is not deterministic and was replayed as statements: its values on the target may differ; verify these tables"
+                );
+                n.replayed_as_statements = 1;
+                n.why_not_rows = Some(w.to_string());
+            }
+        }
         inner.nondeterministic.insert(n.fingerprint.clone(), n);
-        true
     }
 
+    /// Fingerprints whose values on the target may differ (some unit with
+    /// them was replayed as statements).
     pub fn nondeterministic_count(&self) -> usize {
-        self.inner().nondeterministic.len()
+        self.inner()
+            .nondeterministic
+            .values()
+            .filter(|n| n.replayed_as_statements > 0)
+            .count()
     }
 
     /// Records a gap: writes after `at_seq` may be missing on the target.

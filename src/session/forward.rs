@@ -67,12 +67,21 @@ pub trait Inspector {
     /// bytes written end on a message boundary).
     fn writing(&mut self, _done: bool, _at_boundary: bool) {}
     /// Sees the bytes about to be written, as received: without what the
-    /// inspector added or dropped (mirroring captures them).
+    /// inspector added or dropped (mirroring captures them). Called after
+    /// `hold`, so whatever went out on the same stream meanwhile is seen
+    /// first.
     fn forwarding(&mut self, _bytes: &[u8]) {}
-    /// Something that must finish before those bytes go out (a commit
-    /// acknowledgement waiting for spool space or stable storage). An
-    /// error ends the pump instead: those bytes must never go out.
+    /// Something that must finish before those bytes go out, or are even
+    /// seen by `forwarding` (a routed request's answer not relayed yet; a
+    /// commit acknowledgement waiting for spool space or stable storage).
+    /// An error ends the pump instead: those bytes must never go out.
     fn hold(&mut self) -> Option<Hold<'_>> {
+        None
+    }
+    /// Something that must finish after `forwarding` saw the bytes and
+    /// before they go out (a journal entry `forwarding` wrote must reach
+    /// stable storage).
+    fn hold_seen(&mut self) -> Option<Hold<'_>> {
         None
     }
 }
@@ -195,8 +204,11 @@ where
             }
         };
         if pos > 0 {
-            insp.forwarding(&buf[..pos]);
             if let Some(wait) = insp.hold() {
+                wait.await.map_err(PumpError::Withheld)?;
+            }
+            insp.forwarding(&buf[..pos]);
+            if let Some(wait) = insp.hold_seen() {
                 wait.await.map_err(PumpError::Withheld)?;
             }
             insp.writing(false, false);

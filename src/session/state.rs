@@ -13,6 +13,7 @@ use crate::mirror::order::{self, Probe, Shape, Step};
 use crate::mirror::record::TxnRecord;
 use crate::mirror::{Mirror, Spooled};
 use crate::protocol::error::parse_error_fields;
+use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::message::{
     is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE,
     COPY_DONE, COPY_FAIL, DESCRIBE, ERROR_RESPONSE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY,
@@ -444,15 +445,14 @@ impl FrontendInspector<'_> {
 
     /// Held messages go to the source just before the current message:
     /// the mirror sees them there, and the request counters catch up.
-    fn released(&mut self, frames: &Bytes) {
+    /// Returns the frames as the source gets them: with the Parse of a
+    /// statement the source has not got put before the Bind or Describe
+    /// that uses it.
+    fn released(&mut self, frames: Bytes) -> Bytes {
         if frames.is_empty() {
-            return;
+            return frames;
         }
-        if let Some(c) = self.capture {
-            c.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert_before(self.msg_no, frames.clone());
-        }
+        let mut out: Option<BytesMut> = None;
         let mut at = 0;
         while let Ok(Some(h)) =
             crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1)
@@ -460,9 +460,60 @@ impl FrontendInspector<'_> {
             if frames.len() - at < h.frame_len() {
                 break;
             }
+            let frame = &frames[at..at + h.frame_len()];
+            if let Some(p) = self.reparse_if_stale(h.tag, &frame[HEADER_LEN..]) {
+                let o = out.get_or_insert_with(|| BytesMut::from(&frames[..at]));
+                o.extend_from_slice(&p);
+            }
+            if let Some(o) = out.as_mut() {
+                o.extend_from_slice(frame);
+            }
             self.count(h.tag);
             at += h.frame_len();
         }
+        let frames = match out {
+            Some(mut o) => {
+                o.extend_from_slice(&frames[at..]);
+                o.freeze()
+            }
+            None => frames,
+        };
+        if let Some(c) = self.capture {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert_before(self.msg_no, frames.clone());
+        }
+        frames
+    }
+
+    /// A Bind or Describe of a statement the source has not got (parsed in
+    /// a routed batch or inside the routed transaction): the Parse the
+    /// source gets first (its answer is dropped).
+    fn reparse_if_stale(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        let r = self.route.as_ref()?;
+        if !matches!(tag, BIND | DESCRIBE) || !r.link.any_source_stale.load(Relaxed) {
+            return None;
+        }
+        let name = match tag {
+            BIND => Self::bind_statement(body),
+            _ => body
+                .strip_prefix(b"S")
+                .and_then(|b| b.iter().position(|&c| c == 0).map(|end| &b[..end])),
+        }?;
+        if !r.link.take_source_stale(name) {
+            return None;
+        }
+        let st = self.statements.statement(name)?;
+        let mut f = BytesMut::new();
+        crate::protocol::message::put_message(
+            &mut f,
+            PARSE,
+            &[name, b"\0", &st.query, b"\0", &st.types],
+        );
+        let l = r.link;
+        l.drop_parse_complete
+            .store(l.drop_parse_complete.load(Relaxed) + 1, Relaxed);
+        Some(f.freeze())
     }
 
     /// Request bookkeeping for a message the source gets (everything but
@@ -493,38 +544,11 @@ impl FrontendInspector<'_> {
     /// the source.
     fn header_source(&mut self, tag: u8, prefix: &[u8]) -> Verdict {
         let mut verdict = Verdict::Forward;
-        // A Bind or Describe of a statement the source has not got (parsed
-        // in a routed batch or inside the routed transaction): the source
-        // gets that Parse first (and its answer is dropped).
-        let mut reparse = None;
-        if let (BIND | DESCRIBE, Some(r)) = (tag, self.route.as_ref()) {
-            let name = match tag {
-                BIND => Self::bind_statement(prefix),
-                _ => prefix
-                    .strip_prefix(b"S")
-                    .and_then(|b| b.iter().position(|&c| c == 0).map(|end| &b[..end])),
-            };
-            let stale = name.filter(|n| r.link.take_source_stale(n));
-            if let Some(name) = stale {
-                if let Some(st) = self.statements.statement(name) {
-                    let mut f = BytesMut::new();
-                    crate::protocol::message::put_message(
-                        &mut f,
-                        PARSE,
-                        &[name, b"\0", &st.query, b"\0", &st.types],
-                    );
-                    let l = r.link;
-                    l.drop_parse_complete
-                        .store(l.drop_parse_complete.load(Relaxed) + 1, Relaxed);
-                    let f = f.freeze();
-                    if let Some(c) = self.capture {
-                        c.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert_before(self.msg_no, f.clone());
-                    }
-                    reparse = Some(f);
-                }
-            }
+        let reparse = self.reparse_if_stale(tag, prefix);
+        if let (Some(f), Some(c)) = (&reparse, self.capture) {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert_before(self.msg_no, f.clone());
         }
         if self.route.is_some() && tag != PARSE {
             let at_start = self.source_idle();
@@ -702,7 +726,7 @@ impl FrontendInspector<'_> {
                 Ok(Some(Verdict::Drop))
             }
             BatchStep::Release(frames) => {
-                self.released(&frames);
+                let frames = self.released(frames);
                 let v = self.inspect_source(tag, body)?;
                 Ok(Some(before(frames, v)))
             }
@@ -770,7 +794,7 @@ impl Inspector for FrontendInspector<'_> {
             _ => None,
         };
         if let Some(frames) = held {
-            self.released(&frames);
+            let frames = self.released(frames);
             self.run_source = true;
             let v = self.header_source(tag, prefix);
             return Ok(before(frames, v));
@@ -818,11 +842,25 @@ impl Inspector for FrontendInspector<'_> {
     }
 
     /// Source-bound bytes wait while a routed request is unanswered, so
-    /// answers reach the client in request order; and, with
-    /// `fsync = "commit"`, a request that may commit a write waits until
-    /// its in-flight journal entry is on stable storage (a crash after the
-    /// source commits must find it).
+    /// answers reach the client in request order (and what the proxy puts
+    /// into the source stream meanwhile goes first, the mirror seeing it in
+    /// that order).
     fn hold(&mut self) -> Option<Hold<'_>> {
+        let link = self
+            .route
+            .as_ref()
+            .map(|r| r.link)
+            .filter(|l| self.run_source && l.target_busy())?;
+        Some(Box::pin(async move {
+            crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
+            Ok(())
+        }))
+    }
+
+    /// With `fsync = "commit"`, a request that may commit a write waits
+    /// until its in-flight journal entry is on stable storage (a crash after
+    /// the source commits must find it).
+    fn hold_seen(&mut self) -> Option<Hold<'_>> {
         let journal = match (self.capture, self.mirror) {
             (Some(c), Some(m)) if m.spool.policy() == crate::config::FsyncPolicy::Commit => c
                 .lock()
@@ -832,16 +870,9 @@ impl Inspector for FrontendInspector<'_> {
                 .map(|w| (m, w)),
             _ => None,
         };
-        let link = self
-            .route
-            .as_ref()
-            .map(|r| r.link)
-            .filter(|l| self.run_source && l.target_busy());
-        if journal.is_none() && link.is_none() {
-            return None;
-        }
+        let (m, write) = journal?;
         Some(Box::pin(async move {
-            if let Some((m, write)) = journal {
+            {
                 loop {
                     let notified = m.spool.synced.notified();
                     tokio::pin!(notified);
@@ -861,9 +892,6 @@ impl Inspector for FrontendInspector<'_> {
                     m.spool.want_sync();
                     notified.await;
                 }
-            }
-            if let Some(link) = link {
-                crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
             }
             Ok(())
         }))

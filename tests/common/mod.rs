@@ -95,9 +95,11 @@ impl Clusters {
             .to_string()
     }
 
-    /// A fresh database of this name on both clusters (dropped first).
+    /// A fresh database of this name on both clusters (dropped first,
+    /// with any replication slot an earlier proxy left in it).
     pub fn fresh_db(&self, name: &str) {
         for port in [self.source_port, self.target_port] {
+            self.drop_slots(port, name);
             self.sql(
                 port,
                 "postgres",
@@ -128,6 +130,32 @@ pub fn mark_sides(c: &Clusters, db: &str) {
                  GRANT SELECT ON pgshift_side TO PUBLIC"
             ),
         );
+    }
+}
+
+impl Clusters {
+    /// Drops the logical replication slots of `db` on one cluster (their
+    /// walsenders ended first): a database with a slot cannot be dropped,
+    /// and a slot keeps WAL for as long as it exists.
+    pub fn drop_slots(&self, port: u16, db: &str) {
+        let lit = db.replace('\'', "''");
+        for _ in 0..50 {
+            let left = self.sql(
+                port,
+                "postgres",
+                &format!(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{lit}' AND active_pid IS NOT NULL; \
+                     SELECT count(pg_drop_replication_slot(slot_name)) FILTER (WHERE NOT active) || '/' || count(*) FROM pg_replication_slots WHERE database = '{lit}'"
+                ),
+            );
+            let last = left.lines().last().unwrap_or("");
+            let (dropped, all) = last.split_once('/').unwrap_or(("0", "0"));
+            if dropped == all {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the replication slots of {db} on port {port} would not go");
     }
 }
 

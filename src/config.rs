@@ -191,10 +191,12 @@ pub struct FailbackConfig {
     /// A check with no answer within this fails.
     #[serde(default = "default_fb_check_timeout_ms")]
     pub check_timeout_ms: u64,
-    /// Who the checks log in as; unset: the user and database of the most
-    /// recent client session (before any session, a check only connects).
+    /// Who the checks log in as; unset: the user of the most recent client
+    /// session (before any session, a check only connects).
     #[serde(default)]
     pub check_user: Option<String>,
+    /// The database the checks log in to; unset: the maintenance database
+    /// `postgres` (never a client's own, which it may need to itself).
     #[serde(default)]
     pub check_database: Option<String>,
 }

@@ -3,8 +3,11 @@
 //! check failed), feeding the same windows as the traffic, so a dead target
 //! trips the `check_failures` rule even when no read is routed to it.
 //!
-//! The check logs in as `failback.check_user` / `check_database`, or else
-//! as the most recent client session did. A server that answers but
+//! The check logs in as `failback.check_user` (or else the user of the
+//! most recent client session) to `failback.check_database`, the
+//! maintenance database `postgres` by default: never to a client's own
+//! database, which a client may need to itself (`CREATE DATABASE ...
+//! TEMPLATE` refuses a database anyone else is connected to). A server that answers but
 //! refuses the login (no password for that user, no such database) is up:
 //! the check then counts as passed and is marked connect-only in status,
 //! so a missing credential never fails a healthy backend back.
@@ -136,8 +139,7 @@ impl Checker {
         let database = cfg
             .check_database
             .clone()
-            .or_else(|| last.as_ref().and_then(|s| s.database().map(str::to_string)))
-            .unwrap_or_else(|| user.clone());
+            .unwrap_or_else(|| "postgres".into());
         Some(StartupMessage::new(
             3,
             0,

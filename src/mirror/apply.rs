@@ -85,8 +85,10 @@ impl Progress {
     }
 }
 
-/// Close target connections of sessions idle this long.
-const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// Close target connections of sessions idle this long (each holds a
+/// database a client may need to itself: `CREATE DATABASE ... TEMPLATE`
+/// refuses a database anyone else is connected to).
+const IDLE_CLOSE: Duration = Duration::from_secs(10);
 /// Give up on a unit after this many failed attempts (timeouts, lost
 /// connections while it ran) and record it as a divergence.
 const MAX_ATTEMPTS: u32 = 5;
@@ -771,6 +773,11 @@ impl Applier {
                 .set(self.mirror.report.nondeterministic_count() as i64);
         }
 
+        if !transactional {
+            // CREATE DATABASE, VACUUM, ...: the applier's other connections
+            // must not hold the databases such a statement may need.
+            self.conns.clear();
+        }
         let mut out = BytesMut::new();
         let mut expect = Vec::new();
         if conn.state_version != Some(rec.state_version) {

@@ -50,6 +50,10 @@ const MAX_INFOS: usize = 10_000;
 const MAX_PREPARED: usize = 256;
 /// Idle connections kept per side and startup-parameter set.
 const MAX_IDLE_PER_KEY: usize = 8;
+/// An idle shadow connection is closed after this long: it holds its
+/// database, which a client may need to itself (`CREATE DATABASE ...
+/// TEMPLATE` refuses a database anyone else is connected to).
+const MAX_IDLE: Duration = Duration::from_secs(10);
 
 /// Where one side lives.
 pub struct Upstreams {
@@ -65,7 +69,7 @@ pub struct Exec {
     mirror: Option<Arc<Mirror>>,
     max_inflight: usize,
     max_message: usize,
-    pools: Mutex<HashMap<(Side, u64), Vec<Conn>>>,
+    pools: Mutex<HashMap<(Side, u64), Vec<(Instant, Conn)>>>,
     infos: Mutex<HashMap<Box<str>, Arc<QueryInfo>>>,
     /// `table.column` ignores resolved to each side's table OIDs, per
     /// database, for the settings they were resolved under.
@@ -149,11 +153,18 @@ impl Exec {
     /// Takes jobs until the proxy ends, at most `max_inflight` at once.
     pub async fn run(self: Arc<Self>, mut jobs: mpsc::Receiver<Job>) {
         let slots = Arc::new(Semaphore::new(self.max_inflight));
+        let mut prune = tokio::time::interval(MAX_IDLE / 2);
         loop {
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
                 return;
             };
-            let Some(job) = jobs.recv().await else {
+            let job = loop {
+                tokio::select! {
+                    j = jobs.recv() => break j,
+                    _ = prune.tick() => self.prune_idle(),
+                }
+            };
+            let Some(job) = job else {
                 return;
             };
             self.metrics().queued.dec();
@@ -173,6 +184,15 @@ impl Exec {
     }
 
     async fn job(&self, mut job: Job) {
+        // A template database must stay free for CREATE DATABASE: shadow
+        // connections never sit in one.
+        if matches!(
+            job.session.startup.database(),
+            Some("template0" | "template1")
+        ) {
+            self.metrics().skip("template_database");
+            return;
+        }
         let settings = self.shadow.settings();
         let texts = executed_texts(&job.request);
         let info = self.info(&texts);
@@ -423,7 +443,7 @@ impl Exec {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&(side, session.key))
             .and_then(Vec::pop);
-        if let Some(c) = pooled {
+        if let Some((_, c)) = pooled {
             return Ok(c);
         }
         let (up, pf) = match side {
@@ -457,8 +477,23 @@ impl Exec {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.entry((side, session.key)).or_default();
         if idle.len() < MAX_IDLE_PER_KEY.min(self.max_inflight) {
-            idle.push(conn);
+            idle.push((Instant::now(), conn));
         }
+        Self::prune(&mut pools);
+    }
+
+    /// Closes connections idle past `MAX_IDLE`.
+    fn prune(pools: &mut HashMap<(Side, u64), Vec<(Instant, Conn)>>) {
+        pools.retain(|_, idle| {
+            idle.retain(|(since, _)| since.elapsed() < MAX_IDLE);
+            !idle.is_empty()
+        });
+    }
+
+    /// Closes idle connections past their time (called now and then, so a
+    /// quiet proxy lets go of every database).
+    pub fn prune_idle(&self) {
+        Self::prune(&mut self.pools.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Runs SQL of the proxy's own (state, guard); an error fails the job.

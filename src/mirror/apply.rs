@@ -50,10 +50,18 @@ use crate::upstream::passfile::PassFile;
 /// The progress table. Creating it needs CREATE on the database; an
 /// operator can run this once as the database owner instead (and grant
 /// SELECT, INSERT, UPDATE on it to the application roles).
+///
+/// Columns added by later versions are added only where missing: an
+/// ALTER TABLE would wait for the table's lock, which a unit's progress mark
+/// still running on the target holds.
 pub const PROGRESS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgshift_mirror; \
-    CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()); \
-    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS above bigint[] NOT NULL DEFAULT '{}'; \
-    ALTER TABLE pgshift_mirror.progress ADD COLUMN IF NOT EXISTS pending bigint";
+    CREATE TABLE IF NOT EXISTS pgshift_mirror.progress (spool_id text PRIMARY KEY, seq bigint NOT NULL, above bigint[] NOT NULL DEFAULT '{}', pending bigint, applied_at timestamptz NOT NULL DEFAULT now()); \
+    DO $pgshift$ BEGIN \
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift_mirror.progress'::pg_catalog.regclass AND attname = 'above') THEN \
+    ALTER TABLE pgshift_mirror.progress ADD COLUMN above bigint[] NOT NULL DEFAULT '{}'; END IF; \
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift_mirror.progress'::pg_catalog.regclass AND attname = 'pending') THEN \
+    ALTER TABLE pgshift_mirror.progress ADD COLUMN pending bigint; END IF; \
+    END $pgshift$";
 
 /// Units read ahead of the one being applied, at most (count, bytes). The
 /// sequencer needs the units spooled after the next one in commit order.
@@ -336,6 +344,7 @@ impl Applier {
                     saved = low;
                 }
                 self.mirror.spool.release(low);
+                feed.reader.forget_released(self.mirror.spool.first_seq());
                 self.conns.retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
                 self.source_conns
                     .retain(|_, c| c.last_used.elapsed() < IDLE_CLOSE);
@@ -445,6 +454,16 @@ impl Applier {
                         self.attempts += 1;
                     }
                     if self.attempts >= MAX_ATTEMPTS {
+                        // Its last attempt must not go on by itself (behind a
+                        // lock, say) and apply it after all.
+                        if let Some(a) = self.abandoned.take() {
+                            if let Err(Retry::Connect(e) | Retry::Lost(e)) =
+                                self.end_abandoned(&rec, &a).await
+                            {
+                                warn!(pid = a.pid, error = %e, "cannot end the last attempt of a unit given up; trying again before the next unit");
+                                self.abandoned = Some(a);
+                            }
+                        }
                         self.give_up(&rec, &msg);
                         self.attempts = 0;
                         feed.take(seq, Some(&rec));
@@ -511,6 +530,16 @@ impl Applier {
     }
 
     async fn connect(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
+        let mut conn = self.connect_bare(rec).await?;
+        if !self.progress.contains_key(&conn.database) {
+            let p = self.setup_progress(&mut conn).await?;
+            self.progress.insert(conn.database.clone(), p);
+        }
+        Ok(conn)
+    }
+
+    /// A connection as the unit's session, nothing read or set up on it.
+    async fn connect_bare(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
         let database = rec.database().to_string();
         let params = rec
             .startup
@@ -523,7 +552,7 @@ impl Applier {
             connect_and_login(&self.upstream, self.passfile.as_ref(), &startup)
                 .await
                 .map_err(Retry::Connect)?;
-        let mut conn = Conn {
+        let conn = Conn {
             stream,
             buf,
             database: database.clone(),
@@ -532,10 +561,6 @@ impl Applier {
             last_used: Instant::now(),
             pid: key.map(|k| k.pid),
         };
-        if !self.progress.contains_key(&database) {
-            let p = self.setup_progress(&mut conn).await?;
-            self.progress.insert(database, p);
-        }
         Ok(conn)
     }
 
@@ -660,7 +685,9 @@ impl Applier {
     /// it from a fresh connection (as the same role, which may signal its
     /// own backends) and waits until it has left `pg_stat_activity`.
     async fn end_abandoned(&mut self, rec: &TxnRecord, a: &Abandoned) -> Result<(), Retry> {
-        let mut conn = self.connect(rec).await?;
+        // Nothing but the termination on this connection: whatever else
+        // could wait for the locks the abandoned attempt holds.
+        let mut conn = self.connect_bare(rec).await?;
         let pid = a.pid;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = BytesMut::new();
@@ -708,6 +735,12 @@ impl Applier {
         rec: &TxnRecord,
         after: &(u64, Vec<u64>),
     ) -> Result<bool, Retry> {
+        if !self.progress.contains_key(&conn.database) {
+            // Forgotten after a lost attempt: what it did is on the target
+            // now, or never will be.
+            let p = self.setup_progress(conn).await?;
+            self.progress.insert(conn.database.clone(), p);
+        }
         let progress = self.progress.get(&conn.database).cloned().flatten();
         if progress.as_ref().is_some_and(|p| p.has(rec.seq)) {
             return Ok(false); // applied before a restart or a lost connection

@@ -152,6 +152,8 @@ pub struct Capture {
     arm_write: Option<u64>,
     /// Segments of the unit already in the journal's intent.
     journaled: usize,
+    /// The journal could not take the latest arm's intent.
+    arm_error: Option<String>,
     /// The intent was written with the unit's transaction id (so the
     /// source can say whether it committed).
     intent_xid: bool,
@@ -238,6 +240,7 @@ impl Capture {
             armed_at_us: 0,
             arm_write: None,
             journaled: 0,
+            arm_error: None,
             intent_xid: false,
             arm_no: 0,
             probe: Probe::Idle,
@@ -290,7 +293,7 @@ impl Capture {
                 segments: self.segments_so_far(from),
                 ..TxnRecord::default()
             };
-            let (arm, write) = if self.armed_at_us == 0 {
+            let written = if self.armed_at_us == 0 {
                 intent.startup = self.startup.clone();
                 intent.state_version = self.state_version;
                 intent.state = self.state_texts();
@@ -299,10 +302,20 @@ impl Capture {
             } else {
                 journal.arm_more(*slot, &intent)
             };
-            self.journaled = from + intent.segments.len();
-            self.intent_xid |= self.unit_xid.is_some();
-            self.arm_no = arm;
-            self.arm_write = Some(write);
+            match written {
+                Ok((arm, write)) => {
+                    self.journaled = from + intent.segments.len();
+                    self.intent_xid |= self.unit_xid.is_some();
+                    self.arm_no = arm;
+                    self.arm_write = Some(write);
+                }
+                Err(e) => {
+                    // Not on disk: written whole again before the request
+                    // goes (see `rearm`), or recorded as a gap.
+                    self.journaled = 0;
+                    self.arm_error = Some(e.to_string());
+                }
+            }
             if self.armed_at_us == 0 {
                 self.armed_at_us = now;
             }
@@ -349,6 +362,36 @@ impl Capture {
     /// that armed it goes to the source (`fsync = "commit"`).
     pub fn take_arm_write(&mut self) -> Option<u64> {
         self.arm_write.take()
+    }
+
+    /// Why the journal could not take the unit's intent, if it could not.
+    pub fn take_arm_error(&mut self) -> Option<String> {
+        self.arm_error.take()
+    }
+
+    /// Writes the unit's intent whole again (after a failed write): the
+    /// journal write to wait for.
+    pub fn rearm(&mut self) -> Result<u64, String> {
+        let Some((journal, slot)) = &self.journal else {
+            return Err("no journal slot".into());
+        };
+        let intent = TxnRecord {
+            session: self.session,
+            committed_at_us: now_us(),
+            xid: self.unit_xid,
+            startup: self.startup.clone(),
+            state_version: self.state_version,
+            state: self.state_texts(),
+            post_state_version: u64::MAX,
+            prepared: dedup_prepared(self.uses_so_far()),
+            segments: self.segments_so_far(0),
+            ..TxnRecord::default()
+        };
+        let (arm, write) = journal.arm(*slot, &intent).map_err(|e| e.to_string())?;
+        self.journaled = intent.segments.len();
+        self.intent_xid |= self.unit_xid.is_some();
+        self.arm_no = arm;
+        Ok(write)
     }
 
     /// Called after a ReadyForQuery was handled (and any record spooled, as

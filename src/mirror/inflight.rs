@@ -440,7 +440,14 @@ impl InFlight {
 
     /// Writes one record (kind, then the common head, then `body`); a DONE
     /// carries the spool seq it settled as (0: none).
-    fn append(&self, kind: u8, slot: u32, arm: u64, seq: u64, body: impl FnOnce(&mut BytesMut)) {
+    fn append(
+        &self,
+        kind: u8,
+        slot: u32,
+        arm: u64,
+        seq: u64,
+        body: impl FnOnce(&mut BytesMut),
+    ) -> io::Result<()> {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let log = &mut *log;
         log.buf.clear();
@@ -456,7 +463,10 @@ impl InFlight {
         let crc = crc32fast::hash(&log.buf[8..]);
         log.buf[4..8].copy_from_slice(&crc.to_be_bytes());
         if let Err(e) = log.file.write_all(&log.buf) {
+            // A torn record would end the journal for a reader: cut it off.
+            let _ = log.file.set_len(log.bytes);
             warn!(error = %e, "cannot write the mirror's in-flight journal");
+            return Err(e);
         }
         log.bytes += log.buf.len() as u64;
         let number = log.files.back().map_or(0, |f| f.number);
@@ -505,12 +515,13 @@ impl InFlight {
             }
         }
         self.written.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Marks `slot` as holding a possibly committing unit, written whole;
     /// returns the arm number (unchanged while the slot stays armed) and
     /// the journal write to wait for in `fsync = "commit"` mode.
-    pub fn arm(&self, slot: u32, unit: &TxnRecord) -> (u64, u64) {
+    pub fn arm(&self, slot: u32, unit: &TxnRecord) -> io::Result<(u64, u64)> {
         let arm = *self
             .armed
             .lock()
@@ -522,17 +533,17 @@ impl InFlight {
             b.put_u64(unit.committed_at_us);
             b.put_u64(unit.xid.map_or(0, |x| x + 1));
             unit.encode(b);
-        });
-        (arm, self.written())
+        })?;
+        Ok((arm, self.written()))
     }
 
     /// More of the armed unit (its requests since the last arm).
-    pub fn arm_more(&self, slot: u32, more: &TxnRecord) -> (u64, u64) {
+    pub fn arm_more(&self, slot: u32, more: &TxnRecord) -> io::Result<(u64, u64)> {
         let Some(arm) = self.arm_of(slot) else {
             return self.arm(slot, more);
         };
-        self.append(MORE, slot, arm, 0, |b| more.encode(b));
-        (arm, self.written())
+        self.append(MORE, slot, arm, 0, |b| more.encode(b))?;
+        Ok((arm, self.written()))
     }
 
     /// The armed unit's transaction id became known.
@@ -540,7 +551,7 @@ impl InFlight {
         let Some(arm) = self.arm_of(slot) else {
             return;
         };
-        self.append(XID, slot, arm, 0, |b| b.put_u64(xid));
+        let _ = self.append(XID, slot, arm, 0, |b| b.put_u64(xid));
     }
 
     fn arm_of(&self, slot: u32) -> Option<u64> {
@@ -562,7 +573,7 @@ impl InFlight {
         else {
             return;
         };
-        self.append(DONE, slot, arm, seq, |b| b.put_u64(seq));
+        let _ = self.append(DONE, slot, arm, seq, |b| b.put_u64(seq));
         self.settled.notify_waiters();
     }
 
@@ -615,6 +626,19 @@ impl InFlight {
             let n = f.number;
             log.files.pop_front();
             let _ = fs::remove_file(journal_path(&self.dir, n));
+        }
+        // The file being written, once nothing in it is needed, starts over
+        // (a small disk must not fill up with settled intents).
+        let done = log.files.len() == 1
+            && log
+                .files
+                .back()
+                .is_some_and(|f| f.open.is_empty() && f.max_seq <= spool_synced);
+        if done && log.bytes > 0 && log.file.set_len(0).is_ok() {
+            log.bytes = 0;
+            if let Some(f) = log.files.back_mut() {
+                f.max_seq = 0;
+            }
         }
     }
 }
@@ -694,14 +718,14 @@ mod tests {
             j.acquire().unwrap(),
             j.acquire().unwrap(),
         );
-        let (arm_a, _) = j.arm(a, &unit(7, "UPDATE t SET v = 1"));
+        let (arm_a, _) = j.arm(a, &unit(7, "UPDATE t SET v = 1")).unwrap();
         j.set_xid(a, 741);
         // More of the unit: appended to the intent.
-        let (again, _) = j.arm_more(a, &unit(7, "COMMIT"));
+        let (again, _) = j.arm_more(a, &unit(7, "COMMIT")).unwrap();
         assert_eq!(again, arm_a);
-        j.arm(b, &unit(8, "INSERT INTO t VALUES (1)"));
+        j.arm(b, &unit(8, "INSERT INTO t VALUES (1)")).unwrap();
         j.disarm(b, 0);
-        j.arm(c, &unit(9, "DELETE FROM t"));
+        j.arm(c, &unit(9, "DELETE FROM t")).unwrap();
         j.disarm(c, 12);
         drop(j);
         let (j, left) = InFlight::open(dir.path()).unwrap();
@@ -726,8 +750,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, _) = InFlight::open(dir.path()).unwrap();
         let a = j.acquire().unwrap();
-        let (a1, w1) = j.arm(a, &unit(7, "x"));
-        assert_eq!(j.arm_more(a, &unit(7, "y")).0, a1);
+        let (a1, w1) = j.arm(a, &unit(7, "x")).unwrap();
+        assert_eq!(j.arm_more(a, &unit(7, "y")).unwrap().0, a1);
         assert!(j.written() > w1);
         assert_eq!(j.snapshot(None), vec![(a, a1)]);
         assert!(j.snapshot(Some(a)).is_empty());
@@ -735,7 +759,7 @@ mod tests {
         assert!(j.is_settled(j.run + 1, a, a1));
         j.disarm(a, 0);
         assert!(j.is_settled(j.run, a, a1));
-        assert_ne!(j.arm(a, &unit(7, "z")).0, a1);
+        assert_ne!(j.arm(a, &unit(7, "z")).unwrap().0, a1);
         j.disarm(a, 0);
         assert!(j.synced() < j.written());
         j.sync().unwrap();
@@ -750,7 +774,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, _) = InFlight::open(dir.path()).unwrap();
         let a = j.acquire().unwrap();
-        j.arm(a, &unit(1, "UPDATE t SET v = 2"));
+        j.arm(a, &unit(1, "UPDATE t SET v = 2")).unwrap();
         drop(j);
         let (_, path) = list_journals(dir.path()).unwrap().pop().unwrap();
         let mut f = std::fs::OpenOptions::new()

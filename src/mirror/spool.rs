@@ -125,6 +125,8 @@ pub struct Spool {
     pub opened: Opened,
     /// Ranges of seqs handed out by no segment (skipped at a restart).
     skipped: Mutex<Vec<(u64, u64)>>,
+    /// An append found the disk full since the last release.
+    no_space: std::sync::atomic::AtomicBool,
 }
 
 /// How the previous process ended, as found at open.
@@ -424,6 +426,7 @@ impl Spool {
             released: Notify::new(),
             opened,
             skipped: Mutex::new(skipped),
+            no_space: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -525,6 +528,7 @@ impl Spool {
             let good = w.segments.back().map_or(0, |s| s.1);
             let _ = w.file.set_len(good);
             return Err(if is_no_space(&e) {
+                self.no_space.store(true, Ordering::Relaxed);
                 AppendError::NoSpace(e)
             } else {
                 AppendError::Io(e)
@@ -723,10 +727,33 @@ impl Spool {
     }
 
     /// Deletes segments whose records are all applied (seq <= `applied`).
+    /// After the disk filled up, a live segment whose records are all
+    /// applied is closed too, so its space can go.
     pub fn release(&self, applied: u64) {
         let mut freed = 0;
         {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let live_done =
+                w.segments.len() == 1 && w.segments[0].1 > 0 && applied + 1 >= w.next_seq;
+            if live_done && self.no_space.swap(false, Ordering::Relaxed) {
+                // Nothing in it is needed: a new (empty) segment takes the
+                // next records, and the old one goes below.
+                match crate::private_files::options()
+                    .create(true)
+                    .append(true)
+                    .open(segment_path(&self.dir, w.next_seq))
+                {
+                    Ok(f) => {
+                        w.file = f;
+                        let next = w.next_seq;
+                        w.segments.push_back((next, 0));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot start a new spool segment on a full disk");
+                        self.no_space.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
             while w.segments.len() > 1 && w.segments[1].0 <= applied + 1 {
                 let Some((first, bytes)) = w.segments.pop_front() else {
                     break;
@@ -934,6 +961,14 @@ impl SpoolReader {
                     why: format!("damaged frame at byte {pos} of {}", path.display()),
                 })
             }
+        }
+    }
+
+    /// Lets go of the open segment once it is released (deleted): an open
+    /// file keeps its disk space.
+    pub fn forget_released(&mut self, first_on_disk: u64) {
+        if self.file.is_some() && self.segment < first_on_disk {
+            self.file = None;
         }
     }
 

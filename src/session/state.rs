@@ -861,37 +861,61 @@ impl Inspector for FrontendInspector<'_> {
     /// until its in-flight journal entry is on stable storage (a crash after
     /// the source commits must find it).
     fn hold_seen(&mut self) -> Option<Hold<'_>> {
-        let journal = match (self.capture, self.mirror) {
-            (Some(c), Some(m)) if m.spool.policy() == crate::config::FsyncPolicy::Commit => c
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take_arm_write()
-                .filter(|&w| m.inflight.synced() < w)
-                .map(|w| (m, w)),
-            _ => None,
+        let (Some(capture), Some(m)) = (self.capture, self.mirror) else {
+            return None;
         };
-        let (m, write) = journal?;
+        let (failed, write) = {
+            let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
+            (c.take_arm_error(), c.take_arm_write())
+        };
+        let commit_mode = m.spool.policy() == crate::config::FsyncPolicy::Commit;
+        let write = write.filter(|&w| commit_mode && m.inflight.synced() < w);
+        if failed.is_none() && write.is_none() {
+            return None;
+        }
         Some(Box::pin(async move {
-            {
-                loop {
-                    let notified = m.spool.synced.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    if m.inflight.synced() >= write {
-                        break;
-                    }
-                    if let Some(why) = m.spool.failure() {
-                        m.sync_failed(&why);
-                        if m.on_full == crate::config::OnFull::Backpressure {
-                            return Err(format!(
-                                "pgshift could not record this commit durably before sending it ({why}); nothing was sent to the source"
-                            ));
+            let mut write = write;
+            if let Some(why) = failed {
+                if m.on_full == crate::config::OnFull::Backpressure {
+                    // The journal's disk is full (or failing): the request
+                    // waits until its intent is written whole.
+                    m.metrics.mirror.backpressure_waits.inc();
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let r = capture.lock().unwrap_or_else(|p| p.into_inner()).rearm();
+                        if let Ok(w) = r {
+                            write = Some(w).filter(|_| commit_mode);
+                            break;
                         }
-                        break;
                     }
-                    m.spool.want_sync();
-                    notified.await;
+                } else {
+                    m.sync_failed(&format!(
+                        "the in-flight journal could not be written: {why}"
+                    ));
+                    return Ok(());
                 }
+            }
+            let Some(write) = write else {
+                return Ok(());
+            };
+            loop {
+                let notified = m.spool.synced.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if m.inflight.synced() >= write {
+                    break;
+                }
+                if let Some(why) = m.spool.failure() {
+                    m.sync_failed(&why);
+                    if m.on_full == crate::config::OnFull::Backpressure {
+                        return Err(format!(
+                            "pgshift could not record this commit durably before sending it ({why}); nothing was sent to the source"
+                        ));
+                    }
+                    break;
+                }
+                m.spool.want_sync();
+                notified.await;
             }
             Ok(())
         }))

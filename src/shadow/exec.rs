@@ -55,6 +55,10 @@ const MAX_IDLE_PER_KEY: usize = 8;
 /// TEMPLATE` refuses a database anyone else is connected to).
 const MAX_IDLE: Duration = Duration::from_secs(10);
 
+/// Idle connections per side and startup-parameter set, with when each
+/// went idle.
+type Pools = HashMap<(Side, u64), Vec<(Instant, Conn)>>;
+
 /// Where one side lives.
 pub struct Upstreams {
     pub source: Upstream,
@@ -69,7 +73,7 @@ pub struct Exec {
     mirror: Option<Arc<Mirror>>,
     max_inflight: usize,
     max_message: usize,
-    pools: Mutex<HashMap<(Side, u64), Vec<(Instant, Conn)>>>,
+    pools: Mutex<Pools>,
     infos: Mutex<HashMap<Box<str>, Arc<QueryInfo>>>,
     /// `table.column` ignores resolved to each side's table OIDs, per
     /// database, for the settings they were resolved under.
@@ -483,7 +487,7 @@ impl Exec {
     }
 
     /// Closes connections idle past `MAX_IDLE`.
-    fn prune(pools: &mut HashMap<(Side, u64), Vec<(Instant, Conn)>>) {
+    fn prune(pools: &mut Pools) {
         pools.retain(|_, idle| {
             idle.retain(|(since, _)| since.elapsed() < MAX_IDLE);
             !idle.is_empty()

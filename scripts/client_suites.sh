@@ -188,7 +188,15 @@ run_suite() {
                 asyncpg)
                     dir="$CACHE/src/asyncpg-$ASYNCPG_VERSION"
                     # test__sourcecode runs flake8/mypy on asyncpg's source.
-                    args=(tests --deselect tests/test__sourcecode.py)
+                    # test_executemany_server_failure_during_writes asserts that
+                    # executemany() stops sending rows before all 128 x 32 kB
+                    # are written once the server has failed the batch: with any
+                    # proxy in between (pgbouncer in session mode too: 5 of 20
+                    # runs) more bytes are in flight when the error comes back,
+                    # so it fails now and then through any proxy. Not a
+                    # difference pgshift could remove; see scripts/client_suites.md.
+                    args=(tests --deselect tests/test__sourcecode.py
+                        --deselect tests/test_execute.py::TestExecuteMany::test_executemany_server_failure_during_writes)
                     ;;
                 psycopg2)
                     dir="$CACHE/src/psycopg2-$PSYCOPG2_VERSION"
@@ -198,8 +206,11 @@ run_suite() {
                     dir="$CACHE/src/pg8000-$PG8000_VERSION"
                     # The native API (its core; dbapi and legacy wrap the same
                     # protocol code). test_benchmarks needs pytest-benchmark;
-                    # test_max_parameters (65535 parameters) takes 30 s.
+                    # test_max_parameters (65535 parameters) takes 30 s; auth/
+                    # needs pg_hba.conf lines of its own and turns the server's
+                    # ssl off and on with ALTER SYSTEM: never on shared clusters.
                     args=(test/native --ignore=test/native/test_benchmarks.py
+                        --ignore=test/native/auth
                         --deselect test/native/test_query.py::test_max_parameters)
                     ;;
                 psycopg)
@@ -287,6 +298,31 @@ fresh_db() {
     done
 }
 
+# What the suites leave on a cluster outside their own database when a test
+# fails half-way (or by design), dropped after every run: databases and
+# roles of their own making, never anything else.
+LEFTOVER_DATABASES=(testdb asyncpg_intro_test pg8000_md5 pg8000_scram_sha_256)
+LEFTOVER_ROLES=('"Æthelred"' boltzmann pooluser ssl_user scram_sha_256_user md5_user password_user norm1 norm2)
+cleanup_clusters() {
+    local port d r sql=()
+    for d in "${LEFTOVER_DATABASES[@]}"; do sql+=(-c "DROP DATABASE IF EXISTS $d WITH (FORCE)"); done
+    for r in "${LEFTOVER_ROLES[@]}"; do sql+=(-c "DROP ROLE IF EXISTS $r"); done
+    for port in "$@"; do
+        psql -X -q -w "host=$HOST port=$port user=$PGUSER dbname=postgres" "${sql[@]}" 2>&1 \
+            | grep -v 'does not exist, skipping' >&2 || true
+    done
+}
+
+# drop_db SUITE PORT...: drops cl_<suite> when done.
+drop_db() {
+    local suite=$1 port
+    shift
+    for port in "$@"; do
+        psql -X -q -w "host=$HOST port=$port user=$PGUSER dbname=postgres" \
+            -c "DROP DATABASE IF EXISTS cl_${suite//-/_} WITH (FORCE)" >&2 || true
+    done
+}
+
 # The tests of SUITE that passed straight and failed through pgshift.
 differing() {
     local out=$1 suite=$2
@@ -320,9 +356,11 @@ cmd_compare() {
         step "$s: straight against the source (port $sp)"
         fresh_db "$s" "$sp" "$tp"
         run_suite "$s" "$sp" "$out/direct"
+        cleanup_clusters "$sp" "$tp"
         step "$s: through pgshift (port $pp)"
         fresh_db "$s" "$sp" "$tp"
         run_suite "$s" "$pp" "$out/proxy"
+        cleanup_clusters "$sp" "$tp"
         local tests=()
         mapfile -t tests < <(differing "$out" "$s")
         if [[ ${#tests[@]} -gt 0 ]]; then
@@ -332,11 +370,13 @@ cmd_compare() {
             for i in 1 2 3; do
                 fresh_db "$s" "$sp" "$tp"
                 run_suite "$s" "$sp" "$out/rerun-direct-$i" "${tests[@]}"
+                cleanup_clusters "$sp" "$tp"
             done
             fresh_db "$s" "$sp" "$tp"
             run_suite "$s" "$pp" "$out/rerun-proxy-1" "${tests[@]}"
+            cleanup_clusters "$sp" "$tp"
         fi
-        fresh_db "$s" "$sp" "$tp"
+        drop_db "$s" "$sp" "$tp"
     done
     step "verdict (${SECONDS}s in all, $((SECONDS - started))s running suites)"
     "$PY" "$HERE/results.py" compare "$out" "${suites[@]}" | tee "$out/verdict.txt"
@@ -375,6 +415,7 @@ shutdown_timeout_s = 10
 enabled = true
 spool_dir = "$work/spool"
 fsync_interval_ms = 200
+max_txn_bytes = 1073741824
 [routing]
 read_percent = 50
 [shadow]

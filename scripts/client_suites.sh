@@ -262,11 +262,11 @@ run_suite() {
                     (cd "$dir/packages/pg-cursor" && PGHOST="$HOST" PGPORT="$port" PGUSER="$PGUSER" PGDATABASE="$db" \
                         timeout -k 5 120 "$dir/node_modules/.bin/mocha" --reporter json \
                         --reporter-option "output=$out/pg-cursor.json" test/) >"$one" 2>&1 || code=$?
-                    "$PY" "$HERE/results.py" mocha "$out/pg-cursor.json" pg-cursor >>"$tsv"
+                    python3 "$HERE/results.py" mocha "$out/pg-cursor.json" pg-cursor >>"$tsv"
                 else
                     (cd "$dir/packages/pg" && PGHOST="$HOST" PGPORT="$port" PGUSER="$PGUSER" PGDATABASE="$db" \
                         timeout -k 5 60 node "$f") >"$one" 2>&1 || code=$?
-                    "$PY" "$HERE/results.py" node-file "$f" "$one" "$code" >>"$tsv"
+                    python3 "$HERE/results.py" node-file "$f" "$one" "$code" >>"$tsv"
                 fi
                 { echo "==== $f (exit $code)"; cat "$one"; } >>"$logf"
                 rm -f "$one"
@@ -379,7 +379,7 @@ cmd_compare() {
         drop_db "$s" "$sp" "$tp"
     done
     step "verdict (${SECONDS}s in all, $((SECONDS - started))s running suites)"
-    "$PY" "$HERE/results.py" compare "$out" "${suites[@]}" | tee "$out/verdict.txt"
+    python3 "$HERE/results.py" compare "$out" "${suites[@]}" | tee "$out/verdict.txt"
     return "${PIPESTATUS[0]}"
 }
 

@@ -46,7 +46,8 @@ fn table_digests(c: &Clusters, port: u16, db: &str) -> Vec<(String, String)> {
         port,
         db,
         "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
-         WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgshift_mirror') ORDER BY 1",
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgshift_mirror') \
+         AND schemaname NOT LIKE 'pg\\_temp\\_%' ORDER BY 1",
     );
     names
         .lines()

@@ -351,6 +351,17 @@ fn a_full_disk_is_a_recorded_gap_under_stop_mirroring() {
     assert_eq!(dup.trim(), "0");
 }
 
+/// Waits until a session on the target holds table `t` of `db` locked.
+fn wait_locked(c: &Clusters, db: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = "SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation \
+                WHERE r.relname = 't' AND l.mode = 'AccessExclusiveLock' AND l.granted";
+    while rows(c, c.target_port, db, held).trim() != "1" {
+        assert!(Instant::now() < deadline, "the lock on t was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn an_apply_timeout_behind_a_lock_applies_once_or_records_a_gap() {
     let spool = tempfile::tempdir().unwrap();
@@ -379,7 +390,7 @@ fn an_apply_timeout_behind_a_lock_applies_once_or_records_a_gap() {
             None,
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    wait_locked(&c, db);
     psql_ok(
         &p.url(SUPERUSER, db),
         &["-c", "INSERT INTO t VALUES (1)"],
@@ -402,7 +413,7 @@ fn an_apply_timeout_behind_a_lock_applies_once_or_records_a_gap() {
             None,
         )
     });
-    std::thread::sleep(Duration::from_millis(500));
+    wait_locked(&c, db);
     psql_ok(
         &p.url(SUPERUSER, db),
         &["-c", "INSERT INTO t VALUES (2)"],
@@ -418,5 +429,132 @@ fn an_apply_timeout_behind_a_lock_applies_once_or_records_a_gap() {
         rows(&c, c.target_port, db, "SELECT count(*) FROM t WHERE a = 2").trim(),
         "0",
         "a unit given up is never applied behind the operator's back: {m:#}"
+    );
+}
+
+/// Puts the target back to the moment a unit ran and its progress mark did
+/// not (a SIGKILL of the proxy in between): the mark one unit lower with
+/// the unit pending, and the spool's local applied position behind it.
+fn rewind_to_pending(c: &Clusters, db: &str, spool: &Path) -> u64 {
+    let seq: u64 = rows(c, c.target_port, db, "SELECT seq FROM pgshift_mirror.progress")
+        .trim()
+        .parse()
+        .unwrap();
+    rows(
+        c,
+        c.target_port,
+        db,
+        &format!(
+            "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{}}', pending = {seq}",
+            seq - 1
+        ),
+    );
+    std::fs::write(spool.join("applied"), format!("{}\n", seq - 1)).unwrap();
+    seq
+}
+
+fn prepared_on_target(c: &Clusters, gid: &str) -> String {
+    rows(
+        c,
+        c.target_port,
+        "postgres",
+        &format!("SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{gid}'"),
+    )
+    .trim()
+    .to_string()
+}
+
+/// After a restart: every unit applied exactly once, nothing pending.
+#[track_caller]
+fn assert_settled(p: &Proxy, c: &Clusters, db: &str, seq: u64) {
+    let m = p.wait_mirror_drained(60);
+    assert_eq!(m["report"]["gaps_total"], 0, "{m:#}");
+    assert_eq!(
+        m["report"]["divergences_total"], 0,
+        "a step run twice fails on the target: {m:#}"
+    );
+    let progress = rows(
+        c,
+        c.target_port,
+        db,
+        "SELECT seq || ':' || coalesce(pending::text, '-') FROM pgshift_mirror.progress",
+    );
+    let (low, pending) = progress.trim().split_once(':').unwrap();
+    assert!(low.parse::<u64>().unwrap() >= seq, "{progress}");
+    assert_eq!(pending, "-", "{progress}");
+}
+
+/// A two-phase commit step interrupted between running on the target and
+/// its progress mark is settled from pg_prepared_xacts: found applied when
+/// it was (never run twice), run when it was not (never a gap). A mark
+/// inside a prepared transaction would hold the progress row until COMMIT
+/// PREPARED, which would wait for it: these steps are marked around.
+#[test]
+fn an_interrupted_two_phase_commit_step_is_settled_from_pg_prepared_xacts() {
+    let spool = tempfile::tempdir().unwrap();
+    let db = "faults_2pc";
+    let p = proxy(spool.path(), None, |_| {});
+    let c = p.clusters.clone();
+    // fresh_db rolls back what a failed run left prepared in the database.
+    c.fresh_db(db);
+    let url = p.url(SUPERUSER, db);
+    psql_ok(&url, &["-c", "CREATE TABLE t(a int)"], None);
+    let prepare = |p: &Proxy, gid: &str, v: u32| {
+        psql_ok(
+            &p.url(SUPERUSER, db),
+            &[
+                "-c",
+                "BEGIN",
+                "-c",
+                &format!("INSERT INTO t VALUES ({v})"),
+                "-c",
+                &format!("PREPARE TRANSACTION '{gid}'"),
+            ],
+            None,
+        );
+    };
+
+    // PREPARE ran on the target, its mark was lost.
+    prepare(&p, "faults_2pc_a", 1);
+    p.wait_mirror_drained(60);
+    kill(p);
+    let seq = rewind_to_pending(&c, db, spool.path());
+    let p = proxy(spool.path(), None, |_| {});
+    assert_settled(&p, &c, db, seq);
+    assert_eq!(prepared_on_target(&c, "faults_2pc_a"), "1");
+
+    // COMMIT PREPARED ran on the target, its mark was lost.
+    psql_ok(
+        &p.url(SUPERUSER, db),
+        &["-c", "COMMIT PREPARED 'faults_2pc_a'"],
+        None,
+    );
+    p.wait_mirror_drained(60);
+    kill(p);
+    let seq = rewind_to_pending(&c, db, spool.path());
+    let p = proxy(spool.path(), None, |_| {});
+    assert_settled(&p, &c, db, seq);
+    assert_eq!(prepared_on_target(&c, "faults_2pc_a"), "0");
+
+    // PREPARE was interrupted before it took effect (its transaction
+    // rolled back): it runs again.
+    prepare(&p, "faults_2pc_b", 2);
+    p.wait_mirror_drained(60);
+    kill(p);
+    c.sql(c.target_port, db, "ROLLBACK PREPARED 'faults_2pc_b'");
+    let seq = rewind_to_pending(&c, db, spool.path());
+    let p = proxy(spool.path(), None, |_| {});
+    assert_settled(&p, &c, db, seq);
+    assert_eq!(prepared_on_target(&c, "faults_2pc_b"), "1");
+    psql_ok(
+        &p.url(SUPERUSER, db),
+        &["-c", "COMMIT PREPARED 'faults_2pc_b'"],
+        None,
+    );
+    p.wait_mirror_drained(60);
+    assert_same(&c, db, "SELECT a FROM t ORDER BY a");
+    assert_eq!(
+        rows(&c, c.target_port, db, "SELECT string_agg(a::text, ',' ORDER BY a) FROM t").trim(),
+        "1,2"
     );
 }

@@ -59,6 +59,20 @@ pub struct Analysis {
     /// applied from row images instead (DDL, TRUNCATE, large objects and
     /// the like cannot).
     pub row_safe: bool,
+    /// A two-phase commit step and its global transaction id: what the
+    /// mirror checks in `pg_prepared_xacts` to know whether it happened.
+    pub two_phase: Option<(TwoPhase, String)>,
+}
+
+/// The steps of a two-phase commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwoPhase {
+    /// PREPARE TRANSACTION: the transaction is prepared, not committed.
+    Prepare,
+    /// COMMIT PREPARED.
+    Commit,
+    /// ROLLBACK PREPARED.
+    Rollback,
 }
 
 /// Analyzes one statement (or a multi-statement string, merged).
@@ -142,11 +156,15 @@ fn top_level(node: &N, a: &mut Analysis) {
         N::TransactionStmt(t) => {
             use pg_query::protobuf::TransactionStmtKind as K;
             a.transaction_control = true;
-            if matches!(
-                K::try_from(t.kind),
-                Ok(K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared)
-            ) {
-                a.non_transactional = true;
+            let step = match K::try_from(t.kind) {
+                Ok(K::TransStmtPrepare) => Some(TwoPhase::Prepare),
+                Ok(K::TransStmtCommitPrepared) => Some(TwoPhase::Commit),
+                Ok(K::TransStmtRollbackPrepared) => Some(TwoPhase::Rollback),
+                _ => None,
+            };
+            if let Some(step) = step {
+                a.non_transactional |= step != TwoPhase::Prepare;
+                a.two_phase = Some((step, t.gid.clone()));
             }
         }
         N::VacuumStmt(v) => a.non_transactional |= v.is_vacuumcmd,

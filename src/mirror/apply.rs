@@ -35,7 +35,7 @@ use super::report::{Divergence, NonDeterministic};
 use super::rows::{Change, Column, Value};
 use super::spool::{Read1, SpoolReader};
 use super::Mirror;
-use crate::classify::analyze::{analyze, Analysis};
+use crate::classify::analyze::{analyze, Analysis, TwoPhase};
 use crate::classify::lexer;
 use crate::net::connect::Upstream;
 use crate::net::Stream;
@@ -729,6 +729,48 @@ impl Applier {
         }
     }
 
+    /// Whether a transaction with global id `gid` is prepared on the
+    /// target (in any database: gids are cluster-wide).
+    async fn is_prepared(&self, conn: &mut Conn, gid: &str) -> Result<bool, Retry> {
+        let mut out = BytesMut::new();
+        param_query(
+            &mut out,
+            "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE gid = $1",
+            &[gid],
+        );
+        let answers = self.round_trip(conn, &out, 1).await?;
+        let n = answers
+            .first()
+            .and_then(|a| a.rows.first())
+            .and_then(|r| r.first().cloned().flatten())
+            .unwrap_or_default();
+        Ok(n != "0")
+    }
+
+    /// Records `rec` as applied (found applied after an interruption).
+    async fn mark_applied(
+        &mut self,
+        conn: &mut Conn,
+        rec: &TxnRecord,
+        after: &(u64, Vec<u64>),
+    ) -> Result<(), Retry> {
+        let mut out = BytesMut::new();
+        query(&mut out, &progress_mark(&self.mirror.spool.id, after));
+        let answers = self.round_trip(conn, &out, 1).await?;
+        if let Some((_, msg)) = answers.first().and_then(|a| a.errors.first()) {
+            warn!(seq = rec.seq, error = %msg, "could not record mirror progress on the target");
+        }
+        if let Some(Some(p)) = self.progress.get_mut(&conn.database) {
+            *p = Progress {
+                low: after.0,
+                above: after.1.clone(),
+                pending: None,
+            };
+        }
+        info!(seq = rec.seq, "an interrupted two-phase commit step was found applied on the target");
+        Ok(())
+    }
+
     async fn apply_on(
         &mut self,
         conn: &mut Conn,
@@ -745,20 +787,6 @@ impl Applier {
         if progress.as_ref().is_some_and(|p| p.has(rec.seq)) {
             return Ok(false); // applied before a restart or a lost connection
         }
-        if progress
-            .as_ref()
-            .is_some_and(|p| p.pending == Some(rec.seq))
-        {
-            // Started and not finished (it could not carry its mark inside
-            // its transaction): running it again could apply part of it
-            // twice. The target needs a re-sync instead.
-            self.mirror.unapplied(
-                rec.seq,
-                rec.xid,
-                "it was interrupted on the target after it began, and it commits on its own, so it may have partly applied",
-            );
-            return Ok(false);
-        }
         // What the unit's statements are, for the outcome check, the
         // non-determinism flags and the choice of how to mark progress.
         let statements: Vec<Vec<String>> = rec
@@ -766,6 +794,43 @@ impl Applier {
             .iter()
             .map(|s| segment_statements(&s.messages, conn, rec))
             .collect();
+        // A two-phase commit step: whether it happened shows in
+        // pg_prepared_xacts, so it is marked outside its transaction (a mark
+        // inside a prepared transaction would hold the progress row until
+        // COMMIT PREPARED, which waits for it) and an interrupted one is
+        // settled exactly.
+        let two_phase = statements
+            .iter()
+            .flatten()
+            .find_map(|t| self.analysis(t).two_phase.clone());
+        if progress
+            .as_ref()
+            .is_some_and(|p| p.pending == Some(rec.seq))
+        {
+            match &two_phase {
+                Some((step, gid)) => {
+                    let prepared = self.is_prepared(conn, gid).await?;
+                    // PREPARE happened if the gid is there; COMMIT or
+                    // ROLLBACK PREPARED if it is gone.
+                    if prepared == (*step == TwoPhase::Prepare) {
+                        self.mark_applied(conn, rec, after).await?;
+                        return Ok(false);
+                    }
+                    // It did not happen: it runs now.
+                }
+                None => {
+                    // Started and not finished (it could not carry its mark
+                    // inside its transaction): running it again could apply
+                    // part of it twice. The target needs a re-sync instead.
+                    self.mirror.unapplied(
+                        rec.seq,
+                        rec.xid,
+                        "it was interrupted on the target after it began, and it commits on its own, so it may have partly applied",
+                    );
+                    return Ok(false);
+                }
+            }
+        }
         let mut transactional = true;
         let mut txn_control = false;
         let mut row_safe = true;
@@ -785,7 +850,10 @@ impl Applier {
         // functions: what they wrote shows only in its rows.
         let opaque = !writes_seen && rec.xid.is_some();
         if !flags.is_empty() || opaque {
-            let why_not = match self.rows_for(conn, rec, row_safe && transactional).await? {
+            // A prepared transaction's rows are decoded only when it is
+            // committed, in a later unit: it is applied as statements.
+            let rows_apply = row_safe && transactional && two_phase.is_none();
+            let why_not = match self.rows_for(conn, rec, rows_apply).await? {
                 Ok(rows) => {
                     for n in flags {
                         self.mirror.report.nondeterministic(n, None);
@@ -841,20 +909,14 @@ impl Applier {
         // The spool id is checked to be a plain token when the spool opens:
         // it needs no quoting.
         let id = &self.mirror.spool.id;
-        let mark = progress.as_ref().map(|_| {
-            let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
-            format!(
-                "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', pending = NULL, applied_at = now() WHERE spool_id = '{id}'",
-                after.0,
-                above.join(","),
-            )
-        });
+        let mark = progress.as_ref().map(|_| progress_mark(id, after));
         let single_autocommit = rec.segments.len() == 1 && rec.segments[0].status == b'I';
         // In a block, the mark goes in just before the request that commits
         // it: by then the transaction is open and as writable as it will be
         // (a READ ONLY one made READ WRITE, say).
         let n = rec.segments.len();
-        let mark_after = (n >= 2 && rec.segments[n - 2].status == b'T').then(|| n - 2);
+        let mark_after = (n >= 2 && rec.segments[n - 2].status == b'T' && two_phase.is_none())
+            .then(|| n - 2);
         let mut marked_inside = false;
         if let (Some(m), true) = (&mark, single_autocommit && transactional && !txn_control) {
             // An autocommit unit: wrap it with the mark in one transaction.
@@ -1057,7 +1119,7 @@ impl Applier {
         };
         if !row_safe {
             return Ok(Err(
-                "the unit has statements rows cannot reproduce (DDL, TRUNCATE, CALL, ...)".into(),
+                "the unit has statements rows cannot reproduce (DDL, TRUNCATE, CALL, PREPARE TRANSACTION, ...)".into(),
             ));
         }
         let Some(xid) = rec.xid else {
@@ -1112,16 +1174,7 @@ impl Applier {
         query(&mut out, "SET LOCAL session_replication_role = replica");
         let mut expect = vec![Expect::Internal, Expect::Internal];
         if progress.is_some() {
-            let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
-            query(
-                &mut out,
-                &format!(
-                    "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', pending = NULL, applied_at = now() WHERE spool_id = '{}'",
-                    after.0,
-                    above.join(","),
-                    self.mirror.spool.id
-                ),
-            );
+            query(&mut out, &progress_mark(&self.mirror.spool.id, after));
             expect.push(Expect::Mark);
         }
         let mut texts = Vec::with_capacity(rows.len());
@@ -1639,6 +1692,18 @@ fn row_query(out: &mut BytesMut, sql: &str, params: &[Option<String>]) {
     bind.extend_from_slice(&0i16.to_be_bytes());
     put_message(out, b'B', &[&bind]);
     put_message(out, b'E', &[b"\0", &0i32.to_be_bytes()]);
+}
+
+/// The statement that records a unit applied: `after` is the new low
+/// water mark and the applied sequence numbers above it. The spool id is
+/// checked to be a plain token when the spool opens: it needs no quoting.
+fn progress_mark(spool_id: &str, after: &(u64, Vec<u64>)) -> String {
+    let above: Vec<String> = after.1.iter().map(u64::to_string).collect();
+    format!(
+        "UPDATE pgshift_mirror.progress SET seq = {}, above = '{{{}}}', pending = NULL, applied_at = now() WHERE spool_id = '{spool_id}'",
+        after.0,
+        above.join(","),
+    )
 }
 
 /// Appends a query with text parameters bound, not quoted into its text

@@ -100,6 +100,7 @@ impl Clusters {
     pub fn fresh_db(&self, name: &str) {
         for port in [self.source_port, self.target_port] {
             self.drop_slots(port, name);
+            self.drop_prepared(port, name);
             self.sql(
                 port,
                 "postgres",
@@ -137,6 +138,22 @@ impl Clusters {
     /// Drops the logical replication slots of `db` on one cluster (their
     /// walsenders ended first): a database with a slot cannot be dropped,
     /// and a slot keeps WAL for as long as it exists.
+    /// Rolls back the transactions left prepared in `db` (a failed run of a
+    /// two-phase-commit test leaves them, and they keep the database from
+    /// being dropped). ROLLBACK PREPARED has to run in their own database.
+    pub fn drop_prepared(&self, port: u16, db: &str) {
+        let lit = db.replace('\'', "''");
+        let gids = self.sql(
+            port,
+            "postgres",
+            &format!("SELECT gid FROM pg_prepared_xacts WHERE database = '{lit}'"),
+        );
+        for gid in gids.lines().filter(|g| !g.is_empty()) {
+            let gid = gid.replace('\'', "''");
+            self.sql(port, db, &format!("ROLLBACK PREPARED '{gid}'"));
+        }
+    }
+
     pub fn drop_slots(&self, port: u16, db: &str) {
         let lit = db.replace('\'', "''");
         for _ in 0..50 {

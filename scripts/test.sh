@@ -16,10 +16,10 @@
 #      (the release binary)
 #   4. cargo build --profile ci --bins (the `ci` profile in Cargo.toml: optimised
 #      like release, without LTO, so the test harnesses link quickly)
-#   5. cargo test --profile ci --no-fail-fast [ARGS] -- --test-threads=2 [TEST BINARY ARGS]
+#   5. RUST_TEST_THREADS=2 cargo test --profile ci --no-fail-fast [ARGS] [-- TEST BINARY ARGS]
 #      (the benches are built and run once each in test mode too, with --benches,
-#      unless you pass your own cargo args)
-#      (--test-threads=2 is not added if you pass your own --test-threads)
+#      unless you pass your own cargo args; RUST_TEST_THREADS is left alone if
+#      you pass your own --test-threads)
 #   6. stops the clusters on exit, unless PGSHIFT_KEEP_CLUSTERS=1
 #
 # Exit code: cargo test's (or the failing step's). Never reads standard input.
@@ -43,8 +43,11 @@ for a in "$@"; do
         bin_args+=("$a")
     fi
 done
+# Two tests at a time. Set through RUST_TEST_THREADS rather than a
+# --test-threads argument: the criterion benches run in test mode by the same
+# `cargo test` and reject libtest's arguments.
 if [[ " ${bin_args[*]-} " != *" --test-threads"* ]]; then
-    bin_args=(--test-threads=2 "${bin_args[@]+"${bin_args[@]}"}")
+    export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 fi
 
 step "installing missing dependencies"
@@ -96,9 +99,9 @@ if [[ ${#cargo_args[@]} -eq 0 ]]; then
     cargo_args=(--lib --bins --tests --benches)
 fi
 # --no-fail-fast: one run reports every failing binary, not just the first.
-step "cargo test --profile ci --no-fail-fast ${cargo_args[*]} -- ${bin_args[*]}"
+step "cargo test --profile ci --no-fail-fast ${cargo_args[*]} -- ${bin_args[*]-} (RUST_TEST_THREADS=${RUST_TEST_THREADS:-})"
 set +e
-cargo test --profile ci --no-fail-fast "${cargo_args[@]}" -- "${bin_args[@]}"
+cargo test --profile ci --no-fail-fast "${cargo_args[@]}" -- "${bin_args[@]+"${bin_args[@]}"}"
 rc=$?
 set -e
 if [[ $rc -eq 0 ]]; then

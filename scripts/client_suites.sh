@@ -195,8 +195,14 @@ run_suite() {
                     # runs) more bytes are in flight when the error comes back,
                     # so it fails now and then through any proxy. Not a
                     # difference pgshift could remove; see scripts/client_suites.md.
+                    # test_pool_config_persistence fails straight against
+                    # Postgres too ("unexpected connection_lost() call" from
+                    # a pool of max_queries=1 connections: 5 of 12 runs
+                    # straight, 3 of 12 through pgshift), so three straight
+                    # reruns can all pass by chance and call it a difference.
                     args=(tests --deselect tests/test__sourcecode.py
-                        --deselect tests/test_execute.py::TestExecuteMany::test_executemany_server_failure_during_writes)
+                        --deselect tests/test_execute.py::TestExecuteMany::test_executemany_server_failure_during_writes
+                        --deselect tests/test_pool.py::TestPool::test_pool_config_persistence)
                     ;;
                 psycopg2)
                     dir="$CACHE/src/psycopg2-$PSYCOPG2_VERSION"

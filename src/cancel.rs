@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
@@ -107,20 +107,40 @@ impl CancelRegistry {
             return;
         };
         metrics.cancel_forwarded.inc();
-        if let (Some(target), Some(k)) = (target, routed) {
-            send_cancel(target, &k).await;
-        }
-        send_cancel(source, &source_key).await;
+        let routed = async {
+            if let (Some(target), Some(k)) = (target, routed) {
+                send_cancel(target, &k).await;
+            }
+        };
+        tokio::join!(routed, send_cancel(source, &source_key));
     }
 }
 
+/// How long a forwarded cancel waits for the server to close its
+/// connection (it does so once it has signalled the backend).
+const CANCEL_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends one CancelRequest and waits until the server has closed the
+/// connection. Postgres signals the backend before it closes, and clients
+/// (libpq's PQcancel, psycopg, asyncpg) wait for that close before they
+/// send their next query: closing the client's cancel connection earlier
+/// would let the cancel land on the client's next statement.
 async fn send_cancel(upstream: &Upstream, key: &CancelKey) {
     match upstream.connect().await {
         Ok(mut s) => {
             if let Err(e) = s.write_all(&key.encode_cancel_request()).await {
                 warn!(error = %e, upstream = %upstream.addr(), "could not send cancel request");
+                return;
             }
-            let _ = s.shutdown().await;
+            let drained = tokio::time::timeout(CANCEL_DONE_WAIT, async {
+                let mut buf = [0u8; 64];
+                // The server sends nothing; anything it does send is dropped.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            if drained.is_err() {
+                warn!(upstream = %upstream.addr(), "the server did not close the cancel connection within 5 s");
+            }
         }
         Err(e) => {
             warn!(error = %format!("{e:#}"), upstream = %upstream.addr(), "could not connect to cancel")

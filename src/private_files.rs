@@ -8,8 +8,8 @@
 //! proxy owns that already exists with group or other bits is tightened
 //! (with a warning naming it) before anything is written to it.
 //!
-//! Every helper is public so that any module writing data can use it (the
-//! spool and the in-flight journal are still to be switched over).
+//! Every module that writes data to disk (the spool, the in-flight journal,
+//! the logs, recordings) creates its files through these helpers.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;

@@ -271,11 +271,17 @@ fn per_fingerprint_mode_fails_back_only_the_failing_shape() {
     let status = failback(&p);
     // The same shape; the status shows its text with the literals replaced
     // (admin.show_data is off), the audit file on disk shows it whole.
-    assert_eq!(status["scope"][0]["shape"], trip["scope"][0]["shape"], "{status:#}");
-    assert_eq!(status["scope"].as_array().map(Vec::len), Some(1), "{status:#}");
     assert_eq!(
-        status["scope"][0]["query"],
-        "SELECT bbalance FROM pgbench_branches WHERE bid = $1;",
+        status["scope"][0]["shape"], trip["scope"][0]["shape"],
+        "{status:#}"
+    );
+    assert_eq!(
+        status["scope"].as_array().map(Vec::len),
+        Some(1),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["scope"][0]["query"], "SELECT bbalance FROM pgbench_branches WHERE bid = $1;",
         "{status:#}"
     );
     let shapes = &p.status()["routing"]["health_limit"]["shapes"];

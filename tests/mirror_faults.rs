@@ -436,10 +436,15 @@ fn an_apply_timeout_behind_a_lock_applies_once_or_records_a_gap() {
 /// not (a SIGKILL of the proxy in between): the mark one unit lower with
 /// the unit pending, and the spool's local applied position behind it.
 fn rewind_to_pending(c: &Clusters, db: &str, spool: &Path) -> u64 {
-    let seq: u64 = rows(c, c.target_port, db, "SELECT seq FROM pgshift_mirror.progress")
-        .trim()
-        .parse()
-        .unwrap();
+    let seq: u64 = rows(
+        c,
+        c.target_port,
+        db,
+        "SELECT seq FROM pgshift_mirror.progress",
+    )
+    .trim()
+    .parse()
+    .unwrap();
     rows(
         c,
         c.target_port,
@@ -554,7 +559,13 @@ fn an_interrupted_two_phase_commit_step_is_settled_from_pg_prepared_xacts() {
     p.wait_mirror_drained(60);
     assert_same(&c, db, "SELECT a FROM t ORDER BY a");
     assert_eq!(
-        rows(&c, c.target_port, db, "SELECT string_agg(a::text, ',' ORDER BY a) FROM t").trim(),
+        rows(
+            &c,
+            c.target_port,
+            db,
+            "SELECT string_agg(a::text, ',' ORDER BY a) FROM t"
+        )
+        .trim(),
         "1,2"
     );
 }

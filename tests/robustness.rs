@@ -173,6 +173,19 @@ fn expect_closed(s: &mut TcpStream) {
     }
 }
 
+/// The proxy closes the connection without sending a byte, as Postgres does
+/// for a startup packet whose length is invalid (it only logs it).
+#[track_caller]
+fn expect_closed_silently(s: &mut TcpStream) {
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("got {n} bytes instead of a silent close: {:?}", &buf[..n]),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the proxy to close the connection, got {e}"),
+    }
+}
+
 fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the field after the parenthesised command name.
@@ -235,16 +248,14 @@ fn wait_backend_gone(p: &Proxy, app: &str, secs: u64) {
 // ------------------------------------------------------------- malformed input
 
 #[test]
-fn http_request_instead_of_startup_gets_08p01() {
+fn http_request_instead_of_startup_is_closed_and_counted() {
     let p = Proxy::start();
     let mut s = connect(&p);
     s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
-    let f = expect_error_and_close(&mut s, "08P01");
-    assert!(
-        f[&b'M'].contains("invalid length of startup packet"),
-        "{f:?}"
-    );
+    // Its first four bytes make an invalid length: Postgres logs
+    // "invalid length of startup packet" and closes without a word.
+    expect_closed_silently(&mut s);
     p.wait_for(5, "the protocol error to be counted", |p| {
         p.stat("/metrics/clients/protocol_errors") == 1
     });
@@ -252,19 +263,21 @@ fn http_request_instead_of_startup_gets_08p01() {
 }
 
 #[test]
-fn oversized_or_undersized_startup_packet_gets_08p01() {
+fn bad_startup_packets_are_closed_as_postgres_does() {
     let p = Proxy::start();
-    // Over Postgres' 10000-byte bound: rejected from the length alone.
+    // Over Postgres' 10000-byte bound: closed from the length alone, with
+    // nothing sent (as Postgres does).
     let mut s = connect(&p);
     s.write_all(&20_000i32.to_be_bytes()).unwrap();
     s.write_all(&196608u32.to_be_bytes()).unwrap();
     let _ = s.write_all(b"user\0postgres\0\0");
-    expect_error_and_close(&mut s, "08P01");
+    expect_closed_silently(&mut s);
     // A length too small to hold a protocol version.
     let mut s = connect(&p);
     s.write_all(&[0, 0, 0, 4]).unwrap();
-    expect_error_and_close(&mut s, "08P01");
-    // A startup packet whose parameters are not terminated.
+    expect_closed_silently(&mut s);
+    // A startup packet whose parameters are not terminated: FATAL 08P01
+    // ("invalid startup packet layout").
     let mut s = connect(&p);
     let mut bad = startup_packet(3, 0, &[("user", SUPERUSER)]);
     bad.pop();
@@ -713,8 +726,12 @@ async fn bogus_cancel_requests_are_ignored_and_real_ones_work() {
         .unwrap();
     let task = tokio::spawn(conn);
     let token = client.cancel_token();
+    let clusters = p.clusters.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let port = clusters.source_port;
+        tokio::task::spawn_blocking(move || clusters.wait_running(port, "pg_sleep(30)"))
+            .await
+            .unwrap();
         token.cancel_query(tokio_postgres::NoTls).await
     });
     let e = client
@@ -773,5 +790,59 @@ fn oversized_query_pipelined_with_startup_gets_08p01() {
     bytes.extend_from_slice(&[b'x'; 1000]);
     s.write_all(&bytes).unwrap();
     expect_error_and_close(&mut s, "08P01");
+    assert_healthy(&p);
+}
+
+// ------------------------------------------------- the source ends a session
+
+#[test]
+fn after_the_sources_fatal_nothing_routed_reaches_the_client() {
+    // Every read routed: the client's next read after the FATAL would go to
+    // the target if anything still routed it.
+    let p = Proxy::start_with(|cfg| {
+        let mut t = toml_edit::Table::new();
+        t["read_percent"] = toml_edit::value(100.0);
+        t["hash_key"] = toml_edit::value("session");
+        cfg["routing"] = toml_edit::Item::Table(t);
+    });
+    let db = "robust_fatal_routed";
+    p.clusters.fresh_db(db);
+    mark_sides(&p.clusters, db);
+    for i in 0..5 {
+        let app = format!("robust_fatal_{i}");
+        let mut s = raw_session(&p, db, &app);
+        s.write_all(&query(&format!("SELECT {SIDE}"))).unwrap();
+        read_until_ready(&mut s);
+        // Terminated from outside, as an operator or a failover would.
+        p.clusters.sql(
+            p.clusters.source_port,
+            "postgres",
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = '{app}'"
+            ),
+        );
+        let fatal = loop {
+            match read_msg(&mut s) {
+                Some((b'E', body)) => break fields(&body),
+                Some(_) => continue,
+                None => panic!("closed without the source's FATAL"),
+            }
+        };
+        assert_eq!(
+            fatal.get(&b'C').map(String::as_str),
+            Some("57P01"),
+            "{fatal:?}"
+        );
+        assert_eq!(
+            fatal.get(&b'S').map(String::as_str),
+            Some("FATAL"),
+            "{fatal:?}"
+        );
+        // Postgres answers nothing after a FATAL: the read right after it
+        // gets the close, not a row from the target.
+        let _ = s.write_all(&query(&format!("SELECT {SIDE}")));
+        expect_closed_silently(&mut s);
+    }
     assert_healthy(&p);
 }

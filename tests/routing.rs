@@ -544,8 +544,13 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
     assert_eq!(row.get::<_, i32>(0), target_port, "not routed");
     let token = client.cancel_token();
     let started = std::time::Instant::now();
+    let clusters = p.clusters.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Once the sleep runs on the target (where it was routed).
+        let port = clusters.target_port;
+        tokio::task::spawn_blocking(move || clusters.wait_running(port, "pg_sleep(30)"))
+            .await
+            .unwrap();
         token.cancel_query(NoTls).await
     });
     let err = client
@@ -569,7 +574,100 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), target_port);
-    assert_eq!(p.stat("/metrics/cancel/forwarded"), 1);
+    // A cancel lands on the query it was sent for, never on the next one:
+    // the client's cancel connection closes only once the servers have
+    // taken the request (as Postgres closes it).
+    for round in 0..8 {
+        let token = client.cancel_token();
+        let clusters = p.clusters.clone();
+        let canceller = tokio::spawn(async move {
+            let port = clusters.target_port;
+            tokio::task::spawn_blocking(move || clusters.wait_running(port, "pg_sleep(30)"))
+                .await
+                .unwrap();
+            token.cancel_query(NoTls).await
+        });
+        let err = client
+            .simple_query(&format!("SELECT pg_sleep(30), {SIDE}"))
+            .await
+            .expect_err("the sleep should have been cancelled");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "round {round}: {err:?}"
+        );
+        canceller.await.unwrap().unwrap();
+        let next = client
+            .simple_query(&format!("SELECT pg_sleep(0.2), {SIDE}"))
+            .await;
+        assert!(
+            next.is_ok(),
+            "round {round}: the next statement failed: {next:?}"
+        );
+    }
+    assert_eq!(p.stat("/metrics/cancel/forwarded"), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_types_the_clusters_number_differently_run_on_the_source() {
+    let p = Proxy::start_with(|cfg| routing_config(cfg, 100.0, "session"));
+    let (source_port, target_port) = (p.clusters.source_port as i32, p.clusters.target_port as i32);
+    let db = "route_types";
+    p.clusters.fresh_db(db);
+    mark_sides(&p.clusters, db);
+    // The same enum on both, numbered differently (the target made a type
+    // first), as types created through the mirror are.
+    let c = p.clusters.clone();
+    c.sql(c.target_port, db, "CREATE TYPE spacer AS (x int)");
+    for port in [c.source_port, c.target_port] {
+        c.sql(
+            port,
+            db,
+            "CREATE TYPE mood AS ENUM ('calm', 'sunny'); \
+             CREATE TABLE feelings(id int, m mood); \
+             INSERT INTO feelings VALUES (1, 'sunny')",
+        );
+    }
+    let oid = |port| c.sql(port, db, "SELECT 'mood'::regtype::oid");
+    assert_ne!(
+        oid(c.source_port),
+        oid(c.target_port),
+        "the OIDs should differ"
+    );
+    let (client, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Built-in types only: routed.
+    let row = client
+        .query_one(&format!("SELECT id, {SIDE} FROM feelings"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(1), target_port, "not routed");
+    // A prepared statement whose column is the enum: the client learned
+    // its OID from the source (Describe); the rows come from the source.
+    let st = client
+        .prepare(&format!("SELECT m, {SIDE} FROM feelings"))
+        .await
+        .unwrap();
+    assert_eq!(st.columns()[0].type_().name(), "mood");
+    for _ in 0..3 {
+        let row = client.query_one(&st, &[]).await.unwrap();
+        assert_eq!(
+            row.get::<_, i32>(1),
+            source_port,
+            "answered with the target's types"
+        );
+    }
+    // The simple protocol: the RowDescription names the enum.
+    let side = first_value(&client, &format!("SELECT {SIDE}, m FROM feelings")).await;
+    assert_eq!(side, source_port.to_string());
+    // Still routed when the types are built in.
+    let side = first_value(&client, &format!("SELECT {SIDE}, m::text FROM feelings")).await;
+    assert_eq!(side, target_port.to_string());
+    tokio::task::block_in_place(|| {
+        assert!(p.stat("/metrics/routing/fallbacks/types") >= 2);
+        // Not the target's fault: nothing counted against its health.
+        assert_eq!(p.stat("/metrics/routing/target_failures_after_start"), 0);
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -767,7 +767,10 @@ impl Applier {
                 pending: None,
             };
         }
-        info!(seq = rec.seq, "an interrupted two-phase commit step was found applied on the target");
+        info!(
+            seq = rec.seq,
+            "an interrupted two-phase commit step was found applied on the target"
+        );
         Ok(())
     }
 
@@ -915,8 +918,8 @@ impl Applier {
         // it: by then the transaction is open and as writable as it will be
         // (a READ ONLY one made READ WRITE, say).
         let n = rec.segments.len();
-        let mark_after = (n >= 2 && rec.segments[n - 2].status == b'T' && two_phase.is_none())
-            .then(|| n - 2);
+        let mark_after =
+            (n >= 2 && rec.segments[n - 2].status == b'T' && two_phase.is_none()).then(|| n - 2);
         let mut marked_inside = false;
         if let (Some(m), true) = (&mark, single_autocommit && transactional && !txn_control) {
             // An autocommit unit: wrap it with the mark in one transaction.

@@ -153,6 +153,10 @@ pub struct RouteLink {
     pub ready: AtomicBool,
     /// Reads stay on the source for the rest of the session.
     pub pinned: AtomicBool,
+    /// The source sent a FATAL (or PANIC) ErrorResponse: the session is
+    /// over. Postgres answers nothing after it, so nothing more is routed
+    /// and no routed answer is written to the client.
+    pub source_ended: AtomicBool,
     pub responder_writing: AtomicBool,
     pub backend_writing: AtomicBool,
     pub frontend_writing: AtomicBool,
@@ -207,6 +211,7 @@ impl Default for RouteLink {
             target_tx: AtomicU8::new(b'I'),
             ready: AtomicBool::new(false),
             pinned: AtomicBool::new(false),
+            source_ended: AtomicBool::new(false),
             responder_writing: AtomicBool::new(false),
             backend_writing: AtomicBool::new(false),
             frontend_writing: AtomicBool::new(false),
@@ -517,6 +522,7 @@ impl<'a> Decider<'a> {
         if !source_idle
             || !self.link.ready.load(Relaxed)
             || self.link.pinned.load(Relaxed)
+            || self.link.source_ended.load(Relaxed)
             || self.link.target_busy()
         {
             return None;
@@ -602,6 +608,9 @@ impl<'a> Decider<'a> {
 
     /// A simple Query at a request boundary: where it goes.
     pub fn route_query(&mut self, body: &[u8], sql: &[u8], source_idle: bool) -> QueryRoute {
+        if self.link.source_ended.load(Relaxed) {
+            return QueryRoute::Source;
+        }
         if source_idle && self.in_txn() {
             return self.txn_query(body, sql);
         }
@@ -773,6 +782,9 @@ impl<'a> Decider<'a> {
     /// inside a batch being held (if it fits), or starting one that might
     /// be routed.
     pub fn collects(&self, tag: u8, len: usize, source_idle: bool) -> bool {
+        if self.link.source_ended.load(Relaxed) {
+            return false;
+        }
         let in_txn = self.txn.is_some();
         if !matches!(
             tag,

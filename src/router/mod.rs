@@ -147,6 +147,11 @@ pub enum Fallback {
     /// missing table, a permission): the source decides, and if it answers,
     /// the target was at fault (the health monitor counts it).
     QueryError,
+    /// The answer names a type by an OID only this cluster gives it (a
+    /// user type, an extension's type, a binary record whose members name
+    /// theirs): OIDs differ between the clusters, and the client would
+    /// cache the target's.
+    Types,
 }
 
 impl Fallback {
@@ -157,6 +162,7 @@ impl Fallback {
             Fallback::ServerError => "server_error",
             Fallback::Setup => "setup",
             Fallback::QueryError => "query_error",
+            Fallback::Types => "types",
         }
     }
 }
@@ -361,7 +367,7 @@ impl RouteMetrics {
             "fallbacks": {
                 "connection": fb("connection"), "timeout": fb("timeout"),
                 "server_error": fb("server_error"), "setup": fb("setup"),
-                "query_error": fb("query_error"),
+                "query_error": fb("query_error"), "types": fb("types"),
             },
             "target_failures_after_start": self.target_failures_after_start.get(),
             "sessions_pinned": self.sessions_pinned.get(),

@@ -114,6 +114,9 @@ struct Live {
     guarded: bool,
     /// Named statements prepared on this connection.
     prepared: HashMap<Box<[u8]>, Statement>,
+    /// Those of them the proxy prepared whose Describe named types by OIDs
+    /// of the target's own: requests binding them run on the source.
+    local_typed: std::collections::HashSet<Box<[u8]>>,
     /// The last request that ended a transaction committed it.
     committed: bool,
 }
@@ -337,7 +340,10 @@ where
             }
             Outcome::Fallback(why, detail) => {
                 // After an error answer the connection is still good.
-                if !matches!(why, Fallback::ServerError | Fallback::QueryError) {
+                if !matches!(
+                    why,
+                    Fallback::ServerError | Fallback::QueryError | Fallback::Types
+                ) {
                     self.lose(live, &detail);
                 } else {
                     debug!(session_id = self.session_id, reason = %detail, "routed read failed on the target");
@@ -362,6 +368,16 @@ where
                 let r = self.to_source(&req).await;
                 done(self);
                 r.map_err(ResponderEnd::SourceGone)
+            }
+            Outcome::Broken(_) if self.link.source_ended.load(Relaxed) => {
+                // The source ended the session (its FATAL went to the
+                // client): nothing is the target's fault, nothing more is
+                // written.
+                done(self);
+                Err(ResponderEnd::ClientGone(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the source ended the session",
+                )))
             }
             Outcome::Broken(detail) => {
                 self.lose(live, &detail);
@@ -395,7 +411,7 @@ where
         let s = Sample::new(Backend::Target, Kind::Read, None).shape(req.shape);
         let s = match outcome {
             Outcome::Served => s.latency(took),
-            Outcome::Fallback(Fallback::QueryError, _) => return,
+            Outcome::Fallback(Fallback::QueryError | Fallback::Types, _) => return,
             // The guard stopped a "read" that writes: not the target's fault.
             Outcome::Fallback(Fallback::ServerError, d) if d.starts_with("25006") => s,
             // The client waited this long before the fallback began.
@@ -403,6 +419,8 @@ where
                 fault: Some(Fault::Timeout),
                 ..s.latency(took)
             },
+            // The source ended the session: the client left, not the target.
+            Outcome::Broken(_) if self.link.source_ended.load(Relaxed) => return,
             Outcome::Fallback(Fallback::Connection, _) | Outcome::Broken(_) => Sample {
                 fault: Some(Fault::Connection),
                 ..s
@@ -491,6 +509,14 @@ where
             })
             .await;
             self.link.responder_writing.store(true, Relaxed);
+        }
+        if self.link.source_ended.load(Relaxed) {
+            // The source's FATAL went to the client: Postgres would answer
+            // nothing after it.
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the source ended the session",
+            ));
         }
         let mut w = SharedWriter(self.client);
         w.write_all(bytes).await?;
@@ -601,9 +627,25 @@ where
         if let Err((why, detail)) = self.sync_state(l).await {
             return Outcome::Fallback(why, detail);
         }
-        // Statements this request binds, prepared here on first use.
+        // Statements this request binds, prepared here on first use (and
+        // described, to see the types they name).
+        // (Inside a routed transaction nothing can run elsewhere.)
+        if !req.in_txn
+            && req
+                .statements
+                .iter()
+                .any(|(name, st)| l.local_typed.contains(name) && l.prepared.get(name) == Some(st))
+        {
+            return Outcome::Fallback(
+                Fallback::Types,
+                "a statement it binds names types by OIDs of the target's own".into(),
+            );
+        }
         let mut out = BytesMut::new();
         let mut own_answers = 0usize;
+        let mut own_local_types = false;
+        // The statements being described, in order.
+        let mut describing = std::collections::VecDeque::new();
         for (name, st) in &req.statements {
             match l.prepared.get(name) {
                 Some(have) if have == st => continue,
@@ -620,8 +662,11 @@ where
                 None => {}
             }
             put_message(&mut out, b'P', &[name, b"\0", &st.query, b"\0", &st.types]);
-            own_answers += 1;
+            put_message(&mut out, b'D', &[b"S", name, b"\0"]);
+            own_answers += 3;
             l.prepared.insert(name.clone(), st.clone());
+            l.local_typed.remove(name);
+            describing.push_back(name.clone());
         }
         // A request without a Sync of its own (Flush) gets one after the
         // proxy's Parses, so that their failure cannot swallow it.
@@ -679,6 +724,22 @@ where
                         own_answers -= 1;
                         continue;
                     }
+                    // A statement's Describe: its parameter types, then its
+                    // columns (or NoData). Result formats come with each
+                    // Bind, so a record column counts whatever the format.
+                    b't' | b'T' | b'n' => {
+                        own_answers -= 1;
+                        if m.tag != b'n' && names_local_types(m.tag, m.body(), false) {
+                            if let Some(name) = describing.front() {
+                                l.local_typed.insert(name.clone());
+                            }
+                            own_local_types |= !req.in_txn;
+                        }
+                        if m.tag != b't' {
+                            describing.pop_front();
+                        }
+                        continue;
+                    }
                     ERROR_RESPONSE => {
                         let f = parse_error_fields(m.body());
                         own_failed = Some(format!(
@@ -697,9 +758,20 @@ where
                 own_sync = false;
                 continue;
             }
+            if own_local_types && own_failed.is_none() {
+                // The client's request ran too; its answer is not relayed.
+                if m.tag != READY_FOR_QUERY || req.flushed {
+                    self.finish_request(l, req.flushed).await;
+                }
+                return Outcome::Fallback(
+                    Fallback::Types,
+                    "a statement it binds names types by OIDs of the target's own".into(),
+                );
+            }
             if let Some(why) = &own_failed {
                 if m.tag == READY_FOR_QUERY {
                     l.prepared.clear();
+                    l.local_typed.clear();
                     // Statements left on the connection would clash later.
                     return Outcome::Fallback(
                         Fallback::Setup,
@@ -725,9 +797,21 @@ where
                         };
                         // Let the target finish its answer, so the
                         // connection stays usable.
-                        self.drain_to_ready(l).await;
+                        self.finish_request(l, req.flushed).await;
                         return Outcome::Fallback(why, detail);
                     }
+                }
+                // Type OIDs past the built-in ones differ between the
+                // clusters: the source answers this one. (In a routed
+                // transaction it cannot; see docs/routing.md.)
+                b'T' | b't'
+                    if !sent_any && !req.in_txn && names_local_types(m.tag, m.body(), true) =>
+                {
+                    self.finish_request(l, req.flushed).await;
+                    return Outcome::Fallback(
+                        Fallback::Types,
+                        "the answer names types by OIDs of the target's own".into(),
+                    );
                 }
                 // The source owns the session's parameters and LISTENs. A
                 // session setting that lifts the read-only guard (any way
@@ -796,6 +880,22 @@ where
         }
     }
 
+    /// Reads the rest of an answer the client will not get, up to its
+    /// ReadyForQuery; a request that ended with a Flush gets a Sync first
+    /// (it has none to end it).
+    async fn finish_request(&self, l: &mut Live, flushed: bool) {
+        if flushed {
+            let sent = async {
+                l.conn.stream.write_all(b"S\0\0\0\x04").await?;
+                l.conn.stream.flush().await
+            };
+            if sent.await.is_err() {
+                return;
+            }
+        }
+        self.drain_to_ready(l).await;
+    }
+
     /// Reads the rest of a failed answer, bounded by the timeout; a
     /// connection that does not get there is dropped by the next use.
     async fn drain_to_ready(&self, l: &mut Live) {
@@ -811,6 +911,58 @@ where
         })
         .await;
     }
+}
+
+/// OIDs below this are the built-in objects every cluster of a major
+/// version shares (Postgres' FirstNormalObjectId).
+const FIRST_NORMAL_OID: u32 = 16_384;
+/// `record` and `record[]`: in binary they carry their members' type OIDs.
+const RECORD_OIDS: [u32; 2] = [2249, 2287];
+
+/// Whether a RowDescription (`T`) or ParameterDescription (`t`) names a
+/// type by an OID the cluster gave it itself, or a record sent in binary
+/// (whose members are named by OID inside the values; with
+/// `formats_known` false, a statement's Describe, any record). Anything that does
+/// not parse is left to the client to judge (false).
+fn names_local_types(tag: u8, body: &[u8], formats_known: bool) -> bool {
+    let u16_at = |at: usize| {
+        body.get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        body.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let Some(n) = u16_at(0) else {
+        return false;
+    };
+    let mut at = 2;
+    for _ in 0..n {
+        if tag == b't' {
+            match u32_at(at) {
+                Some(oid) if oid >= FIRST_NORMAL_OID => return true,
+                Some(_) => at += 4,
+                None => return false,
+            }
+            continue;
+        }
+        // name, table oid (4), column (2), type oid (4), size (2),
+        // modifier (4), format (2)
+        let Some(nul) = body.get(at..).and_then(|b| b.iter().position(|&c| c == 0)) else {
+            return false;
+        };
+        at += nul + 1;
+        let (Some(oid), Some(format)) = (u32_at(at + 6), u16_at(at + 16)) else {
+            return false;
+        };
+        if oid >= FIRST_NORMAL_OID
+            || ((format == 1 || !formats_known) && RECORD_OIDS.contains(&oid))
+        {
+            return true;
+        }
+        at += 18;
+    }
+    false
 }
 
 /// The answers a Flush-ended request gets (one per Parse, Bind, Close and
@@ -886,6 +1038,7 @@ impl Live {
             applied: (u64::MAX, 0),
             guarded: false,
             prepared: HashMap::new(),
+            local_typed: Default::default(),
             committed: false,
         }
     }
@@ -898,5 +1051,82 @@ impl Drop for Live {
         if let crate::net::Stream::Plain(tcp) = &self.conn.stream {
             let _ = tcp.try_write(b"X\0\0\0\x04");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A RowDescription body with these (type oid, format) columns.
+    fn row_description(cols: &[(u32, u16)]) -> Vec<u8> {
+        let mut b = (cols.len() as u16).to_be_bytes().to_vec();
+        for (oid, format) in cols {
+            b.extend_from_slice(b"col\0");
+            b.extend_from_slice(&0u32.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b.extend_from_slice(&oid.to_be_bytes());
+            b.extend_from_slice(&(-1i16).to_be_bytes());
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+            b.extend_from_slice(&format.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn answers_naming_the_clusters_own_types_are_told_apart() {
+        // int4, text, int4[]: built in, in either format.
+        assert!(!names_local_types(
+            b'T',
+            &row_description(&[(23, 0), (25, 1), (1007, 1)]),
+            true
+        ));
+        // A user type (an enum, a composite, an extension's type).
+        assert!(names_local_types(
+            b'T',
+            &row_description(&[(23, 0), (16_500, 0)]),
+            true
+        ));
+        // A record: in text it is just text, in binary its members carry OIDs.
+        assert!(!names_local_types(
+            b'T',
+            &row_description(&[(2249, 0)]),
+            true
+        ));
+        assert!(names_local_types(
+            b'T',
+            &row_description(&[(23, 1), (2249, 1)]),
+            true
+        ));
+        assert!(names_local_types(
+            b'T',
+            &row_description(&[(2287, 1)]),
+            true
+        ));
+        // ParameterDescription: a list of OIDs.
+        let params = |oids: &[u32]| {
+            let mut b = (oids.len() as u16).to_be_bytes().to_vec();
+            oids.iter()
+                .for_each(|o| b.extend_from_slice(&o.to_be_bytes()));
+            b
+        };
+        assert!(!names_local_types(b't', &params(&[23, 25]), true));
+        assert!(names_local_types(b't', &params(&[23, 20_000]), true));
+        // Cut short: left to the client.
+        let mut short = row_description(&[(16_500, 0)]);
+        short.truncate(8);
+        assert!(!names_local_types(b'T', &short, true));
+        assert!(!names_local_types(b'T', &[], true));
+        // A statement's Describe: the formats come later, a record counts.
+        assert!(names_local_types(
+            b'T',
+            &row_description(&[(2249, 0)]),
+            false
+        ));
+        assert!(!names_local_types(
+            b'T',
+            &row_description(&[(23, 0)]),
+            false
+        ));
     }
 }

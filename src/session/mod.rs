@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -154,8 +154,26 @@ async fn reject<T>(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) -> Op
         proxy.metrics.client_rejected_startup.inc();
     }
     info!(reason = %f.message, "session not established");
-    if let (false, Some(client)) = (f.client_told, client) {
-        send_fatal(client, f.code, &f.message).await;
+    match (f.client_told, client) {
+        (false, Some(client)) => send_fatal(client, f.code, &f.message).await,
+        // A protocol error the client is not told of (an invalid startup
+        // packet length): closed as Postgres closes it, after reading what
+        // the client had sent, so that it sees an orderly close, not a reset.
+        (true, Some(client)) if f.code == sqlstate::PROTOCOL_VIOLATION => {
+            let _ = timeout(Duration::from_millis(50), async {
+                let mut buf = [0u8; 8192];
+                let mut left = 64usize << 10;
+                while left > 0 {
+                    match client.read(&mut buf).await {
+                        Ok(n) if n > 0 => left = left.saturating_sub(n),
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+            let _ = timeout(FINAL_WRITE_TIMEOUT, client.shutdown()).await;
+        }
+        _ => {}
     }
     None
 }

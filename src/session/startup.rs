@@ -84,6 +84,13 @@ impl From<StartupError> for Failure {
                 Failure::client_gone("client closed the connection during startup")
             }
             StartupError::Io(e) => Failure::client_gone(format!("I/O error during startup: {e}")),
+            // As Postgres does (a COMMERROR): logged, the connection closed
+            // without a word. Some clients send a Terminate, or nothing
+            // sensible, when they close before starting up.
+            e @ StartupError::BadLength => Failure {
+                code: sqlstate::PROTOCOL_VIOLATION,
+                ..Failure::told(e.to_string())
+            },
             e @ StartupError::UnsupportedVersion { .. } => {
                 Failure::new(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }

@@ -1096,12 +1096,26 @@ impl BackendInspector<'_> {
         }
     }
 
+    /// Whether an ErrorResponse (or its first bytes) from the source ends
+    /// the session (FATAL, PANIC); if so, nothing more is routed.
+    fn note_source_fatal(&self, body: &[u8]) -> bool {
+        let Some((link, _)) = self.route else {
+            return false;
+        };
+        let fatal = matches!(parse_error_fields(body).severity, Some("FATAL" | "PANIC"));
+        if fatal {
+            link.source_ended.store(true, Relaxed);
+        }
+        fatal
+    }
+
     /// An ErrorResponse (or its first bytes) from the source: remembered
     /// for the health report of the read it answers.
     fn note_source_error(&self, body: &[u8]) {
         let Some((link, _)) = self.route else {
             return;
         };
+        self.note_source_fatal(body);
         let code = parse_error_fields(body).code.unwrap_or("");
         let level = if crate::health::is_server_fault(code) {
             2
@@ -1137,6 +1151,10 @@ impl Inspector for BackendInspector<'_> {
     #[inline]
     fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
         if self.owed() {
+            if tag == ERROR_RESPONSE && self.note_source_fatal(prefix) {
+                // The session is over: the client is told, as by Postgres.
+                return Ok(Verdict::Forward);
+            }
             return Ok(self.owed_message(tag));
         }
         if tag == ERROR_RESPONSE {
@@ -1155,6 +1173,9 @@ impl Inspector for BackendInspector<'_> {
 
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
         if self.owed() {
+            if tag == ERROR_RESPONSE && self.note_source_fatal(body) {
+                return Ok(Verdict::Forward);
+            }
             // An answer to a request the proxy put into the stream: the
             // mirror follows it, the client does not see it.
             self.mirror_message(tag, body);

@@ -95,6 +95,26 @@ impl Clusters {
             .to_string()
     }
 
+    /// Waits (up to 60 s) until a statement containing `needle` is running
+    /// on the cluster at `port`: a cancel sent earlier would find nothing
+    /// to cancel (a fixed sleep is not enough on a stalling machine).
+    #[track_caller]
+    pub fn wait_running(&self, port: u16, needle: &str) {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND pid <> pg_backend_pid() AND position({} in query) > 0",
+            quote_literal(needle)
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.sql(port, "postgres", &sql) == "0" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} never ran on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// A fresh database of this name on both clusters (dropped first,
     /// with any replication slot an earlier proxy left in it).
     pub fn fresh_db(&self, name: &str) {
@@ -837,4 +857,9 @@ impl Background for Command {
     fn background(&mut self) -> Running {
         Running::spawn(self)
     }
+}
+
+/// A SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }

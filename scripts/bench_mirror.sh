@@ -106,9 +106,11 @@
 # subscription in pgshift_bench_mirror on the target is dropped with its slot, any slot
 # left named bench_mirror_* on the source is dropped, and so is the publication. The
 # clusters stay running; the database stays.
-# Caveats: the test clusters run with fsync = off and synchronous_commit = off (the
-# report header shows them), so Postgres itself never waits for a disk while
-# pgshift-commit does; everything (clients, proxies, both clusters) shares this
+#   DURABLE=1 (default) both clusters run with fsync = on and synchronous_commit = on
+#             for the benchmark (ALTER SYSTEM, reset at exit): Postgres waits for its
+#             WAL at commit as pgshift-commit waits for its spool. DURABLE=0 keeps the
+#             test clusters' fsync = off / synchronous_commit = off.
+# Caveats: everything (clients, proxies, both clusters) shares this
 # machine's cores, so the target's apply work competes with the source's.
 set -euo pipefail
 
@@ -132,6 +134,7 @@ MODES="${MODES:-simple}"
 OUT="${OUT:-}"
 BENCH_PGBOUNCER="${BENCH_PGBOUNCER:-1}"
 BENCH_LOGICAL="${BENCH_LOGICAL:-1}"
+DURABLE="${DURABLE:-1}"
 PROXY_TOML="${PROXY_TOML:-$ROOT/proxy.toml}"
 for v in ROUNDS DURATION CLIENTS THREADS SCALE DRAIN_TIMEOUT; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
@@ -174,6 +177,7 @@ CLK_TCK="$(getconf CLK_TCK)"
 PGBOUNCER_PID=""
 BOUNCER_DIR=""
 PGSHIFT_CONFIGS=()
+DURABLE_SET=()    # ports whose fsync/synchronous_commit this script set
 CLEAN_LOGICAL=0   # set once the clusters' env is known: cleanup may touch them
 BENCH_PID=""      # the running pgbench (timeout) and lag sampler, for the cleanup
 WAIT_PID=""
@@ -251,6 +255,11 @@ cleanup() {
     # The spools hold every mirrored unit; they are not needed after the run.
     rm -rf "$RUN_DIR"/spool-*
     ((CLEAN_LOGICAL)) && drop_logical_all
+    for p in "${DURABLE_SET[@]}"; do
+        psql_at "$p" postgres "alter system reset fsync" >/dev/null 2>&1
+        psql_at "$p" postgres "alter system reset synchronous_commit" >/dev/null 2>&1
+        psql_at "$p" postgres "select pg_reload_conf()" >/dev/null 2>&1
+    done
     exit "$rc"
 }
 trap cleanup EXIT
@@ -290,6 +299,20 @@ fi
 
 CLEAN_LOGICAL=1
 drop_logical_all   # leftovers of an earlier run killed before its cleanup
+
+# Durable clusters for the comparison (DURABLE=1): Postgres waits for its WAL
+# flush at commit as pgshift-commit waits for its spool, as in production. Set
+# with ALTER SYSTEM (postgresql.auto.conf) and reset by the cleanup, which
+# brings back the test clusters' own fsync = off.
+if [[ "$DURABLE" == 1 ]]; then
+    for p in "$SOURCE_PORT" "$TARGET_PORT"; do
+        DURABLE_SET+=("$p")
+        psql_at "$p" postgres "alter system set fsync = on" >/dev/null
+        psql_at "$p" postgres "alter system set synchronous_commit = on" >/dev/null
+        psql_at "$p" postgres "select pg_reload_conf()" >/dev/null
+    done
+    sleep 1
+fi
 
 step "database $DB at scale $SCALE on source and target"
 for port in "$SOURCE_PORT" "$TARGET_PORT"; do

@@ -48,6 +48,47 @@ async fn simple_value(client: &Client, sql: &str) -> String {
         .unwrap_or_else(|| panic!("no row from {sql}"))
 }
 
+/// A proxy with every policy on: mirroring (spool in the returned
+/// directory), every read routed to the target, every read shadowed.
+fn every_policy_on() -> (Proxy, tempfile::TempDir) {
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().to_path_buf();
+    let p = Proxy::start_with(move |cfg| {
+        common::mirror::mirror_config(cfg, &dir);
+        let mut r = toml_edit::Table::new();
+        r["read_percent"] = toml_edit::value(100.0);
+        cfg["routing"] = toml_edit::Item::Table(r);
+        let mut s = toml_edit::Table::new();
+        s["sample_percent"] = toml_edit::value(100.0);
+        s["mismatch_log"] = toml_edit::value(dir.join("mismatches.jsonl").display().to_string());
+        cfg["shadow"] = toml_edit::Item::Table(s);
+    });
+    (p, spool)
+}
+
+/// With mirroring on, waits until the target has the session's writes, so
+/// that the reads after it may be routed (read-your-writes keeps them on
+/// the source until then). Nothing to wait for without a mirror.
+async fn settle(p: &Proxy) {
+    tokio::task::block_in_place(|| {
+        if p.status()["mirror"]["enabled"] == true {
+            p.wait_mirror_drained(120);
+        }
+    });
+}
+
+/// The mirror took every write the session made, with no divergence; with
+/// `routed`, the target served some of the reads.
+fn assert_mirrored_alike(p: &Proxy, routed: bool) {
+    if routed {
+        let routing = &p.status()["metrics"]["routing"];
+        assert!(routing["target"]["reads"].as_u64() > Some(0), "{routing:#}");
+    }
+    let m = p.wait_mirror_drained(120);
+    assert_eq!(m["report"]["divergences_total"], 0, "{m:#}");
+    assert_eq!(m["report"]["gaps_total"], 0, "{m:#}");
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -338,9 +379,20 @@ async fn binary_bytea_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_queries_on_one_client() {
-    let p = Proxy::start();
+    pipelined_queries_on_one_client_through(&Proxy::start(), "pgshift_t_libs_pipeline").await;
+}
+
+/// The same with every policy on: mirroring, every read routed to the
+/// target and shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_on_one_client_with_every_policy_on() {
+    let (p, _spool) = tokio::task::block_in_place(every_policy_on);
+    pipelined_queries_on_one_client_through(&p, "pgshift_t_libs_pipeline_on").await;
+    tokio::task::block_in_place(|| assert_mirrored_alike(&p, true));
+}
+
+async fn pipelined_queries_on_one_client_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
-    let db = "pgshift_t_libs_pipeline";
     c.fresh_db(db);
     let client = connect(&p, db).await;
     client
@@ -351,6 +403,7 @@ async fn pipelined_queries_on_one_client() {
         .prepare("select $1::int4 * 2, repeat('x', $1::int4 % 97)")
         .await
         .unwrap();
+    settle(p).await;
 
     // Hundreds of requests in flight at once, some failing, one with a large
     // result: every answer must come back to the request it belongs to.
@@ -443,9 +496,20 @@ async fn pipelined_queries_on_one_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_error_then_rollback() {
-    let p = Proxy::start();
+    transaction_error_then_rollback_through(&Proxy::start(), "pgshift_t_libs_tx").await;
+}
+
+/// The same with every policy on: mirroring, every read routed to the
+/// target and shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_error_then_rollback_with_every_policy_on() {
+    let (p, _spool) = tokio::task::block_in_place(every_policy_on);
+    transaction_error_then_rollback_through(&p, "pgshift_t_libs_tx_on").await;
+    tokio::task::block_in_place(|| assert_mirrored_alike(&p, false));
+}
+
+async fn transaction_error_then_rollback_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
-    let db = "pgshift_t_libs_tx";
     c.fresh_db(db);
     let mut client = connect(&p, db).await;
     client
@@ -542,9 +606,20 @@ fn copy_rows(n: i32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_in_and_out() {
-    let p = Proxy::start();
+    copy_in_and_out_through(&Proxy::start(), "pgshift_t_libs_copy").await;
+}
+
+/// The same with every policy on: mirroring, every read routed to the
+/// target and shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out_with_every_policy_on() {
+    let (p, _spool) = tokio::task::block_in_place(every_policy_on);
+    copy_in_and_out_through(&p, "pgshift_t_libs_copy_on").await;
+    tokio::task::block_in_place(|| assert_mirrored_alike(&p, true));
+}
+
+async fn copy_in_and_out_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
-    let db = "pgshift_t_libs_copy";
     c.fresh_db(db);
     let client = connect(&p, db).await;
     client
@@ -792,9 +867,20 @@ async fn large_query_and_parse_messages() {
 
 #[test]
 fn psycopg3_session() {
-    let p = Proxy::start();
+    psycopg3_session_through(&Proxy::start(), "pgshift_t_libs_psycopg");
+}
+
+/// The same with every policy on: mirroring, every read routed to the
+/// target and shadowed.
+#[test]
+fn psycopg3_session_with_every_policy_on() {
+    let (p, _spool) = every_policy_on();
+    psycopg3_session_through(&p, "pgshift_t_libs_psycopg_on");
+    assert_mirrored_alike(&p, false);
+}
+
+fn psycopg3_session_through(p: &Proxy, db: &str) {
     let c = &p.clusters;
-    let db = "pgshift_t_libs_psycopg";
     c.fresh_db(db);
     let script = repo_root().join("tests/python/psycopg_session.py");
     let conninfo = format!(

@@ -255,11 +255,10 @@ async fn fourth_client_over_the_limit_gets_53300() {
 
 /// Postgres answers an SSLRequest before it reports "too many clients", so
 /// libpq clients negotiating SSL (the default, sslmode=prefer) see the 53300.
-/// pgshift writes the ErrorResponse the moment it accepts the connection,
-/// before reading anything; libpq then gets 'E' in answer to its SSLRequest
-/// and, since the CVE-2024-10977 fix, reports only "server sent an error
-/// response during SSL exchange". Known proxy bug: see listener.rs
-/// `too_many_clients`.
+/// An ErrorResponse in answer to the SSLRequest itself would make libpq
+/// (since the CVE-2024-10977 fix) report only "server sent an error response
+/// during SSL exchange": pgshift negotiates first, as Postgres does
+/// (`refuse_over_limit` in src/session/mod.rs).
 #[test]
 fn over_limit_client_negotiating_ssl_sees_53300() {
     let p = Proxy::start_with(|c| c["limits"]["max_client_connections"] = toml_edit::value(1));

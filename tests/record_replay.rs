@@ -345,6 +345,13 @@ fn a_full_buffer_drops_recording_not_the_client() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // The capture with its dropped runs reads to its end as a valid one:
+    // a report, nothing replayed (so nothing tried the unreachable URL).
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&check.stdout)));
+    assert_eq!(report["errors_total"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["started"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["failed_to_connect"], 0, "{report:#}");
 }
 
 /// A truncated or corrupt capture is rejected with an error naming the

@@ -259,6 +259,80 @@ async fn a_session_reads_its_own_insert_at_100_percent_under_write_load() {
     assert_eq!(st["mirror"]["report"]["divergences_total"], 0, "{st:#}");
 }
 
+/// Read-your-writes with a target that is provably stale: a lock held on
+/// the target (EXCLUSIVE: reads pass, writes wait) keeps the mirror from
+/// applying the session's insert, so only the source has the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reads_its_own_write_from_the_source_while_the_target_is_stale() {
+    let (p, _spool) = mirrored_routing_proxy(100.0);
+    let c = p.clusters.clone();
+    let db = "route_ryw_stale";
+    c.fresh_db(db);
+    mark_sides(&c, db);
+    psql_ok(
+        &p.url(SUPERUSER, db),
+        &["-c", "CREATE TABLE w(id int PRIMARY KEY)"],
+        None,
+    );
+    p.wait_mirror_drained(60);
+    let mut direct = tokio_postgres::Config::new();
+    direct
+        .host(&c.host)
+        .port(c.target_port)
+        .user(SUPERUSER)
+        .dbname(db);
+    let (locker, conn) = direct.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE w IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let count = format!("SELECT count(*), {SIDE} FROM w");
+    let (writer, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    writer
+        .execute("INSERT INTO w VALUES (1)", &[])
+        .await
+        .unwrap();
+    // Another session, with no writes of its own, reads the stale target.
+    let (other, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // (Its first reads may run on the source while its target link logs in.)
+    let mut served = None;
+    for _ in 0..200 {
+        let row = other.query_one(&count, &[]).await.unwrap();
+        if row.get::<_, i32>(1) == c.target_port as i32 {
+            served = Some(row.get::<_, i64>(0));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        served,
+        Some(0),
+        "the stale target should serve the other session"
+    );
+    // The writer's own read goes to the source, and finds its row.
+    for _ in 0..3 {
+        let row = writer.query_one(&count, &[]).await.unwrap();
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i32>(1)),
+            (1, c.source_port as i32),
+            "read-your-writes"
+        );
+        let side = first_value(&writer, &format!("SELECT {SIDE} FROM w WHERE id = 1")).await;
+        assert_eq!(side, c.source_port.to_string());
+    }
+    // Once the mirror has applied it, the writer's reads go to the target.
+    locker.batch_execute("COMMIT").await.unwrap();
+    tokio::task::block_in_place(|| p.wait_mirror_drained(60));
+    let row = writer.query_one(&count, &[]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i32>(1)),
+        (1, c.target_port as i32)
+    );
+}
+
 #[test]
 fn prepared_statements_work_on_both_sides_in_every_protocol_mode() {
     let (p, _spool) = mirrored_routing_proxy(50.0);

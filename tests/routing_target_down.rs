@@ -53,10 +53,8 @@ fn a_failing_target_costs_routed_reads_nothing() {
         .map(|k| r["fallbacks"][k].as_u64().unwrap())
         .sum();
     assert!(fallbacks > 0, "no fallback counted: {r:#}\n{text}");
-    assert!(
-        r["source"]["reads"].as_u64().unwrap() > 0 || fallbacks > 0,
-        "{r:#}"
-    );
+    // The reads that fell back were answered by the source, and counted so.
+    assert!(r["source"]["reads"].as_u64().unwrap() > 0, "{r:#}");
     // Links come back (backoff up to a few seconds) and reads return.
     let before = p.stat("/metrics/routing/target/reads");
     p.wait_for(30, "reads on the target again", |p| {

@@ -55,6 +55,10 @@ fn statement(node: &N, rules: &Rules) -> Class {
         N::CopyStmt(c) => {
             if c.is_from {
                 Class::Write
+            } else if c.is_program || !c.filename.is_empty() {
+                // `COPY ... TO 'file'` / `TO PROGRAM`: writes on the server's
+                // host (a file, a program's effects), not to the client.
+                Class::Read(Reads::SERVER)
             } else {
                 match (
                     c.query.as_ref().and_then(|q| q.node.as_ref()),

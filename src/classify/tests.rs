@@ -93,6 +93,9 @@ fn reads_of_server_or_session_state_are_not_portable() {
         "SELECT table_name FROM information_schema.tables",
         "SELECT typname FROM pg_type WHERE oid = $1",
         "COPY pg_class TO STDOUT",
+        // Files and programs on the server's own host.
+        "COPY t TO '/tmp/t.csv'",
+        "COPY (SELECT 1) TO PROGRAM 'cat > /dev/null'",
     ] {
         assert_eq!(one(sql), SERVER, "{sql}");
     }

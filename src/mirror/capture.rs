@@ -730,7 +730,15 @@ impl Capture {
         match class {
             Class::Write => self.open.write = true,
             Class::Read(r) if r.calls => self.open.calls = true,
-            Class::TxnControl => self.open.commitish = true,
+            Class::TxnControl => {
+                self.open.commitish = true;
+                // PREPARE TRANSACTION: even a transaction that wrote nothing
+                // must exist, prepared, on the target, for the COMMIT or
+                // ROLLBACK PREPARED that follows (mirrored as a write).
+                if first_word_is(text, &["prepare"]) {
+                    self.open.write = true;
+                }
+            }
             Class::Execute { name } if self.sql_prepared.get(&name).copied().unwrap_or(true) => {
                 self.open.write = true
             }

@@ -104,6 +104,16 @@ fn is_lock_function(name: &str) -> bool {
     name.starts_with("pg_advisory") || name.starts_with("pg_try_advisory")
 }
 
+/// Whether `sql` is one read of server-local state (the catalog, OIDs,
+/// statistics): its answer differs between two servers holding the same
+/// data, so the mirror's outcome check does not compare its row count.
+pub fn is_server_local_read(sql: &str) -> bool {
+    matches!(
+        parser::classify(sql, &Rules::default()).as_slice(),
+        [Class::Read(r)] if r.scope == Scope::Server
+    )
+}
+
 /// The classifier's configuration: functions the operator names as writing.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {

@@ -361,3 +361,22 @@ fn the_lexical_pass_answers_the_common_shapes_and_the_cache_the_rest() {
     c.classify("SELECT * FROM t FOR UPDATE");
     assert_eq!((c.stats.parsed, c.stats.cached), (1, 1));
 }
+
+#[test]
+fn server_local_reads_are_told_from_data_reads_for_the_outcome_check() {
+    assert!(crate::classify::is_server_local_read(
+        "SELECT t.oid, t.typname FROM pg_catalog.pg_type t WHERE t.oid = ANY($1::oid[])"
+    ));
+    assert!(crate::classify::is_server_local_read(
+        "SELECT count(*) FROM pg_stat_activity"
+    ));
+    assert!(!crate::classify::is_server_local_read(
+        "SELECT count(*) FROM orders"
+    ));
+    assert!(!crate::classify::is_server_local_read(
+        "UPDATE orders SET v = 1"
+    ));
+    assert!(!crate::classify::is_server_local_read(
+        "SELECT 1; SELECT oid FROM pg_class"
+    ));
+}

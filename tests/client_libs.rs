@@ -394,7 +394,7 @@ async fn pipelined_queries_on_one_client_with_every_policy_on() {
 async fn pipelined_queries_on_one_client_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
     c.fresh_db(db);
-    let client = connect(&p, db).await;
+    let client = connect(p, db).await;
     client
         .batch_execute("create table pipe (i int primary key, s text)")
         .await
@@ -511,7 +511,7 @@ async fn transaction_error_then_rollback_with_every_policy_on() {
 async fn transaction_error_then_rollback_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
     c.fresh_db(db);
-    let mut client = connect(&p, db).await;
+    let mut client = connect(p, db).await;
     client
         .batch_execute("create table ledger (id int primary key, amount int check (amount > 0))")
         .await
@@ -621,7 +621,7 @@ async fn copy_in_and_out_with_every_policy_on() {
 async fn copy_in_and_out_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
     c.fresh_db(db);
-    let client = connect(&p, db).await;
+    let client = connect(p, db).await;
     client
         .batch_execute("create table copytab (id int primary key, txt text, b bytea)")
         .await

@@ -52,6 +52,10 @@ pub struct Routed {
     /// Named statements it binds, to prepare on the target first.
     pub statements: Vec<(Box<[u8]>, Statement)>,
     pub started: Instant,
+    /// When the target connection was ready for it (logged in, session
+    /// state brought up to date): the target's own latency counts from
+    /// here, for the health monitor.
+    pub target_started: Option<Instant>,
     /// Sent inside a transaction on the target: it cannot fall back.
     pub in_txn: bool,
     /// A shadowed read: the answer relayed to the client is copied here.
@@ -77,6 +81,7 @@ impl Routed {
             frames,
             statements: Vec::new(),
             started: Instant::now(),
+            target_started: None,
             in_txn,
             shadow: None,
             shape: 0,

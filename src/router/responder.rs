@@ -410,7 +410,10 @@ where
         let took = req.started.elapsed();
         let s = Sample::new(Backend::Target, Kind::Read, None).shape(req.shape);
         let s = match outcome {
-            Outcome::Served => s.latency(took),
+            // The target's own time: a wait for the session's target login
+            // (or for its session state to be replayed) is not the target
+            // being slow; the client's whole wait is in route_metrics.
+            Outcome::Served => s.latency(req.target_started.map_or(took, |t| t.elapsed())),
             Outcome::Fallback(Fallback::QueryError | Fallback::Types, _) => return,
             // The guard stopped a "read" that writes: not the target's fault.
             Outcome::Fallback(Fallback::ServerError, d) if d.starts_with("25006") => s,
@@ -627,6 +630,7 @@ where
         if let Err((why, detail)) = self.sync_state(l).await {
             return Outcome::Fallback(why, detail);
         }
+        req.target_started = Some(Instant::now());
         // Statements this request binds, prepared here on first use (and
         // described, to see the types they name).
         // (Inside a routed transaction nothing can run elsewhere.)

@@ -108,11 +108,18 @@ impl World {
         )
     }
 
-    /// The responder takes a routed request off the queue (and answers it).
+    /// The responder takes a routed request off the queue (and answers it:
+    /// it counts a read the decider marked as counted, as the responder does
+    /// once the target has served it).
     fn take_routed(&self) -> usize {
         let r = self.link.queue.lock().unwrap().pop_front();
         self.link.target_in_flight.store(0, Relaxed);
-        r.map_or(0, |r| r.frames.len())
+        r.map_or(0, |r| {
+            if r.counted {
+                self.metrics.read(true);
+            }
+            r.frames.len()
+        })
     }
 }
 

@@ -91,9 +91,14 @@ impl CancelRegistry {
         Some((source.clone(), routed))
     }
 
-    /// Handles a CancelRequest: forwards it to the source if the key is
-    /// known, and to the target when a routed request of that session runs
-    /// there. As in Postgres, the requester gets no answer either way.
+    /// Handles a CancelRequest for a known key: forwards it to the backend
+    /// that runs the session's request now, as Postgres signals the one
+    /// backend it has. While a routed request runs on the target it goes
+    /// there only: the source backend is idle or runs a request pipelined
+    /// behind the routed one (which a cancel on one backend would not
+    /// reach), and a needless signal there could land late, on the
+    /// session's next statement. As in Postgres, the requester gets no
+    /// answer either way.
     pub async fn cancel(
         &self,
         key: &CancelKey,
@@ -107,18 +112,27 @@ impl CancelRegistry {
             return;
         };
         metrics.cancel_forwarded.inc();
-        let routed = async {
-            if let (Some(target), Some(k)) = (target, routed) {
-                send_cancel(target, &k).await;
+        match (target, routed) {
+            (Some(target), Some(k)) => {
+                debug!(
+                    pid = key.pid,
+                    target_pid = k.pid,
+                    "cancel forwarded to the target"
+                );
+                send_cancel(target, &k).await
             }
-        };
-        tokio::join!(routed, send_cancel(source, &source_key));
+            _ => {
+                debug!(pid = key.pid, "cancel forwarded to the source");
+                send_cancel(source, &source_key).await
+            }
+        }
+        debug!(pid = key.pid, "cancel delivered");
     }
 }
 
 /// How long a forwarded cancel waits for the server to close its
 /// connection (it does so once it has signalled the backend).
-const CANCEL_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CANCEL_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends one CancelRequest and waits until the server has closed the
 /// connection. Postgres signals the backend before it closes, and clients
@@ -139,7 +153,7 @@ async fn send_cancel(upstream: &Upstream, key: &CancelKey) {
             })
             .await;
             if drained.is_err() {
-                warn!(upstream = %upstream.addr(), "the server did not close the cancel connection within 5 s");
+                warn!(upstream = %upstream.addr(), "the server did not close the cancel connection within 30 s");
             }
         }
         Err(e) => {

@@ -77,11 +77,16 @@ def compare(out_dir, suites):
     """Reads OUT/direct/S.tsv and OUT/proxy/S.tsv for each suite S, plus the
     re-runs OUT/rerun-direct-N/S.tsv and OUT/rerun-proxy-N/S.tsv. A test
     that passed straight against Postgres and failed through pgshift is a
-    pgshift failure unless it also failed straight against Postgres in a
-    re-run (then it is flaky on its own and only reported). Exit code 1 when
-    there is any pgshift failure, or a suite ran no test at all."""
+    pgshift failure if it fails through pgshift again in a re-run and never
+    straight. One that also failed straight in a re-run is flaky on its own;
+    one that failed through pgshift once and passed every re-run through
+    pgshift and straight is a one-off: both are reported, neither fails the
+    run (a race that shows once in four runs is listed for a person to
+    look at, rather than failing CI by chance). Exit code 1 when there is
+    any pgshift failure, or a suite ran no test at all."""
     bad = []
     flaky = []
+    once = []
     lines = []
     empty = []
     reruns = sorted(
@@ -117,6 +122,8 @@ def compare(out_dir, suites):
             where += f"; direct again: {', '.join(direct_again) or 'not re-run'})"
             if "fail" in direct_again:
                 flaky.append(where)
+            elif proxy_again and all(o == "pass" for o in proxy_again):
+                once.append(where)
             else:
                 bad.append(where)
         for test_id in sorted(set(proxy) - set(direct)):
@@ -126,6 +133,9 @@ def compare(out_dir, suites):
     if flaky:
         print(f"\n{len(flaky)} test(s) failed through pgshift but also fail straight against Postgres (flaky on their own):")
         print("\n".join("  " + f for f in flaky))
+    if once:
+        print(f"\n{len(once)} test(s) failed once through pgshift and passed every re-run, through pgshift and straight (look at them; not counted as failures):")
+        print("\n".join("  " + f for f in once))
     if empty:
         print(f"\nno test passed straight against Postgres in: {', '.join(empty)} (is the suite set up?)")
     if bad:

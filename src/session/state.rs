@@ -243,6 +243,10 @@ pub struct FrontendInspector<'a> {
     msg_no: u64,
     /// This run holds bytes for the source.
     run_source: bool,
+    /// The client sent Terminate: it goes to the source at once, without
+    /// waiting for a routed answer nobody will read, so the source backend
+    /// leaves as soon as it would without the proxy.
+    terminating: bool,
 }
 
 /// What the messages of an extended-protocol request held so far, to know
@@ -277,6 +281,7 @@ impl<'a> FrontendInspector<'a> {
             route: None,
             msg_no: 0,
             run_source: false,
+            terminating: false,
         }
     }
 
@@ -670,7 +675,10 @@ impl FrontendInspector<'_> {
                 }
                 self.plan_message(tag, None);
             }
-            TERMINATE => return Ok(Verdict::ForwardAndStop),
+            TERMINATE => {
+                self.terminating = true;
+                return Ok(Verdict::ForwardAndStop);
+            }
             // A message shown whole only because a batch might have been
             // held (the settings changed in between): as if streamed.
             _ => verdict = self.header_source(tag, body),
@@ -850,7 +858,7 @@ impl Inspector for FrontendInspector<'_> {
             .route
             .as_ref()
             .map(|r| r.link)
-            .filter(|l| self.run_source && l.target_busy())?;
+            .filter(|l| self.run_source && !self.terminating && l.target_busy())?;
         Some(Box::pin(async move {
             crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
             Ok(())

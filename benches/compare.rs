@@ -26,7 +26,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::config::ShadowConfig;
 use pgshift::shadow::compare::{
-    compare, Collector, Comparison, IgnoredTableColumns, Order, Settings, SortKey,
+    compare, Collector, CompareSettings, Comparison, IgnoredTableColumns, Order, SortKey,
 };
 
 const INT4: u32 = 23;
@@ -135,7 +135,7 @@ struct Case {
     name: String,
     served: Msgs,
     shadow: Msgs,
-    settings: Arc<Settings>,
+    settings: Arc<CompareSettings>,
     orders: Vec<Order>,
     rows: u64,
     same: bool,
@@ -165,7 +165,7 @@ fn run(c: &Case, ignored: &Arc<IgnoredTableColumns>) -> Comparison {
 fn case(
     name: &str,
     rows: usize,
-    settings: &Arc<Settings>,
+    settings: &Arc<CompareSettings>,
     orders: Vec<Order>,
     shadow_change: impl Fn(usize, &mut Row),
     same: bool,
@@ -182,8 +182,8 @@ fn case(
 }
 
 fn cases() -> Vec<Case> {
-    let defaults = pgshift::shadow::Settings::from_config(&ShadowConfig::default()).compare;
-    let tolerant = Arc::new(Settings {
+    let defaults = pgshift::shadow::ShadowSettings::from_config(&ShadowConfig::default()).compare;
+    let tolerant = Arc::new(CompareSettings {
         float_tolerance: 1e-9,
         ..(*defaults).clone()
     });

@@ -8,7 +8,8 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::protocol::frame::decode_header;
 use pgshift::session::forward::{pump, MAX_STREAMED_MESSAGE};
-use pgshift::session::state::{BackendInspector, FrontendInspector, PreparedStatements, Shared};
+use pgshift::session::state::{BackendInspector, FrontendInspector};
+use pgshift::tracker::{PreparedStatements, Shared};
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];

@@ -23,8 +23,8 @@ use pgshift::config::{HashKey, RoutingConfig};
 use pgshift::protocol::message::{BIND, EXECUTE, SYNC};
 use pgshift::router::decide::{BatchStep, Decider, QueryRoute, RouteLink, SessionKeys};
 use pgshift::router::policy;
-use pgshift::router::{RouteMetrics, Router, Settings};
-use pgshift::session::state::PreparedStatements;
+use pgshift::router::{RouteMetrics, Router, RoutingSettings};
+use pgshift::tracker::PreparedStatements;
 
 const BATCH: usize = 1000;
 
@@ -190,7 +190,7 @@ fn policy_benches(c: &mut Criterion) {
             )
         })
         .collect();
-    let settings = Settings::from_config(&routing_config(10.0, HashKey::Session));
+    let settings = RoutingSettings::from_config(&routing_config(10.0, HashKey::Session));
 
     let mut g = c.benchmark_group("routing_policy");
     g.throughput(Throughput::Elements(BATCH as u64));

@@ -4,10 +4,12 @@
 # Usage: scripts/test.sh [CARGO TEST ARGS...] [-- TEST BINARY ARGS...]
 #
 #   scripts/test.sh                        # everything
-#   scripts/test.sh --test e2e             # one integration test target
+#   scripts/test.sh --test basic           # one integration test target
 #   scripts/test.sh -- some_test_name      # filter, passed to the test binaries
 #
 # What it does:
+#   0. checks that the crate's modules import each other without a cycle
+#      (scripts/check_layers.py; the layers are in docs/architecture.md)
 #   1. installs what is missing (PostgreSQL, pgbouncer, openssl, psycopg) — scripts/lib.sh
 #   2. raises `ulimit -n` to 65536 (or as high as the hard limit allows)
 #   3. starts the two test clusters (scripts/cluster.sh start) and exports their
@@ -53,6 +55,9 @@ fi
 step "installing missing dependencies"
 ensure_deps
 command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH"
+
+step "checking the module layers (scripts/check_layers.py)"
+python3 "$ROOT/scripts/check_layers.py" || die "an import cycle among the crate's modules (see above)"
 
 step "raising the open-file limit"
 want=65536

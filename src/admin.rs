@@ -14,10 +14,9 @@
 //! token), statement texts and data in responses are redacted (`redact`).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -26,66 +25,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use tracing::{debug, info};
 
+use crate::config::hosts::split_host;
 use crate::proxy::Proxy;
-
-/// Reads a bearer token file: its first line, trimmed, must not be empty,
-/// and no one but its owner may read or write it.
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if crate::private_files::is_shared(meta.permissions().mode()) {
-        bail!(
-            "{} has group or world access (mode {:04o}); permissions should be u=rw (0600) or less",
-            path.display(),
-            meta.permissions().mode() & 0o7777
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.is_empty() {
-        bail!("{} holds no token", path.display());
-    }
-    Ok(token)
-}
-
-/// Splits a Host value into its host (`name`, `1.2.3.4` or `[v6]`) and
-/// port; `None` when it is not of that shape.
-fn split_host(h: &str) -> Option<(&str, Option<&str>)> {
-    let (host, port) = if h.starts_with('[') {
-        let end = h.find(']')?;
-        let (host, rest) = h.split_at(end + 1);
-        match rest {
-            "" => (host, None),
-            r => (host, Some(r.strip_prefix(':')?)),
-        }
-    } else {
-        match h.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (h, None),
-        }
-    };
-    if host.is_empty() || port.is_some_and(|p| p.parse::<u16>().is_err()) {
-        return None;
-    }
-    Some((host, port))
-}
-
-/// Whether `h` may be listed in `admin.allowed_hosts`: a host name, an
-/// IPv4 address or a bracketed IPv6 address, with an optional `:port`.
-pub fn valid_allowed_host(h: &str) -> bool {
-    match split_host(h) {
-        Some((host, _)) if host.starts_with('[') => host
-            .strip_prefix('[')
-            .and_then(|v| v.strip_suffix(']'))
-            .is_some_and(|v| v.parse::<std::net::Ipv6Addr>().is_ok()),
-        Some((host, _)) => host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'),
-        None => false,
-    }
-}
 
 /// Hosts always allowed, with any port.
 const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]"];
@@ -432,7 +373,7 @@ async fn put_routing(State(st): State<AdminState>, body: axum::body::Bytes) -> R
     if let Err((key, reason)) = cfg.validate() {
         return bad_request(Some(&key), &reason);
     }
-    let mut new = crate::router::Settings::from_config(&cfg);
+    let mut new = crate::router::RoutingSettings::from_config(&cfg);
     new.failed_back = live.failed_back.clone();
     new.limit = live.limit.clone();
     if new == *live {
@@ -526,20 +467,5 @@ mod tests {
         let public: SocketAddr = "[fd00::7]:9930".parse().unwrap();
         assert!(host_allowed("[fd00::7]:9930", public, &none));
         assert!(!host_allowed("[fd00::7]:9931", public, &none));
-    }
-
-    #[test]
-    fn token_files_others_can_read_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let tf = dir.path().join("t");
-        std::fs::write(&tf, "tok\n").unwrap();
-        for mode in [0o644, 0o604, 0o660, 0o602] {
-            std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(mode)).unwrap();
-            let e = read_token(&tf).unwrap_err().to_string();
-            assert!(e.contains("group or world access"), "{mode:o}: {e}");
-        }
-        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o400)).unwrap();
-        assert_eq!(read_token(&tf).unwrap(), "tok");
     }
 }

@@ -50,7 +50,7 @@ impl Audit {
     /// error the caller must not apply the change.
     pub fn record(&self, kind: &str, who: &str, fields: Value) -> io::Result<()> {
         let mut entry = json!({
-            "time_us": crate::mirror::capture::now_us(),
+            "time_us": crate::clock::now_us(),
             "kind": kind,
             "who": who,
         });
@@ -92,7 +92,7 @@ mod tests {
         let path = dir.path().join("sub/audit.jsonl");
         let a = Audit::open(&path).unwrap();
         a.record("start", "start", json!({"epoch": 1})).unwrap();
-        let t = crate::mirror::capture::now_us();
+        let t = crate::clock::now_us();
         a.record(
             "config_reload",
             "signal",

@@ -12,9 +12,39 @@ use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
 use crate::net::connect::Upstream;
 use crate::protocol::startup::CancelKey;
+
+/// CancelRequests received, by outcome (exported by `/metrics`).
+pub struct CancelMetrics {
+    pub forwarded: Counter,
+    pub unknown_key: Counter,
+}
+
+impl CancelMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let cancels = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "cancel_requests",
+            "CancelRequests received, by outcome",
+            cancels.clone(),
+        );
+        let forwarded = cancels
+            .get_or_create(&vec![("result", "forwarded")])
+            .clone();
+        let unknown_key = cancels
+            .get_or_create(&vec![("result", "unknown_key")])
+            .clone();
+        Self {
+            forwarded,
+            unknown_key,
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct CancelRegistry {
@@ -104,14 +134,14 @@ impl CancelRegistry {
         key: &CancelKey,
         source: &Upstream,
         target: Option<&Upstream>,
-        metrics: &Metrics,
+        metrics: &CancelMetrics,
     ) {
         let Some((source_key, routed)) = self.resolve_both(key) else {
-            metrics.cancel_unknown_key.inc();
+            metrics.unknown_key.inc();
             debug!(pid = key.pid, "cancel request with an unknown key");
             return;
         };
-        metrics.cancel_forwarded.inc();
+        metrics.forwarded.inc();
         match (target, routed) {
             (Some(target), Some(k)) => {
                 debug!(

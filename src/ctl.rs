@@ -28,7 +28,7 @@ impl AdminClient {
             .admin
             .token_file
             .as_deref()
-            .map(crate::admin::read_token)
+            .map(crate::private_files::read_token)
             .transpose()?;
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -14,7 +14,8 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::proxy::{Phase, Proxy};
+use crate::lifecycle::Phase;
+use crate::proxy::Proxy;
 use crate::workers::Workers;
 
 /// Over-limit connections answered concurrently with "too many clients"
@@ -45,7 +46,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         let token = admin
             .token_file
             .as_deref()
-            .map(crate::admin::read_token)
+            .map(crate::private_files::read_token)
             .transpose()?;
         let admin_listener = crate::admin::bind(addr).await?;
         let proxy = Arc::clone(&proxy);
@@ -321,7 +322,7 @@ fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
                 Err(e) => warn!(error = %e, "cannot start the health checks"),
             }
         })?;
-    crate::health::monitor::start(Arc::clone(proxy))
+    crate::failback::start(Arc::clone(proxy))
 }
 
 /// How often the config file is checked for changes.
@@ -344,7 +345,7 @@ async fn file_digest(path: &std::path::Path) -> Option<u64> {
 /// new epoch and is in the audit log before it takes effect.
 fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let new = match Config::load(path) {
+    let new = match crate::preflight::load(path) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, by = who, "config reload rejected; keeping the running config");
@@ -445,7 +446,7 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
         }));
     }
     // Shadow: every key but the sizes and the log path, from the file.
-    let shadow_new = crate::shadow::Settings::from_config(&new.shadow);
+    let shadow_new = crate::shadow::ShadowSettings::from_config(&new.shadow);
     let shadow_changed = proxy.shadow.as_ref().is_some_and(|sh| {
         let live = sh.settings();
         (*live != shadow_new).then(|| {

@@ -195,7 +195,7 @@ fn main() -> ExitCode {
             return replay(args);
         }
     }
-    let config = match Config::load(&cli.config) {
+    let config = match pgshift::preflight::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pgshift: invalid config: {e}");

@@ -11,6 +11,7 @@
 //! Every module that writes data to disk (the spool, the in-flight journal,
 //! the logs, recordings) creates its files through these helpers.
 
+use anyhow::{bail, Context};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -123,6 +124,28 @@ pub fn is_shared(mode: u32) -> bool {
     mode & OTHERS != 0
 }
 
+/// Reads a bearer token file: its first line, trimmed, must not be empty,
+/// and no one but its owner may read or write it.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if is_shared(meta.permissions().mode()) {
+        bail!(
+            "{} has group or world access (mode {:04o}); permissions should be u=rw (0600) or less",
+            path.display(),
+            meta.permissions().mode() & 0o7777
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        bail!("{} holds no token", path.display());
+    }
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +206,20 @@ mod tests {
         create_dir_all(&shared.join("mine")).unwrap();
         assert_eq!(mode(&shared), 0o755);
         assert_eq!(mode(&shared.join("mine")), 0o700);
+    }
+
+    #[test]
+    fn token_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("t");
+        std::fs::write(&tf, "tok\n").unwrap();
+        for mode in [0o644, 0o604, 0o660, 0o602] {
+            std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token(&tf).unwrap_err().to_string();
+            assert!(e.contains("group or world access"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(read_token(&tf).unwrap(), "tok");
     }
 }

@@ -16,15 +16,7 @@ use crate::net::connect::Upstream;
 use crate::upstream::passfile::PassFile;
 use crate::upstream::target::TargetLinks;
 
-/// Lifecycle of the whole proxy, watched by every session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Running,
-    /// Stop accepting; end each session at its next idle moment.
-    Draining,
-    /// The drain deadline passed: end every session now.
-    Closing,
-}
+use crate::lifecycle::Phase;
 
 pub struct Proxy {
     pub config: Config,
@@ -93,7 +85,7 @@ impl Proxy {
                 upstream: Upstream::new("target", &config.target)?,
                 passfile,
                 keepalive: Duration::from_secs(config.target.keepalive_s),
-                metrics: Arc::clone(&metrics),
+                metrics: Arc::clone(&metrics.target_links),
                 last_login_failed: std::sync::atomic::AtomicBool::new(false),
             }))
         } else {
@@ -102,7 +94,7 @@ impl Proxy {
         let mirror = config
             .mirror
             .as_ref()
-            .map(|m| Mirror::open(m, Arc::clone(&metrics), Some(Arc::clone(&audit))))
+            .map(|m| Mirror::open(m, Arc::clone(&metrics.mirror), Some(Arc::clone(&audit))))
             .transpose()?;
         let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
             (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
@@ -124,8 +116,10 @@ impl Proxy {
             |m| Arc::clone(&m.rules),
         );
         let (shadow, shadow_jobs) = if targets.is_some() {
-            let report =
-                crate::shadow::Report::open(&config.shadow.mismatch_log, metrics.shadow.clone())?;
+            let report = crate::shadow::MismatchReport::open(
+                &config.shadow.mismatch_log,
+                metrics.shadow.clone(),
+            )?;
             let (s, rx) = crate::shadow::Shadow::new(&config.shadow, Arc::new(report));
             (Some(s), Some(rx))
         } else {
@@ -208,7 +202,7 @@ impl Proxy {
         &self,
         kind: &str,
         who: &str,
-        new: crate::router::Settings,
+        new: crate::router::RoutingSettings,
         extra: serde_json::Value,
     ) -> Result<u64, ChangeError> {
         self.change_routing(kind, who, new, extra, false)
@@ -223,7 +217,7 @@ impl Proxy {
         &self,
         kind: &str,
         who: &str,
-        new: crate::router::Settings,
+        new: crate::router::RoutingSettings,
         extra: serde_json::Value,
     ) -> Result<u64, ChangeError> {
         self.change_routing(kind, who, new, extra, true)
@@ -233,7 +227,7 @@ impl Proxy {
         &self,
         kind: &str,
         who: &str,
-        new: crate::router::Settings,
+        new: crate::router::RoutingSettings,
         extra: serde_json::Value,
         urgent: bool,
     ) -> Result<u64, ChangeError> {

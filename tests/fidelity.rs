@@ -11,6 +11,8 @@ mod common;
 use common::mirror::*;
 use common::*;
 
+use std::time::Duration;
+
 use tokio_postgres::NoTls;
 
 /// A proxy mirroring into a spool in the returned directory, with row
@@ -209,6 +211,22 @@ CREATE SEQUENCE direct_seq;
         ),
     );
     p.wait_mirror_drained(60);
+    // The database was made after the proxy started (its first slot went
+    // with the old one): rows exist only for transactions that commit once
+    // the stream's new slot is active.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while c.sql(
+        c.source_port,
+        "postgres",
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{db}' AND active"),
+    ) != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the row image stream never came back for {db}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("gen.sql");
     // Ids taken in one order, commits in another (the sleep lets other

@@ -745,7 +745,7 @@ async fn bogus_cancel_requests_are_ignored_and_real_ones_work() {
     );
     canceller.await.unwrap().unwrap();
     // The session survives its cancelled query.
-    let row = client.query_one("select 1::int", &[]).await.unwrap();
+    let row = query_one_after_cancel(&client, "select 1::int", &[]).await;
     assert_eq!(row.get::<_, i32>(0), 1);
     drop(client);
     task.await.unwrap().unwrap();

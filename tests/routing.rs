@@ -643,10 +643,7 @@ async fn a_cancel_reaches_the_routed_query_on_the_target() {
         started.elapsed()
     );
     // The session goes on, still routed.
-    let row = client
-        .query_one(&format!("SELECT {SIDE}"), &[])
-        .await
-        .unwrap();
+    let row = query_one_after_cancel(&client, &format!("SELECT {SIDE}"), &[]).await;
     assert_eq!(row.get::<_, i32>(0), target_port);
     // A cancel lands on the query it was sent for, never on the next one.
     // Postgres 15 signals a backend twice per cancel (its pid, then its

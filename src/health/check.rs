@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
-use super::{Backend, Fault, Health, Kind, Sample};
+use super::{Backend, Fault, Health, Sample, SampleKind};
 use crate::net::connect::Upstream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::read_message;
@@ -118,7 +118,7 @@ impl Checker {
                 status.failures.store(0, Relaxed);
                 status.ok.fetch_add(1, Relaxed);
             }
-            health.record(Sample::new(self.backend, Kind::Check, fault));
+            health.record(Sample::new(self.backend, SampleKind::Check, fault));
         }
     }
 

@@ -58,7 +58,7 @@ impl Backend {
 /// What the proxy asked of the backend (in the order of `ALL`: the
 /// discriminant indexes per-kind counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum SampleKind {
     /// A client's eligible read (served, or attempted on the target).
     Read,
     /// A mirrored unit applied on the target.
@@ -69,14 +69,19 @@ pub enum Kind {
     Check,
 }
 
-impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Read, Kind::Mirror, Kind::Shadow, Kind::Check];
+impl SampleKind {
+    pub const ALL: [SampleKind; 4] = [
+        SampleKind::Read,
+        SampleKind::Mirror,
+        SampleKind::Shadow,
+        SampleKind::Check,
+    ];
     pub fn label(self) -> &'static str {
         match self {
-            Kind::Read => "read",
-            Kind::Mirror => "mirror",
-            Kind::Shadow => "shadow",
-            Kind::Check => "check",
+            SampleKind::Read => "read",
+            SampleKind::Mirror => "mirror",
+            SampleKind::Shadow => "shadow",
+            SampleKind::Check => "check",
         }
     }
 }
@@ -138,12 +143,12 @@ pub struct Sample {
     /// (only reads served, and timeouts, have one).
     pub latency_us: u32,
     pub backend: Backend,
-    pub kind: Kind,
+    pub kind: SampleKind,
     pub fault: Option<Fault>,
 }
 
 impl Sample {
-    pub fn new(backend: Backend, kind: Kind, fault: Option<Fault>) -> Self {
+    pub fn new(backend: Backend, kind: SampleKind, fault: Option<Fault>) -> Self {
         Self {
             shape: 0,
             latency_us: 0,
@@ -191,7 +196,7 @@ pub struct Recorder {
 impl Recorder {
     fn new() -> Self {
         Self {
-            shards: (0..crate::router::SHARDS)
+            shards: (0..crate::clock::SHARDS)
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
             dropped: AtomicU64::new(0),
@@ -202,7 +207,7 @@ impl Recorder {
     /// ever contends for.
     #[inline]
     pub fn record(&self, s: Sample) {
-        let mut v = self.shards[crate::router::shard()]
+        let mut v = self.shards[crate::clock::shard()]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if v.len() >= SHARD_CAP {

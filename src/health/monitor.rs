@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Tripped: the target gets no reads (or, in per-fingerprint mode, the
-//! blamed shapes get none), through `router::Limit`; `read_percent` stays
+//! blamed shapes get none), through a cap on routing (`RoutingCap`, which
+//! `failback` turns into `router::Limit`); `read_percent` stays
 //! as configured. Probing: the cap is `probe_percent`, doubled every
 //! `step_s` while the rules stay quiet. With `recovery = "manual"` the
 //! machine stays tripped until `POST /resume` lifts the cap. Every
@@ -23,22 +24,22 @@
 //! windows, the settings, what the monitor reads from the rest of the
 //! proxy (`Outside`) and the time it is given, which returns a `Decision`
 //! (a new cap on routing, what to audit, the next state); and the effects
-//! (`Monitor::tick` turns the decision into routing settings and audit
-//! evidence; the monitor thread applies them and then `commit`s). The unit
-//! tests below drive `decide` with synthetic samples and `Instant`s.
+//! (`Monitor::tick` turns the decision into a routing cap and audit
+//! evidence; the monitor thread in `failback` applies them and then
+//! `commit`s). This module knows neither the proxy nor the router: what it
+//! reads of them comes in as `Outside`, what it asks of them goes out as a
+//! `Change`. The unit tests below drive `decide` with synthetic samples and
+//! `Instant`s.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::rules::{self, Breach, Inputs};
 use super::window::Window;
-use super::{Backend, Fault, Health, Kind, Sample};
+use super::{Backend, Fault, Health, Sample, SampleKind};
 use crate::config::{FailbackConfig, Recovery};
-use crate::proxy::Proxy;
-use crate::router::Limit;
 
 /// How often the monitor looks: reads leave a tripped target within this
 /// (plus the rules' own time) of the window crossing a threshold.
@@ -85,17 +86,37 @@ enum Phase {
 
 /// What a tick reads from outside the health monitor.
 #[derive(Debug, Clone)]
-struct Outside {
+pub struct Outside {
     /// `routing.read_percent` as configured.
-    read_percent: f64,
+    pub read_percent: f64,
+    /// The share of reads routed now, with any cap applied.
+    pub effective_percent: f64,
     /// No health cap in force: none was set, or a resume lifted it.
-    uncapped: bool,
+    pub uncapped: bool,
     /// There is a target to route to.
-    has_target: bool,
+    pub has_target: bool,
     /// The mirror's lag, when there is a mirror.
-    mirror_lag_s: Option<f64>,
+    pub mirror_lag_ms: Option<i64>,
     /// Failed health checks of the target in a row.
-    check_failures: u32,
+    pub check_failures: u32,
+}
+
+impl Outside {
+    fn mirror_lag_s(&self) -> Option<f64> {
+        self.mirror_lag_ms.map(|ms| ms as f64 / 1000.0)
+    }
+}
+
+/// The cap on routing a change asks for (`failback` makes it a
+/// `router::Limit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingCap {
+    /// The most of the eligible reads that may go to the target.
+    pub percent: f64,
+    /// Only these statement shapes are capped; `None`: every read.
+    pub shapes: Option<HashSet<u64>>,
+    /// Why, for status and the audit log.
+    pub why: String,
 }
 
 /// The cap on the target's share a decision sets.
@@ -149,13 +170,22 @@ impl Decision {
 /// A routing change a tick decided on. It is applied (audited, with an
 /// fsync) after the state lock is released, so `/status` never waits on
 /// the disk.
-struct Change {
+pub struct Change {
     decision: Decision,
-    settings: crate::router::Settings,
-    extra: serde_json::Value,
+    /// The cap from now on; `None` lifts it.
+    pub cap: Option<RoutingCap>,
+    /// The audit entry's evidence.
+    pub extra: serde_json::Value,
     /// A trip: applied before it is audited, and even when the audit log
     /// cannot be written (the application comes first; logged loudly).
-    force: bool,
+    pub force: bool,
+}
+
+impl Change {
+    /// The audit entry's kind (`failback_trip`, `failback_probe`, ...).
+    pub fn kind(&self) -> &'static str {
+        self.decision.kind
+    }
 }
 
 /// A rule's run of breaching ticks.
@@ -269,9 +299,9 @@ impl Monitor {
     }
 
     /// One look: take the samples, update the windows, decide, and leave
-    /// the change (if any) in `pending` for the monitor thread to apply.
-    /// The caller holds `proxy.change_lock`.
-    pub fn tick(&mut self, health: &Health, proxy: &Proxy, now: Instant) {
+    /// the change (if any) in `pending` for the monitor thread to apply
+    /// (`take_change`). The caller holds the proxy's change lock.
+    pub fn tick(&mut self, health: &Health, outside: &Outside, now: Instant) {
         let cfg = health.settings();
         self.fit(&cfg);
         let m = &health.metrics;
@@ -289,7 +319,7 @@ impl Monitor {
         });
         self.spare = spare;
         for b in [Backend::Source, Backend::Target] {
-            for k in Kind::ALL {
+            for k in SampleKind::ALL {
                 let n = requests[b as usize][k as usize];
                 if n > 0 {
                     m.requests
@@ -324,27 +354,19 @@ impl Monitor {
                 .set((t.error_rate() * 1e6) as i64);
         }
 
-        let routing = proxy.router.current();
-        let outside = Outside {
-            read_percent: routing.read_percent,
-            uncapped: routing.limit.is_none(),
-            has_target: proxy.targets.is_some(),
-            mirror_lag_s: proxy
-                .mirror
-                .as_ref()
-                .map(|_| proxy.metrics.mirror.lag_ms.get() as f64 / 1000.0),
-            check_failures: health.checks[Backend::Target as usize]
-                .failures
-                .load(std::sync::atomic::Ordering::Relaxed),
-        };
-        let decision = self.decide(&cfg, &outside, now);
+        let decision = self.decide(&cfg, outside, now);
         m.state.set(match self.phase {
             Phase::Healthy => 0,
             Phase::Tripped { .. } => 1,
             Phase::Probing { .. } => 2,
         });
-        m.read_cap.set((routing.effective_percent() * 100.0) as i64);
-        self.pending = decision.map(|d| self.change(health, proxy, &cfg, &outside, d));
+        m.read_cap.set((outside.effective_percent * 100.0) as i64);
+        self.pending = decision.map(|d| self.change(health, &cfg, outside, d));
+    }
+
+    /// The change the last tick decided on, for the monitor thread.
+    pub fn take_change(&mut self) -> Option<Change> {
+        self.pending.take()
     }
 
     /// The pure half of a tick: from the windows (already fed and expired
@@ -375,7 +397,7 @@ impl Monitor {
         let inputs = Inputs {
             target: self.windows[Backend::Target as usize].totals(),
             source_p95_ms: self.source_baseline.map(|(p, _)| p),
-            mirror_lag_s: out.mirror_lag_s,
+            mirror_lag_s: out.mirror_lag_s(),
             check_failures: out.check_failures,
         };
         let breaches = rules::evaluate(cfg, &inputs);
@@ -489,29 +511,18 @@ impl Monitor {
 
     /// The effects' half: the routing settings a decision asks for, and
     /// the evidence its audit entry carries.
-    fn change(
-        &self,
-        health: &Health,
-        proxy: &Proxy,
-        cfg: &FailbackConfig,
-        out: &Outside,
-        d: Decision,
-    ) -> Change {
-        let mut settings = (*proxy.router.current()).clone();
-        settings.limit = d.cap.as_ref().map(|cap| {
-            Arc::new(Limit {
-                percent: cap.percent,
-                threshold: crate::router::policy::threshold(cap.percent),
-                shapes: match &cap.scope {
-                    Scope::All => None,
-                    Scope::Shapes(s) => Some(s.clone()),
-                },
-                why: if d.is_trip() {
-                    format!("tripped: {}", d.rule)
-                } else {
-                    format!("probing after {}", d.rule)
-                },
-            })
+    fn change(&self, health: &Health, cfg: &FailbackConfig, out: &Outside, d: Decision) -> Change {
+        let cap = d.cap.as_ref().map(|cap| RoutingCap {
+            percent: cap.percent,
+            shapes: match &cap.scope {
+                Scope::All => None,
+                Scope::Shapes(s) => Some(s.clone()),
+            },
+            why: if d.is_trip() {
+                format!("tripped: {}", d.rule)
+            } else {
+                format!("probing after {}", d.rule)
+            },
         });
         let target_window = self.windows[Backend::Target as usize].totals().to_json();
         let extra = match (&d.cap, d.breaches.first()) {
@@ -532,7 +543,7 @@ impl Monitor {
                     "target": target_window,
                 },
                 "source_p95_baseline_ms": self.source_baseline.map(|(p, _)| p),
-                "mirror_lag_ms": proxy.mirror.as_ref().map(|_| proxy.metrics.mirror.lag_ms.get()),
+                "mirror_lag_ms": out.mirror_lag_ms,
                 "checks": {
                     "target_failures_in_a_row": out.check_failures,
                 },
@@ -552,13 +563,13 @@ impl Monitor {
         Change {
             force: d.is_trip(),
             decision: d,
-            settings,
+            cap,
             extra,
         }
     }
 
     /// The state follows a change once it is applied.
-    fn commit(&mut self, health: &Health, c: Change) {
+    pub fn commit(&mut self, health: &Health, c: Change) {
         let Change {
             decision, extra, ..
         } = c;
@@ -761,57 +772,6 @@ fn step(kind: &'static str, percent: f64, scope: Scope, rule: String, now: Insta
     }
 }
 
-/// Runs the monitor until the process ends.
-pub fn start(proxy: Arc<Proxy>) -> anyhow::Result<()> {
-    let Some(health) = proxy.health.clone() else {
-        return Ok(());
-    };
-    std::thread::Builder::new()
-        .name("pgshift-health".into())
-        .spawn(move || loop {
-            std::thread::sleep(TICK);
-            // Held through the change, so no reload or API change lands
-            // between the decision and its application.
-            let _serial = proxy.change_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let change = {
-                let mut st = health.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.tick(&health, &proxy, now);
-                st.pending.take()
-            };
-            let Some(c) = change else {
-                continue;
-            };
-            let r = if c.force {
-                proxy.set_routing_urgently(
-                    c.decision.kind,
-                    "health",
-                    c.settings.clone(),
-                    c.extra.clone(),
-                )
-            } else {
-                proxy.set_routing(
-                    c.decision.kind,
-                    "health",
-                    c.settings.clone(),
-                    c.extra.clone(),
-                )
-            };
-            let applied = match r {
-                Ok(_) => true,
-                Err(e) => {
-                    error!(error = %e.reason, kind = c.decision.kind, "failback change");
-                    c.force
-                }
-            };
-            if applied {
-                let mut st = health.state.lock().unwrap_or_else(|p| p.into_inner());
-                st.commit(&health, c);
-            }
-        })?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     //! The state machine on synthetic time: samples go straight into the
@@ -864,8 +824,9 @@ mod tests {
                 out: Outside {
                     read_percent,
                     uncapped: true,
+                    effective_percent: read_percent,
                     has_target: true,
-                    mirror_lag_s: None,
+                    mirror_lag_ms: None,
                     check_failures: 0,
                 },
                 now: Instant::now(),
@@ -878,7 +839,7 @@ mod tests {
         fn target(&mut self, shape: u64, n: u32, ms: u64, failed: u32) {
             for i in 0..n {
                 let fault = (i < failed).then_some(Fault::Server);
-                let s = Sample::new(Backend::Target, Kind::Read, fault)
+                let s = Sample::new(Backend::Target, SampleKind::Read, fault)
                     .latency(Duration::from_millis(ms))
                     .shape(shape);
                 self.m.add(self.now, &s);
@@ -887,7 +848,7 @@ mod tests {
 
         fn source(&mut self, n: u32, ms: u64) {
             for _ in 0..n {
-                let s = Sample::new(Backend::Source, Kind::Read, None)
+                let s = Sample::new(Backend::Source, SampleKind::Read, None)
                     .latency(Duration::from_millis(ms));
                 self.m.add(self.now, &s);
             }
@@ -1140,12 +1101,12 @@ mod tests {
     #[test]
     fn mirror_lag_trips_once_it_has_held() {
         let mut s = Sim::new(cfg(), 50.0);
-        s.out.mirror_lag_s = Some(45.0);
+        s.out.mirror_lag_ms = Some(45_000);
         assert!(s.run(SUSTAIN_TICKS - 1, |_| {}).is_empty());
-        s.out.mirror_lag_s = Some(1.0);
+        s.out.mirror_lag_ms = Some(1_000);
         assert!(s.tick().is_none());
         // Starts over.
-        s.out.mirror_lag_s = Some(45.0);
+        s.out.mirror_lag_ms = Some(45_000);
         let d = s.run(SUSTAIN_TICKS, |_| {});
         assert_eq!(steps(&d), [(SUSTAIN_TICKS, "failback_trip", Some(0.0))]);
         assert_eq!(d[0].1.rule, "mirror_lag");
@@ -1273,9 +1234,9 @@ mod tests {
         assert!(s.run(step - 2, healthy).is_empty());
         // Lagging on the tick the step is due and the three after it:
         // four ticks, not enough to trip.
-        s.out.mirror_lag_s = Some(45.0);
+        s.out.mirror_lag_ms = Some(45_000);
         assert!(s.run(SUSTAIN_TICKS - 1, healthy).is_empty());
-        s.out.mirror_lag_s = Some(1.0);
+        s.out.mirror_lag_ms = Some(1_000);
         let d = s.run(3, healthy);
         assert_eq!(steps(&d), [(1, "failback_step", Some(20.0))]);
     }

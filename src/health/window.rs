@@ -29,7 +29,7 @@ fn histogram(sigfig: u8) -> Histogram<u64> {
 #[derive(Clone)]
 pub struct Totals {
     pub requests: u64,
-    /// Requests by `Kind` (index as in `Kind::ALL`).
+    /// Requests by `SampleKind` (index as in `SampleKind::ALL`).
     pub by_kind: [u64; 4],
     /// Failures by `Fault` (index as in `Fault::ALL`).
     pub faults: [u64; 6],
@@ -227,11 +227,11 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Backend, Kind};
+    use super::super::{Backend, SampleKind};
     use super::*;
 
     fn read(ms: u64, fault: Option<Fault>) -> Sample {
-        Sample::new(Backend::Target, Kind::Read, fault).latency(Duration::from_millis(ms))
+        Sample::new(Backend::Target, SampleKind::Read, fault).latency(Duration::from_millis(ms))
     }
 
     #[test]

@@ -30,20 +30,20 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::order::{Entry, Sequencer};
-use super::record::{Outcome, TxnRecord};
 use super::report::{Divergence, NonDeterministic};
 use super::rows::{Change, Column, Value};
 use super::spool::{Read1, SpoolReader};
+use super::unit::{MirroredUnit, Outcome};
 use super::Mirror;
 use crate::classify::analyze::{analyze, Analysis, TwoPhase};
 use crate::classify::lexer;
+use crate::lifecycle::Phase;
 use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{read_message, HEADER_LEN};
 use crate::protocol::message::{put_message, take_cstr};
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::Phase;
 use crate::upstream::login::connect_and_login;
 use crate::upstream::passfile::PassFile;
 
@@ -100,6 +100,10 @@ const IDLE_CLOSE: Duration = Duration::from_secs(10);
 /// Give up on a unit after this many failed attempts (timeouts, lost
 /// connections while it ran) and record it as a divergence.
 const MAX_ATTEMPTS: u32 = 5;
+
+/// How long a decoded transaction no unit claims yet is kept for one that
+/// may still reach the spool (see `rows::Stream::pass`).
+const UNCLAIMED_ROW_IMAGES: Duration = Duration::from_secs(30);
 const MAX_TARGET_MESSAGE: usize = 1 << 30;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -159,7 +163,7 @@ struct Feed {
     /// Next seq to read.
     next: u64,
     seq: Sequencer,
-    records: HashMap<u64, TxnRecord>,
+    records: HashMap<u64, MirroredUnit>,
     bytes: usize,
 }
 
@@ -221,7 +225,7 @@ impl Feed {
 
     /// Removes unit `seq` as done; `rec` is its record if the caller took
     /// it out of `records`.
-    fn take(&mut self, seq: u64, rec: Option<&TxnRecord>) {
+    fn take(&mut self, seq: u64, rec: Option<&MirroredUnit>) {
         self.seq.applied(seq);
         let gone = self.records.remove(&seq);
         if let Some(r) = gone.as_ref().or(rec) {
@@ -239,7 +243,7 @@ impl Feed {
     }
 }
 
-fn record_bytes(r: &TxnRecord) -> usize {
+fn record_bytes(r: &MirroredUnit) -> usize {
     r.segments.iter().map(|s| s.messages.len()).sum::<usize>() + 256
 }
 
@@ -384,7 +388,7 @@ impl Applier {
                         // A commit in flight on another session may still come
                         // with a lower key: wait for it to be spooled or dropped.
                         if !waiting_for_order {
-                            self.mirror.metrics.mirror.order_waits.inc();
+                            self.mirror.metrics.order_waits.inc();
                             waiting_for_order = true;
                         }
                         tokio::select! {
@@ -430,9 +434,9 @@ impl Applier {
                     backoff = Duration::from_millis(100);
                     self.mirror.report.set_apply_state(None);
                     if now {
-                        self.mirror.metrics.mirror.applied.inc();
+                        self.mirror.metrics.applied.inc();
                     } else {
-                        self.mirror.metrics.mirror.already_applied.inc();
+                        self.mirror.metrics.already_applied.inc();
                     }
                     feed.take(seq, Some(&rec));
                     self.mirror
@@ -495,14 +499,14 @@ impl Applier {
     }
 
     fn publish_gauges(&self, applied: u64) {
-        let m = &self.mirror.metrics.mirror;
+        let m = &self.mirror.metrics;
         let last = self.mirror.spool.last_seq();
         m.lag_transactions.set(last.saturating_sub(applied) as i64);
         let oldest = self.mirror.oldest_unapplied_us.load(Ordering::Relaxed);
         m.lag_ms.set(if oldest == 0 {
             0
         } else {
-            (super::capture::now_us().saturating_sub(oldest) / 1000) as i64
+            (crate::clock::now_us().saturating_sub(oldest) / 1000) as i64
         });
         m.spool_bytes.set(self.mirror.spool.bytes() as i64);
         m.target_connections.set(self.conns.len() as i64);
@@ -510,9 +514,9 @@ impl Applier {
             .set(self.mirror.report.nondeterministic_count() as i64);
     }
 
-    fn give_up(&self, rec: &TxnRecord, why: &str) {
+    fn give_up(&self, rec: &MirroredUnit, why: &str) {
         let d = Divergence {
-            time_us: super::capture::now_us(),
+            time_us: crate::clock::now_us(),
             seq: rec.seq,
             session: rec.session,
             fingerprint: "apply-failed".into(),
@@ -529,7 +533,7 @@ impl Applier {
         self.mirror.unapplied(rec.seq, rec.xid, why);
     }
 
-    async fn connect(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
+    async fn connect(&mut self, rec: &MirroredUnit) -> Result<Conn, Retry> {
         let mut conn = self.connect_bare(rec).await?;
         if !self.progress.contains_key(&conn.database) {
             let p = self.setup_progress(&mut conn).await?;
@@ -539,7 +543,7 @@ impl Applier {
     }
 
     /// A connection as the unit's session, nothing read or set up on it.
-    async fn connect_bare(&mut self, rec: &TxnRecord) -> Result<Conn, Retry> {
+    async fn connect_bare(&mut self, rec: &MirroredUnit) -> Result<Conn, Retry> {
         let database = rec.database().to_string();
         let params = rec
             .startup
@@ -646,7 +650,7 @@ impl Applier {
 
     /// Applies one unit; `Ok(false)` when the target had applied it already.
     /// `after` is the progress once this unit is applied.
-    async fn apply(&mut self, rec: &TxnRecord, after: &(u64, Vec<u64>)) -> Result<bool, Retry> {
+    async fn apply(&mut self, rec: &MirroredUnit, after: &(u64, Vec<u64>)) -> Result<bool, Retry> {
         if !self.mirror.rows.streams.is_empty() {
             self.last_startup
                 .insert(rec.database().to_string(), rec.startup.clone());
@@ -684,7 +688,7 @@ impl Applier {
     /// Makes sure the backend of an abandoned attempt is gone: terminates
     /// it from a fresh connection (as the same role, which may signal its
     /// own backends) and waits until it has left `pg_stat_activity`.
-    async fn end_abandoned(&mut self, rec: &TxnRecord, a: &Abandoned) -> Result<(), Retry> {
+    async fn end_abandoned(&mut self, rec: &MirroredUnit, a: &Abandoned) -> Result<(), Retry> {
         // Nothing but the termination on this connection: whatever else
         // could wait for the locks the abandoned attempt holds.
         let mut conn = self.connect_bare(rec).await?;
@@ -751,7 +755,7 @@ impl Applier {
     async fn mark_applied(
         &mut self,
         conn: &mut Conn,
-        rec: &TxnRecord,
+        rec: &MirroredUnit,
         after: &(u64, Vec<u64>),
     ) -> Result<(), Retry> {
         let mut out = BytesMut::new();
@@ -777,7 +781,7 @@ impl Applier {
     async fn apply_on(
         &mut self,
         conn: &mut Conn,
-        rec: &TxnRecord,
+        rec: &MirroredUnit,
         after: &(u64, Vec<u64>),
     ) -> Result<bool, Retry> {
         if !self.progress.contains_key(&conn.database) {
@@ -872,7 +876,6 @@ impl Applier {
             }
             self.mirror
                 .metrics
-                .mirror
                 .nondeterministic
                 .set(self.mirror.report.nondeterministic_count() as i64);
         }
@@ -977,7 +980,6 @@ impl Applier {
                     self.mirror.report.target_error(code);
                     self.mirror
                         .metrics
-                        .mirror
                         .target_errors
                         .get_or_create(&vec![("class", code.get(..2).unwrap_or("??").to_string())])
                         .inc();
@@ -1010,7 +1012,7 @@ impl Applier {
     }
 
     /// The outcome check: the target must answer each step as the source did.
-    fn compare(&mut self, rec: &TxnRecord, i: usize, target: &Answer, statements: &[String]) {
+    fn compare(&mut self, rec: &MirroredUnit, i: usize, target: &Answer, statements: &[String]) {
         let source = &rec.segments[i];
         if rec.recovered && source.outcomes.is_empty() {
             // Recovered after a crash: the source's answers to this request
@@ -1020,13 +1022,13 @@ impl Applier {
         let n = source.outcomes.len().max(target.outcomes.len());
         // The health monitor: the target failed what the source did not.
         if let Some(h) = self.mirror.health.get() {
-            use crate::health::{Backend, Fault, Kind, Sample};
+            use crate::health::{Backend, Fault, Sample, SampleKind};
             let failed = (0..n).any(|pos| {
                 matches!(target.outcomes.get(pos), Some(Outcome::Error(_)))
                     && !matches!(source.outcomes.get(pos), Some(Outcome::Error(_)))
             });
             let fault = failed.then_some(Fault::Diverged);
-            h.record(Sample::new(Backend::Target, Kind::Mirror, fault));
+            h.record(Sample::new(Backend::Target, SampleKind::Mirror, fault));
         }
         for pos in 0..n {
             let s = source.outcomes.get(pos);
@@ -1055,7 +1057,7 @@ impl Applier {
                 self.analysis(&statement).fingerprint.clone()
             };
             let d = Divergence {
-                time_us: super::capture::now_us(),
+                time_us: crate::clock::now_us(),
                 seq: rec.seq,
                 session: rec.session,
                 fingerprint,
@@ -1121,7 +1123,7 @@ impl Applier {
     async fn rows_for(
         &mut self,
         conn: &mut Conn,
-        rec: &TxnRecord,
+        rec: &MirroredUnit,
         row_safe: bool,
     ) -> Result<Result<Vec<RowStatement>, String>, Retry> {
         let Some(stream) = self.mirror.rows.stream(rec.database()).cloned() else {
@@ -1177,7 +1179,7 @@ impl Applier {
     async fn apply_rows(
         &mut self,
         conn: &mut Conn,
-        rec: &TxnRecord,
+        rec: &MirroredUnit,
         after: &(u64, Vec<u64>),
         progress: Option<&Progress>,
         rows: Vec<RowStatement>,
@@ -1231,7 +1233,7 @@ impl Applier {
         if let Some((i, target, error)) = failed {
             let statement = texts.get(i).cloned().unwrap_or_default();
             self.mirror.divergence(Divergence {
-                time_us: super::capture::now_us(),
+                time_us: crate::clock::now_us(),
                 seq: rec.seq,
                 session: rec.session,
                 fingerprint: "row-image".into(),
@@ -1419,7 +1421,7 @@ impl Applier {
             .min()
             .unwrap_or(u64::MAX);
         for s in self.mirror.rows.streams.values() {
-            s.pass(lowest, |x| needed.contains(&x));
+            s.pass(lowest, |x| needed.contains(&x), UNCLAIMED_ROW_IMAGES);
         }
     }
 
@@ -1447,9 +1449,9 @@ impl Applier {
             return Ok(());
         };
         let session = u64::MAX - 1;
-        let rec = TxnRecord {
+        let rec = MirroredUnit {
             startup,
-            ..TxnRecord::default()
+            ..MirroredUnit::default()
         };
         let mut conn = match self.conns.remove(&session) {
             Some(c) if c.database == db => c,
@@ -1794,7 +1796,7 @@ fn frames(mut msgs: &[u8], mut f: impl FnMut(u8, &[u8])) {
 
 /// The statements a segment runs, in the order their outcomes come back:
 /// each statement of a Query, and the statement behind each Execute.
-fn segment_statements(msgs: &[u8], conn: &Conn, rec: &TxnRecord) -> Vec<String> {
+fn segment_statements(msgs: &[u8], conn: &Conn, rec: &MirroredUnit) -> Vec<String> {
     let mut out = Vec::new();
     let mut parsed: HashMap<Vec<u8>, String> = HashMap::new();
     let mut portals: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -1887,7 +1889,7 @@ fn track_prepared(msgs: &[u8], conn: &mut Conn) {
     });
 }
 
-fn first_statement(rec: &TxnRecord) -> String {
+fn first_statement(rec: &MirroredUnit) -> String {
     let mut s = String::new();
     if let Some(seg) = rec.segments.first() {
         frames(&seg.messages, |tag, body| {

@@ -13,12 +13,12 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::inflight::{self, InDoubt, InFlight};
 use super::order::{OrderKey, Probe, ProbeRow};
-use super::record::{startup_param, Outcome, Segment, TxnRecord};
+use super::unit::{startup_param, MirroredUnit, Outcome, Segment};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
+use crate::clock::now_us;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, HEADER_LEN};
 use crate::protocol::message::take_cstr;
@@ -47,7 +47,7 @@ fn classify(rules: &Arc<Rules>, sql: &str) -> Arc<[Class]> {
 
 /// A prepared statement as the session defined it.
 #[derive(Clone)]
-struct Statement {
+struct CapturedStatement {
     /// The whole Parse message, to re-prepare it on the target.
     parse: Arc<[u8]>,
     class: Class,
@@ -88,7 +88,7 @@ pub enum Finished {
     /// Nothing to mirror.
     Nothing,
     /// Append this record to the spool before the client sees the commit.
-    Mirror(Box<TxnRecord>),
+    Mirror(Box<MirroredUnit>),
     /// A committed write could not be captured whole (`max_txn_bytes`):
     /// the target misses it, which must be recorded as a gap.
     Lost { bytes: usize },
@@ -124,13 +124,13 @@ pub struct Capture {
     unit_error: bool,
     unit_session: Vec<(String, SessionOp)>,
     unit_uses: Vec<(Vec<u8>, Arc<[u8]>)>,
-    /// Statement names the unit parsed itself (it re-prepares those).
+    /// CapturedStatement names the unit parsed itself (it re-prepares those).
     unit_parsed: Vec<Vec<u8>>,
     unit_bytes: usize,
     overflow: bool,
     /// Answers to the segment awaiting its ReadyForQuery.
     outcomes: Vec<Outcome>,
-    statements: HashMap<Vec<u8>, Statement>,
+    statements: HashMap<Vec<u8>, CapturedStatement>,
     statement_bytes: usize,
     portals: HashMap<Vec<u8>, Vec<u8>>,
     /// SQL-level PREPAREs: name -> whether the body writes.
@@ -285,13 +285,13 @@ impl Capture {
                         .unwrap_or_default(),
                 )
             };
-            let mut intent = TxnRecord {
+            let mut intent = MirroredUnit {
                 session: self.session,
                 committed_at_us: now,
                 xid: self.unit_xid,
                 prepared: dedup_prepared(prepared),
                 segments: self.segments_so_far(from),
-                ..TxnRecord::default()
+                ..MirroredUnit::default()
             };
             let written = if self.armed_at_us == 0 {
                 intent.startup = self.startup.clone();
@@ -375,7 +375,7 @@ impl Capture {
         let Some((journal, slot)) = &self.journal else {
             return Err("no journal slot".into());
         };
-        let intent = TxnRecord {
+        let intent = MirroredUnit {
             session: self.session,
             committed_at_us: now_us(),
             xid: self.unit_xid,
@@ -385,7 +385,7 @@ impl Capture {
             post_state_version: u64::MAX,
             prepared: dedup_prepared(self.uses_so_far()),
             segments: self.segments_so_far(0),
-            ..TxnRecord::default()
+            ..MirroredUnit::default()
         };
         let (arm, write) = journal.arm(*slot, &intent).map_err(|e| e.to_string())?;
         self.journaled = intent.segments.len();
@@ -460,7 +460,7 @@ impl Capture {
         if self.armed_at_us == 0 {
             return None;
         }
-        let mut unit = TxnRecord {
+        let mut unit = MirroredUnit {
             session: self.session,
             committed_at_us: self.armed_at_us,
             startup: self.startup.clone(),
@@ -470,7 +470,7 @@ impl Capture {
             prepared: dedup_prepared(self.uses_so_far()),
             segments: self.segments_so_far(0),
             xid: self.unit_xid,
-            ..TxnRecord::default()
+            ..MirroredUnit::default()
         };
         unit.recovered = true;
         let at = std::mem::take(&mut self.armed_at_us);
@@ -608,7 +608,7 @@ impl Capture {
                     [] => Class::READ,
                     _ => Class::Write,
                 };
-                let st = Statement {
+                let st = CapturedStatement {
                     parse: Arc::from(msg),
                     class,
                     text: Arc::from(text.as_ref()),
@@ -706,7 +706,7 @@ impl Capture {
 
     fn query(&mut self, text: &str) {
         let classes = classify(&self.rules, text);
-        // Statement texts matter only for session state; split only then.
+        // CapturedStatement texts matter only for session state; split only then.
         let parts = if classes.len() > 1 && classes.iter().any(|c| matches!(c, Class::Session(_))) {
             crate::classify::lexer::split(text).unwrap_or_default()
         } else {
@@ -860,7 +860,7 @@ impl Capture {
             } else {
                 self.mirrored_any = true;
                 let prepared = dedup_prepared(std::mem::take(&mut self.unit_uses));
-                Finished::Mirror(Box::new(TxnRecord {
+                Finished::Mirror(Box::new(MirroredUnit {
                     seq: 0,
                     session: self.session,
                     committed_at_us: now_us(),
@@ -961,12 +961,6 @@ fn dedup_prepared(uses: Vec<(Vec<u8>, Arc<[u8]>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
 fn cstr_text(body: &[u8]) -> String {
     let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
     String::from_utf8_lossy(&body[..end]).into_owned()
-}
-
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Drop for Capture {

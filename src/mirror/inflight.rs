@@ -37,7 +37,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::Notify;
 use tracing::warn;
 
-use super::record::TxnRecord;
+use super::unit::MirroredUnit;
 
 /// Upper bound on slots (sessions open at once); beyond it, sessions run
 /// without a slot and that is counted.
@@ -64,7 +64,7 @@ pub struct InDoubt {
     pub xid: Option<u64>,
     /// The unit as it stood when its commit was sent (`None` if the record
     /// could not be decoded, or came from a journal of an older version).
-    pub unit: Option<TxnRecord>,
+    pub unit: Option<MirroredUnit>,
     /// Its statement texts, for reports.
     pub statements: String,
     /// The journal's key of its arm (run, slot, arm number), which its
@@ -78,7 +78,7 @@ pub struct InDoubt {
 
 /// The statement texts of a unit (Query texts and Parse texts), cut at 2000
 /// bytes.
-pub fn statements_of(r: &TxnRecord) -> String {
+pub fn statements_of(r: &MirroredUnit) -> String {
     let mut out = String::new();
     for seg in &r.segments {
         let mut m = &seg.messages[..];
@@ -307,7 +307,7 @@ impl InFlight {
                             order.push(key);
                         }
                         let prev_xid = intents.get(&key).and_then(|d| d.xid);
-                        let unit = TxnRecord::decode(0, &unit).ok();
+                        let unit = MirroredUnit::decode(0, &unit).ok();
                         intents.insert(
                             key,
                             InDoubt {
@@ -328,7 +328,7 @@ impl InFlight {
                         unit,
                     } => {
                         if let Some(d) = intents.get_mut(&(run, slot, arm)) {
-                            match (d.unit.as_mut(), TxnRecord::decode(0, &unit)) {
+                            match (d.unit.as_mut(), MirroredUnit::decode(0, &unit)) {
                                 (Some(u), Ok(more)) => {
                                     u.segments.extend(more.segments);
                                     u.prepared.extend(more.prepared);
@@ -370,7 +370,7 @@ impl InFlight {
         let first = old.last().map_or(1, |(n, _)| n + 1);
         let path = journal_path(dir, first);
         let file = open_file(&path)?;
-        let run = super::capture::now_us() ^ ((std::process::id() as u64) << 44);
+        let run = crate::clock::now_us() ^ ((std::process::id() as u64) << 44);
         let mut files = VecDeque::new();
         files.push_back(JournalFile {
             number: first,
@@ -521,7 +521,7 @@ impl InFlight {
     /// Marks `slot` as holding a possibly committing unit, written whole;
     /// returns the arm number (unchanged while the slot stays armed) and
     /// the journal write to wait for in `fsync = "commit"` mode.
-    pub fn arm(&self, slot: u32, unit: &TxnRecord) -> io::Result<(u64, u64)> {
+    pub fn arm(&self, slot: u32, unit: &MirroredUnit) -> io::Result<(u64, u64)> {
         let arm = *self
             .armed
             .lock()
@@ -538,7 +538,7 @@ impl InFlight {
     }
 
     /// More of the armed unit (its requests since the last arm).
-    pub fn arm_more(&self, slot: u32, more: &TxnRecord) -> io::Result<(u64, u64)> {
+    pub fn arm_more(&self, slot: u32, more: &MirroredUnit) -> io::Result<(u64, u64)> {
         let Some(arm) = self.arm_of(slot) else {
             return self.arm(slot, more);
         };
@@ -689,14 +689,14 @@ fn legacy_slots(path: &Path) -> io::Result<Vec<InDoubt>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::record::Segment;
+    use crate::mirror::unit::Segment;
 
-    fn unit(session: u64, sql: &str) -> TxnRecord {
+    fn unit(session: u64, sql: &str) -> MirroredUnit {
         let mut m = vec![b'Q'];
         m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
         m.extend_from_slice(sql.as_bytes());
         m.push(0);
-        TxnRecord {
+        MirroredUnit {
             session,
             committed_at_us: 100,
             segments: vec![Segment {

@@ -16,12 +16,13 @@
 pub mod apply;
 pub mod capture;
 pub mod inflight;
+pub mod metrics;
 pub mod order;
-pub mod record;
 pub mod recover;
 pub mod report;
 pub mod rows;
 pub mod spool;
+pub mod unit;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,12 +32,12 @@ use std::time::Duration;
 use tracing::error;
 
 use self::inflight::InFlight;
-use self::record::TxnRecord;
-use self::report::Report;
+use self::report::MirrorReport;
 use self::spool::{AppendError, Spool};
+use self::unit::MirroredUnit;
 use crate::classify::Rules;
 use crate::config::{MirrorConfig, OnFull};
-use crate::metrics::Metrics;
+pub use metrics::MirrorMetrics;
 
 pub struct Mirror {
     enabled: AtomicBool,
@@ -50,8 +51,8 @@ pub struct Mirror {
     pub on_full: OnFull,
     pub max_txn_bytes: usize,
     pub apply_timeout: Duration,
-    pub report: Report,
-    pub metrics: Arc<Metrics>,
+    pub report: MirrorReport,
+    pub metrics: Arc<MirrorMetrics>,
     /// Highest seq applied (or skipped as already applied) on the target.
     pub applied_seq: AtomicU64,
     /// Source commit time of the oldest unapplied record (0 = caught up).
@@ -80,13 +81,13 @@ pub enum Spooled {
     Done(u64),
     /// The spool is full and the policy is backpressure: hold the commit
     /// acknowledgement and try again.
-    Full(Box<TxnRecord>),
+    Full(Box<MirroredUnit>),
 }
 
 impl Mirror {
     pub fn open(
         cfg: &MirrorConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<MirrorMetrics>,
         audit: Option<Arc<crate::audit::Audit>>,
     ) -> anyhow::Result<Arc<Self>> {
         // The spool holds every mirrored statement: owner-only, created so
@@ -104,7 +105,7 @@ impl Mirror {
             .divergence_log
             .clone()
             .unwrap_or_else(|| cfg.spool_dir.join("divergences.jsonl"));
-        let report = Report::open(&log, &cfg.spool_dir)?;
+        let report = MirrorReport::open(&log, &cfg.spool_dir)?;
         let (inflight, left) = InFlight::open(&cfg.spool_dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the in-flight journal in {}: {e}",
@@ -130,8 +131,8 @@ impl Mirror {
             recovery: recover::Recovery::default(),
             rows: rows::RowImages::new(&cfg.row_images),
         });
-        m.metrics.mirror.enabled.set(cfg.enabled as i64);
-        m.metrics.mirror.spool_bytes.set(m.spool.bytes() as i64);
+        m.metrics.enabled.set(cfg.enabled as i64);
+        m.metrics.spool_bytes.set(m.spool.bytes() as i64);
         let o = &m.spool.opened;
         if o.may_have_lost(cfg.fsync) {
             let why = format!(
@@ -140,7 +141,7 @@ impl Mirror {
                 o.last_on_disk + 1,
                 o.next_seq
             );
-            m.metrics.mirror.gaps.inc();
+            m.metrics.gaps.inc();
             m.audit_gap(&why);
             m.report.gap(&why, o.last_on_disk);
         }
@@ -178,12 +179,12 @@ impl Mirror {
     pub fn set_enabled(&self, on: bool) {
         let was = self.enabled.swap(on, Ordering::Relaxed);
         if was != on {
-            self.metrics.mirror.enabled.set(on as i64);
+            self.metrics.enabled.set(on as i64);
             if on {
                 self.report
                     .gap_closed("mirroring re-enabled", self.spool.last_seq());
             } else {
-                self.metrics.mirror.gaps.inc();
+                self.metrics.gaps.inc();
                 self.audit_gap("mirroring disabled by configuration");
                 self.report.gap(
                     "mirroring disabled by configuration: writes from now on are not mirrored",
@@ -196,9 +197,9 @@ impl Mirror {
     /// Appends a committed unit to the spool, applying the `on_full`
     /// policy. Called by the session before it forwards the commit
     /// acknowledgement.
-    pub fn spool_record(&self, mut rec: Box<TxnRecord>) -> Spooled {
+    pub fn spool_record(&self, mut rec: Box<MirroredUnit>) -> Spooled {
         if self.stopped.load(Ordering::Relaxed) {
-            self.metrics.mirror.lost_transactions.inc();
+            self.metrics.lost_transactions.inc();
             return Spooled::Done(NEVER);
         }
         // Which commits were in flight as this one is spooled: the applier
@@ -207,14 +208,11 @@ impl Mirror {
         rec.order.deps = self.inflight.snapshot(rec.order.own.map(|(slot, _)| slot));
         match self.spool.append(&rec) {
             Ok(seq) => {
-                self.metrics.mirror.spooled.inc();
+                self.metrics.spooled.inc();
                 if rec.order.lsn.is_none() {
-                    self.metrics.mirror.unordered.inc();
+                    self.metrics.unordered.inc();
                 }
-                self.metrics
-                    .mirror
-                    .spool_bytes
-                    .set(self.spool.bytes() as i64);
+                self.metrics.spool_bytes.set(self.spool.bytes() as i64);
                 Spooled::Done(seq)
             }
             Err(AppendError::Full { .. } | AppendError::NoSpace(_))
@@ -226,7 +224,7 @@ impl Mirror {
                 self.stop(&format!(
                     "{e}; mirroring stopped, the target needs a re-sync"
                 ));
-                self.metrics.mirror.lost_transactions.inc();
+                self.metrics.lost_transactions.inc();
                 Spooled::Done(NEVER)
             }
         }
@@ -237,7 +235,7 @@ impl Mirror {
     pub fn unreadable(&self, from: u64, to: u64, why: &str) {
         let why = format!("spool records {from} to {to} are unreadable ({why}); the target misses them and needs a re-sync");
         error!(reason = %why, "MIRROR GAP");
-        self.metrics.mirror.gaps.inc();
+        self.metrics.gaps.inc();
         self.audit_gap(&why);
         self.report.gap(&why, from.saturating_sub(1));
     }
@@ -249,7 +247,7 @@ impl Mirror {
             xid.map_or("unknown".to_string(), |x| x.to_string())
         );
         error!(reason = %why, "MIRROR GAP");
-        self.metrics.mirror.gaps.inc();
+        self.metrics.gaps.inc();
         self.audit_gap(&why);
         self.report.gap(&why, seq.saturating_sub(1));
     }
@@ -287,7 +285,6 @@ impl Mirror {
     /// Records a divergence in the report and the per-fingerprint metric.
     pub fn divergence(&self, d: report::Divergence) {
         self.metrics
-            .mirror
             .divergences
             .get_or_create(&vec![("fingerprint", d.fingerprint.clone())])
             .inc();
@@ -304,14 +301,14 @@ impl Mirror {
             reason = why,
             "MIRROR IN DOUBT: a write may have committed on the source without reaching the target"
         );
-        self.metrics.mirror.in_doubt.inc();
+        self.metrics.in_doubt.inc();
         self.report
             .in_doubt(session, time_us, statements, why, self.spool.last_seq());
     }
 
     /// A committed write that could not be captured (too large).
     pub fn lost(&self, why: &str) {
-        self.metrics.mirror.lost_transactions.inc();
+        self.metrics.lost_transactions.inc();
         self.stop(why);
     }
 
@@ -322,7 +319,7 @@ impl Mirror {
                 "MIRROR GAP: the target no longer receives every write"
             );
             self.audit_gap(why);
-            self.metrics.mirror.gaps.inc();
+            self.metrics.gaps.inc();
             self.report.gap(why, self.spool.last_seq());
         }
     }
@@ -356,9 +353,9 @@ impl Mirror {
         let lag_s = if oldest == 0 || applied >= last {
             0.0
         } else {
-            (capture::now_us().saturating_sub(oldest)) as f64 / 1e6
+            (crate::clock::now_us().saturating_sub(oldest)) as f64 / 1e6
         };
-        let m = &self.metrics.mirror;
+        let m = &self.metrics;
         serde_json::json!({
             "enabled": self.enabled(),
             "state": if self.stopped() { "stopped" } else if !self.enabled() { "disabled" } else if applied >= last { "caught_up" } else { "applying" },

@@ -27,14 +27,14 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use super::inflight::InDoubt;
-use super::record::TxnRecord;
+use super::unit::MirroredUnit;
 use super::{Mirror, Spooled};
+use crate::lifecycle::Phase;
 use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::frame::read_message;
 use crate::protocol::message::put_message;
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::Phase;
 use crate::upstream::login::connect_and_login;
 use crate::upstream::passfile::PassFile;
 
@@ -121,7 +121,7 @@ impl Mirror {
 
     /// Spools a unit that committed on the source; false when the spool
     /// is full (backpressure) and it must be tried again.
-    fn spool_recovered(&self, mut unit: TxnRecord, d: &InDoubt, outcome: &str) -> bool {
+    fn spool_recovered(&self, mut unit: MirroredUnit, d: &InDoubt, outcome: &str) -> bool {
         unit.recovered = true;
         unit.seq = 0;
         unit.xid = d.xid.or(unit.xid);

@@ -75,14 +75,14 @@ struct Inner {
     at_least_once: u64,
 }
 
-pub struct Report {
+pub struct MirrorReport {
     log: Mutex<Option<File>>,
     log_path: PathBuf,
     gaps_path: PathBuf,
     inner: Mutex<Inner>,
 }
 
-impl Report {
+impl MirrorReport {
     /// Opens the divergence log and reads `gaps.jsonl` in `spool_dir`. Both
     /// hold statement texts, so both are private (`private_files`), and so
     /// is the spool directory itself.
@@ -241,7 +241,7 @@ impl Report {
 
     fn event(&self, kind: &str, why: &str, at_seq: u64) {
         let g = json!({
-            "time_us": super::capture::now_us(),
+            "time_us": crate::clock::now_us(),
             "kind": kind,
             "after_seq": at_seq,
             "reason": why,
@@ -276,7 +276,7 @@ impl Report {
     /// A unit whose source commit is unknown; kept in gaps.jsonl.
     pub fn in_doubt(&self, session: u64, time_us: u64, statements: &str, why: &str, at_seq: u64) {
         let g = json!({
-            "time_us": super::capture::now_us(),
+            "time_us": crate::clock::now_us(),
             "kind": "in_doubt",
             "after_seq": at_seq,
             "reason": why,
@@ -298,7 +298,7 @@ impl Report {
         seq: u64,
     ) {
         let g = json!({
-            "time_us": super::capture::now_us(),
+            "time_us": crate::clock::now_us(),
             "kind": "resolved",
             "after_seq": seq,
             "reason": outcome,

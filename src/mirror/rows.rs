@@ -30,12 +30,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use crate::lifecycle::Phase;
 use crate::net::connect::Upstream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::read_message;
 use crate::protocol::message::put_message;
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::Phase;
 use crate::upstream::login::connect_and_login;
 use crate::upstream::passfile::PassFile;
 
@@ -83,6 +83,8 @@ pub struct Decoded {
     pub commit_lsn: u64,
     pub changes: Vec<Change>,
     bytes: usize,
+    /// When the stream delivered it (set by `push`).
+    arrived: Option<Instant>,
 }
 
 impl Decoded {
@@ -166,7 +168,8 @@ impl Stream {
         self.arrived.notify_waiters();
     }
 
-    fn push(&self, t: Decoded) {
+    fn push(&self, mut t: Decoded) {
+        t.arrived = Some(Instant::now());
         let mut b = self.buffer();
         b.decoded_through = b.decoded_through.max(t.commit_lsn);
         if b.txns.is_empty() {
@@ -181,10 +184,14 @@ impl Stream {
     }
 
     /// Takes transaction `xid` (the low 32 bits of the unit's xid8) once
-    /// the stream has it, waiting up to `wait`. Once the stream has gone
-    /// past `committed_before` (a WAL position the source had reached after
-    /// the transaction committed) without it, it wrote no rows: `None` at
-    /// once.
+    /// the stream has it. Once the stream has gone past `committed_before`
+    /// (a WAL position the source had reached after the transaction
+    /// committed) without it, it wrote no rows: `None` at once. Otherwise it
+    /// waits as long as the stream makes progress (its position moves or
+    /// transactions arrive), and gives up (`None`) only after `wait` without
+    /// any: a stream that is behind but moving (a loaded source or machine)
+    /// is waited for, because replaying the unit's statements instead would
+    /// make its generated values differ; a stream that is down is not.
     pub async fn take(
         &self,
         xid8: u64,
@@ -192,7 +199,14 @@ impl Stream {
         wait: Duration,
     ) -> Option<Decoded> {
         let xid = xid8 as u32;
-        let deadline = Instant::now() + wait;
+        let mut deadline = Instant::now() + wait;
+        let progress = || {
+            (
+                self.end.load(Ordering::Acquire),
+                self.transactions.load(Ordering::Relaxed),
+            )
+        };
+        let mut seen = progress();
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
@@ -225,18 +239,37 @@ impl Stream {
                 .await
                 .is_err()
             {
-                return None;
+                // After a stall of the whole machine the timer can fire
+                // before the stream's task has read what arrived meanwhile:
+                // let it run once before judging.
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = progress();
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+                deadline = Instant::now() + wait;
             }
         }
     }
 
     /// Drops transactions committed before `lsn` that no unit still to be
-    /// applied needs (`needed` says which xids are).
-    pub fn pass(&self, lsn: u64, needed: impl Fn(u32) -> bool) {
+    /// applied needs (`needed` says which xids are) and that have waited
+    /// `unclaimed` for one to claim them. The grace is what keeps a
+    /// transaction decoded before its unit reached the spool (the source
+    /// commits before the proxy spools the unit; on a loaded machine the
+    /// stream can be first): without it the rows would be gone when the
+    /// unit comes. A buffer more than three quarters full drops unclaimed
+    /// transactions without waiting, so writes that no unit will claim (an
+    /// application writing to the source directly) cannot stall the stream.
+    pub fn pass(&self, lsn: u64, needed: impl Fn(u32) -> bool, unclaimed: Duration) {
         let mut b = self.buffer();
+        let crowded = b.bytes > self.max_bytes / 4 * 3;
         let old: Vec<(u64, u32)> = b
             .txns
             .range(..lsn)
+            .filter(|(_, t)| crowded || t.arrived.is_none_or(|at| at.elapsed() >= unclaimed))
             .map(|(l, t)| (*l, t.xid))
             .filter(|(_, x)| !needed(*x))
             .collect();
@@ -544,6 +577,7 @@ impl Decoder {
                 commit_lsn: 0,
                 changes: Vec::new(),
                 bytes: 64,
+                arrived: None,
             });
             return None;
         }
@@ -773,6 +807,25 @@ mod tests {
         assert!(tx.usable().is_ok());
     }
 
+    #[test]
+    fn a_crowded_buffer_lets_unclaimed_transactions_go_at_once() {
+        let s = Stream::new("db", 1000);
+        for i in 0..8u32 {
+            s.push(Decoded {
+                xid: 10 + i,
+                commit_lsn: 100 * (u64::from(i) + 1),
+                changes: vec![],
+                bytes: 100,
+                arrived: None,
+            });
+        }
+        // 800 of 1000 bytes: past three quarters, no grace; 13 is claimed.
+        s.pass(u64::MAX, |x| x == 13, Duration::from_secs(60));
+        let b = s.buffer();
+        assert_eq!(b.txns.len(), 1);
+        assert!(b.by_xid.contains_key(&13));
+    }
+
     #[tokio::test]
     async fn the_applier_takes_what_it_needs_and_passes_the_rest() {
         let s = Stream::new("db", 1 << 20);
@@ -781,6 +834,7 @@ mod tests {
             commit_lsn: lsn,
             changes: vec![],
             bytes: 100,
+            arrived: None,
         };
         s.push(tx(5, 100));
         s.push(tx(6, 200));
@@ -790,7 +844,10 @@ mod tests {
         assert_eq!(got.map(|t| t.commit_lsn), Some(200));
         // 5 is still buffered: nothing before it may be confirmed.
         assert_eq!(s.buffer().confirmable, 99);
-        s.pass(250, |x| x == 7);
+        // Not yet claimed for long enough: kept.
+        s.pass(250, |x| x == 7, Duration::from_secs(60));
+        assert_eq!(s.buffer().confirmable, 99);
+        s.pass(250, |x| x == 7, Duration::ZERO);
         assert_eq!(s.buffer().confirmable, 299);
         assert!(s.take(8, None, Duration::from_millis(10)).await.is_none());
         // The stream went past where 9 committed without it: no wait.

@@ -43,7 +43,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::Notify;
 use tracing::{error, warn};
 
-use super::record::TxnRecord;
+use super::unit::MirroredUnit;
 use crate::config::FsyncPolicy;
 
 /// Segments are closed once past this size (or an eighth of the spool's
@@ -486,7 +486,7 @@ impl Spool {
     /// Appends a record, assigning its sequence number. Fails with `Full`
     /// (and writes nothing) when it would pass `max_bytes`, and with
     /// `NoSpace` when the disk is full (nothing written either).
-    pub fn append(&self, rec: &TxnRecord) -> Result<u64, AppendError> {
+    pub fn append(&self, rec: &MirroredUnit) -> Result<u64, AppendError> {
         if let Some(why) = self.failure() {
             return Err(AppendError::Failed(why));
         }
@@ -790,7 +790,7 @@ impl Spool {
             };
             let mut f = BufReader::new(f);
             while let Ok(Frame::Record(seq, _)) = read_frame(&mut f, &mut buf) {
-                if let Ok(r) = TxnRecord::decode(seq, &buf) {
+                if let Ok(r) = MirroredUnit::decode(seq, &buf) {
                     if let Some((slot, arm)) = r.order.own {
                         out.insert((r.order.run, slot, arm));
                     }
@@ -810,7 +810,7 @@ impl Spool {
 /// What reading the next record found.
 #[derive(Debug)]
 pub enum Read1 {
-    Record(Box<TxnRecord>),
+    Record(Box<MirroredUnit>),
     /// Not (or no longer) on disk: released, or not written yet.
     Missing,
     /// Records `from..=to` are unreadable (damaged frames): they are
@@ -878,7 +878,7 @@ impl SpoolReader {
                                 why: "not in its segment".into(),
                             });
                         }
-                        return match TxnRecord::decode(seq, &self.buf) {
+                        return match MirroredUnit::decode(seq, &self.buf) {
                             Ok(r) => Ok(Read1::Record(Box::new(r))),
                             Err(e) => Ok(Read1::Gap {
                                 from: seq,
@@ -1009,10 +1009,10 @@ impl SpoolReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::record::Segment;
+    use crate::mirror::unit::Segment;
 
-    fn rec(session: u64, n: usize) -> TxnRecord {
-        TxnRecord {
+    fn rec(session: u64, n: usize) -> MirroredUnit {
+        MirroredUnit {
             session,
             segments: vec![Segment {
                 messages: vec![b'x'; n],

@@ -21,7 +21,7 @@ pub struct Upstream {
     pub sslmode: SslMode,
     pub connect_timeout: Duration,
     /// The authentication methods the proxy's own logins accept.
-    pub require_auth: crate::upstream::require_auth::RequireAuth,
+    pub require_auth: crate::config::require_auth::RequireAuth,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 

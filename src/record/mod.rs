@@ -17,6 +17,7 @@
 //! statements, prepared statements and transaction state would be missing).
 
 pub mod format;
+pub mod metrics;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -27,12 +28,12 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 use tracing::{info, warn};
 
+use crate::clock::now_us;
 use crate::config::RecordConfig;
-use crate::mirror::capture::now_us;
 use crate::protocol::startup::StartupMessage;
 
 /// Per-thread buffers (the same sharding as the router's histograms).
-const SHARDS: usize = crate::router::SHARDS;
+const SHARDS: usize = crate::clock::SHARDS;
 
 /// What the hot path leaves for the writer.
 enum Entry {
@@ -93,7 +94,7 @@ pub struct Sink {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The writer is done: every record is written and the file flushed.
     finished: AtomicBool,
-    metrics: Arc<crate::metrics::RecordMetrics>,
+    metrics: Arc<metrics::RecordMetrics>,
 }
 
 impl Sink {
@@ -101,7 +102,7 @@ impl Sink {
     /// writer thread.
     fn start(
         cfg: &RecordConfig,
-        metrics: Arc<crate::metrics::RecordMetrics>,
+        metrics: Arc<metrics::RecordMetrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let path = cfg
             .path
@@ -140,7 +141,7 @@ impl Sink {
     }
 
     fn shard(&self) -> &Mutex<Shard> {
-        &self.shards[crate::router::shard()]
+        &self.shards[crate::clock::shard()]
     }
 
     /// Stops taking new bytes; the writer drains what is buffered, ends the
@@ -202,11 +203,11 @@ pub struct Recording {
     start_error: Mutex<Option<String>>,
     /// The `[record]` section in force.
     config: Mutex<RecordConfig>,
-    metrics: Arc<crate::metrics::RecordMetrics>,
+    metrics: Arc<metrics::RecordMetrics>,
 }
 
 impl Recording {
-    pub fn new(cfg: &RecordConfig, metrics: Arc<crate::metrics::RecordMetrics>) -> Self {
+    pub fn new(cfg: &RecordConfig, metrics: Arc<metrics::RecordMetrics>) -> Self {
         let r = Self {
             current: ArcSwapOption::empty(),
             last: Mutex::new(None),

@@ -339,7 +339,7 @@ impl Writer {
 
     /// Sessions still open when recording stops.
     fn end_open_sessions(&mut self) -> Result<(), String> {
-        let at = crate::mirror::capture::now_us();
+        let at = crate::clock::now_us();
         let mut open: Vec<u64> = self.sessions.keys().copied().collect();
         open.sort_unstable();
         for id in open {
@@ -424,7 +424,7 @@ impl Writer {
             &self.sink.path,
             next,
             self.sink.config.redact_parameters,
-            crate::mirror::capture::now_us(),
+            crate::clock::now_us(),
         )
         .map_err(|e| format!("{e:#}"))?;
         self.file = Some(file);

@@ -60,7 +60,7 @@ impl Target {
                     Ok(v) if !v.is_empty() => v
                         .parse()
                         .map_err(|e| anyhow::anyhow!("PGREQUIREAUTH: {e}"))?,
-                    _ => crate::upstream::require_auth::RequireAuth::any(),
+                    _ => crate::config::require_auth::RequireAuth::any(),
                 },
             },
         )?;

@@ -33,7 +33,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use self::conn::{Answer, Answers, Target};
-use self::report::{Meta, Report, Stats};
+use self::report::{Meta, ReplayReport, Stats};
 use self::source::Event;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -219,7 +219,7 @@ fn prescan(opts: &Options) -> anyhow::Result<Meta> {
 }
 
 /// Runs a replay to the end (or `--duration`) and reports.
-pub fn run(opts: Options) -> anyhow::Result<Report> {
+pub fn run(opts: Options) -> anyhow::Result<ReplayReport> {
     let mut meta = prescan(&opts)?;
     let target = Arc::new(Target::from_url(&opts.url)?);
     meta.server = target.addr();
@@ -240,7 +240,11 @@ enum Feed {
     Event(Event),
 }
 
-async fn replay(opts: Options, mut meta: Meta, target: Arc<Target>) -> anyhow::Result<Report> {
+async fn replay(
+    opts: Options,
+    mut meta: Meta,
+    target: Arc<Target>,
+) -> anyhow::Result<ReplayReport> {
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     // Passes the dispatcher began (the reader may be further ahead).

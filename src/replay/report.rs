@@ -109,7 +109,7 @@ impl Stats {
             .or_default() += 1;
     }
 
-    pub fn report(&self, meta: Meta, elapsed_s: f64) -> Report {
+    pub fn report(&self, meta: Meta, elapsed_s: f64) -> ReplayReport {
         let latency = Latency::of(&self.latency.lock().unwrap_or_else(|p| p.into_inner()));
         let shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
         let mut slowest: Vec<Fingerprint> = shapes
@@ -133,7 +133,7 @@ impl Stats {
         } else {
             0.0
         };
-        Report {
+        ReplayReport {
             sessions: Sessions {
                 in_capture: meta.sessions,
                 started: self.sessions_started.load(Relaxed),
@@ -203,7 +203,7 @@ pub struct Meta {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub struct ReplayReport {
     pub meta: Meta,
     pub sessions: Sessions,
     pub statements: u64,
@@ -275,7 +275,7 @@ pub struct Fingerprint {
     pub latency_ms: Latency,
 }
 
-impl Report {
+impl ReplayReport {
     /// Whether the replay ran cleanly: every session connected and
     /// stayed connected, and no statement failed.
     pub fn clean(&self) -> bool {

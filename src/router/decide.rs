@@ -29,22 +29,18 @@ use tokio::sync::Notify;
 
 use super::policy;
 use super::txn::{self, Judged, SourceQueue};
-use super::{RouteMetrics, Router, Settings};
+use super::{RouteMetrics, Router, RoutingSettings};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
 use crate::protocol::message::{
     put_message, take_cstr, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, PARSE, SYNC,
 };
-use crate::session::state::Statement;
 use crate::shadow::{Request, SessionInfo, Shadow, Side, Tap};
+use crate::tracker::{PreparedStatements, StateLog, StateOp, Statement};
 
 /// Most bytes of one extended-protocol batch held back while deciding.
 pub const MAX_BATCH: usize = 256 << 10;
-/// Most session-state entries kept for the target; past it the session's
-/// reads stay on the source.
-const MAX_STATE_OPS: usize = 1_000;
-const MAX_STATE_BYTES: usize = 256 << 10;
 
 /// A request routed to the target, as the client sent it.
 pub struct Routed {
@@ -90,49 +86,6 @@ impl Routed {
             refuse: None,
             flushed: false,
         }
-    }
-}
-
-/// Session state the source got that the target session must repeat.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateOp {
-    /// SET / RESET / SET ROLE ...: run as it was sent.
-    Sql(Arc<str>),
-    /// `DISCARD ALL`, `RESET ALL`: replayed; with `true` (DISCARD ALL)
-    /// every statement the target session holds is gone too.
-    Reset(Arc<str>, bool),
-    /// A named statement closed (protocol Close or DEALLOCATE).
-    Close(Box<[u8]>),
-    /// `DEALLOCATE ALL`.
-    CloseAll,
-}
-
-/// The session-state log: what the target session must repeat, in order.
-#[derive(Default)]
-pub struct StateLog {
-    pub ops: Vec<StateOp>,
-    bytes: usize,
-    /// Bumped when the log is cut back to a reset: replay from the start.
-    pub restarts: u64,
-}
-
-impl StateLog {
-    /// Appends an op; false when the log is full (the session must then
-    /// read from the source for good).
-    fn push(&mut self, op: StateOp) -> bool {
-        if let StateOp::Reset(..) = op {
-            // Everything before a reset is undone by it.
-            self.ops.clear();
-            self.bytes = 0;
-            self.restarts += 1;
-        }
-        self.bytes += match &op {
-            StateOp::Sql(s) | StateOp::Reset(s, _) => s.len(),
-            StateOp::Close(n) => n.len(),
-            StateOp::CloseAll => 0,
-        };
-        self.ops.push(op);
-        self.ops.len() <= MAX_STATE_OPS && self.bytes <= MAX_STATE_BYTES
     }
 }
 
@@ -349,7 +302,7 @@ impl SessionKeys {
 
 /// What a statement text means for routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+enum ReadKind {
     /// Every statement reads: may be routed.
     Read,
     /// `BEGIN ... READ ONLY` alone: opens a transaction that may be routed.
@@ -441,7 +394,7 @@ pub struct Decider<'a> {
     pick: Cell<Option<bool>>,
 }
 
-type StatementKinds = std::collections::HashMap<Box<[u8]>, (Arc<[u8]>, Kind)>;
+type StatementKinds = std::collections::HashMap<Box<[u8]>, (Arc<[u8]>, ReadKind)>;
 
 /// Prepared statements whose kind is remembered per session.
 const MAX_KINDS: usize = 1024;
@@ -520,7 +473,7 @@ impl<'a> Decider<'a> {
 
     /// Whether reads may leave the source now, with the settings in force.
     /// `source_idle`: nothing in flight on the source, outside a block.
-    fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<Settings>>> {
+    fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<RoutingSettings>>> {
         // A request pipelined behind a routed one goes to the source (its
         // bytes wait there until the routed answer is relayed): answers
         // reach the client in request order, a fallback included.
@@ -548,25 +501,25 @@ impl<'a> Decider<'a> {
         }
     }
 
-    fn kind(&mut self, sql: &[u8]) -> Kind {
+    fn kind(&mut self, sql: &[u8]) -> ReadKind {
         let Ok(sql) = std::str::from_utf8(sql) else {
-            return Kind::Other;
+            return ReadKind::Other;
         };
         // Only reads of table data are portable: SHOW, statistics, system
         // catalogs, cursors and admin functions answer about the session's
         // own server (see `classify::reads`).
         let classes = self.classifier.classify(sql);
         match &classes[..] {
-            [] => Kind::Other,
-            [Class::Begin { read_only: true }] => Kind::BeginReadOnly,
-            cs if cs.iter().all(Class::is_portable_read) => Kind::Read,
-            _ => Kind::Other,
+            [] => ReadKind::Other,
+            [Class::Begin { read_only: true }] => ReadKind::BeginReadOnly,
+            cs if cs.iter().all(Class::is_portable_read) => ReadKind::Read,
+            _ => ReadKind::Other,
         }
     }
 
     /// The kind of a prepared statement, remembered while its text is the
     /// same object.
-    fn statement_kind(&mut self, name: &[u8], text: &Arc<[u8]>) -> Kind {
+    fn statement_kind(&mut self, name: &[u8], text: &Arc<[u8]>) -> ReadKind {
         if let Some((t, k)) = self.kinds.get(name) {
             if Arc::ptr_eq(t, text) {
                 return *k;
@@ -581,7 +534,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Whether a read keyed by this statement text goes to the target.
-    fn in_cohort(&self, s: &Settings, sql: &[u8]) -> bool {
+    fn in_cohort(&self, s: &RoutingSettings, sql: &[u8]) -> bool {
         let bucket = if s.hash_key == HashKey::Comment {
             std::str::from_utf8(sql)
                 .ok()
@@ -605,7 +558,7 @@ impl<'a> Decider<'a> {
 
     /// Whether this session could route anything with these settings (so
     /// holding a batch back is worth it).
-    fn may_route(&self, s: &Settings) -> bool {
+    fn may_route(&self, s: &RoutingSettings) -> bool {
         // (Shape 0 is in no capped set: with a cap on some shapes, others
         // may still route.)
         s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold_for(|| 0)
@@ -625,17 +578,17 @@ impl<'a> Decider<'a> {
             return QueryRoute::Source;
         }
         let kind = self.kind(sql);
-        if kind == Kind::Other {
+        if kind == ReadKind::Other {
             return QueryRoute::Source;
         }
         let to_target = self
             .gate(source_idle)
             .is_some_and(|s| self.in_cohort(&s, sql))
             && self.own_writes_applied();
-        let shadowed = kind == Kind::Read && self.sample();
+        let shadowed = kind == ReadKind::Read && self.sample();
         let request = || Request::Simple(Bytes::copy_from_slice(body));
         if !to_target {
-            if kind == Kind::Read {
+            if kind == ReadKind::Read {
                 self.metrics.read(false);
                 *self
                     .link
@@ -657,7 +610,7 @@ impl<'a> Decider<'a> {
         let mut r = Routed::new(frame(b'Q', body), false);
         r.shadow = shadow;
         r.shape = self.shape_of(sql);
-        if kind == Kind::BeginReadOnly {
+        if kind == ReadKind::BeginReadOnly {
             self.txn = Some(RoutedTxn {
                 prelude: r.frames.clone(),
                 requests: 1,
@@ -819,7 +772,7 @@ impl<'a> Decider<'a> {
         &mut self,
         tag: u8,
         body: &[u8],
-        statements: &crate::session::state::PreparedStatements,
+        statements: &PreparedStatements,
     ) -> BatchStep {
         let in_txn = self.in_txn();
         let mut batch = match self.batch.take() {
@@ -926,7 +879,7 @@ impl<'a> Decider<'a> {
         batch: &mut Batch,
         tag: u8,
         body: &[u8],
-        statements: &crate::session::state::PreparedStatements,
+        statements: &PreparedStatements,
     ) -> bool {
         let settings = self.router.settings();
         match tag {
@@ -939,7 +892,7 @@ impl<'a> Decider<'a> {
                         if batch.shape == 0 {
                             batch.shape = self.shape_of(query);
                         }
-                        let read = self.kind(query) == Kind::Read;
+                        let read = self.kind(query) == ReadKind::Read;
                         batch.keyed_in |= read && self.in_cohort(&settings, query);
                         read
                     }
@@ -958,7 +911,7 @@ impl<'a> Decider<'a> {
                             if batch.shape == 0 {
                                 batch.shape = self.shape_of(&st.query);
                             }
-                            let read = self.statement_kind(name, &st.query) == Kind::Read;
+                            let read = self.statement_kind(name, &st.query) == ReadKind::Read;
                             batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
                             if read && !name.is_empty() {
                                 batch.statements.push((name.into(), st.clone()));
@@ -987,7 +940,7 @@ impl<'a> Decider<'a> {
         batch: &mut Batch,
         tag: u8,
         body: &[u8],
-        statements: &crate::session::state::PreparedStatements,
+        statements: &PreparedStatements,
     ) -> bool {
         let mut b = body;
         match tag {
@@ -1074,12 +1027,12 @@ impl<'a> Decider<'a> {
 
     /// Whether every statement of this text reads (and may be routed).
     pub fn is_read(&mut self, sql: &[u8]) -> bool {
-        self.kind(sql) == Kind::Read
+        self.kind(sql) == ReadKind::Read
     }
 
     /// The same for a prepared statement (remembered per name).
     pub fn statement_is_read(&mut self, name: &[u8], text: &Arc<[u8]>) -> bool {
-        self.statement_kind(name, text) == Kind::Read
+        self.statement_kind(name, text) == ReadKind::Read
     }
 
     /// A statement the source runs: logs the session state the target must
@@ -1210,7 +1163,6 @@ mod tests {
     }
 
     use crate::config::RoutingConfig;
-    use crate::session::state::PreparedStatements;
 
     fn body(parts: &[&[u8]]) -> Vec<u8> {
         parts.concat()
@@ -1409,19 +1361,5 @@ mod tests {
         d.source_statement(b"create temp table x(a int)");
         assert!(w.link.pinned.load(Relaxed));
         assert!(!routed(&mut d, "select 1"));
-    }
-
-    #[test]
-    fn a_reset_cuts_the_state_log_back() {
-        let mut log = StateLog::default();
-        assert!(log.push(StateOp::Sql("set a = 1".into())));
-        assert!(log.push(StateOp::Close(b"s1".to_vec().into())));
-        assert!(log.push(StateOp::Reset("discard all".into(), true)));
-        assert_eq!(log.ops, vec![StateOp::Reset("discard all".into(), true)]);
-        assert_eq!(log.restarts, 1);
-        for _ in 0..MAX_STATE_OPS {
-            log.push(StateOp::Sql("set a = 1".into()));
-        }
-        assert!(!log.push(StateOp::Sql("set a = 2".into())));
     }
 }

@@ -29,7 +29,7 @@ use crate::config::{HashKey, RoutingConfig};
 
 /// The routing settings in force.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
+pub struct RoutingSettings {
     pub read_percent: f64,
     /// `policy::threshold(read_percent)`, computed once per change.
     pub threshold: u64,
@@ -60,7 +60,7 @@ pub struct Limit {
     pub why: String,
 }
 
-impl Settings {
+impl RoutingSettings {
     pub fn from_config(c: &RoutingConfig) -> Self {
         Self {
             read_percent: c.read_percent,
@@ -191,19 +191,7 @@ pub async fn wait_until(notify: &tokio::sync::Notify, ready: impl Fn() -> bool) 
 
 type Labels = Vec<(&'static str, &'static str)>;
 
-/// Latency histograms are sharded by thread: a worker records into its own
-/// shard, so two workers never wait on each other's lock (a lock held by a
-/// descheduled thread would stall every session of the waiting worker).
-/// Readers (status, metrics) merge the shards.
-pub(crate) const SHARDS: usize = 16;
-
-pub(crate) fn shard() -> usize {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    thread_local! {
-        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    MINE.with(|s| *s)
-}
+use crate::clock::{shard, SHARDS};
 
 fn histogram() -> Histogram<u64> {
     // 1 µs to 1 hour, 3 significant digits: fixed size, never grows.
@@ -384,7 +372,7 @@ impl Default for RouteMetrics {
 
 /// The proxy's router: settings in force, shared by every session.
 pub struct Router {
-    settings: ArcSwap<Settings>,
+    settings: ArcSwap<RoutingSettings>,
     /// Whether the proxy has target links at all (without them nothing is
     /// routed, whatever the settings).
     pub has_target: AtomicBool,
@@ -393,21 +381,21 @@ pub struct Router {
 impl Router {
     pub fn new(cfg: &RoutingConfig, has_target: bool) -> Self {
         Self {
-            settings: ArcSwap::from_pointee(Settings::from_config(cfg)),
+            settings: ArcSwap::from_pointee(RoutingSettings::from_config(cfg)),
             has_target: AtomicBool::new(has_target),
         }
     }
 
     /// The settings in force (one atomic load).
-    pub fn settings(&self) -> arc_swap::Guard<Arc<Settings>> {
+    pub fn settings(&self) -> arc_swap::Guard<Arc<RoutingSettings>> {
         self.settings.load()
     }
 
-    pub fn current(&self) -> Arc<Settings> {
+    pub fn current(&self) -> Arc<RoutingSettings> {
         self.settings.load_full()
     }
 
-    pub fn store(&self, s: Settings) {
+    pub fn store(&self, s: RoutingSettings) {
         self.settings.store(Arc::new(s));
     }
 

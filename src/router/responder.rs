@@ -33,7 +33,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use super::decide::{RouteLink, Routed, StateOp};
+use super::decide::{RouteLink, Routed};
 use super::{is_fallback_code, Fallback, RouteMetrics, Router};
 use crate::protocol::error::{error_response, parse_error_fields, Severity};
 use crate::protocol::frame::read_message;
@@ -41,7 +41,7 @@ use crate::protocol::message::{
     parse_ready_for_query, put_message, ERROR_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY,
 };
 use crate::protocol::sqlstate;
-use crate::session::state::{Shared, Statement};
+use crate::tracker::{Shared, StateOp, Statement};
 use crate::upstream::target::{Conn, TargetLink};
 
 /// Answers up to this size are held whole (and can still fall back).
@@ -403,12 +403,12 @@ where
     /// Tells the health monitor how the target did. A query error is
     /// reported once the source has answered the same read (state.rs).
     fn report(&self, outcome: &Outcome, req: &Routed) {
-        use crate::health::{Backend, Fault, Kind, Sample};
+        use crate::health::{Backend, Fault, Sample, SampleKind};
         let Some(h) = &self.link.health else {
             return;
         };
         let took = req.started.elapsed();
-        let s = Sample::new(Backend::Target, Kind::Read, None).shape(req.shape);
+        let s = Sample::new(Backend::Target, SampleKind::Read, None).shape(req.shape);
         let s = match outcome {
             // The target's own time: a wait for the session's target login
             // (or for its session state to be replayed) is not the target

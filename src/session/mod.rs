@@ -22,15 +22,17 @@ use tracing::{debug, info, warn, Instrument};
 
 use self::forward::{pump, PumpEnd, PumpError};
 use self::startup::{connect_source, negotiate, Established, Failure, Negotiated};
-use self::state::{BackendInspector, FrontendInspector, PreparedStatements, Shared};
+use self::state::{BackendInspector, FrontendInspector};
+use crate::lifecycle::Phase;
 use crate::net::connect::set_keepalive;
 use crate::net::Stream;
 use crate::protocol::error::{error_response, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
-use crate::proxy::{Phase, Proxy};
+use crate::proxy::Proxy;
 use crate::router::decide::{Decider, RouteLink, SessionKeys};
 use crate::router::responder::{Responder, ResponderEnd, SharedWriter};
+use crate::tracker::{PreparedStatements, Shared};
 use crate::upstream::target::TargetLink;
 
 /// Upper bounds on tracked prepared statements per session: count, and
@@ -105,7 +107,7 @@ async fn establish(
                     &key,
                     &proxy.source,
                     proxy.targets.as_ref().map(|t| &t.upstream),
-                    &proxy.metrics,
+                    &proxy.metrics.cancel,
                 )
                 .await;
             return None;
@@ -206,7 +208,7 @@ pub async fn refuse_over_limit(proxy: Arc<Proxy>, tcp: TcpStream) {
                     &key,
                     &proxy.source,
                     proxy.targets.as_ref().map(|t| &t.upstream),
-                    &proxy.metrics,
+                    &proxy.metrics.cancel,
                 )
                 .await
         }

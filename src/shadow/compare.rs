@@ -44,7 +44,7 @@ const MAX_PAIRING_STEPS: usize = 1_000_000;
 
 /// Comparison settings shared by both sides.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Settings {
+pub struct CompareSettings {
     /// Relative float tolerance, see [`compare`]; 0 = exact (after normalisation).
     pub float_tolerance: f64,
     /// Lowercase column names ignored in every result.
@@ -55,7 +55,7 @@ pub struct Settings {
     pub max_retained_bytes: usize,
 }
 
-impl Default for Settings {
+impl Default for CompareSettings {
     fn default() -> Self {
         Self {
             float_tolerance: 0.0,
@@ -271,7 +271,7 @@ impl Budget {
 /// Builds one side's [`Answer`] from backend messages.
 #[derive(Debug)]
 pub struct Collector {
-    settings: Arc<Settings>,
+    settings: Arc<CompareSettings>,
     ignored: Arc<IgnoredTableColumns>,
     orders: Vec<Order>,
     budget: Budget,
@@ -287,7 +287,7 @@ impl Collector {
     /// `orders[i]` is the Order of the i-th result set (a missing entry means Unordered).
     /// `wanted`: row hashes whose row bytes must be retained even past max_retained_bytes (at most 64 are honoured).
     pub fn new(
-        settings: Arc<Settings>,
+        settings: Arc<CompareSettings>,
         ignored: Arc<IgnoredTableColumns>,
         orders: Vec<Order>,
         wanted: HashSet<u64>,
@@ -473,7 +473,7 @@ impl Collector {
 
 fn ignore_mask(
     columns: &[Column],
-    settings: &Settings,
+    settings: &CompareSettings,
     ignored: &IgnoredTableColumns,
 ) -> Vec<bool> {
     columns
@@ -1167,7 +1167,7 @@ impl Difference {
 ///
 /// Floats (float4/float8, and numeric when it parses as f64) are equal under
 /// `float_tolerance` when |x-y| <= tolerance * max(1, |x|, |y|).
-pub fn compare(a: &Answer, b: &Answer, settings: &Settings) -> Comparison {
+pub fn compare(a: &Answer, b: &Answer, settings: &CompareSettings) -> Comparison {
     let sets = a.sets.len().min(b.sets.len());
     // Checked before the set count: a cut-off answer usually also has fewer sets.
     if !a.complete || !b.complete {
@@ -1446,7 +1446,12 @@ struct Found<'a> {
     exhaustive: bool,
 }
 
-fn compare_set(i: usize, x: &ResultSet, y: &ResultSet, settings: &Settings) -> Option<Difference> {
+fn compare_set(
+    i: usize,
+    x: &ResultSet,
+    y: &ResultSet,
+    settings: &CompareSettings,
+) -> Option<Difference> {
     if let Ends::Done(d) = compare_ends(i, x, y) {
         return d;
     }
@@ -1929,7 +1934,7 @@ mod tests {
     }
 
     fn collect_full(
-        settings: &Settings,
+        settings: &CompareSettings,
         ignored: IgnoredTableColumns,
         orders: Vec<Order>,
         wanted: HashSet<u64>,
@@ -1947,18 +1952,18 @@ mod tests {
         c.finish()
     }
 
-    fn collect(settings: &Settings, orders: Vec<Order>, msgs: &Msgs) -> Answer {
+    fn collect(settings: &CompareSettings, orders: Vec<Order>, msgs: &Msgs) -> Answer {
         collect_full(settings, Vec::new(), orders, HashSet::new(), msgs)
     }
 
-    fn cmp_with(settings: &Settings, orders: Vec<Order>, a: &Msgs, b: &Msgs) -> Comparison {
+    fn cmp_with(settings: &CompareSettings, orders: Vec<Order>, a: &Msgs, b: &Msgs) -> Comparison {
         let x = collect(settings, orders.clone(), a);
         let y = collect(settings, orders, b);
         compare(&x, &y, settings)
     }
 
     fn cmp(a: &Msgs, b: &Msgs) -> Comparison {
-        cmp_with(&Settings::default(), Vec::new(), a, b)
+        cmp_with(&CompareSettings::default(), Vec::new(), a, b)
     }
 
     fn is_same(c: &Comparison) -> bool {
@@ -1996,7 +2001,7 @@ mod tests {
     fn equal_answers_are_same() {
         let a = select(ACCOUNTS, &[r(&["1", "1", "10"]), r(&["2", "1", "20"])]);
         assert!(is_same(&cmp(&a, &a)));
-        let x = collect(&Settings::default(), Vec::new(), &a);
+        let x = collect(&CompareSettings::default(), Vec::new(), &a);
         assert!(x.complete);
         assert_eq!(x.sets.len(), 1);
         assert_eq!(x.sets[0].rows, 2);
@@ -2099,7 +2104,7 @@ mod tests {
                 r(&["3", "2", "5"]),
             ],
         );
-        let s = Settings::default();
+        let s = CompareSettings::default();
         assert!(is_same(&cmp_with(&s, by(&[name("abalance")]), &a, &b)));
         assert!(is_same(&cmp_with(&s, by(&[SortKey::Position(2)]), &a, &b)));
         // Fully ordered by aid, the swap is a real difference.
@@ -2130,7 +2135,7 @@ mod tests {
                 r(&["2", "1", "20"]),
             ],
         );
-        let s = Settings::default();
+        let s = CompareSettings::default();
         let d = differ(cmp_with(&s, by(&[name("aid")]), &a, &b));
         assert_eq!(d.kind, DiffKind::Rows);
         assert_eq!(d.first_column.as_deref(), Some("aid"));
@@ -2150,7 +2155,12 @@ mod tests {
     fn keyed_extra_trailing_row() {
         let a = select(&[("v", INT4)], &[r(&["1"]), r(&["2"]), r(&["3"])]);
         let b = select(&[("v", INT4)], &[r(&["1"]), r(&["2"])]);
-        let d = differ(cmp_with(&Settings::default(), by(&[name("v")]), &a, &b));
+        let d = differ(cmp_with(
+            &CompareSettings::default(),
+            by(&[name("v")]),
+            &a,
+            &b,
+        ));
         assert_eq!(d.kind, DiffKind::RowCount);
         assert_eq!(d.rows_a, vec![vec![Some("3".to_string())]]);
         assert!(d.rows_b.is_empty());
@@ -2162,7 +2172,7 @@ mod tests {
         let a = select(cols, &[r(&["1", "1"]), r(&["2", "2"])]);
         let b = select(cols, &[r(&["2", "2"]), r(&["1", "1"])]);
         assert!(is_same(&cmp_with(
-            &Settings::default(),
+            &CompareSettings::default(),
             by(&[name("x")]),
             &a,
             &b
@@ -2232,9 +2242,9 @@ mod tests {
             "column 1 \"f\" differs: served \\x00000001 vs shadow \\x00000002"
         );
         // Binary float tolerance.
-        let s = Settings {
+        let s = CompareSettings {
             float_tolerance: 1e-9,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let x = 1.0f64.to_be_bytes();
         let y = (1.0f64 + 1e-12).to_be_bytes();
@@ -2258,9 +2268,9 @@ mod tests {
                 r(&["3", "7"]),
             ],
         );
-        let tol = |t| Settings {
+        let tol = |t| CompareSettings {
             float_tolerance: t,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         assert!(is_same(&cmp_with(&tol(1e-6), Vec::new(), &a, &b)));
         let d = differ(cmp_with(&tol(0.0), Vec::new(), &a, &b));
@@ -2287,10 +2297,10 @@ mod tests {
         assert!(is_same(&cmp_with(&tol(1e-6), Vec::new(), &na, &nb)));
         assert!(!is_same(&cmp_with(&tol(0.0), Vec::new(), &na, &nb)));
         // Without retained bytes nothing can be paired.
-        let no_bytes = Settings {
+        let no_bytes = CompareSettings {
             float_tolerance: 1e-6,
             max_retained_bytes: 0,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let d = differ(cmp_with(&no_bytes, Vec::new(), &a, &b));
         assert_eq!(d.wanted_a.len(), 2);
@@ -2396,9 +2406,9 @@ mod tests {
         let a = select(cols, &[r(&["1", "noon"]), r(&["2", "x"])]);
         let b = select(cols, &[r(&["1", "midnight"]), r(&["2", "y"])]);
         assert!(!is_same(&cmp(&a, &b)));
-        let s = Settings {
+        let s = CompareSettings {
             ignore_columns: vec!["updated_at".into()],
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         assert!(is_same(&cmp_with(&s, Vec::new(), &a, &b)));
         // An ignored sort key makes the rest of the order meaningless.
@@ -2427,7 +2437,7 @@ mod tests {
                 (b'Z', vec![b'I']),
             ]
         };
-        let s = Settings::default();
+        let s = CompareSettings::default();
         let run = |ia: IgnoredTableColumns, ib: IgnoredTableColumns, oa, ob| {
             let x = collect_full(&s, ia, Vec::new(), HashSet::new(), &msgs(oa, "a"));
             let y = collect_full(&s, ib, Vec::new(), HashSet::new(), &msgs(ob, "b"));
@@ -2475,7 +2485,7 @@ mod tests {
         let d = differ(cmp(&a, &b));
         assert_eq!(d.kind, DiffKind::ErrorOneSide);
         assert!(d.detail.contains("57014"), "{}", d.detail);
-        let x = collect(&Settings::default(), Vec::new(), &b);
+        let x = collect(&CompareSettings::default(), Vec::new(), &b);
         assert_eq!(
             x.sets[0].end,
             End::Error {
@@ -2550,7 +2560,7 @@ mod tests {
         let d = differ(cmp(&one_set, &cut));
         assert_eq!(d.kind, DiffKind::Incomplete);
         assert!(d.detail.contains("shadow"));
-        let x = collect(&Settings::default(), Vec::new(), &cut);
+        let x = collect(&CompareSettings::default(), Vec::new(), &cut);
         assert!(!x.complete);
     }
 
@@ -2611,7 +2621,7 @@ mod tests {
             (b's', vec![]),
             (b'Z', vec![b'T']),
         ];
-        let x = collect(&Settings::default(), Vec::new(), &msgs);
+        let x = collect(&CompareSettings::default(), Vec::new(), &msgs);
         assert_eq!(x.sets.len(), 1);
         assert_eq!(x.sets[0].end, End::Suspended);
         assert!(is_same(&cmp(&msgs, &msgs)));
@@ -2619,9 +2629,9 @@ mod tests {
 
     #[test]
     fn many_rows_beyond_max_rows_compared() {
-        let s = Settings {
+        let s = CompareSettings {
             max_rows_compared: 3,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let rows = |changed: Option<(usize, &'static str)>| -> Vec<Vec<Option<&'static str>>> {
             const V: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -2669,9 +2679,9 @@ mod tests {
     fn unordered_localisation_past_the_limit() {
         // The kept sample is the lowest hashes, so equal multisets keep the same rows
         // and a difference among them is still shown.
-        let s = Settings {
+        let s = CompareSettings {
             max_rows_compared: 50,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let numbers: Vec<String> = (0..200).map(|i| i.to_string()).collect();
         let base: Vec<_> = numbers.iter().map(|n| vec![Some(n.as_str())]).collect();
@@ -2699,9 +2709,9 @@ mod tests {
 
     #[test]
     fn wanted_rows_are_retained_past_the_budget() {
-        let s = Settings {
+        let s = CompareSettings {
             max_retained_bytes: 0,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let a = select(ACCOUNTS, &[r(&["1", "1", "10"]), r(&["2", "1", "20"])]);
         let b = select(ACCOUNTS, &[r(&["1", "1", "11"]), r(&["2", "1", "20"])]);
@@ -2750,9 +2760,9 @@ mod tests {
 
     #[test]
     fn budget_limits_retained_bytes() {
-        let s = Settings {
+        let s = CompareSettings {
             max_retained_bytes: 40,
-            ..Settings::default()
+            ..CompareSettings::default()
         };
         let rows: Vec<_> = (0..10).map(|_| r(&["1", "1", "10"])).collect();
         let x = collect(&s, Vec::new(), &select(ACCOUNTS, &rows));
@@ -2872,7 +2882,7 @@ mod tests {
             (b'E', e("XX000", "boom")),
         ];
         let tags = b"TDCEIsZ12ntNSAK";
-        let settings = Settings {
+        let settings = CompareSettings {
             float_tolerance: 1e-6,
             ignore_columns: vec!["b".into()],
             max_rows_compared: 4,

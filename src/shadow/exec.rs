@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use super::compare::{self, Answer, Collector, Comparison, Difference, IgnoredTableColumns, Order};
 use super::query::QueryInfo;
-use super::{Job, Request, SessionInfo, Settings, Shadow, Side};
+use super::{Job, Request, SessionInfo, Shadow, ShadowSettings, Side};
 use crate::mirror::Mirror;
 use crate::net::connect::Upstream;
 use crate::net::Stream;
@@ -41,7 +41,7 @@ use crate::protocol::frame::{decode_header, read_message, HEADER_LEN};
 use crate::protocol::message::{
     put_message, take_cstr, BIND, DESCRIBE, ERROR_RESPONSE, EXECUTE, PARSE, READY_FOR_QUERY,
 };
-use crate::router::decide::StateOp;
+use crate::tracker::StateOp;
 use crate::upstream::passfile::PassFile;
 
 /// Statement analyses kept (by text).
@@ -143,10 +143,10 @@ impl Exec {
     /// A compared shadow read, for the health monitor: the target failed
     /// it when a confirmed difference is the target erroring alone.
     fn report_health(&self, target_failed: bool) {
-        use crate::health::{Backend, Fault, Kind, Sample};
+        use crate::health::{Backend, Fault, Sample, SampleKind};
         if let Some(h) = &self.health {
             let fault = target_failed.then_some(Fault::Diverged);
-            h.record(Sample::new(Backend::Target, Kind::Shadow, fault));
+            h.record(Sample::new(Backend::Target, SampleKind::Shadow, fault));
         }
     }
 
@@ -284,7 +284,7 @@ impl Exec {
         &self,
         job: &Job,
         answer: mpsc::Receiver<super::Chunk>,
-        s: &Arc<Settings>,
+        s: &Arc<ShadowSettings>,
         info: &QueryInfo,
     ) -> Run<Comparison> {
         let served_ignored = self.ignored(job.served, &job.session, s).await?;
@@ -313,7 +313,7 @@ impl Exec {
     async fn recheck(
         &self,
         job: &Job,
-        s: &Arc<Settings>,
+        s: &Arc<ShadowSettings>,
         info: &QueryInfo,
         first: &Difference,
     ) -> Run<Recheck> {
@@ -402,7 +402,7 @@ impl Exec {
         &self,
         side: Side,
         job: &Job,
-        s: &Arc<Settings>,
+        s: &Arc<ShadowSettings>,
         info: &QueryInfo,
         wanted: HashSet<u64>,
         describe: bool,
@@ -440,7 +440,7 @@ impl Exec {
     }
 
     /// An idle connection for this side and session, or a new one.
-    async fn conn(&self, side: Side, session: &SessionInfo, s: &Settings) -> Run<Conn> {
+    async fn conn(&self, side: Side, session: &SessionInfo, s: &ShadowSettings) -> Run<Conn> {
         let pooled = self
             .pools
             .lock()
@@ -526,7 +526,7 @@ impl Exec {
     }
 
     /// Brings the connection to the session's settings when they differ.
-    async fn sync_state(&self, conn: &mut Conn, job: &Job, s: &Settings) -> Run<()> {
+    async fn sync_state(&self, conn: &mut Conn, job: &Job, s: &ShadowSettings) -> Run<()> {
         let key = state_key(&job.state);
         if conn.state == key {
             return Ok(());
@@ -618,7 +618,7 @@ impl Exec {
         &self,
         side: Side,
         session: &SessionInfo,
-        s: &Arc<Settings>,
+        s: &Arc<ShadowSettings>,
     ) -> Run<Arc<IgnoredTableColumns>> {
         if s.ignore_table_columns.is_empty() {
             return Ok(Arc::default());
@@ -710,7 +710,7 @@ impl Exec {
     fn entry(
         &self,
         job: &Job,
-        s: &Settings,
+        s: &ShadowSettings,
         info: &QueryInfo,
         text: &str,
         first: &Difference,
@@ -992,7 +992,7 @@ pub fn start(exec: Exec, jobs: mpsc::Receiver<Job>) -> io::Result<std::thread::J
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::state::Statement;
+    use crate::tracker::Statement;
     use bytes::{BufMut, Bytes};
 
     fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {

@@ -34,10 +34,10 @@ use tokio::sync::mpsc;
 
 use crate::config::ShadowConfig;
 use crate::protocol::startup::StartupMessage;
-use crate::router::decide::StateOp;
-use crate::session::state::Statement;
+use crate::tracker::StateOp;
+use crate::tracker::Statement;
 
-pub use self::report::{Report, ShadowMetrics};
+pub use self::report::{MismatchReport, ShadowMetrics};
 pub use self::tap::{Chunk, Tap};
 
 /// Most bytes of served answers held in taps' queues at once, over all
@@ -69,18 +69,18 @@ impl Side {
 
 /// The shadow settings in force (every key but the sizes changes live).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
+pub struct ShadowSettings {
     pub sample_percent: f64,
     pub timeout: Duration,
     pub max_wait: Duration,
     pub recheck_delay: Duration,
     pub redact_parameters: bool,
-    pub compare: Arc<compare::Settings>,
+    pub compare: Arc<compare::CompareSettings>,
     /// `table.column` entries of `ignore_columns`, lowercase.
     pub ignore_table_columns: Vec<(String, String)>,
 }
 
-impl Settings {
+impl ShadowSettings {
     pub fn from_config(c: &ShadowConfig) -> Self {
         let mut columns = Vec::new();
         let mut table_columns = Vec::new();
@@ -97,7 +97,7 @@ impl Settings {
             max_wait: Duration::from_millis(c.max_wait_ms),
             recheck_delay: Duration::from_millis(c.recheck_delay_ms),
             redact_parameters: c.redact_parameters,
-            compare: Arc::new(compare::Settings {
+            compare: Arc::new(compare::CompareSettings {
                 float_tolerance: c.float_tolerance,
                 ignore_columns: columns,
                 max_rows_compared: c.max_rows_compared,
@@ -183,12 +183,12 @@ pub struct Job {
 /// The shadow reads of the whole proxy: settings, the queue to the
 /// executor, the report.
 pub struct Shadow {
-    settings: ArcSwap<Settings>,
+    settings: ArcSwap<ShadowSettings>,
     /// `sample_percent` scaled to 2^32, read on the hot path without the
     /// `ArcSwap`.
     threshold: AtomicU32,
     jobs: mpsc::Sender<Job>,
-    pub report: Arc<Report>,
+    pub report: Arc<MismatchReport>,
     /// Bytes of served answers queued in taps.
     pub tap_bytes: Arc<AtomicUsize>,
 }
@@ -214,9 +214,9 @@ fn threshold(percent: f64) -> u32 {
 }
 
 impl Shadow {
-    pub fn new(c: &ShadowConfig, report: Arc<Report>) -> (Arc<Self>, mpsc::Receiver<Job>) {
+    pub fn new(c: &ShadowConfig, report: Arc<MismatchReport>) -> (Arc<Self>, mpsc::Receiver<Job>) {
         let (tx, rx) = mpsc::channel(c.queue);
-        let s = Settings::from_config(c);
+        let s = ShadowSettings::from_config(c);
         let shadow = Arc::new(Self {
             threshold: AtomicU32::new(threshold(s.sample_percent)),
             settings: ArcSwap::from_pointee(s),
@@ -227,11 +227,11 @@ impl Shadow {
         (shadow, rx)
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    pub fn settings(&self) -> Arc<ShadowSettings> {
         self.settings.load_full()
     }
 
-    pub fn store(&self, s: Settings) {
+    pub fn store(&self, s: ShadowSettings) {
         self.threshold.store(threshold(s.sample_percent), Relaxed);
         self.settings.store(Arc::new(s));
     }

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
+use crate::clock::now_us;
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Fingerprints given their own metric series; later ones share "other",
@@ -172,7 +174,7 @@ struct Noise {
     skipped: u64,
 }
 
-pub struct Report {
+pub struct MismatchReport {
     path: PathBuf,
     log: Mutex<Option<File>>,
     groups: Mutex<HashMap<String, Group>>,
@@ -181,12 +183,7 @@ pub struct Report {
     pub metrics: ShadowMetrics,
 }
 
-/// Unix microseconds, as the audit log stamps its entries.
-fn now_us() -> u64 {
-    crate::mirror::capture::now_us()
-}
-
-impl Report {
+impl MismatchReport {
     /// Opens (appends to) the mismatch log.
     pub fn open(path: &Path, metrics: ShadowMetrics) -> anyhow::Result<Self> {
         // Private: it holds statement texts, parameters and rows.

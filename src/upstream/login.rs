@@ -11,13 +11,13 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::config::require_auth::{AuthMethod, RequireAuth};
 use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::read_message;
 use crate::protocol::message::{AUTHENTICATION, BACKEND_KEY_DATA, ERROR_RESPONSE, READY_FOR_QUERY};
 use crate::protocol::startup::{CancelKey, StartupMessage};
-use crate::upstream::require_auth::{AuthMethod, RequireAuth};
 
 /// Bound on any message during login (auth requests are tiny).
 const LOGIN_MAX_MESSAGE: usize = 1 << 20;
@@ -361,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cleartext_request_is_refused_by_default_before_the_password_is_sent() {
-        let (r, got) = run(Server::Cleartext, super::super::require_auth::DEFAULT).await;
+        let (r, got) = run(Server::Cleartext, crate::config::require_auth::DEFAULT).await;
         let e = r.unwrap_err();
         assert!(
             matches!(

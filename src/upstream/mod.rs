@@ -6,5 +6,4 @@
 
 pub mod login;
 pub mod passfile;
-pub mod require_auth;
 pub mod target;

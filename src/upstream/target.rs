@@ -17,19 +17,65 @@ use tracing::{debug, info, warn};
 
 use super::login::connect_and_login;
 use super::passfile::PassFile;
-use crate::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
 use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::startup::StartupMessage;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The target links' counters, exported by the admin API's `/metrics`.
+pub struct LinkMetrics {
+    pub logins_ok: Counter,
+    pub logins_failed: Counter,
+    /// Logged-in connections that exist now.
+    pub links_up: Gauge,
+    pub links_lost: Counter,
+}
+
+impl LinkMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let logins = Family::<Labels, Counter>::default();
+        registry.register(
+            "target_logins",
+            "Proxy logins to the target, by result",
+            logins.clone(),
+        );
+        let links_up = Gauge::default();
+        registry.register(
+            "target_links_up",
+            "Per-session target connections currently up",
+            links_up.clone(),
+        );
+        let links_lost = Counter::default();
+        registry.register(
+            "target_links_lost",
+            "Target connections lost after login",
+            links_lost.clone(),
+        );
+        let logins_ok = logins.get_or_create(&vec![("result", "ok")]).clone();
+        let logins_failed = logins.get_or_create(&vec![("result", "failed")]).clone();
+        Self {
+            logins_ok,
+            logins_failed,
+            links_up,
+            links_lost,
+        }
+    }
+}
+
 /// Everything needed to open target links; shared by all sessions.
 pub struct TargetLinks {
     pub upstream: Upstream,
     pub passfile: Option<PassFile>,
     pub keepalive: Duration,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<LinkMetrics>,
     /// Whether the most recent target login (any session's) failed: a new
     /// session then does not count on its link before it is up.
     pub last_login_failed: std::sync::atomic::AtomicBool,
@@ -48,7 +94,7 @@ pub struct TargetLink {
     pub optimistic: bool,
 }
 
-/// A logged-in target connection; counted in `target_links_up` while it
+/// A logged-in target connection; counted in `links_up` while it
 /// exists.
 pub struct Conn {
     pub stream: Stream,
@@ -56,12 +102,12 @@ pub struct Conn {
     pub buf: BytesMut,
     /// Its BackendKeyData, to cancel a routed query running on it.
     pub key: Option<crate::protocol::startup::CancelKey>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<LinkMetrics>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.metrics.target_links_up.dec();
+        self.metrics.links_up.dec();
     }
 }
 
@@ -107,8 +153,8 @@ impl TargetLinks {
                 Ok((stream, buf, key)) => {
                     self.last_login_failed
                         .store(false, std::sync::atomic::Ordering::Relaxed);
-                    self.metrics.target_logins_ok.inc();
-                    self.metrics.target_links_up.inc();
+                    self.metrics.logins_ok.inc();
+                    self.metrics.links_up.inc();
                     if failures > 0 || ever_up {
                         info!(session_id, %user, %database, "target link re-established");
                     }
@@ -129,12 +175,12 @@ impl TargetLinks {
                         _ = want.notified() => {}
                         _ = &mut stop => return,
                     }
-                    self.metrics.target_links_lost.inc();
+                    self.metrics.links_lost.inc();
                 }
                 Err(why) => {
                     self.last_login_failed
                         .store(true, std::sync::atomic::Ordering::Relaxed);
-                    self.metrics.target_logins_failed.inc();
+                    self.metrics.logins_failed.inc();
                     failures += 1;
                     // Loud once, then quiet: a refused login repeats on every retry.
                     if failures == 1 {

@@ -863,3 +863,23 @@ impl Background for Command {
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+/// The first statement after a tokio-postgres cancel. tokio-postgres closes
+/// its cancel connection as soon as it has written the request, without
+/// waiting for the server to close it as libpq does, and Postgres up to 17
+/// signals the backend twice per cancel (its pid, then its process group):
+/// the second signal can land on this statement, with or without a proxy.
+/// Such a cancel is taken once, and the statement run again. (The proxy's
+/// own ordering of cancels is tested with psycopg, whose cancel waits.)
+pub async fn query_one_after_cancel(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> tokio_postgres::Row {
+    match client.query_one(sql, params).await {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            client.query_one(sql, params).await.unwrap()
+        }
+        r => r.unwrap(),
+    }
+}

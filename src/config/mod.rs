@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod hosts;
+pub mod require_auth;
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -641,8 +644,9 @@ pub struct RowImagesConfig {
     /// (password from `source.passfile`).
     #[serde(default = "default_row_images_user")]
     pub user: String,
-    /// How long a unit waits for its row images before it is replayed as
-    /// statements instead (and flagged).
+    /// How long a unit waits for its row images while the stream makes no
+    /// progress before it is replayed as statements instead (and flagged).
+    /// A stream that is behind but moving is waited for.
     #[serde(default = "default_row_images_wait_ms")]
     pub wait_ms: u64,
     /// Decoded transactions held for the applier, at most; past it the
@@ -837,7 +841,7 @@ pub struct UpstreamConfig {
     /// Authentication methods the proxy's own logins accept from this
     /// server, as libpq's `require_auth` (default: not `password`).
     #[serde(default)]
-    pub require_auth: crate::upstream::require_auth::RequireAuth,
+    pub require_auth: crate::config::require_auth::RequireAuth,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -885,7 +889,7 @@ impl AdminConfig {
         if let Some(h) = self
             .allowed_hosts
             .iter()
-            .find(|h| !crate::admin::valid_allowed_host(h))
+            .find(|h| !hosts::valid_allowed_host(h))
         {
             return err(
                 "allowed_hosts",
@@ -900,10 +904,6 @@ impl AdminConfig {
                 "without admin.token_file the admin API may only listen on a loopback address"
                     .into(),
             ),
-            (Some(_), Some(tf)) => match crate::admin::read_token(tf) {
-                Ok(_) => Ok(()),
-                Err(e) => err("token_file", format!("{e:#}")),
-            },
             _ => Ok(()),
         }
     }
@@ -1013,8 +1013,19 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file (syntax and values only:
+    /// the files it names are read by `preflight::load`, which `check`,
+    /// `run` and every reload use).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_checked(path, |_| Ok(()))
+    }
+
+    /// `load`, then `check` on the result; an error it returns (a key and
+    /// a message) is reported with that key's line like any other.
+    pub fn load_checked(
+        path: &Path,
+        check: impl FnOnce(&Config) -> Result<(), (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -1022,11 +1033,21 @@ impl Config {
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(&text, &file, path.parent())
+        Self::parse_checked(&text, &file, path.parent(), check)
     }
 
     /// Parses and validates config text; relative paths resolve against `base`.
     pub fn parse(text: &str, file: &str, base: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::parse_checked(text, file, base, |_| Ok(()))
+    }
+
+    /// `parse`, then `check` (see `load_checked`).
+    pub fn parse_checked(
+        text: &str,
+        file: &str,
+        base: Option<&Path>,
+        check: impl FnOnce(&Config) -> Result<(), (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let (key, line) = match e.span() {
                 Some(span) => locate_span(text, span.start),
@@ -1042,12 +1063,14 @@ impl Config {
         if let Some(base) = base.filter(|b| !b.as_os_str().is_empty()) {
             cfg.resolve_paths(base);
         }
-        cfg.validate().map_err(|(key, message)| ConfigError {
-            file: file.into(),
-            line: line_of_key(text, &key),
-            key: Some(key),
-            message,
-        })?;
+        cfg.validate()
+            .and_then(|()| check(&cfg))
+            .map_err(|(key, message)| ConfigError {
+                file: file.into(),
+                line: line_of_key(text, &key),
+                key: Some(key),
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -1098,18 +1121,15 @@ impl Config {
                     "tls_key is set but tls_cert is not".into(),
                 )
             }
-            (Some(cert), Some(key)) => {
-                if let Err(e) = crate::net::tls::server_config(cert, key) {
-                    return err("listen.tls_cert", format!("{e:#}"));
-                }
-            }
-            (None, None) => {}
+            (Some(_), Some(_)) | (None, None) => {}
         }
         for (name, u) in [("source", &self.source), ("target", &self.target)] {
             if u.host.is_empty() {
                 return err(&format!("{name}.host"), "must not be empty".into());
             }
-            if u.sslmode == SslMode::VerifyFull && !crate::net::tls::valid_server_name(&u.host) {
+            if u.sslmode == SslMode::VerifyFull
+                && rustls::pki_types::ServerName::try_from(u.host.as_str()).is_err()
+            {
                 return err(
                     &format!("{name}.host"),
                     format!(
@@ -1130,31 +1150,13 @@ impl Config {
                     "must be between 1 and 600000".into(),
                 );
             }
-            match (u.sslmode, &u.sslrootcert) {
-                (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
-                    return err(
-                        &format!("{name}.sslrootcert"),
-                        "verify-ca and verify-full need a CA file".into(),
-                    )
-                }
-                (_, Some(ca)) => {
-                    if let Err(e) = crate::net::tls::load_roots(ca) {
-                        return err(&format!("{name}.sslrootcert"), format!("{e:#}"));
-                    }
-                }
-                _ => {}
-            }
-        }
-        // Clients authenticate to the source themselves; the proxy logs in
-        // to the source only for shadow reads.
-        for (key, pf) in [
-            ("source.passfile", &self.source.passfile),
-            ("target.passfile", &self.target.passfile),
-        ] {
-            if let Some(pf) = pf {
-                if let Err(e) = crate::upstream::passfile::PassFile::load(pf) {
-                    return err(key, format!("{e:#}"));
-                }
+            if matches!(u.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+                && u.sslrootcert.is_none()
+            {
+                return err(
+                    &format!("{name}.sslrootcert"),
+                    "verify-ca and verify-full need a CA file".into(),
+                );
             }
         }
         if let Some(m) = &self.mirror {
@@ -1343,14 +1345,7 @@ port = 54322
     }
 
     #[test]
-    fn missing_source_passfile_and_public_admin_are_rejected() {
-        // A source passfile is allowed (shadow reads log in with it), but
-        // it must exist.
-        let text = MINIMAL.replace("port = 54321", "port = 54321\npassfile = \"x\"");
-        assert_eq!(
-            Config::parse(&text, "t", None).unwrap_err().key.as_deref(),
-            Some("source.passfile")
-        );
+    fn a_public_admin_address_without_a_token_is_rejected() {
         let text = format!("{MINIMAL}\n[admin]\naddr = \"0.0.0.0:9930\"\n");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert_eq!((e.key.as_deref(), e.line), (Some("admin.addr"), Some(14)));
@@ -1427,7 +1422,7 @@ port = 54322
 
     #[test]
     fn require_auth_is_checked_with_its_line_and_defaults_to_no_cleartext() {
-        use crate::upstream::require_auth::AuthMethod;
+        use crate::config::require_auth::AuthMethod;
         let c = Config::parse(MINIMAL, "t", None).unwrap();
         for u in [&c.source, &c.target] {
             assert!(!u.require_auth.allows(AuthMethod::Password));
@@ -1454,8 +1449,7 @@ port = 54322
     }
 
     #[test]
-    fn admin_show_data_needs_a_private_token_file() {
-        use std::os::unix::fs::PermissionsExt;
+    fn admin_show_data_needs_a_token_file() {
         let text = format!("{MINIMAL}\n[admin]\nshow_data = true\n");
         let e = Config::parse(&text, "t", None).unwrap_err();
         assert_eq!(
@@ -1463,24 +1457,7 @@ port = 54322
             (Some("admin.show_data"), Some(14))
         );
         assert!(e.message.contains("token_file"), "{e}");
-
-        let dir = tempfile::tempdir().unwrap();
-        let tf = dir.path().join("admin.token");
-        std::fs::write(&tf, "tok\n").unwrap();
-        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let text = format!(
-            "{MINIMAL}\n[admin]\nshow_data = true\ntoken_file = {:?}\n",
-            tf.display().to_string()
-        );
-        let e = Config::parse(&text, "t", None).unwrap_err();
-        assert_eq!(
-            (e.key.as_deref(), e.line),
-            (Some("admin.token_file"), Some(15))
-        );
-        assert!(e.message.contains("group or world access"), "{e}");
-        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let c = Config::parse(&text, "t", None).unwrap();
-        assert!(c.admin.show_data);
+        // Whether the token file is private is checked by `preflight`.
     }
 
     #[test]

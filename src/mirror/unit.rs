@@ -45,7 +45,7 @@ pub struct Segment {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TxnRecord {
+pub struct MirroredUnit {
     /// Position in the spool (assigned when appended).
     pub seq: u64,
     /// The client session it came from (unique within one spool).
@@ -129,7 +129,7 @@ fn capacity(n: u32, b: &[u8]) -> usize {
     (n as usize).min(b.len() / 4)
 }
 
-impl TxnRecord {
+impl MirroredUnit {
     /// Encodes everything but `seq`, which the spool frame carries.
     pub fn encode(&self, b: &mut BytesMut) {
         b.put_u8(VERSION);
@@ -192,7 +192,7 @@ impl TxnRecord {
         if !(1..=VERSION).contains(&version) {
             return Err(DecodeError("unknown record version"));
         }
-        let mut r = TxnRecord {
+        let mut r = MirroredUnit {
             seq,
             session: get_u64(b)?,
             committed_at_us: get_u64(b)?,
@@ -289,7 +289,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_damage() {
-        let r = TxnRecord {
+        let r = MirroredUnit {
             seq: 7,
             session: 3,
             committed_at_us: 1_700_000_000_000_000,
@@ -319,9 +319,9 @@ mod tests {
         };
         let mut b = BytesMut::new();
         r.encode(&mut b);
-        assert_eq!(TxnRecord::decode(7, &b).unwrap(), r);
+        assert_eq!(MirroredUnit::decode(7, &b).unwrap(), r);
         for cut in 0..b.len() {
-            assert!(TxnRecord::decode(7, &b[..cut]).is_err(), "cut at {cut}");
+            assert!(MirroredUnit::decode(7, &b[..cut]).is_err(), "cut at {cut}");
         }
         assert_eq!(r.database(), "app");
     }

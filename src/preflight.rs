@@ -54,18 +54,7 @@ pub fn check_files(cfg: &Config) -> Result<(), (String, String)> {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
-[listen]
-addr = "127.0.0.1:6432"
-
-[source]
-host = "127.0.0.1"
-port = 54321
-
-[target]
-host = "127.0.0.1"
-port = 54322
-"#;
+    const MINIMAL: &str = crate::config::MINIMAL_CONFIG;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse_checked(text, "t", None, check_files)

@@ -1276,11 +1276,10 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     best
 }
 
+/// The smallest valid config (the three required sections), for tests
+/// here and in `preflight`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
+pub(crate) const MINIMAL_CONFIG: &str = r#"
 [listen]
 addr = "127.0.0.1:6432"
 
@@ -1292,6 +1291,12 @@ port = 54321
 host = "127.0.0.1"
 port = 54322
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = MINIMAL_CONFIG;
 
     #[test]
     fn the_example_proxy_toml_is_valid_and_mirrors() {

@@ -191,7 +191,9 @@ impl Stream {
     /// transactions arrive), and gives up (`None`) only after `wait` without
     /// any: a stream that is behind but moving (a loaded source or machine)
     /// is waited for, because replaying the unit's statements instead would
-    /// make its generated values differ; a stream that is down is not.
+    /// make its generated values differ; a stream that is down is not. With
+    /// no `committed_before` (the source's position could not be read) it
+    /// waits `wait` at most: nothing then bounds the wait.
     pub async fn take(
         &self,
         xid8: u64,
@@ -244,8 +246,10 @@ impl Stream {
                 // let it run once before judging.
                 tokio::task::yield_now().await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                // Without the source's position there is no point the
+                // stream must reach: no waiting past `wait` then.
                 let now = progress();
-                if now == seen {
+                if now == seen || committed_before.is_none() {
                     return None;
                 }
                 seen = now;
@@ -824,6 +828,47 @@ mod tests {
         let b = s.buffer();
         assert_eq!(b.txns.len(), 1);
         assert!(b.by_xid.contains_key(&13));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_moves_is_waited_for_past_wait() {
+        let s = Arc::new(Stream::new("db", 1 << 20));
+        let feeder = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                // 1.5 s of progress below where the unit committed, then
+                // its transaction: longer than the 1 s `wait`.
+                for i in 1..=30u64 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    s.reached(i * 10);
+                }
+                s.push(Decoded {
+                    xid: 20,
+                    commit_lsn: 5_000,
+                    changes: vec![],
+                    bytes: 100,
+                    arrived: None,
+                });
+            })
+        };
+        let t0 = Instant::now();
+        let got = s.take(20, Some(10_000), Duration::from_secs(1)).await;
+        assert_eq!(got.map(|t| t.commit_lsn), Some(5_000));
+        assert!(t0.elapsed() >= Duration::from_millis(1_500));
+        feeder.await.unwrap();
+        // Without the source's position nothing bounds the wait: `wait` it is,
+        // moving stream or not.
+        let feeder = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                for i in 1..=30u64 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    s.reached(1_000 + i);
+                }
+            })
+        };
+        assert!(s.take(21, None, Duration::from_millis(300)).await.is_none());
+        feeder.await.unwrap();
     }
 
     #[tokio::test]

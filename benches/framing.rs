@@ -7,8 +7,9 @@ use std::hint::black_box;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::protocol::frame::decode_header;
-use pgshift::session::forward::{pump, MAX_STREAMED_MESSAGE};
-use pgshift::session::state::{BackendInspector, FrontendInspector};
+use pgshift::pump::core::{ClientCore, ClientSide, ServerSide};
+use pgshift::pump::{pump, MAX_STREAMED_MESSAGE};
+use pgshift::session::policies::{ClientPolicies, ServerPolicies};
 use pgshift::tracker::{PreparedStatements, Shared};
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -70,12 +71,32 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("pump");
     g.throughput(Throughput::Bytes(client.len() as u64));
+    // The session core alone, then with the policy hooks a session gets
+    // when no policy is configured: the two should cost the same.
     g.bench_function("client_to_source_extended", |b| {
         b.iter(|| {
             rt.block_on(async {
                 let shared = Shared::default();
                 let mut st = PreparedStatements::new(1000, 1 << 20);
-                let mut insp = FrontendInspector::new(&shared, &mut st, 1 << 20);
+                let mut insp = ClientSide::new(ClientCore::new(&shared, &mut st, 1 << 20), ());
+                let mut out = Vec::with_capacity(client.len());
+                let mut buf = BytesMut::new();
+                pump(&mut &client[..], &mut out, &mut buf, &mut insp)
+                    .await
+                    .unwrap();
+                black_box(out.len())
+            })
+        })
+    });
+    g.bench_function("client_to_source_extended_policies_off", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let shared = Shared::default();
+                let mut st = PreparedStatements::new(1000, 1 << 20);
+                let mut insp = ClientSide::new(
+                    ClientCore::new(&shared, &mut st, 1 << 20),
+                    ClientPolicies::default(),
+                );
                 let mut out = Vec::with_capacity(client.len());
                 let mut buf = BytesMut::new();
                 pump(&mut &client[..], &mut out, &mut buf, &mut insp)
@@ -90,7 +111,21 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let shared = Shared::default();
-                let mut insp = BackendInspector::new(&shared);
+                let mut insp = ServerSide::new(&shared, ());
+                let mut out = Vec::with_capacity(server.len());
+                let mut buf = BytesMut::new();
+                pump(&mut &server[..], &mut out, &mut buf, &mut insp)
+                    .await
+                    .unwrap();
+                black_box(out.len())
+            })
+        })
+    });
+    g.bench_function("source_to_client_extended_policies_off", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let shared = Shared::default();
+                let mut insp = ServerSide::new(&shared, ServerPolicies::default());
                 let mut out = Vec::with_capacity(server.len());
                 let mut buf = BytesMut::new();
                 pump(&mut &server[..], &mut out, &mut buf, &mut insp)

@@ -14,6 +14,9 @@
 #   OUT       also write the whole report (markdown) to this file (default: stdout only)
 #   BENCH_PGSHIFT_CONFIG  use this pgshift config file as is (must listen on 127.0.0.1:6433;
 #             no other pgshift instance then)
+#   BENCH_WORKERS  runtime.worker_threads of every pgshift instance but pgshift-mt
+#             (default 1: one session thread, as PgBouncer's one)
+#   BENCH_MT=0  leave out pgshift-mt (passthrough with worker_threads 0: one per core)
 #   BENCH_MIRROR=0  leave out the pgshift-mirror and pgshift-spool instances
 #   BENCH_ROUTING=0 / BENCH_SHADOW=0 / BENCH_RECORD=0  leave out pgshift-r50 and -r100 /
 #             pgshift-s10 and -s100 / pgshift-rec
@@ -42,6 +45,8 @@
 #              false, routing.read_percent 0, shadow.sample_percent 0 and record.path
 #              unset (no recording). Without proxy.toml there is no pgshift instance.
 #              If pgshift does not build or start, it is skipped with a message.
+#   pgshift-mt like pgshift, but runtime.worker_threads 0 (one session thread per core);
+#              every other instance has BENCH_WORKERS threads (1). Port 6442, admin 9939.
 #   pgshift-mirror  mirror.enabled true, port 6435, admin 9932. The target database gets
 #              the same pgbench -i, so the mirror replays TPC-B onto matching rows. After
 #              each of its runs the script records the mirror's counters and waits for it
@@ -135,6 +140,8 @@ PGSHIFT_SPOOL_PORT=6436
 PGSHIFT_SPOOL_ADMIN_PORT=9933
 UNREACHABLE_PORT=9   # nothing listens there: connections are refused at once
 BENCH_MIRROR="${BENCH_MIRROR:-1}"
+BENCH_WORKERS="${BENCH_WORKERS:-1}"
+BENCH_MT="${BENCH_MT:-1}"
 BENCH_ROUTING="${BENCH_ROUTING:-1}"
 BENCH_SHADOW="${BENCH_SHADOW:-1}"
 PGSHIFT_S10_PORT=6439
@@ -148,6 +155,8 @@ PGSHIFT_R100_ADMIN_PORT=9935
 BENCH_RECORD="${BENCH_RECORD:-1}"
 PGSHIFT_REC_PORT=6441
 PGSHIFT_REC_ADMIN_PORT=9938
+PGSHIFT_MT_PORT=6442
+PGSHIFT_MT_ADMIN_PORT=9939
 REC_FILE_BYTES=$((64 << 20))   # record.max_file_bytes of pgshift-rec
 REC_MAX_FILES=2                # record.max_files: at most 128 MiB of capture on disk
 BENCH_MEMORY="${BENCH_MEMORY:-1}"
@@ -318,11 +327,13 @@ log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') runni
 # "pgshift-s10/-s100" shadowing reads, and "pgshift-rec" recording sessions.
 declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT
-    [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT [pgshift-rec]=$PGSHIFT_REC_PORT)
+    [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT [pgshift-rec]=$PGSHIFT_REC_PORT
+    [pgshift-mt]=$PGSHIFT_MT_PORT)
 declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT [pgshift-r50]=$PGSHIFT_R50_ADMIN_PORT
     [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT [pgshift-s10]=$PGSHIFT_S10_ADMIN_PORT
-    [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT [pgshift-rec]=$PGSHIFT_REC_ADMIN_PORT)
+    [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT [pgshift-rec]=$PGSHIFT_REC_ADMIN_PORT
+    [pgshift-mt]=$PGSHIFT_MT_ADMIN_PORT)
 # The recording's counters from the admin API (.record): recording(1|0) messages
 # bytes_written dropped_runs sessions sessions_incomplete segment start_error|error|-
 record_status() {
@@ -369,7 +380,8 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
             "target.port=$target_port" "mirror.enabled=$([[ "$mirror" == on ]] && echo true || echo false)" \
             "mirror.spool_dir=\"$RUN_DIR/spool-$name\"" "routing.read_percent=$read_percent" \
             "shadow.sample_percent=$sample_percent" "shadow.mismatch_log=\"$RUN_DIR/mismatches-$name.jsonl\"" \
-            "audit.path=\"$RUN_DIR/audit-$name.jsonl\"" "${rec[@]}" >"$cfg" \
+            "audit.path=\"$RUN_DIR/audit-$name.jsonl\"" "${rec[@]}" \
+            "runtime.worker_threads=${PX_WORKERS:-$BENCH_WORKERS}" >"$cfg" \
             || { warn "could not derive a config from proxy.toml; no $name instance"; return 1; }
     else
         warn "proxy.toml not found; benchmarking without pgshift"
@@ -412,6 +424,7 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
 }
 TARGETS=(direct pgbouncer)
 if start_pgshift pgshift off; then TARGETS+=(pgshift); fi
+if [[ "$BENCH_MT" == 1 ]] && PX_WORKERS=0 start_pgshift pgshift-mt off; then TARGETS+=(pgshift-mt); fi
 if [[ "$BENCH_MIRROR" == 1 ]]; then
     if start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
     if start_pgshift pgshift-spool on "$UNREACHABLE_PORT"; then TARGETS+=(pgshift-spool); fi
@@ -669,7 +682,7 @@ for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
     if wticks != "" and int(txns) > 0:
         d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
-order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-r50": 3, "pgshift-r100": 4,
+order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mt": 2.5, "pgshift-r50": 3, "pgshift-r100": 4,
          "pgshift-s10": 5, "pgshift-s100": 6, "pgshift-mirror": 7, "pgshift-spool": 8, "pgshift-rec": 9}
 targets.sort(key=lambda t: order.get(t, 10))
 med = lambda xs: statistics.median(xs) if xs else None
@@ -677,11 +690,12 @@ med = lambda xs: statistics.median(xs) if xs else None
 # The full comparison table first: one row per workload, one column per variant.
 labels = {"select-simple": "select-only, -M simple", "select-extended": "select-only, -M extended",
           "select-prepared": "select-only, -M prepared", "tpcb-simple": "TPC-B, -M simple"}
-variants = [("pgbouncer", "PgBouncer"), ("pgshift", "pgshift passthrough"), ("pgshift-mirror", "pgshift mirroring"),
+variants = [("pgbouncer", "PgBouncer"), ("pgshift", "pgshift passthrough"),
+            ("pgshift-mt", "pgshift passthrough, a thread per core"), ("pgshift-mirror", "pgshift mirroring"),
             ("pgshift-r50", "pgshift 50% routing"), ("pgshift-s100", "pgshift 100% shadowing"),
             ("pgshift-rec", "pgshift recording")]
 # Which switch leaves a variant out (BENCH_MIRROR BENCH_ROUTING BENCH_SHADOW BENCH_RECORD).
-switch = {"pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
+switch = {"pgshift-mt": (None, "BENCH_MT=0"), "pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
           "pgshift-s100": (2, "BENCH_SHADOW=0"), "pgshift-rec": (3, "BENCH_RECORD=0")}
 print("Each cell: median TPS (TPS / direct) / the proxy's CPU time per transaction in µs; "
       "\"-\": the variant does not run that workload (routing and shadowing: select-only only).")

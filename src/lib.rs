@@ -7,8 +7,10 @@
 //! - `workers`: the thread-per-core runtimes sessions run on.
 //! - `tracker`: what the proxy knows of one session (transaction status,
 //!   prepared statements, the settings log), kept once for every policy.
-//! - `session`: one client session: `startup` (TLS, auth relay),
-//!   `forward` (the hot path), `state` (what the proxy tracks per session).
+//! - `pump`: the session core: the hot path (`forward`), the bookkeeping
+//!   every session needs and the hook traits policies implement (`core`).
+//! - `session`: one client session: `startup` (TLS, auth relay), then the
+//!   core with the configured policies as its hooks (`policies`).
 //! - `clock`: wall-clock time and per-thread shards (the bottom layer).
 //! - `protocol`: framing and the few message decoders the proxy needs.
 //! - `net`: the stream type, TLS, and connecting upstream with sslmode.
@@ -50,6 +52,7 @@ pub mod preflight;
 pub mod private_files;
 pub mod protocol;
 pub mod proxy;
+pub mod pump;
 pub mod record;
 pub mod redact;
 pub mod replay;

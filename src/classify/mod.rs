@@ -104,6 +104,46 @@ fn is_lock_function(name: &str) -> bool {
     name.starts_with("pg_advisory") || name.starts_with("pg_try_advisory")
 }
 
+/// Whether `sql` holds one of `words` (lower-case ASCII) as a whole word,
+/// in any case: a cheap pre-check before classifying. One pass over the
+/// text, comparing only where words start.
+pub fn mentions_word(sql: &[u8], words: &[&[u8]]) -> bool {
+    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut prev_word = false;
+    for (i, &c) in sql.iter().enumerate() {
+        let starts = !prev_word && c.is_ascii_alphabetic();
+        prev_word = is_word(c);
+        if starts
+            && words.iter().any(|w| {
+                w.first() == Some(&c.to_ascii_lowercase())
+                    && sql
+                        .get(i..i + w.len())
+                        .is_some_and(|s| s.eq_ignore_ascii_case(w))
+                    && sql.get(i + w.len()).is_none_or(|&n| !is_word(n))
+            })
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Words without which a statement is no `Class::Session` operation, no
+/// CALL and no DO (the classifier finds those only where one of these
+/// words starts a statement).
+pub const SESSION_OP_WORDS: &[&[u8]] = &[
+    b"set",
+    b"reset",
+    b"discard",
+    b"deallocate",
+    b"prepare",
+    b"listen",
+    b"unlisten",
+    b"load",
+    b"call",
+    b"do",
+];
+
 /// Whether `sql` is one read of server-local state (the catalog, OIDs,
 /// statistics): its answer differs between two servers holding the same
 /// data, so the mirror's outcome check does not compare its row count.

@@ -45,12 +45,25 @@ fn classify(rules: &Arc<Rules>, sql: &str) -> Arc<[Class]> {
     })
 }
 
+/// The class a prepared statement's executions take.
+fn statement_class(rules: &Arc<Rules>, text: &str) -> Class {
+    match &classify(rules, text)[..] {
+        [c] => c.clone(),
+        [] => Class::READ,
+        _ => Class::Write,
+    }
+}
+
 /// A prepared statement as the session defined it.
 #[derive(Clone)]
 struct CapturedStatement {
     /// The whole Parse message, to re-prepare it on the target.
     parse: Arc<[u8]>,
+    /// `Class::Write` (the safe guess) until classified.
     class: Class,
+    /// Parsed while mirroring was off, and not classified since (see
+    /// `Capture::dormant`).
+    classified: bool,
     text: Arc<str>,
 }
 
@@ -602,15 +615,16 @@ impl Capture {
                     return;
                 };
                 let text = String::from_utf8_lossy(text);
-                let classes = classify(&self.rules, &text);
-                let class = match &classes[..] {
-                    [c] => c.clone(),
-                    [] => Class::READ,
-                    _ => Class::Write,
+                let classified = !self.dormant(&text);
+                let class = if classified {
+                    statement_class(&self.rules, &text)
+                } else {
+                    Class::Write
                 };
                 let st = CapturedStatement {
                     parse: Arc::from(msg),
                     class,
+                    classified,
                     text: Arc::from(text.as_ref()),
                 };
                 if let Some(old) = self.statements.remove(name) {
@@ -644,11 +658,19 @@ impl Capture {
                 let Ok(portal) = take_cstr(&mut b) else {
                     return;
                 };
+                let capturing = self.capturing;
+                let rules = &self.rules;
                 let st = self
                     .portals
                     .get(portal)
-                    .and_then(|s| self.statements.get(s))
-                    .map(|s| (s.class.clone(), Arc::clone(&s.text)));
+                    .and_then(|s| self.statements.get_mut(s))
+                    .map(|s| {
+                        if !s.classified && capturing {
+                            s.class = statement_class(rules, &s.text);
+                            s.classified = true;
+                        }
+                        (s.class.clone(), Arc::clone(&s.text))
+                    });
                 match st {
                     Some((class, text)) => self.statement(&text, class),
                     // Unknown portal: the source will say; assume a write.
@@ -705,6 +727,13 @@ impl Capture {
     }
 
     fn query(&mut self, text: &str) {
+        if self.dormant(text) {
+            // Taken for a write: should mirroring come back on before this
+            // unit ends, it is replayed whole (replaying a read is
+            // harmless, missing a write is not).
+            self.open.write = true;
+            return;
+        }
         let classes = classify(&self.rules, text);
         // CapturedStatement texts matter only for session state; split only then.
         let parts = if classes.len() > 1 && classes.iter().any(|c| matches!(c, Class::Session(_))) {
@@ -720,6 +749,17 @@ impl Capture {
                 .unwrap_or(text);
             self.statement(part, class.clone());
         }
+    }
+
+    /// Whether `text` goes unclassified: mirroring is off (as of the last
+    /// server message), and the statement cannot change the session state
+    /// the capture keeps for when it comes back on (settings, SQL-level
+    /// prepared statements) or commit on its own (CALL, DO). A unit is
+    /// mirrored only if mirroring is on when it ends, so while it is off
+    /// a session pays for a word scan, not for a classification.
+    fn dormant(&self, text: &str) -> bool {
+        !self.capturing
+            && !crate::classify::mentions_word(text.as_bytes(), crate::classify::SESSION_OP_WORDS)
     }
 
     /// One statement executed in the open segment.
@@ -1019,6 +1059,79 @@ mod tests {
             1 << 20,
             Some(Arc::clone(journal)),
         )
+    }
+
+    /// One simple Query and the source's answer, with mirroring `on` or off.
+    fn request(c: &mut Capture, sql: &str, tag: &str, status: u8, on: bool) -> Finished {
+        c.client_bytes(&query(sql));
+        let mut body = tag.as_bytes().to_vec();
+        body.push(0);
+        c.server_message(b'C', &body, on);
+        c.server_message(b'Z', &[status], on)
+    }
+
+    #[test]
+    fn while_mirroring_is_off_only_session_statements_are_classified() {
+        let (_dir, journal) = journal();
+        let mut c = capture(&journal);
+        // Mirroring goes off.
+        assert!(matches!(
+            request(&mut c, "SELECT 1", "SELECT 1", b'I', false),
+            Finished::Nothing
+        ));
+        // A read is not classified: it is taken for a write, unmirrored
+        // since mirroring is off when its unit ends.
+        c.client_bytes(&query("SELECT * FROM t"));
+        assert!(
+            c.closed.back().is_some_and(|s| s.write),
+            "unclassified counts as a write"
+        );
+        assert!(!c.wrote(), "but nothing is written while off");
+        c.server_message(b'C', b"SELECT 3\0", false);
+        assert!(matches!(
+            c.server_message(b'Z', b"I", false),
+            Finished::Nothing
+        ));
+        // Session state is still followed: the SET reaches the next unit.
+        request(&mut c, "SET search_path = app", "SET", b'I', false);
+        // A statement prepared while off is classified when it runs with
+        // mirroring on: a read prepared then stays unmirrored.
+        let mut parse = vec![b'P'];
+        let body = b"r\0SELECT * FROM t\0\0\0";
+        parse.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        parse.extend_from_slice(body);
+        c.client_bytes(&parse);
+        assert!(!c.statements[&b"r"[..]].classified);
+        // A unit that began while off and ends with mirroring on is
+        // mirrored whole, its unclassified read included.
+        request(&mut c, "BEGIN", "BEGIN", b'T', false);
+        request(&mut c, "SELECT count(*) FROM t", "SELECT 1", b'T', false);
+        let Finished::Mirror(rec) = request(&mut c, "COMMIT", "COMMIT", b'I', true) else {
+            panic!("a unit spanning the switch is mirrored");
+        };
+        assert_eq!(rec.segments.len(), 3);
+        assert!(
+            rec.state.iter().any(|s| s == b"SET search_path = app"),
+            "the SET made while off is replayed before the unit"
+        );
+        // Mirroring on: a read is classified and not mirrored.
+        assert!(matches!(
+            request(&mut c, "SELECT * FROM t", "SELECT 3", b'I', true),
+            Finished::Nothing
+        ));
+        let mut bind = vec![b'B'];
+        let body = b"\0r\0\0\0\0\0\0\0";
+        bind.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        bind.extend_from_slice(body);
+        c.client_bytes(&bind);
+        c.client_bytes(b"E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04");
+        assert!(c.statements[&b"r"[..]].classified);
+        c.server_message(b'2', b"", true);
+        c.server_message(b'C', b"SELECT 3\0", true);
+        assert!(matches!(
+            c.server_message(b'Z', b"I", true),
+            Finished::Nothing
+        ));
     }
 
     #[test]

@@ -20,7 +20,10 @@
 
 use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -137,8 +140,15 @@ pub struct RouteLink {
     /// Seq of this session's last spooled write unit (0: none).
     pub last_spooled_seq: AtomicU64,
     /// When the eligible read now on the source was sent (its latency is
-    /// recorded at its ReadyForQuery).
-    pub source_read_started: Mutex<Option<Instant>>,
+    /// recorded at its ReadyForQuery); see `time_source_read`.
+    source_read_started: Mutex<Option<Instant>>,
+    /// `source_read_started` holds a time: spares every other
+    /// ReadyForQuery the lock.
+    source_read_timed: AtomicBool,
+    /// Responder waits on `client_free` or `source_free` in progress: the
+    /// pumps notify only when one is (a Notify takes a lock even when
+    /// nobody waits).
+    stream_waiters: AtomicU32,
     /// A shadowed read's answer is coming from the source: the backend
     /// pump copies it into this tap.
     pub shadow_armed: AtomicBool,
@@ -181,6 +191,8 @@ impl Default for RouteLink {
             source_queue: Mutex::default(),
             last_spooled_seq: AtomicU64::new(0),
             source_read_started: Mutex::default(),
+            source_read_timed: AtomicBool::new(false),
+            stream_waiters: AtomicU32::new(0),
             shadow_armed: AtomicBool::new(false),
             shadow_tap: Mutex::default(),
             health: None,
@@ -193,6 +205,50 @@ impl Default for RouteLink {
 }
 
 impl RouteLink {
+    /// A session's link, reporting to the health monitor when there is one.
+    pub fn new(health: Option<Arc<crate::health::Health>>) -> Self {
+        Self {
+            health,
+            ..Self::default()
+        }
+    }
+
+    /// The eligible read now on the source was sent at `started` (`None`:
+    /// it is not timed).
+    pub fn time_source_read(&self, started: Option<Instant>) {
+        self.source_read_timed.store(started.is_some(), Relaxed);
+        *self
+            .source_read_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = started;
+    }
+
+    /// At a ReadyForQuery of the source: when the read it ends was sent,
+    /// if it was timed.
+    pub fn take_source_read(&self) -> Option<Instant> {
+        if !self.source_read_timed.swap(false, Relaxed) {
+            return None;
+        }
+        self.source_read_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Waits until `ready`, woken by `stream_freed` on `notify`.
+    pub async fn wait_stream_free(&self, notify: &Notify, ready: impl Fn() -> bool) {
+        self.stream_waiters.fetch_add(1, SeqCst);
+        super::wait_until(notify, ready).await;
+        self.stream_waiters.fetch_sub(1, SeqCst);
+    }
+
+    /// A pump finished a write: wakes a responder waiting for its stream.
+    pub fn stream_freed(&self, notify: &Notify) {
+        if self.stream_waiters.load(SeqCst) > 0 {
+            notify.notify_waiters();
+        }
+    }
+
     pub fn in_target_txn(&self) -> bool {
         self.target_tx.load(Relaxed) != b'I'
     }
@@ -436,6 +492,15 @@ impl<'a> Decider<'a> {
         self.shadow.is_some_and(|s| s.sample()) && !self.link.pinned.load(Relaxed)
     }
 
+    /// Whether reads are looked at now: routing has a share of them, or
+    /// shadowing samples them. While neither does, a request costs the
+    /// session nothing here but this check (two flags): no classification,
+    /// no timing, no counting. The session-state log is kept regardless
+    /// (`source_statement`), so that routing can start at any request.
+    pub fn engaged(&self) -> bool {
+        self.router.engaged() || self.shadow.is_some_and(|s| s.engaged())
+    }
+
     /// Whether the batch starting now is sampled (one draw per batch).
     fn picked(&self) -> bool {
         match self.pick.get() {
@@ -465,6 +530,12 @@ impl<'a> Decider<'a> {
             .clone();
         let watermark = self.mirror.map_or(0, |m| m.spool.last_seq());
         sh.submit(served, request(), Arc::clone(info), state, watermark)
+    }
+
+    /// An extended-protocol batch on its way to the source is followed as
+    /// a possible eligible read.
+    pub fn observing(&self) -> bool {
+        self.observed.is_some()
     }
 
     pub fn holding(&self) -> bool {
@@ -573,8 +644,9 @@ impl<'a> Decider<'a> {
             return self.txn_query(body, sql);
         }
         // Eligible reads are counted (and timed) whichever side serves
-        // them, whatever the settings: the operator sees the whole picture.
-        if !source_idle {
+        // them, at every routing share (0% included, while shadowing is
+        // on): the operator sees the whole picture.
+        if !source_idle || !self.engaged() {
             return QueryRoute::Source;
         }
         let kind = self.kind(sql);
@@ -590,11 +662,7 @@ impl<'a> Decider<'a> {
         if !to_target {
             if kind == ReadKind::Read {
                 self.metrics.read(false);
-                *self
-                    .link
-                    .source_read_started
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                self.link.time_source_read(Some(Instant::now()));
                 if let Some(tap) = shadowed
                     .then(|| self.shadow_submit(Side::Source, request))
                     .flatten()
@@ -759,7 +827,7 @@ impl<'a> Decider<'a> {
         if in_txn {
             return source_idle;
         }
-        if !source_idle {
+        if !source_idle || !self.engaged() {
             return false;
         }
         // Held to be routed, or to copy it for a shadow read.
@@ -828,11 +896,7 @@ impl<'a> Decider<'a> {
             let frames = batch.frames.freeze();
             if eligible_read {
                 self.metrics.read(false);
-                *self
-                    .link
-                    .source_read_started
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = batch.started;
+                self.link.time_source_read(batch.started);
                 let statements = std::mem::take(&mut batch.statements);
                 if let Some(tap) = shadowed
                     .then(|| {
@@ -994,9 +1058,9 @@ impl<'a> Decider<'a> {
         is_read: impl FnOnce(&mut Self) -> bool,
     ) {
         if at_start {
-            self.observed = Some((Instant::now(), true, false));
             // This batch was not held: a shadow draw for it is spent.
             self.pick.set(None);
+            self.observed = self.engaged().then(|| (Instant::now(), true, false));
         }
         let Some((_, eligible, executed)) = self.observed.as_mut() else {
             return;
@@ -1014,11 +1078,7 @@ impl<'a> Decider<'a> {
             SYNC => {
                 if let Some((started, true, true)) = self.observed.take() {
                     self.metrics.read(false);
-                    *self
-                        .link
-                        .source_read_started
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(started);
+                    self.link.time_source_read(Some(started));
                 }
             }
             _ => *eligible = false,
@@ -1106,33 +1166,19 @@ fn frame(tag: u8, body: &[u8]) -> BytesMut {
 }
 
 /// Cheap pre-check before classifying a statement the source runs: only
-/// these words can change session state (or make a temporary table). One
-/// pass over the text, looking only where words start.
+/// these words can change session state (or make a temporary table).
 fn may_change_state(sql: &[u8]) -> bool {
-    const WORDS: [&[u8]; 6] = [
-        b"set",
-        b"discard",
-        b"deallocate",
-        b"temp",
-        b"temporary",
-        b"reset",
-    ];
-    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    let mut prev_word = false;
-    for (i, &c) in sql.iter().enumerate() {
-        let starts = !prev_word && matches!(c.to_ascii_lowercase(), b's' | b'd' | b't' | b'r');
-        prev_word = is_word(c);
-        if starts
-            && WORDS.iter().any(|w| {
-                sql.get(i..i + w.len())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(w))
-                    && sql.get(i + w.len()).is_none_or(|&n| !is_word(n))
-            })
-        {
-            return true;
-        }
-    }
-    false
+    crate::classify::mentions_word(
+        sql,
+        &[
+            b"set",
+            b"discard",
+            b"deallocate",
+            b"temp",
+            b"temporary",
+            b"reset",
+        ],
+    )
 }
 
 /// Whether `word` (lower-case ASCII) appears in `sql` as a whole word, in
@@ -1278,12 +1324,34 @@ mod tests {
 
     #[test]
     fn outside_the_cohort_nothing_is_held_and_reads_count_as_source_reads() {
-        let w = World::new(0.0);
+        // A share so small that this session's bucket is outside it.
+        let w = World::new(0.0001);
         let mut d = w.decider();
+        assert!(d.engaged());
         assert!(!d.collects(BIND, 20, true));
         assert!(!routed(&mut d, "select 1"));
         assert!(!routed(&mut d, "update t set a=1"));
         assert_eq!(w.metrics.snapshot()["source"]["reads"], 1);
+        // At 0% (and no shadowing) reads are not even looked at: nothing
+        // is classified, timed or counted.
+        let w = World::new(0.0);
+        let mut d = w.decider();
+        assert!(!d.engaged());
+        assert!(!d.collects(BIND, 20, true));
+        assert!(!routed(&mut d, "select 1"));
+        d.observe_source(PARSE, true, |_| panic!("classified at 0%"));
+        assert!(!d.observing());
+        assert_eq!(w.metrics.snapshot()["source"]["reads"], 0);
+        assert!(w.link.take_source_read().is_none());
+        // Raised live: the next request is looked at again.
+        w.router.store(RoutingSettings::from_config(&RoutingConfig {
+            read_percent: 0.0001,
+            ..RoutingConfig::default()
+        }));
+        assert!(d.engaged());
+        assert!(!routed(&mut d, "select 1"));
+        assert_eq!(w.metrics.snapshot()["source"]["reads"], 1);
+        assert!(w.link.take_source_read().is_some());
         // At 100%, but with the source busy: the source.
         let w = World::new(100.0);
         let mut d = w.decider();

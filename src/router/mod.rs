@@ -376,14 +376,27 @@ pub struct Router {
     /// Whether the proxy has target links at all (without them nothing is
     /// routed, whatever the settings).
     pub has_target: AtomicBool,
+    /// Whether a share of reads is configured for the target (whatever
+    /// failback made of it): only then do sessions classify and time their
+    /// reads. Kept beside the settings so the hot path reads one flag.
+    engaged: AtomicBool,
 }
 
 impl Router {
     pub fn new(cfg: &RoutingConfig, has_target: bool) -> Self {
+        let settings = RoutingSettings::from_config(cfg);
         Self {
-            settings: ArcSwap::from_pointee(RoutingSettings::from_config(cfg)),
+            engaged: AtomicBool::new(settings.threshold > 0),
+            settings: ArcSwap::from_pointee(settings),
             has_target: AtomicBool::new(has_target),
         }
+    }
+
+    /// Whether reads are to be classified at all: `read_percent` above 0,
+    /// even while failback holds them on the source (the source's own
+    /// latency is then the baseline recovery is judged against).
+    pub fn engaged(&self) -> bool {
+        self.engaged.load(Ordering::Relaxed)
     }
 
     /// The settings in force (one atomic load).
@@ -396,6 +409,7 @@ impl Router {
     }
 
     pub fn store(&self, s: RoutingSettings) {
+        self.engaged.store(s.threshold > 0, Ordering::Relaxed);
         self.settings.store(Arc::new(s));
     }
 

@@ -401,7 +401,7 @@ where
     }
 
     /// Tells the health monitor how the target did. A query error is
-    /// reported once the source has answered the same read (state.rs).
+    /// reported once the source has answered the same read (session/policies.rs).
     fn report(&self, outcome: &Outcome, req: &Routed) {
         use crate::health::{Backend, Fault, Sample, SampleKind};
         let Some(h) = &self.link.health else {
@@ -457,22 +457,19 @@ where
     async fn to_source(&self, req: &Routed) -> io::Result<()> {
         // Wait until the source stream is between messages and the
         // frontend pump is not writing.
-        super::wait_until(&self.link.source_free, || {
-            !self.link.frontend_writing.load(Relaxed)
-                && self.shared.server_at_boundary.load(Relaxed)
-        })
-        .await;
+        self.link
+            .wait_stream_free(&self.link.source_free, || {
+                !self.link.frontend_writing.load(Relaxed)
+                    && self.shared.server_at_boundary.load(Relaxed)
+            })
+            .await;
         self.shared.add_in_flight(1);
         if let Some(c) = self.capture {
             c.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .inject(&req.frames);
         }
-        *self
-            .link
-            .source_read_started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(req.started);
+        self.link.time_source_read(Some(req.started));
         let mut w = super::responder::SharedWriter(self.source);
         w.write_all(&req.frames).await?;
         w.flush().await
@@ -486,11 +483,12 @@ where
         if requests == 0 {
             return Ok(());
         }
-        super::wait_until(&self.link.source_free, || {
-            !self.link.frontend_writing.load(Relaxed)
-                && self.shared.server_at_boundary.load(Relaxed)
-        })
-        .await;
+        self.link
+            .wait_stream_free(&self.link.source_free, || {
+                !self.link.frontend_writing.load(Relaxed)
+                    && self.shared.server_at_boundary.load(Relaxed)
+            })
+            .await;
         self.shared.add_in_flight(requests);
         self.link
             .source_owed
@@ -506,11 +504,12 @@ where
     /// Waits until the client stream is free, then writes.
     async fn write_client(&self, bytes: &[u8]) -> io::Result<()> {
         if !self.link.responder_writing.load(Relaxed) {
-            super::wait_until(&self.link.client_free, || {
-                !self.link.backend_writing.load(Relaxed)
-                    && self.shared.client_at_boundary.load(Relaxed)
-            })
-            .await;
+            self.link
+                .wait_stream_free(&self.link.client_free, || {
+                    !self.link.backend_writing.load(Relaxed)
+                        && self.shared.client_at_boundary.load(Relaxed)
+                })
+                .await;
             self.link.responder_writing.store(true, Relaxed);
         }
         if self.link.source_ended.load(Relaxed) {

@@ -1,13 +1,12 @@
 //! One client session, from accept to close.
 //!
 //! `startup` takes the connection to an authenticated session on the source;
-//! `forward` then moves bytes both ways (the hot path) while `state` keeps
-//! what later stages need to know about the session. This module ties them
+//! the session core (`pump`) then moves bytes both ways (the hot path), with
+//! the configured policies as its hooks (`policies`). This module ties them
 //! together and decides how a session ends and what the client is told.
 
-pub mod forward;
+pub mod policies;
 pub mod startup;
-pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,9 +19,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use self::forward::{pump, PumpEnd, PumpError};
+use self::policies::{ClientPolicies, ServerPolicies};
 use self::startup::{connect_source, negotiate, Established, Failure, Negotiated};
-use self::state::{BackendInspector, FrontendInspector};
 use crate::lifecycle::Phase;
 use crate::net::connect::set_keepalive;
 use crate::net::Stream;
@@ -30,6 +28,8 @@ use crate::protocol::error::{error_response, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Proxy;
+use crate::pump::core::{ClientCore, ClientSide, ServerSide};
+use crate::pump::{pump, PumpEnd, PumpError};
 use crate::router::decide::{Decider, RouteLink, SessionKeys};
 use crate::router::responder::{Responder, ResponderEnd, SharedWriter};
 use crate::tracker::{PreparedStatements, Shared};
@@ -318,10 +318,7 @@ async fn forward_session(
     let mut shutdown = proxy.shutdown.clone();
     let idle_timeout = Duration::from_secs(proxy.config.limits.idle_timeout_s);
 
-    let link = RouteLink {
-        health: proxy.health.clone(),
-        ..RouteLink::default()
-    };
+    let link = RouteLink::new(proxy.health.clone());
     let end = {
         let (mut client_rd, client_wr) = split(client);
         let (mut server_rd, server_wr) = split(&mut server);
@@ -329,18 +326,14 @@ async fn forward_session(
         // routed answers to the client and fallbacks to the source.
         let client_wr = std::sync::Mutex::new(client_wr);
         let server_wr = std::sync::Mutex::new(server_wr);
-        let mut frontend = FrontendInspector::new(
-            &shared,
-            &mut statements,
-            proxy.config.limits.max_message_bytes,
-        );
-        frontend.capture = capture.as_ref();
-        frontend.record = recorder;
-        frontend.mirror = proxy.mirror.as_deref().filter(|_| capture.is_some());
-        let mut backend = BackendInspector::new(&shared);
+        let mut client_policies = ClientPolicies::default();
+        client_policies.capture = capture.as_ref();
+        client_policies.record = recorder;
+        client_policies.mirror = proxy.mirror.as_deref().filter(|_| capture.is_some());
+        let mut server_policies = ServerPolicies::default();
         if let (Some(m), Some(c)) = (proxy.mirror.as_deref(), capture.as_ref()) {
-            backend.mirror = Some((m, c));
-            backend.max_inspected = proxy.config.limits.max_message_bytes;
+            server_policies.mirror = Some((m, c));
+            server_policies.max_inspected = proxy.config.limits.max_message_bytes;
         }
         let responder = target_link.map(|target| {
             let keys = SessionKeys::new(
@@ -361,8 +354,8 @@ async fn forward_session(
                 let info = crate::shadow::SessionInfo::new(startup);
                 decider = decider.with_shadow(sh, std::sync::Arc::new(info));
             }
-            frontend.route = Some(decider);
-            backend.route = Some((&link, &proxy.metrics.route));
+            client_policies.route = Some(decider);
+            server_policies.route = Some((&link, &proxy.metrics.route));
             // Set before the pumps run: the first request may come before
             // the responder is first polled.
             link.ready
@@ -391,6 +384,15 @@ async fn forward_session(
                 None => std::future::pending().await,
             }
         };
+        let mut frontend = ClientSide::new(
+            ClientCore::new(
+                &shared,
+                &mut statements,
+                proxy.config.limits.max_message_bytes,
+            ),
+            client_policies,
+        );
+        let mut backend = ServerSide::new(&shared, server_policies);
         let mut client_out = SharedWriter(&client_wr);
         let mut server_out = SharedWriter(&server_wr);
         let to_server = pump(

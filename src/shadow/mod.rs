@@ -238,6 +238,11 @@ impl Shadow {
 
     /// Whether this eligible read is shadowed (hot path).
     #[inline]
+    /// Whether any share of reads is shadowed.
+    pub fn engaged(&self) -> bool {
+        self.threshold.load(Relaxed) != 0
+    }
+
     pub fn sample(&self) -> bool {
         let t = self.threshold.load(Relaxed);
         t != 0 && (t == u32::MAX || draw() < t)

@@ -14,7 +14,7 @@ client after the FATAL, before the connection closes: libpq then keeps the
 connection as good (psycopg2's `closed` stays 0 in its
 test_external_close_async). The backend pump forwards a FATAL
 ErrorResponse and goes on until the source closes the socket
-(src/session/state.rs BackendInspector), while src/router/decide.rs still
+(src/session/policies.rs ServerPolicies), while src/router/decide.rs still
 routes and src/router/responder.rs still writes to the client.
 """
 import sys

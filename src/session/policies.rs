@@ -1,12 +1,16 @@
-//! Per-session state the proxy keeps from the traffic it forwards, and the
-//! two inspectors that keep it up to date.
+//! The policies of one session, as the session core's hooks: the mirror's
+//! capture (order probes, spooling each committed unit before its
+//! acknowledgement), read routing (holding batches, diverting reads to the
+//! target, answers owed by the source), the shadow tap, health samples and
+//! the recording. `pump::core` does the session's own bookkeeping and calls
+//! these in message order; this module composes the policies that are
+//! configured, each of which lives in its own module.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 
-use super::forward::{Hold, Inspector, Verdict};
 use crate::mirror::capture::{Capture, Finished};
 use crate::mirror::order::{self, Probe, Shape, Step};
 use crate::mirror::unit::MirroredUnit;
@@ -14,26 +18,22 @@ use crate::mirror::{Mirror, Spooled};
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::message::{
-    is_frontend_tag, parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE,
-    COPY_DONE, COPY_FAIL, DESCRIBE, ERROR_RESPONSE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY,
-    READY_FOR_QUERY, SYNC, TERMINATE,
+    parse_close, parse_parse, parse_query, parse_ready_for_query, BIND, CLOSE, DESCRIBE,
+    ERROR_RESPONSE, EXECUTE, FLUSH, PARSE, QUERY, READY_FOR_QUERY, SYNC,
 };
 use crate::protocol::FrameError;
+use crate::pump::core::{
+    before, ClientCore, ClientHooks, Diverted, ServerCore, ServerHooks, SourceMessage,
+};
+use crate::pump::{Hold, Verdict};
 use crate::router::decide::{BatchStep, Decider, QueryRoute, RouteLink};
 use crate::router::RouteMetrics;
-use crate::tracker::{PreparedStatements, Shared};
+use crate::tracker::Shared;
 
-/// Client -> source: validates message types, counts requests, and tracks
-/// prepared statements.
-pub struct FrontendInspector<'a> {
-    pub shared: &'a Shared,
-    pub statements: &'a mut PreparedStatements,
-    pub max_inspected: usize,
-    /// Syncs sent since the last Execute or Query. Postgres ignores Syncs
-    /// that reach it during COPY FROM STDIN, and a driver sends one right
-    /// after the Execute that starts the copy: those get no ReadyForQuery
-    /// and are taken back out of `in_flight` when the copy ends.
-    syncs_since_execute: u32,
+/// The policies' part in the client -> source direction: the mirror's
+/// order probes and capture, read routing, and the recording.
+#[derive(Default)]
+pub struct ClientPolicies<'a> {
     /// The mirror's view of this session, when mirroring is configured.
     pub capture: Option<&'a Mutex<Capture>>,
     pub mirror: Option<&'a Mirror>,
@@ -44,14 +44,6 @@ pub struct FrontendInspector<'a> {
     pub route: Option<Decider<'a>>,
     /// The session's recording for replay, when one is on.
     pub record: Option<&'a crate::record::SessionRecorder>,
-    /// Client messages seen (the mirror counts the same way).
-    msg_no: u64,
-    /// This run holds bytes for the source.
-    run_source: bool,
-    /// The client sent Terminate: it goes to the source at once, without
-    /// waiting for a routed answer nobody will read, so the source backend
-    /// leaves as soon as it would without the proxy.
-    terminating: bool,
 }
 
 /// What the messages of an extended-protocol request held so far, to know
@@ -68,34 +60,11 @@ struct ProbePlan {
     orders: bool,
 }
 
-impl<'a> FrontendInspector<'a> {
-    pub fn new(
-        shared: &'a Shared,
-        statements: &'a mut PreparedStatements,
-        max_inspected: usize,
-    ) -> Self {
-        Self {
-            shared,
-            statements,
-            max_inspected,
-            syncs_since_execute: 0,
-            capture: None,
-            mirror: None,
-            record: None,
-            plan: None,
-            route: None,
-            msg_no: 0,
-            run_source: false,
-            terminating: false,
-        }
-    }
-
+impl ClientPolicies<'_> {
     /// Whether this message starts a request with nothing else in flight
     /// (only then is the capture's view current, and the block status known).
-    fn at_request_start(&self) -> bool {
-        self.capture.is_some()
-            && self.shared.in_flight.load(Relaxed) == 0
-            && !self.shared.mid_batch.load(Relaxed)
+    fn at_request_start(&self, core: &ClientCore<'_>) -> bool {
+        self.capture.is_some() && core.at_request_start()
     }
 
     /// Decides on an order probe for a request starting with a statement
@@ -105,9 +74,15 @@ impl<'a> FrontendInspector<'a> {
     /// write (`Shape::Dml`, which the caller handles) gets one only where it
     /// is known to work. Until that is known, the session's first request
     /// is preceded by a probe that only checks.
-    fn probe_for_start(&mut self, sql: &[u8], extended: bool) -> Option<(Shape, Verdict)> {
+    fn probe_for_start(
+        &mut self,
+        core: &ClientCore<'_>,
+        sql: &[u8],
+        extended: bool,
+    ) -> Option<(Shape, Verdict)> {
         let capture = self.capture?;
-        let status = self.shared.tx_status.load(Relaxed);
+        let shared = core.shared;
+        let status = shared.tx_status.load(Relaxed);
         let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
         if !c.capturing() {
             return None;
@@ -125,7 +100,7 @@ impl<'a> FrontendInspector<'a> {
         if c.probe_works.is_none() && !c.probe_check {
             c.probe_check = true;
             c.probe = Probe::Standalone;
-            self.shared.probe_active.store(true, Relaxed);
+            shared.probe_active.store(true, Relaxed);
             return Some((Shape::Other, Verdict::Before(own_request())));
         }
         if c.probe_works == Some(false) || status == b'E' {
@@ -136,7 +111,7 @@ impl<'a> FrontendInspector<'a> {
             // Where the probe is known to work, it goes first in the
             // client's own request: one answer flush instead of two.
             Shape::Commit if status == b'T' && c.wrote() && c.probe_works == Some(true) => {
-                self.shared.probe_active.store(true, Relaxed);
+                shared.probe_active.store(true, Relaxed);
                 c.probe_orders = true;
                 if extended {
                     c.probe = Probe::Leading {
@@ -153,7 +128,7 @@ impl<'a> FrontendInspector<'a> {
             Shape::Commit if status == b'T' && c.wrote() => {
                 c.probe = Probe::Standalone;
                 c.probe_orders = true;
-                self.shared.probe_active.store(true, Relaxed);
+                shared.probe_active.store(true, Relaxed);
                 Some((shape, Verdict::Before(own_request())))
             }
             // An autocommit write (or a read calling functions that may
@@ -171,7 +146,7 @@ impl<'a> FrontendInspector<'a> {
     }
 
     /// Follows an extended-protocol message for the pending plan.
-    fn plan_message(&mut self, tag: u8, statement: Option<&[u8]>) {
+    fn plan_message(&mut self, core: &ClientCore<'_>, tag: u8, statement: Option<&[u8]>) {
         let Some(plan) = self.plan.as_mut() else {
             return;
         };
@@ -180,7 +155,7 @@ impl<'a> FrontendInspector<'a> {
             BIND => {
                 plan.completions += 1;
                 let dml = statement
-                    .and_then(|name| self.statements.get(name))
+                    .and_then(|name| core.statements.get(name))
                     .and_then(|q| std::str::from_utf8(q).ok())
                     .is_some_and(|q| order::shape(q).takes_trailing_probe());
                 plan.fits &= dml;
@@ -195,7 +170,7 @@ impl<'a> FrontendInspector<'a> {
     }
 
     /// At the Sync: the probe goes before it when the request fits.
-    fn plan_sync(&mut self) -> Verdict {
+    fn plan_sync(&mut self, core: &ClientCore<'_>) -> Verdict {
         let Some(plan) = self.plan.take() else {
             return Verdict::Forward;
         };
@@ -211,8 +186,18 @@ impl<'a> FrontendInspector<'a> {
             extended: true,
         };
         c.probe_orders = plan.orders;
-        self.shared.probe_active.store(true, Relaxed);
+        core.shared.probe_active.store(true, Relaxed);
         Verdict::Before(order::extended(false))
+    }
+
+    /// A plan for a request that starts with a statement taking a trailing
+    /// probe.
+    fn new_plan(core: &ClientCore<'_>) -> ProbePlan {
+        ProbePlan {
+            fits: true,
+            orders: core.shared.tx_status.load(Relaxed) == b'I',
+            ..ProbePlan::default()
+        }
     }
 
     /// The statement name a Bind refers to (from its first bytes).
@@ -220,30 +205,6 @@ impl<'a> FrontendInspector<'a> {
         let mut b = prefix;
         let _portal = crate::protocol::message::take_cstr(&mut b).ok()?;
         crate::protocol::message::take_cstr(&mut b).ok()
-    }
-}
-
-impl FrontendInspector<'_> {
-    /// Nothing in flight on the source, outside a block and a batch: a
-    /// request starting now may go to the target.
-    fn source_idle(&self) -> bool {
-        let s = self.shared;
-        s.in_flight.load(Relaxed) == 0
-            && s.tx_status.load(Relaxed) == b'I'
-            && !s.mid_batch.load(Relaxed)
-    }
-
-    /// Every client message: a type a client may send, counted for idle
-    /// detection and numbered as the mirror numbers them.
-    fn saw_message(&mut self, tag: u8) -> Result<(), FrameError> {
-        if !is_frontend_tag(tag) {
-            return Err(FrameError::UnknownType(tag));
-        }
-        let s = self.shared;
-        s.client_messages
-            .store(s.client_messages.load(Relaxed) + 1, Relaxed);
-        self.msg_no += 1;
-        Ok(())
     }
 
     /// The mirror must not see client message `n`: it went to the target.
@@ -253,53 +214,10 @@ impl FrontendInspector<'_> {
         }
     }
 
-    /// Held messages go to the source just before the current message:
-    /// the mirror sees them there, and the request counters catch up.
-    /// Returns the frames as the source gets them: with the Parse of a
-    /// statement the source has not got put before the Bind or Describe
-    /// that uses it.
-    fn released(&mut self, frames: Bytes) -> Bytes {
-        if frames.is_empty() {
-            return frames;
-        }
-        let mut out: Option<BytesMut> = None;
-        let mut at = 0;
-        while let Ok(Some(h)) =
-            crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1)
-        {
-            if frames.len() - at < h.frame_len() {
-                break;
-            }
-            let frame = &frames[at..at + h.frame_len()];
-            if let Some(p) = self.reparse_if_stale(h.tag, &frame[HEADER_LEN..]) {
-                let o = out.get_or_insert_with(|| BytesMut::from(&frames[..at]));
-                o.extend_from_slice(&p);
-            }
-            if let Some(o) = out.as_mut() {
-                o.extend_from_slice(frame);
-            }
-            self.count(h.tag);
-            at += h.frame_len();
-        }
-        let frames = match out {
-            Some(mut o) => {
-                o.extend_from_slice(&frames[at..]);
-                o.freeze()
-            }
-            None => frames,
-        };
-        if let Some(c) = self.capture {
-            c.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert_before(self.msg_no, frames.clone());
-        }
-        frames
-    }
-
     /// A Bind or Describe of a statement the source has not got (parsed in
     /// a routed batch or inside the routed transaction): the Parse the
     /// source gets first (its answer is dropped).
-    fn reparse_if_stale(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+    fn reparse_if_stale(&self, core: &ClientCore<'_>, tag: u8, body: &[u8]) -> Option<Bytes> {
         let r = self.route.as_ref()?;
         if !matches!(tag, BIND | DESCRIBE) || !r.link.any_source_stale.load(Relaxed) {
             return None;
@@ -313,7 +231,7 @@ impl FrontendInspector<'_> {
         if !r.link.take_source_stale(name) {
             return None;
         }
-        let st = self.statements.statement(name)?;
+        let st = core.statements.statement(name)?;
         let mut f = BytesMut::new();
         crate::protocol::message::put_message(
             &mut f,
@@ -326,46 +244,27 @@ impl FrontendInspector<'_> {
         Some(f.freeze())
     }
 
-    /// Request bookkeeping for a message the source gets (everything but
-    /// Query, Parse and Close, which `inspect_source` counts).
-    fn count(&mut self, tag: u8) {
-        let s = self.shared;
-        match tag {
-            SYNC => {
-                s.add_in_flight(1);
-                s.mid_batch.store(false, Relaxed);
-                self.syncs_since_execute += 1;
-            }
-            FUNCTION_CALL => s.add_in_flight(1),
-            EXECUTE => {
-                s.mid_batch.store(true, Relaxed);
-                self.syncs_since_execute = 0;
-            }
-            BIND | DESCRIBE | FLUSH | PARSE | CLOSE => s.mid_batch.store(true, Relaxed),
-            COPY_DONE | COPY_FAIL => {
-                s.sub_in_flight(self.syncs_since_execute);
-                self.syncs_since_execute = 0;
-            }
-            _ => {}
-        }
-    }
-
     /// A streamed message (or a non-inspected one shown whole) bound for
     /// the source.
-    fn header_source(&mut self, tag: u8, prefix: &[u8]) -> Verdict {
+    fn other_to_source(&mut self, core: &mut ClientCore<'_>, tag: u8, prefix: &[u8]) -> Verdict {
         let mut verdict = Verdict::Forward;
-        let reparse = self.reparse_if_stale(tag, prefix);
+        let reparse = self.reparse_if_stale(core, tag, prefix);
         if let (Some(f), Some(c)) = (&reparse, self.capture) {
             c.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert_before(self.msg_no, f.clone());
+                .insert_before(core.msg_no(), f.clone());
         }
-        if self.route.is_some() && tag != PARSE {
-            let at_start = self.source_idle();
+        if tag != PARSE
+            && self
+                .route
+                .as_ref()
+                .is_some_and(|r| r.observing() || r.engaged())
+        {
+            let at_start = core.source_idle();
             let name = (tag == BIND)
                 .then(|| Self::bind_statement(prefix))
                 .flatten();
-            let statements = &*self.statements;
+            let statements = &*core.statements;
             if let Some(r) = self.route.as_mut() {
                 // The statement is looked up only if the batch is followed.
                 r.observe_source(tag, at_start, |r| {
@@ -380,44 +279,167 @@ impl FrontendInspector<'_> {
             } else {
                 None
             };
-            if tag == BIND && self.at_request_start() {
+            if tag == BIND && self.at_request_start(core) {
                 self.plan = None;
-                let text = statement.and_then(|n| self.statements.get(n)).cloned();
-                if let Some((shape, v)) = text.and_then(|t| self.probe_for_start(&t, true)) {
+                let text = statement.and_then(|n| core.statements.get(n)).cloned();
+                if let Some((shape, v)) = text.and_then(|t| self.probe_for_start(core, &t, true)) {
                     verdict = v;
                     if shape.takes_trailing_probe() {
-                        self.plan = Some(ProbePlan {
-                            fits: true,
-                            orders: self.shared.tx_status.load(Relaxed) == b'I',
-                            ..ProbePlan::default()
-                        });
+                        self.plan = Some(Self::new_plan(core));
                     }
                 }
             }
-            self.plan_message(tag, statement);
+            self.plan_message(core, tag, statement);
             if tag == SYNC {
-                verdict = self.plan_sync();
+                verdict = self.plan_sync(core);
             }
         }
-        self.count(tag);
         match reparse {
             Some(f) => before(f, verdict),
             None => verdict,
         }
     }
+}
 
-    /// A Query, Parse, Close or Terminate bound for the source.
-    fn inspect_source(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
-        let s = self.shared;
+/// Enough of a Bind for its portal and statement names.
+const BIND_PEEK: usize = 256;
+
+impl ClientHooks for ClientPolicies<'_> {
+    #[inline]
+    fn wants_body(&self, core: &ClientCore<'_>, tag: u8, body_len: usize) -> bool {
+        self.route
+            .as_ref()
+            .is_some_and(|r| r.collects(tag, body_len, core.source_idle()))
+    }
+
+    fn peek(&self, _core: &ClientCore<'_>, tag: u8) -> usize {
+        let routing = || self.route.as_ref().is_some_and(|r| r.engaged());
+        if (tag == BIND && (self.capture.is_some() || routing())) || (tag == DESCRIBE && routing())
+        {
+            BIND_PEEK
+        } else {
+            0
+        }
+    }
+
+    /// Routing's say on a complete message: taken when routing held it or
+    /// sent it to the target, released messages before it when it ends a
+    /// held batch that goes to the source.
+    fn divert(
+        &mut self,
+        core: &mut ClientCore<'_>,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Diverted, FrameError> {
+        let source_idle = core.source_idle();
+        let Some(r) = self.route.as_mut() else {
+            return Ok(Diverted::No);
+        };
+        if tag == QUERY && !r.holding() {
+            let text = parse_query(body)?;
+            if r.route_query(body, text, source_idle) == QueryRoute::Target {
+                self.hide(core.msg_no());
+                return Ok(Diverted::Taken);
+            }
+            return Ok(Diverted::No);
+        }
+        if !r.holding()
+            && (body.len() > core.max_inspected || !r.collects(tag, body.len(), source_idle))
+        {
+            return Ok(Diverted::No);
+        }
+        let step = match tag {
+            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH => {
+                if tag == PARSE {
+                    let (name, query) = parse_parse(body)?;
+                    let types = &body[name.len() + query.len() + 2..];
+                    core.statements.on_parse_typed(name, query, types);
+                } else if tag == CLOSE {
+                    parse_close(body)?;
+                }
+                let Some(r) = self.route.as_mut() else {
+                    return Ok(Diverted::No);
+                };
+                r.batch_message(tag, body, core.statements)
+            }
+            _ => BatchStep::Release(r.release().unwrap_or_default()),
+        };
+        match step {
+            BatchStep::Held => {
+                self.hide(core.msg_no());
+                core.shared.mid_batch.store(true, Relaxed);
+                Ok(Diverted::Taken)
+            }
+            BatchStep::Routed => {
+                self.hide(core.msg_no());
+                core.shared.mid_batch.store(false, Relaxed);
+                Ok(Diverted::Taken)
+            }
+            BatchStep::Release(frames) => Ok(Diverted::Release(frames)),
+        }
+    }
+
+    /// A message that cannot be held ends a held batch: the batch goes to
+    /// the source first.
+    fn release_before(&mut self, _core: &mut ClientCore<'_>) -> Option<Bytes> {
+        match self.route.as_mut() {
+            Some(r) if r.holding() => r.release(),
+            _ => None,
+        }
+    }
+
+    /// Held messages go to the source just before the current message:
+    /// the mirror sees them there, and the request counters catch up.
+    /// Returns the frames as the source gets them: with the Parse of a
+    /// statement the source has not got put before the Bind or Describe
+    /// that uses it.
+    fn released(&mut self, core: &mut ClientCore<'_>, frames: Bytes) -> Bytes {
+        if frames.is_empty() {
+            return frames;
+        }
+        let mut out: Option<BytesMut> = None;
+        let mut at = 0;
+        while let Ok(Some(h)) =
+            crate::protocol::frame::decode_header(&frames[at..], usize::MAX >> 1)
+        {
+            if frames.len() - at < h.frame_len() {
+                break;
+            }
+            let frame = &frames[at..at + h.frame_len()];
+            if let Some(p) = self.reparse_if_stale(core, h.tag, &frame[HEADER_LEN..]) {
+                let o = out.get_or_insert_with(|| BytesMut::from(&frames[..at]));
+                o.extend_from_slice(&p);
+            }
+            if let Some(o) = out.as_mut() {
+                o.extend_from_slice(frame);
+            }
+            core.count(h.tag);
+            at += h.frame_len();
+        }
+        let frames = match out {
+            Some(mut o) => {
+                o.extend_from_slice(&frames[at..]);
+                o.freeze()
+            }
+            None => frames,
+        };
+        if let Some(c) = self.capture {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert_before(core.msg_no(), frames.clone());
+        }
+        frames
+    }
+
+    fn to_source(&mut self, core: &mut ClientCore<'_>, msg: SourceMessage<'_>) -> Verdict {
         let mut verdict = Verdict::Forward;
-        match tag {
-            QUERY => {
-                let text = parse_query(body)?;
+        match msg {
+            SourceMessage::Query { body, text } => {
                 if let Some(r) = self.route.as_mut() {
                     r.source_statement(text);
                 }
-                if self.at_request_start() {
-                    match self.probe_for_start(text, false) {
+                if self.at_request_start(core) {
+                    match self.probe_for_start(core, text, false) {
                         Some((shape, _)) if shape.takes_trailing_probe() => {
                             if let Some(c) = self.capture {
                                 let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
@@ -425,6 +447,7 @@ impl FrontendInspector<'_> {
                                     left: 1,
                                     extended: false,
                                 };
+                                let s = core.shared;
                                 c.probe_orders = s.tx_status.load(Relaxed) == b'I';
                                 s.probe_active.store(true, Relaxed);
                                 verdict = Verdict::Replace(order::appended_query(body));
@@ -435,211 +458,53 @@ impl FrontendInspector<'_> {
                     }
                 }
                 self.plan = None;
-                s.add_in_flight(1);
-                self.syncs_since_execute = 0;
             }
-            PARSE => {
-                let (name, query) = parse_parse(body)?;
-                let at_start = self.source_idle();
+            SourceMessage::Parse { name, query, .. } => {
+                let at_start = core.source_idle();
                 if let Some(r) = self.route.as_mut() {
                     r.source_statement(query);
-                    r.observe_source(PARSE, at_start, |r| r.is_read(query));
+                    if r.observing() || r.engaged() {
+                        r.observe_source(PARSE, at_start, |r| r.is_read(query));
+                    }
                 }
-                if self.at_request_start() {
+                if self.at_request_start(core) {
                     self.plan = None;
-                    if let Some((shape, v)) = self.probe_for_start(query, true) {
+                    if let Some((shape, v)) = self.probe_for_start(core, query, true) {
                         verdict = v;
                         if shape.takes_trailing_probe() {
-                            self.plan = Some(ProbePlan {
-                                fits: true,
-                                orders: s.tx_status.load(Relaxed) == b'I',
-                                ..ProbePlan::default()
-                            });
+                            self.plan = Some(Self::new_plan(core));
                         }
                     }
                 }
-                s.mid_batch.store(true, Relaxed);
-                let types = &body[name.len() + query.len() + 2..];
-                self.statements.on_parse_typed(name, query, types);
                 if let Some(r) = self.route.as_ref() {
                     r.link.take_source_stale(name);
                 }
-                self.plan_message(tag, None);
+                self.plan_message(core, PARSE, None);
             }
-            CLOSE => {
-                let (kind, name) = parse_close(body)?;
+            SourceMessage::Close { kind, name } => {
                 if let Some(r) = self.route.as_mut() {
                     r.observe_source(CLOSE, false, |_| false);
                 }
-                s.mid_batch.store(true, Relaxed);
                 if kind == b'S' {
-                    self.statements.on_close(name);
                     if let Some(r) = self.route.as_ref() {
                         r.source_close(name);
                     }
                 }
-                self.plan_message(tag, None);
+                self.plan_message(core, CLOSE, None);
             }
-            TERMINATE => {
-                self.terminating = true;
-                return Ok(Verdict::ForwardAndStop);
-            }
-            // A message shown whole only because a batch might have been
-            // held (the settings changed in between): as if streamed.
-            _ => verdict = self.header_source(tag, body),
-        }
-        Ok(verdict)
-    }
-
-    /// Routing's say on a complete message: `Some` when routing took it
-    /// (held or sent to the target) or released held messages before it.
-    fn route_message(&mut self, tag: u8, body: &[u8]) -> Result<Option<Verdict>, FrameError> {
-        let source_idle = self.source_idle();
-        let Some(r) = self.route.as_mut() else {
-            return Ok(None);
-        };
-        if tag == QUERY && !r.holding() {
-            let text = parse_query(body)?;
-            if r.route_query(body, text, source_idle) == QueryRoute::Target {
-                self.hide(self.msg_no);
-                return Ok(Some(Verdict::Drop));
-            }
-            return Ok(None);
-        }
-        if !r.holding()
-            && (body.len() > self.max_inspected || !r.collects(tag, body.len(), source_idle))
-        {
-            return Ok(None);
-        }
-        let step = match tag {
-            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH => {
-                if tag == PARSE {
-                    let (name, query) = parse_parse(body)?;
-                    let types = &body[name.len() + query.len() + 2..];
-                    self.statements.on_parse_typed(name, query, types);
-                } else if tag == CLOSE {
-                    parse_close(body)?;
-                }
-                let Some(r) = self.route.as_mut() else {
-                    return Ok(None);
-                };
-                r.batch_message(tag, body, self.statements)
-            }
-            _ => BatchStep::Release(r.release().unwrap_or_default()),
-        };
-        match step {
-            BatchStep::Held => {
-                self.hide(self.msg_no);
-                self.shared.mid_batch.store(true, Relaxed);
-                Ok(Some(Verdict::Drop))
-            }
-            BatchStep::Routed => {
-                self.hide(self.msg_no);
-                self.shared.mid_batch.store(false, Relaxed);
-                Ok(Some(Verdict::Drop))
-            }
-            BatchStep::Release(frames) => {
-                let frames = self.released(frames);
-                let v = self.inspect_source(tag, body)?;
-                Ok(Some(before(frames, v)))
+            SourceMessage::Other { tag, prefix } => {
+                verdict = self.other_to_source(core, tag, prefix);
             }
         }
-    }
-}
-
-/// `frames` written ahead of whatever `v` says about the message.
-fn before(frames: Bytes, v: Verdict) -> Verdict {
-    if frames.is_empty() {
-        return v;
-    }
-    match v {
-        Verdict::Forward => Verdict::Before(frames),
-        Verdict::Before(b) => {
-            let mut all = BytesMut::from(&frames[..]);
-            all.extend_from_slice(&b);
-            Verdict::Before(all.freeze())
-        }
-        Verdict::Replace(b) => {
-            let mut all = BytesMut::from(&frames[..]);
-            all.extend_from_slice(&b);
-            Verdict::Replace(all.freeze())
-        }
-        // Terminate (stop) and Drop do not follow held messages.
-        other => other,
-    }
-}
-
-/// Enough of a Bind for its portal and statement names.
-const BIND_PEEK: usize = 256;
-
-impl Inspector for FrontendInspector<'_> {
-    #[inline]
-    fn wants_body(&self, tag: u8, body_len: usize) -> bool {
-        matches!(tag, QUERY | PARSE | CLOSE | TERMINATE)
-            || (body_len <= self.max_inspected
-                && self
-                    .route
-                    .as_ref()
-                    .is_some_and(|r| r.collects(tag, body_len, self.source_idle())))
+        verdict
     }
 
-    fn max_inspected(&self) -> usize {
-        self.max_inspected
-    }
-
-    fn peek(&self, tag: u8) -> usize {
-        if (tag == BIND && (self.capture.is_some() || self.route.is_some()))
-            || (tag == DESCRIBE && self.route.is_some())
-        {
-            BIND_PEEK
-        } else {
-            0
-        }
-    }
-
-    #[inline]
-    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
-        self.saw_message(tag)?;
-        // A message that cannot be held ends a held batch: the batch goes
-        // to the source first.
-        let held = match self.route.as_mut() {
-            Some(r) if r.holding() => r.release(),
-            _ => None,
-        };
-        if let Some(frames) = held {
-            let frames = self.released(frames);
-            self.run_source = true;
-            let v = self.header_source(tag, prefix);
-            return Ok(before(frames, v));
-        }
-        self.run_source = true;
-        Ok(self.header_source(tag, prefix))
-    }
-
-    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
-        self.saw_message(tag)?;
-        if let Some(v) = self.route_message(tag, body)? {
-            if v != Verdict::Drop {
-                self.run_source = true;
-            }
-            return Ok(v);
-        }
-        self.run_source = true;
-        self.inspect_source(tag, body)
-    }
-
-    fn writing(&mut self, done: bool, at_boundary: bool) {
-        self.shared
-            .server_at_boundary
-            .store(done && at_boundary, Relaxed);
+    fn writing(&mut self, _core: &ClientCore<'_>, done: bool) {
         if let Some(r) = self.route.as_ref() {
             r.link.frontend_writing.store(!done, Relaxed);
             if done {
-                r.link.source_free.notify_waiters();
+                r.link.stream_freed(&r.link.source_free);
             }
-        }
-        if done {
-            self.run_source = false;
         }
     }
 
@@ -657,13 +522,14 @@ impl Inspector for FrontendInspector<'_> {
     /// Source-bound bytes wait while a routed request is unanswered, so
     /// answers reach the client in request order (and what the proxy puts
     /// into the source stream meanwhile goes first, the mirror seeing it in
-    /// that order).
-    fn hold(&mut self) -> Option<Hold<'_>> {
-        let link = self
-            .route
-            .as_ref()
-            .map(|r| r.link)
-            .filter(|l| self.run_source && !self.terminating && l.target_busy())?;
+    /// that order). Not a Terminate: it goes to the source at once, without
+    /// waiting for a routed answer nobody will read, so the source backend
+    /// leaves as soon as it would without the proxy.
+    fn hold(&mut self, core: &ClientCore<'_>) -> Option<Hold<'_>> {
+        let link =
+            self.route.as_ref().map(|r| r.link).filter(|l| {
+                core.run_holds_source_bytes() && !core.terminating() && l.target_busy()
+            })?;
         Some(Box::pin(async move {
             crate::router::wait_until(&link.target_idle, || !link.target_busy()).await;
             Ok(())
@@ -735,13 +601,13 @@ impl Inspector for FrontendInspector<'_> {
     }
 }
 
-/// Source -> client: follows ReadyForQuery for the transaction status and
-/// the end of each request, and ends a draining session once it is idle.
-/// With mirroring, it also shows the mirror what the source answered, and
-/// puts each committed write unit in the spool before the client sees the
-/// commit acknowledgement.
-pub struct BackendInspector<'a> {
-    pub shared: &'a Shared,
+/// The policies' part in the source -> client direction. With mirroring,
+/// it shows the mirror what the source answered, and puts each committed
+/// write unit in the spool before the client sees the commit
+/// acknowledgement; with routing, it withholds answers to requests the
+/// proxy put into the source stream, times eligible reads for the health
+/// monitor, and copies shadowed answers.
+pub struct ServerPolicies<'a> {
     pub mirror: Option<(&'a Mirror, &'a Mutex<Capture>)>,
     /// Largest inspected message (ErrorResponse bodies, with mirroring).
     pub max_inspected: usize,
@@ -756,10 +622,9 @@ pub struct BackendInspector<'a> {
     pub route: Option<(&'a RouteLink, &'a RouteMetrics)>,
 }
 
-impl<'a> BackendInspector<'a> {
-    pub fn new(shared: &'a Shared) -> Self {
+impl Default for ServerPolicies<'_> {
+    fn default() -> Self {
         Self {
-            shared,
             mirror: None,
             max_inspected: 16,
             pending: None,
@@ -768,18 +633,20 @@ impl<'a> BackendInspector<'a> {
             route: None,
         }
     }
+}
 
+impl ServerPolicies<'_> {
     /// Follows the order probe's answers: `Some(Drop)` for the probe's own
     /// messages, which the client must not see.
-    fn probe_step(&mut self, tag: u8, body: &[u8]) -> Option<Verdict> {
-        if !self.shared.probe_active.load(Relaxed) {
+    fn probe_step(&mut self, shared: &Shared, tag: u8, body: &[u8]) -> Option<Verdict> {
+        if !shared.probe_active.load(Relaxed) {
             return None;
         }
         let (mirror, capture) = self.mirror?;
         let mut c = capture.lock().unwrap_or_else(|p| p.into_inner());
         let step = c.probe.step(tag, body);
         if !c.probe.active() {
-            self.shared.probe_active.store(false, Relaxed);
+            shared.probe_active.store(false, Relaxed);
         }
         let works = match step {
             Step::Forward => return None,
@@ -890,7 +757,7 @@ fn source_read_outcome(
     }
 }
 
-impl BackendInspector<'_> {
+impl ServerPolicies<'_> {
     /// Answers to requests the proxy put into the source stream are still
     /// to come (see `RouteLink::source_owed`).
     fn owed(&self) -> bool {
@@ -939,19 +806,18 @@ impl BackendInspector<'_> {
     }
 }
 
-impl Inspector for BackendInspector<'_> {
+impl ServerHooks for ServerPolicies<'_> {
     #[inline]
-    fn wants_body(&self, tag: u8, _body_len: usize) -> bool {
-        tag == READY_FOR_QUERY
-            || (self.mirror.is_some() && matches!(tag, b'C' | b'E' | b'I' | b's'))
+    fn wants_body(&self, tag: u8) -> bool {
+        self.mirror.is_some() && matches!(tag, b'C' | b'E' | b'I' | b's')
     }
 
     fn max_inspected(&self) -> usize {
         self.max_inspected
     }
 
-    fn peek(&self, tag: u8) -> usize {
-        if tag == b'D' && self.shared.probe_active.load(Relaxed) {
+    fn peek(&self, core: &ServerCore<'_>, tag: u8) -> usize {
+        if tag == b'D' && core.shared.probe_active.load(Relaxed) {
             64
         } else if tag == ERROR_RESPONSE && self.route.is_some() {
             // Enough for the severity and SQLSTATE fields, which come first.
@@ -961,67 +827,72 @@ impl Inspector for BackendInspector<'_> {
         }
     }
 
-    #[inline]
-    fn header(&mut self, tag: u8, prefix: &[u8]) -> Result<Verdict, FrameError> {
-        if self.owed() {
-            if tag == ERROR_RESPONSE && self.note_source_fatal(prefix) {
-                // The session is over: the client is told, as by Postgres.
-                return Ok(Verdict::Forward);
+    fn intercept(
+        &mut self,
+        core: &ServerCore<'_>,
+        tag: u8,
+        bytes: &[u8],
+        whole: bool,
+    ) -> Result<Option<Verdict>, FrameError> {
+        if !whole {
+            if self.owed() {
+                if tag == ERROR_RESPONSE && self.note_source_fatal(bytes) {
+                    // The session is over: the client is told, as by Postgres.
+                    return Ok(Some(Verdict::Forward));
+                }
+                return Ok(Some(self.owed_message(tag)));
             }
-            return Ok(self.owed_message(tag));
-        }
-        if tag == ERROR_RESPONSE {
-            self.note_source_error(prefix);
-        }
-        if let (b'1', Some((link, _))) = (tag, self.route) {
-            // Answers a Parse the proxy added (before the probe counts it).
-            let owed = link.drop_parse_complete.load(Relaxed);
-            if owed > 0 {
-                link.drop_parse_complete.store(owed - 1, Relaxed);
-                return Ok(Verdict::Drop);
+            if tag == ERROR_RESPONSE {
+                self.note_source_error(bytes);
             }
+            if let (b'1', Some((link, _))) = (tag, self.route) {
+                // Answers a Parse the proxy added (before the probe counts it).
+                let owed = link.drop_parse_complete.load(Relaxed);
+                if owed > 0 {
+                    link.drop_parse_complete.store(owed - 1, Relaxed);
+                    return Ok(Some(Verdict::Drop));
+                }
+            }
+            return Ok(self.probe_step(core.shared, tag, bytes));
         }
-        Ok(self.probe_step(tag, prefix).unwrap_or(Verdict::Forward))
-    }
-
-    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<Verdict, FrameError> {
         if self.owed() {
-            if tag == ERROR_RESPONSE && self.note_source_fatal(body) {
-                return Ok(Verdict::Forward);
+            if tag == ERROR_RESPONSE && self.note_source_fatal(bytes) {
+                return Ok(Some(Verdict::Forward));
             }
             // An answer to a request the proxy put into the stream: the
             // mirror follows it, the client does not see it.
-            self.mirror_message(tag, body);
+            self.mirror_message(tag, bytes);
             if tag == READY_FOR_QUERY {
-                let status = parse_ready_for_query(body)?;
-                self.shared.tx_status.store(status, Relaxed);
-                self.shared.sub_in_flight(1);
+                let status = parse_ready_for_query(bytes)?;
+                core.answered(status);
                 if let Some((link, _)) = self.route {
                     link.source_owed
                         .store(link.source_owed.load(Relaxed).saturating_sub(1), Relaxed);
                 }
             }
-            return Ok(self.owed_message(tag));
+            return Ok(Some(self.owed_message(tag)));
         }
-        if let Some(v) = self.probe_step(tag, body) {
-            return Ok(v);
+        Ok(self.probe_step(core.shared, tag, bytes))
+    }
+
+    fn message(&mut self, _core: &ServerCore<'_>, tag: u8, body: &[u8], whole: bool) {
+        if !whole || tag == READY_FOR_QUERY {
+            return;
         }
-        if tag != READY_FOR_QUERY {
-            if tag == ERROR_RESPONSE {
-                self.note_source_error(body);
-            }
-            self.mirror_message(tag, body);
-            return Ok(Verdict::Forward);
+        if tag == ERROR_RESPONSE {
+            self.note_source_error(body);
         }
-        let status = parse_ready_for_query(body)?;
         self.mirror_message(tag, body);
+    }
+
+    fn ready(&mut self, _core: &ServerCore<'_>, status: u8) {
+        self.mirror_message(READY_FOR_QUERY, &[status]);
         if let Some((link, metrics)) = self.route {
-            let started = link
-                .source_read_started
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            let error = link.source_read_error.swap(0, Relaxed);
+            let started = link.take_source_read();
+            let error = match link.source_read_error.load(Relaxed) {
+                0 => 0,
+                _ => link.source_read_error.swap(0, Relaxed),
+            };
             if let Some(t) = started {
                 let took = t.elapsed();
                 metrics.latency(false, took);
@@ -1030,17 +901,15 @@ impl Inspector for BackendInspector<'_> {
                 }
             }
         }
-        self.shared.tx_status.store(status, Relaxed);
-        if self.shared.sub_in_flight(1) == 0 {
+    }
+
+    fn after_ready(&mut self, _core: &ServerCore<'_>, in_flight: u32) {
+        if in_flight == 0 {
             if let Some((link, _)) = self.route {
                 // A ParseComplete still owed now never comes (the Parse failed).
                 link.drop_parse_complete.store(0, Relaxed);
             }
         }
-        if self.shared.draining.load(Relaxed) && self.shared.is_idle() {
-            return Ok(Verdict::ForwardAndStop);
-        }
-        Ok(Verdict::Forward)
     }
 
     /// A shadowed read's answer is copied on its way to the client (not
@@ -1055,17 +924,14 @@ impl Inspector for BackendInspector<'_> {
         }
     }
 
-    fn writing(&mut self, done: bool, at_boundary: bool) {
+    fn writing(&mut self, _core: &ServerCore<'_>, done: bool) {
         if done {
             self.run_had_owed = false;
         }
-        self.shared
-            .client_at_boundary
-            .store(done && at_boundary, Relaxed);
         if let Some((link, _)) = self.route {
             link.backend_writing.store(!done, Relaxed);
             if done {
-                link.client_free.notify_waiters();
+                link.stream_freed(&link.client_free);
             }
         }
     }
@@ -1125,77 +991,5 @@ impl Inspector for BackendInspector<'_> {
             }
             Ok(())
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frontend_inspector_counts_requests_and_rejects_unknown_types() {
-        let shared = Shared::default();
-        let mut st = PreparedStatements::new(10, 1024);
-        let mut i = FrontendInspector::new(&shared, &mut st, 1024);
-        i.inspect(QUERY, b"select 1\0").unwrap();
-        i.header(SYNC, b"").unwrap();
-        assert_eq!(shared.in_flight.load(Relaxed), 2);
-        assert!(matches!(
-            i.header(b'z', b""),
-            Err(FrameError::UnknownType(b'z'))
-        ));
-        assert!(i.inspect(QUERY, b"no terminator").is_err());
-        assert_eq!(i.inspect(TERMINATE, b"").unwrap(), Verdict::ForwardAndStop);
-    }
-
-    #[test]
-    fn copy_in_via_extended_protocol_keeps_the_request_count_right() {
-        // What tokio-postgres and libpq send for COPY FROM STDIN with the
-        // extended protocol: the Sync after Execute is swallowed by the
-        // server's copy-in mode, so there is one ReadyForQuery, not two.
-        let shared = Shared::default();
-        let mut st = PreparedStatements::new(10, 1024);
-        let mut f = FrontendInspector::new(&shared, &mut st, 1024);
-        f.header(BIND, b"").unwrap();
-        f.header(EXECUTE, b"").unwrap();
-        f.header(SYNC, b"").unwrap();
-        f.header(b'd', b"").unwrap();
-        f.header(COPY_DONE, b"").unwrap();
-        f.header(SYNC, b"").unwrap();
-        let mut b = BackendInspector::new(&shared);
-        b.inspect(READY_FOR_QUERY, b"I").unwrap();
-        assert_eq!(shared.in_flight.load(Relaxed), 0);
-        assert!(shared.is_idle());
-    }
-
-    #[test]
-    fn extended_messages_without_sync_are_not_idle() {
-        let shared = Shared::default();
-        let mut st = PreparedStatements::new(10, 1024);
-        let mut f = FrontendInspector::new(&shared, &mut st, 1024);
-        f.inspect(PARSE, b"\0select 1\0\0\0").unwrap();
-        f.header(BIND, b"").unwrap();
-        assert!(!shared.is_idle());
-        f.header(SYNC, b"").unwrap();
-        BackendInspector::new(&shared)
-            .inspect(READY_FOR_QUERY, b"I")
-            .unwrap();
-        assert!(shared.is_idle());
-    }
-
-    #[test]
-    fn backend_inspector_tracks_status_and_stops_when_draining_and_idle() {
-        let shared = Shared::default();
-        shared.in_flight.store(2, Relaxed);
-        let mut b = BackendInspector::new(&shared);
-        shared.draining.store(true, Relaxed);
-        assert_eq!(b.inspect(READY_FOR_QUERY, b"T").unwrap(), Verdict::Forward);
-        assert!(!shared.is_idle());
-        assert_eq!(
-            b.inspect(READY_FOR_QUERY, b"I").unwrap(),
-            Verdict::ForwardAndStop
-        );
-        assert!(shared.is_idle());
-        assert!(b.inspect(READY_FOR_QUERY, b"Q").is_err());
     }
 }

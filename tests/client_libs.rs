@@ -391,6 +391,52 @@ async fn pipelined_queries_on_one_client_with_every_policy_on() {
     tokio::task::block_in_place(|| assert_mirrored_alike(&p, true));
 }
 
+/// A routed read that fails on the target runs again on the source; a read
+/// pipelined behind it, routed too (shadowing held its batch), is answered
+/// by the target long before the source has answered the first one. Its
+/// answer must still come second: the client matches answers to requests
+/// by their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_answer_is_not_overtaken_by_a_later_routed_answer() {
+    let (p, _spool) = tokio::task::block_in_place(every_policy_on);
+    let c = p.clusters.clone();
+    tokio::task::block_in_place(|| c.fresh_db("pgshift_t_libs_overtake"));
+    let client = connect(&p, "pgshift_t_libs_overtake").await;
+    // Fails only after scanning two million rows, on either side.
+    let slow_error = client
+        .prepare(
+            "select count(*) from generate_series(1, 2000000) g \
+             where 1 / (g - $1::int4) > 0",
+        )
+        .await
+        .unwrap();
+    let fast = client.prepare("select $1::int4 + 1").await.unwrap();
+    for round in 0..3 {
+        let (first, second) = future::join(
+            client.query_one(&slow_error, &[&2_000_000i32]),
+            client.query_one(&fast, &[&round]),
+        )
+        .await;
+        assert_eq!(
+            first.unwrap_err().code(),
+            Some(&SqlState::DIVISION_BY_ZERO),
+            "round {round}"
+        );
+        assert_eq!(second.unwrap().get::<_, i32>(0), round + 1, "round {round}");
+    }
+    tokio::task::block_in_place(|| {
+        let routing = &p.status()["metrics"]["routing"];
+        assert!(
+            routing["fallbacks"]["query_error"].as_u64() >= Some(1),
+            "the first read fell back: {routing:#}"
+        );
+        assert!(
+            routing["target"]["reads"].as_u64() >= Some(1),
+            "{routing:#}"
+        );
+    });
+}
+
 async fn pipelined_queries_on_one_client_through(p: &Proxy, db: &str) {
     let c = p.clusters.clone();
     c.fresh_db(db);

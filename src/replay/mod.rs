@@ -302,7 +302,11 @@ async fn replay(
         let ev = match feed {
             Feed::Pass => {
                 // A new pass starts once the last one's sessions are done,
-                // so passes do not pile up ahead of the server.
+                // so passes do not pile up ahead of the server. Their input
+                // is over: a session whose end was not dispatched (none
+                // recorded, or not admitted) would otherwise wait for more
+                // forever, and this wait with it, past --duration.
+                senders.clear();
                 if !join_all(&mut tasks, deadline, &stop).await {
                     break;
                 }
@@ -397,6 +401,9 @@ async fn replay(
     meta.passes = passes;
     Ok(stats.report(meta, elapsed))
 }
+
+/// How often a session waiting for its next frame looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits for every session task; at `deadline` tells them to stop and
 /// keeps waiting. Returns whether the deadline had not passed.
@@ -563,7 +570,15 @@ async fn run_session(
     let mut errors = Vec::new();
     let mut copying = false;
     let mut terminated = false;
-    while let Some(frame) = rx.recv().await {
+    loop {
+        // Waiting for the next frame, the session still notices that
+        // --duration ran out (its input may never end).
+        let frame = match tokio::time::timeout(STOP_CHECK, rx.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) if stop.load(Relaxed) => break,
+            Err(_) => continue,
+        };
         if stop.load(Relaxed) {
             break;
         }

@@ -145,6 +145,15 @@ pub struct RouteLink {
     /// `source_read_started` holds a time: spares every other
     /// ReadyForQuery the lock.
     source_read_timed: AtomicBool,
+    /// ReadyForQuery messages the source sent (but the order probe's).
+    source_rfqs: AtomicU64,
+    /// The `source_rfqs` at which the source has answered every request
+    /// the responder put into its stream (routed reads that fell back,
+    /// the proxy's own requests). The source answers in order, and while a
+    /// routed request is unanswered nothing else is written to it: a
+    /// routed answer waits for those, and the answers are the backend
+    /// pump's to relay meanwhile (not held as unprompted messages).
+    rfqs_due: AtomicU64,
     /// Responder waits on `client_free` or `source_free` in progress: the
     /// pumps notify only when one is (a Notify takes a lock even when
     /// nobody waits).
@@ -192,6 +201,8 @@ impl Default for RouteLink {
             last_spooled_seq: AtomicU64::new(0),
             source_read_started: Mutex::default(),
             source_read_timed: AtomicBool::new(false),
+            source_rfqs: AtomicU64::new(0),
+            rfqs_due: AtomicU64::new(0),
             stream_waiters: AtomicU32::new(0),
             shadow_armed: AtomicBool::new(false),
             shadow_tap: Mutex::default(),
@@ -233,6 +244,28 @@ impl RouteLink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// The responder put `requests` into the source stream: they are
+    /// answered after everything written there before them.
+    pub fn put_into_source(&self, requests: u32) {
+        let after = self
+            .rfqs_due
+            .load(Relaxed)
+            .max(self.source_rfqs.load(Relaxed));
+        self.rfqs_due.store(after + u64::from(requests), Relaxed);
+    }
+
+    /// A ReadyForQuery from the source (not the order probe's).
+    pub fn source_ready(&self) {
+        self.source_rfqs
+            .store(self.source_rfqs.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// The source still owes answers to requests the responder put into
+    /// its stream.
+    pub fn source_owes_responder(&self) -> bool {
+        self.source_rfqs.load(Relaxed) < self.rfqs_due.load(Relaxed)
     }
 
     /// Waits until `ready`, woken by `stream_freed` on `notify`.

@@ -464,6 +464,7 @@ where
             })
             .await;
         self.shared.add_in_flight(1);
+        self.link.put_into_source(1);
         if let Some(c) = self.capture {
             c.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -490,6 +491,7 @@ where
             })
             .await;
         self.shared.add_in_flight(requests);
+        self.link.put_into_source(requests);
         self.link
             .source_owed
             .store(self.link.source_owed.load(Relaxed) + requests, Relaxed);
@@ -501,13 +503,18 @@ where
         w.flush().await
     }
 
-    /// Waits until the client stream is free, then writes.
+    /// Waits until the client stream is free, then writes. An answer
+    /// starts only once the source has answered everything sent to it
+    /// before (a routed read that fell back to the source, the proxy's own
+    /// requests): answers reach the client in request order.
     async fn write_client(&self, bytes: &[u8]) -> io::Result<()> {
         if !self.link.responder_writing.load(Relaxed) {
             self.link
                 .wait_stream_free(&self.link.client_free, || {
-                    !self.link.backend_writing.load(Relaxed)
-                        && self.shared.client_at_boundary.load(Relaxed)
+                    self.link.source_ended.load(Relaxed)
+                        || (!self.link.source_owes_responder()
+                            && !self.link.backend_writing.load(Relaxed)
+                            && self.shared.client_at_boundary.load(Relaxed))
                 })
                 .await;
             self.link.responder_writing.store(true, Relaxed);

@@ -618,6 +618,10 @@ pub struct ServerPolicies<'a> {
     unsynced: Option<u64>,
     /// The run being forwarded held withheld answers.
     run_had_owed: bool,
+    /// The run being forwarded holds (part of) an answer to a request the
+    /// responder put into the source stream: it is not held for a routed
+    /// answer (which waits for it).
+    run_answers: bool,
     /// Read routing, when the proxy has a target.
     pub route: Option<(&'a RouteLink, &'a RouteMetrics)>,
 }
@@ -630,6 +634,7 @@ impl Default for ServerPolicies<'_> {
             pending: None,
             unsynced: None,
             run_had_owed: false,
+            run_answers: false,
             route: None,
         }
     }
@@ -834,6 +839,9 @@ impl ServerHooks for ServerPolicies<'_> {
         bytes: &[u8],
         whole: bool,
     ) -> Result<Option<Verdict>, FrameError> {
+        if self.route.is_some_and(|(l, _)| l.source_owes_responder()) {
+            self.run_answers = true;
+        }
         if !whole {
             if self.owed() {
                 if tag == ERROR_RESPONSE && self.note_source_fatal(bytes) {
@@ -866,6 +874,7 @@ impl ServerHooks for ServerPolicies<'_> {
                 let status = parse_ready_for_query(bytes)?;
                 core.answered(status);
                 if let Some((link, _)) = self.route {
+                    link.source_ready();
                     link.source_owed
                         .store(link.source_owed.load(Relaxed).saturating_sub(1), Relaxed);
                 }
@@ -888,6 +897,7 @@ impl ServerHooks for ServerPolicies<'_> {
     fn ready(&mut self, _core: &ServerCore<'_>, status: u8) {
         self.mirror_message(READY_FOR_QUERY, &[status]);
         if let Some((link, metrics)) = self.route {
+            link.source_ready();
             let started = link.take_source_read();
             let error = match link.source_read_error.load(Relaxed) {
                 0 => 0,
@@ -927,6 +937,7 @@ impl ServerHooks for ServerPolicies<'_> {
     fn writing(&mut self, _core: &ServerCore<'_>, done: bool) {
         if done {
             self.run_had_owed = false;
+            self.run_answers = false;
         }
         if let Some((link, _)) = self.route {
             link.backend_writing.store(!done, Relaxed);
@@ -939,7 +950,12 @@ impl ServerHooks for ServerPolicies<'_> {
     fn hold(&mut self) -> Option<Hold<'_>> {
         // The source only speaks unprompted (notices, notifications) while
         // a routed request is being answered: that waits for the answer.
-        let route = self.route.map(|(l, _)| l).filter(|l| l.target_busy());
+        // Not an answer to a request sent to the source (a routed read that
+        // fell back there): a later routed answer waits for it instead.
+        let route = self
+            .route
+            .map(|(l, _)| l)
+            .filter(|l| !self.run_answers && l.target_busy());
         let (pending, unsynced) = (self.pending.take(), self.unsynced.take());
         let mirror = self
             .mirror

@@ -17,6 +17,9 @@
 #   BENCH_WORKERS  runtime.worker_threads of every pgshift instance but pgshift-mt
 #             (default 1: one session thread, as PgBouncer's one)
 #   BENCH_MT=0  leave out pgshift-mt (passthrough with worker_threads 0: one per core)
+#   BENCH_BASE_BIN=path  also run pgshift-base: the pgshift binary at path (another
+#             build, e.g. of an earlier commit) in passthrough, for a before/after
+#             comparison in one run
 #   BENCH_MIRROR=0  leave out the pgshift-mirror and pgshift-spool instances
 #   BENCH_ROUTING=0 / BENCH_SHADOW=0 / BENCH_RECORD=0  leave out pgshift-r50 and -r100 /
 #             pgshift-s10 and -s100 / pgshift-rec
@@ -47,6 +50,8 @@
 #              If pgshift does not build or start, it is skipped with a message.
 #   pgshift-mt like pgshift, but runtime.worker_threads 0 (one session thread per core);
 #              every other instance has BENCH_WORKERS threads (1). Port 6442, admin 9939.
+#   pgshift-base  only with BENCH_BASE_BIN: like pgshift, run by that binary. Port 6443,
+#              admin 9940.
 #   pgshift-mirror  mirror.enabled true, port 6435, admin 9932. The target database gets
 #              the same pgbench -i, so the mirror replays TPC-B onto matching rows. After
 #              each of its runs the script records the mirror's counters and waits for it
@@ -157,6 +162,10 @@ PGSHIFT_REC_PORT=6441
 PGSHIFT_REC_ADMIN_PORT=9938
 PGSHIFT_MT_PORT=6442
 PGSHIFT_MT_ADMIN_PORT=9939
+BENCH_BASE_BIN="${BENCH_BASE_BIN:-}"
+[[ -z "$BENCH_BASE_BIN" || -x "$BENCH_BASE_BIN" ]] || die "BENCH_BASE_BIN=$BENCH_BASE_BIN is not an executable"
+PGSHIFT_BASE_PORT=6443
+PGSHIFT_BASE_ADMIN_PORT=9940
 REC_FILE_BYTES=$((64 << 20))   # record.max_file_bytes of pgshift-rec
 REC_MAX_FILES=2                # record.max_files: at most 128 MiB of capture on disk
 BENCH_MEMORY="${BENCH_MEMORY:-1}"
@@ -328,12 +337,12 @@ log "pgbouncer $("$PGBOUNCER_BIN" --version | head -1 | awk '{print $NF}') runni
 declare -A PX_PORT=([pgshift]=$PGSHIFT_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_PORT [pgshift-r50]=$PGSHIFT_R50_PORT [pgshift-r100]=$PGSHIFT_R100_PORT
     [pgshift-s10]=$PGSHIFT_S10_PORT [pgshift-s100]=$PGSHIFT_S100_PORT [pgshift-rec]=$PGSHIFT_REC_PORT
-    [pgshift-mt]=$PGSHIFT_MT_PORT)
+    [pgshift-mt]=$PGSHIFT_MT_PORT [pgshift-base]=$PGSHIFT_BASE_PORT)
 declare -A PX_ADMIN=([pgshift]=$PGSHIFT_ADMIN_PORT [pgshift-mirror]=$PGSHIFT_MIRROR_ADMIN_PORT
     [pgshift-spool]=$PGSHIFT_SPOOL_ADMIN_PORT [pgshift-r50]=$PGSHIFT_R50_ADMIN_PORT
     [pgshift-r100]=$PGSHIFT_R100_ADMIN_PORT [pgshift-s10]=$PGSHIFT_S10_ADMIN_PORT
     [pgshift-s100]=$PGSHIFT_S100_ADMIN_PORT [pgshift-rec]=$PGSHIFT_REC_ADMIN_PORT
-    [pgshift-mt]=$PGSHIFT_MT_ADMIN_PORT)
+    [pgshift-mt]=$PGSHIFT_MT_ADMIN_PORT [pgshift-base]=$PGSHIFT_BASE_ADMIN_PORT)
 # The recording's counters from the admin API (.record): recording(1|0) messages
 # bytes_written dropped_runs sessions sessions_incomplete segment start_error|error|-
 record_status() {
@@ -388,7 +397,7 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
         return 1
     fi
     cp "$cfg" "$RUN_DIR/$name.toml"
-    local bin="${PGSHIFT_BIN:-$ROOT/target/release/pgshift}" pid
+    local bin="${PX_BIN:-${PGSHIFT_BIN:-$ROOT/target/release/pgshift}}" pid
     if [[ ! -x "$bin" ]]; then
         warn "$bin not found; benchmarking without pgshift"
         return 1
@@ -424,6 +433,9 @@ start_pgshift() { # start_pgshift NAME MIRROR(on|off) [TARGET_PORT] [READ_PERCEN
 }
 TARGETS=(direct pgbouncer)
 if start_pgshift pgshift off; then TARGETS+=(pgshift); fi
+if [[ -n "$BENCH_BASE_BIN" ]] && PX_BIN="$BENCH_BASE_BIN" start_pgshift pgshift-base off; then
+    TARGETS+=(pgshift-base)
+fi
 if [[ "$BENCH_MT" == 1 ]] && PX_WORKERS=0 start_pgshift pgshift-mt off; then TARGETS+=(pgshift-mt); fi
 if [[ "$BENCH_MIRROR" == 1 ]]; then
     if start_pgshift pgshift-mirror on; then TARGETS+=(pgshift-mirror); fi
@@ -682,7 +694,7 @@ for rnd, wl, tgt, tps, lat, txns, ticks, wticks, status in rows:
         d["cpu"].append(int(ticks) / clk * 1e6 / int(txns))
     if wticks != "" and int(txns) > 0:
         d["wcpu"].append(int(wticks) / clk * 1e6 / int(txns))
-order = {"direct": 0, "pgbouncer": 1, "pgshift": 2, "pgshift-mt": 2.5, "pgshift-r50": 3, "pgshift-r100": 4,
+order = {"direct": 0, "pgbouncer": 1, "pgshift-base": 1.5, "pgshift": 2, "pgshift-mt": 2.5, "pgshift-r50": 3, "pgshift-r100": 4,
          "pgshift-s10": 5, "pgshift-s100": 6, "pgshift-mirror": 7, "pgshift-spool": 8, "pgshift-rec": 9}
 targets.sort(key=lambda t: order.get(t, 10))
 med = lambda xs: statistics.median(xs) if xs else None
@@ -694,6 +706,8 @@ variants = [("pgbouncer", "PgBouncer"), ("pgshift", "pgshift passthrough"),
             ("pgshift-mt", "pgshift passthrough, a thread per core"), ("pgshift-mirror", "pgshift mirroring"),
             ("pgshift-r50", "pgshift 50% routing"), ("pgshift-s100", "pgshift 100% shadowing"),
             ("pgshift-rec", "pgshift recording")]
+if "pgshift-base" in started:
+    variants.insert(1, ("pgshift-base", "pgshift passthrough, BENCH_BASE_BIN"))
 # Which switch leaves a variant out (BENCH_MIRROR BENCH_ROUTING BENCH_SHADOW BENCH_RECORD).
 switch = {"pgshift-mt": (None, "BENCH_MT=0"), "pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
           "pgshift-s100": (2, "BENCH_SHADOW=0"), "pgshift-rec": (3, "BENCH_RECORD=0")}

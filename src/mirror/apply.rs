@@ -42,7 +42,8 @@ use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{read_message, HEADER_LEN};
-use crate::protocol::message::{put_message, take_cstr};
+use crate::protocol::message::{parse_bind_names, put_message, take_cstr};
+use crate::protocol::rows;
 use crate::protocol::startup::StartupMessage;
 use crate::upstream::login::connect_and_login;
 use crate::upstream::passfile::PassFile;
@@ -1757,28 +1758,13 @@ fn close_statement(out: &mut BytesMut, name: &[u8]) {
     put_message(out, b'C', &[b"S", name, b"\0"]);
 }
 
+/// A DataRow's values as text (a malformed row: no values).
 fn data_row(body: &[u8]) -> Vec<Option<String>> {
-    let mut v = Vec::new();
-    if body.len() < 2 {
-        return v;
-    }
-    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut b = &body[2..];
-    for _ in 0..n {
-        if b.len() < 4 {
-            break;
-        }
-        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        b = &b[4..];
-        if len < 0 {
-            v.push(None);
-            continue;
-        }
-        let len = (len as usize).min(b.len());
-        v.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
-        b = &b[len..];
-    }
-    v
+    rows::data_row(body)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| v.map(|v| String::from_utf8_lossy(v).into_owned()))
+        .collect()
 }
 
 /// Walks the frames of a segment's messages.
@@ -1840,8 +1826,8 @@ fn segment_statements(msgs: &[u8], conn: &Conn, rec: &MirroredUnit) -> Vec<Strin
                 }
             }
             b'B' => {
-                if let (Ok(p), Ok(s)) = (take_cstr(&mut b), take_cstr(&mut b)) {
-                    portals.insert(p.to_vec(), s.to_vec());
+                if let Ok(names) = parse_bind_names(body) {
+                    portals.insert(names.portal.to_vec(), names.statement.to_vec());
                 }
             }
             b'E' => {

@@ -21,7 +21,7 @@ use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::clock::now_us;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, HEADER_LEN};
-use crate::protocol::message::take_cstr;
+use crate::protocol::message::{parse_bind_names, take_cstr};
 
 /// Most session-state statements kept for rebuilding a target connection.
 const MAX_STATE: usize = 256;
@@ -640,11 +640,11 @@ impl Capture {
             }
             b'B' => {
                 self.store(msg, false);
-                let mut b = body;
-                let (Ok(portal), Ok(stmt)) = (take_cstr(&mut b), take_cstr(&mut b)) else {
+                let Ok(names) = parse_bind_names(body) else {
                     return;
                 };
-                self.portals.insert(portal.to_vec(), stmt.to_vec());
+                let stmt = names.statement;
+                self.portals.insert(names.portal.to_vec(), stmt.to_vec());
                 if !self.unit_parsed.iter().any(|n| n == stmt) {
                     if let Some(st) = self.statements.get(stmt) {
                         self.open.uses.push((stmt.to_vec(), Arc::clone(&st.parse)));

@@ -3,6 +3,9 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::message::take_cstr;
+use super::FrameError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
     Error,
@@ -50,16 +53,36 @@ pub struct ErrorFields<'a> {
 
 /// Reads the fields of an ErrorResponse body; malformed bodies yield what
 /// could be read before the malformation.
-pub fn parse_error_fields(mut body: &[u8]) -> ErrorFields<'_> {
+pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
     let mut out = ErrorFields::default();
-    while let Some((&field, rest)) = body.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some(nul) = rest.iter().position(|&c| c == 0) else {
-            break;
+    let _malformed = read_error_fields(body, &mut out);
+    out
+}
+
+/// Reads the fields of an ErrorResponse or NoticeResponse body, failing on
+/// a malformed one (a field without its terminator, or no final one).
+pub fn error_fields(body: &[u8]) -> Result<ErrorFields<'_>, FrameError> {
+    let mut out = ErrorFields::default();
+    read_error_fields(body, &mut out)?;
+    Ok(out)
+}
+
+/// A value that is not UTF-8 is read as absent.
+fn read_error_fields<'a>(mut body: &'a [u8], out: &mut ErrorFields<'a>) -> Result<(), FrameError> {
+    loop {
+        let Some((&field, mut rest)) = body.split_first() else {
+            return Err(FrameError::Malformed(
+                "error fields without their terminator",
+            ));
         };
-        let value = std::str::from_utf8(&rest[..nul]).ok();
+        if field == 0 {
+            return if rest.is_empty() {
+                Ok(())
+            } else {
+                Err(FrameError::Malformed("bytes after the error fields"))
+            };
+        }
+        let value = std::str::from_utf8(take_cstr(&mut rest)?).ok();
         match field {
             b'V' => out.severity = value,
             b'S' if out.severity.is_none() => out.severity = value,
@@ -67,9 +90,8 @@ pub fn parse_error_fields(mut body: &[u8]) -> ErrorFields<'_> {
             b'M' => out.message = value,
             _ => {}
         }
-        body = &rest[nul + 1..];
+        body = rest;
     }
-    out
 }
 
 #[cfg(test)]
@@ -88,6 +110,17 @@ mod tests {
         assert_eq!(f.severity, Some("FATAL"));
         assert_eq!(f.code, Some("08P01"));
         assert_eq!(f.message, Some("bad thing"));
+    }
+
+    #[test]
+    fn strict_reading_fails_where_lenient_reading_stops() {
+        let e = error_response(Severity::Error, "42P01", "no such table");
+        let f = error_fields(&e[5..]).unwrap();
+        assert_eq!((f.code, f.message), (Some("42P01"), Some("no such table")));
+        for body in [&b"C123\0"[..], b"Cabc", b"", b"C1\0\0x"] {
+            assert!(error_fields(body).is_err(), "{body:?}");
+        }
+        assert_eq!(parse_error_fields(b"C123\0").code, Some("123"));
     }
 
     #[test]

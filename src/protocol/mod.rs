@@ -2,7 +2,8 @@
 //!
 //! The proxy never re-encodes traffic it forwards. This module gives it three
 //! things: length framing with hard bounds (`frame`), decoders for the handful
-//! of messages whose contents matter to the proxy (`message`, `startup`), and
+//! of messages whose contents matter to the proxy (`message` for the client's,
+//! `rows` for results, `error` for errors and notices, `startup`), and
 //! builders for the few messages the proxy itself originates (`error`).
 //! Every decoder works on a bounded byte slice and returns an error instead of
 //! panicking on malformed input.
@@ -10,6 +11,7 @@
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod rows;
 pub mod sqlstate;
 pub mod startup;
 

@@ -37,7 +37,8 @@ use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
 use crate::protocol::message::{
-    put_message, take_cstr, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH, PARSE, SYNC,
+    parse_bind_names, put_message, take_cstr, BindNames, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH,
+    PARSE, SYNC,
 };
 use crate::shadow::{Request, SessionInfo, Shadow, Side, Tap};
 use crate::tracker::{PreparedStatements, StateLog, StateOp, Statement};
@@ -998,28 +999,26 @@ impl<'a> Decider<'a> {
                     _ => false,
                 }
             }
-            BIND => {
-                let mut b = body;
-                let _portal = take_cstr(&mut b);
-                match take_cstr(&mut b) {
-                    Ok(name) => match statements.statement(name) {
-                        Some(st) if !name.is_empty() || batch.parsed_unnamed => {
-                            batch.bound_unnamed |= name.is_empty();
-                            if batch.shape == 0 {
-                                batch.shape = self.shape_of(&st.query);
-                            }
-                            let read = self.statement_kind(name, &st.query) == ReadKind::Read;
-                            batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
-                            if read && !name.is_empty() {
-                                batch.statements.push((name.into(), st.clone()));
-                            }
-                            read
+            BIND => match parse_bind_names(body) {
+                Ok(BindNames {
+                    statement: name, ..
+                }) => match statements.statement(name) {
+                    Some(st) if !name.is_empty() || batch.parsed_unnamed => {
+                        batch.bound_unnamed |= name.is_empty();
+                        if batch.shape == 0 {
+                            batch.shape = self.shape_of(&st.query);
                         }
-                        _ => false,
-                    },
-                    Err(_) => false,
-                }
-            }
+                        let read = self.statement_kind(name, &st.query) == ReadKind::Read;
+                        batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
+                        if read && !name.is_empty() {
+                            batch.statements.push((name.into(), st.clone()));
+                        }
+                        read
+                    }
+                    _ => false,
+                },
+                Err(_) => false,
+            },
             DESCRIBE | SYNC => true,
             EXECUTE => {
                 batch.executes = true;
@@ -1052,8 +1051,8 @@ impl<'a> Decider<'a> {
                 true
             }
             BIND => {
-                let _portal = take_cstr(&mut b);
-                if let Ok(name) = take_cstr(&mut b) {
+                if let Ok(names) = parse_bind_names(body) {
+                    let name = names.statement;
                     if let Some(st) = statements.statement(name) {
                         batch.executed.push(Arc::clone(&st.query));
                         // Prepared before the transaction (on the source):

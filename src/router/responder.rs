@@ -40,6 +40,7 @@ use crate::protocol::frame::read_message;
 use crate::protocol::message::{
     parse_ready_for_query, put_message, ERROR_RESPONSE, PARAMETER_STATUS, READY_FOR_QUERY,
 };
+use crate::protocol::rows;
 use crate::protocol::sqlstate;
 use crate::tracker::{Shared, StateOp, Statement};
 use crate::upstream::target::{Conn, TargetLink};
@@ -935,44 +936,15 @@ const RECORD_OIDS: [u32; 2] = [2249, 2287];
 /// `formats_known` false, a statement's Describe, any record). Anything that does
 /// not parse is left to the client to judge (false).
 fn names_local_types(tag: u8, body: &[u8], formats_known: bool) -> bool {
-    let u16_at = |at: usize| {
-        body.get(at..at + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| {
-        body.get(at..at + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let Some(n) = u16_at(0) else {
-        return false;
-    };
-    let mut at = 2;
-    for _ in 0..n {
-        if tag == b't' {
-            match u32_at(at) {
-                Some(oid) if oid >= FIRST_NORMAL_OID => return true,
-                Some(_) => at += 4,
-                None => return false,
-            }
-            continue;
-        }
-        // name, table oid (4), column (2), type oid (4), size (2),
-        // modifier (4), format (2)
-        let Some(nul) = body.get(at..).and_then(|b| b.iter().position(|&c| c == 0)) else {
-            return false;
-        };
-        at += nul + 1;
-        let (Some(oid), Some(format)) = (u32_at(at + 6), u16_at(at + 16)) else {
-            return false;
-        };
-        if oid >= FIRST_NORMAL_OID
-            || ((format == 1 || !formats_known) && RECORD_OIDS.contains(&oid))
-        {
-            return true;
-        }
-        at += 18;
+    if tag == rows::PARAMETER_DESCRIPTION {
+        return rows::parameter_description(body)
+            .is_ok_and(|mut types| types.any(|oid| oid >= FIRST_NORMAL_OID));
     }
-    false
+    // A field after a malformed one is not read; the fields before it are.
+    rows::row_description(body).map_while(Result::ok).any(|f| {
+        f.type_oid >= FIRST_NORMAL_OID
+            || ((f.format == 1 || !formats_known) && RECORD_OIDS.contains(&f.type_oid))
+    })
 }
 
 /// The answers a Flush-ended request gets (one per Parse, Bind, Close and

@@ -202,9 +202,9 @@ impl ClientPolicies<'_> {
 
     /// The statement name a Bind refers to (from its first bytes).
     fn bind_statement(prefix: &[u8]) -> Option<&[u8]> {
-        let mut b = prefix;
-        let _portal = crate::protocol::message::take_cstr(&mut b).ok()?;
-        crate::protocol::message::take_cstr(&mut b).ok()
+        crate::protocol::message::parse_bind_names(prefix)
+            .ok()
+            .map(|names| names.statement)
     }
 
     /// The mirror must not see client message `n`: it went to the target.

@@ -21,6 +21,7 @@
 //! their text, so sessions can share connections.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,8 +40,10 @@ use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, read_message, HEADER_LEN};
 use crate::protocol::message::{
-    put_message, take_cstr, BIND, DESCRIBE, ERROR_RESPONSE, EXECUTE, PARSE, READY_FOR_QUERY,
+    parse_bind, parse_bind_names, put_message, take_cstr, BindNames, BIND, DESCRIBE,
+    ERROR_RESPONSE, EXECUTE, PARSE, READY_FOR_QUERY,
 };
+use crate::protocol::rows;
 use crate::tracker::StateOp;
 use crate::upstream::passfile::PassFile;
 
@@ -797,7 +800,12 @@ pub fn executed_texts(req: &Request) -> Vec<String> {
                         }
                     }
                     BIND => {
-                        if let (Ok(portal), Ok(name)) = (take_cstr(&mut b), take_cstr(&mut b)) {
+                        if let Ok(BindNames {
+                            portal,
+                            statement: name,
+                            ..
+                        }) = parse_bind_names(body)
+                        {
                             let text = if name.is_empty() {
                                 Some(unnamed)
                             } else {
@@ -857,14 +865,18 @@ fn rename(
                 }
                 Err(e) => err = Some(e),
             },
-            BIND => match (take_cstr(&mut b), take_cstr(&mut b)) {
-                (Ok(portal), Ok(name)) if !name.is_empty() => match names.get(name) {
+            BIND => match parse_bind_names(body) {
+                Ok(BindNames {
+                    portal,
+                    statement: name,
+                    rest,
+                }) if !name.is_empty() => match names.get(name) {
                     Some(n) => {
-                        put_message(out, BIND, &[portal, b"\0", n.as_bytes(), b"\0", b]);
+                        put_message(out, BIND, &[portal, b"\0", n.as_bytes(), b"\0", rest]);
                     }
                     None => put_message(out, tag, &[body]),
                 },
-                (Err(e), _) | (_, Err(e)) => err = Some(e),
+                Err(e) => err = Some(e),
                 _ => put_message(out, tag, &[body]),
             },
             DESCRIBE if body.first() == Some(&b'S') => {
@@ -888,36 +900,13 @@ fn rename(
 
 /// `(oid, relname)` from a text-format DataRow of two columns.
 fn oid_and_name(body: &[u8]) -> Option<(u32, String)> {
-    let vals = data_row_values(body)?;
+    let vals = rows::data_row(body).ok()?;
     let oid = std::str::from_utf8(vals.first()?.as_ref()?)
         .ok()?
         .parse()
         .ok()?;
     let name = String::from_utf8_lossy(vals.get(1)?.as_ref()?).into_owned();
     Some((oid, name))
-}
-
-fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
-    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    values(body, 2, n)
-}
-
-/// `n` length-prefixed values (length -1: NULL) from `at`, as in a
-/// DataRow or a Bind.
-fn values(body: &[u8], mut at: usize, n: usize) -> Option<Vec<Option<&[u8]>>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
-        at += 4;
-        if len < 0 {
-            out.push(None);
-            continue;
-        }
-        let end = at.checked_add(len as usize)?;
-        out.push(Some(body.get(at..end)?));
-        at = end;
-    }
-    Some(out)
 }
 
 /// The parameters of each Bind, as text (binary ones as `\x` hex).
@@ -937,41 +926,21 @@ fn bind_parameters(req: &Request) -> Vec<Vec<Option<String>>> {
 }
 
 fn parse_bind_parameters(body: &[u8]) -> Option<Vec<Option<String>>> {
-    let mut b = body;
-    take_cstr(&mut b).ok()?;
-    take_cstr(&mut b).ok()?;
-    let u16_at = |b: &[u8], at: usize| -> Option<u16> {
-        Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-    };
-    let nfmt = u16_at(b, 0)? as usize;
-    let formats: Vec<u16> = (0..nfmt)
-        .map(|i| u16_at(b, 2 + 2 * i))
-        .collect::<Option<_>>()?;
-    let at = 2 + 2 * nfmt;
-    let n = u16_at(b, at)? as usize;
-    let vals = values(b, at + 2, n)?;
-    let mut out = Vec::with_capacity(n);
-    for (i, v) in vals.into_iter().enumerate() {
-        let Some(v) = v else {
-            out.push(None);
-            continue;
-        };
-        let binary = match formats.len() {
-            0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i) == Some(&1),
-        };
-        out.push(Some(if binary {
-            let mut s = String::from("\\x");
-            for byte in v {
-                s.push_str(&format!("{byte:02x}"));
+    let bind = parse_bind(body).ok()?;
+    let text = |(i, v): (usize, &Option<&[u8]>)| {
+        v.map(|v| {
+            if bind.is_binary(i) {
+                let mut s = String::from("\\x");
+                for byte in v {
+                    let _ = write!(s, "{byte:02x}");
+                }
+                s
+            } else {
+                String::from_utf8_lossy(v).into_owned()
             }
-            s
-        } else {
-            String::from_utf8_lossy(v).into_owned()
-        }));
-    }
-    Some(out)
+        })
+    };
+    Some(bind.values.iter().enumerate().map(text).collect())
 }
 
 /// Starts the executor on its own thread.

@@ -12,6 +12,8 @@
 //!   every statement it runs is a read, released to the source as soon as
 //!   one message shows it cannot be (a write, a named Parse, a Close, a
 //!   Flush, a message too big to hold).
+//!   That half is `batch`; what the session's pumps and its responder
+//!   share is `link`.
 //!
 //! A session that wrote reads from the source until the mirror has applied
 //! its last write on the target (read-your-writes). Session state the
@@ -19,380 +21,26 @@
 //! responder, which repeats it on the target before the next routed read.
 
 use std::cell::Cell;
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{
-    AtomicBool, AtomicU32, AtomicU64, AtomicU8,
-    Ordering::{Relaxed, SeqCst},
-};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Notify;
 
+use super::link::{RouteLink, Routed, SessionKeys};
 use super::policy;
-use super::txn::{self, Judged, SourceQueue};
+use super::txn::{self, Judged};
 use super::{RouteMetrics, Router, RoutingSettings};
 use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
-use crate::protocol::message::{
-    parse_bind_names, put_message, take_cstr, BindNames, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH,
-    PARSE, SYNC,
-};
+use crate::protocol::message::{put_message, BIND, DESCRIBE, EXECUTE, PARSE, SYNC};
 use crate::shadow::{Request, SessionInfo, Shadow, Side, Tap};
-use crate::tracker::{PreparedStatements, StateLog, StateOp, Statement};
-
-/// Most bytes of one extended-protocol batch held back while deciding.
-pub const MAX_BATCH: usize = 256 << 10;
-
-/// A request routed to the target, as the client sent it.
-pub struct Routed {
-    pub frames: BytesMut,
-    /// Named statements it binds, to prepare on the target first.
-    pub statements: Vec<(Box<[u8]>, Statement)>,
-    pub started: Instant,
-    /// When the target connection was ready for it (logged in, session
-    /// state brought up to date): the target's own latency counts from
-    /// here, for the health monitor.
-    pub target_started: Option<Instant>,
-    /// Sent inside a transaction on the target: it cannot fall back.
-    pub in_txn: bool,
-    /// A shadowed read: the answer relayed to the client is copied here.
-    pub shadow: Option<Tap>,
-    /// Its statement's shape, in per-fingerprint failback mode (else 0).
-    pub shape: u64,
-    /// An eligible read: counted for the backend that answers it.
-    pub counted: bool,
-    /// The proxy's own request, whose answer the client never sees; once
-    /// it is answered, these frames (this many requests) go to the source,
-    /// their answers withheld too (a routed transaction moving there).
-    pub internal: Option<(Bytes, u32)>,
-    /// Ends the session with this error instead (a limit passed).
-    pub refuse: Option<String>,
-    /// It ends with a Flush, not a Sync: it is over once each message has
-    /// been answered (or one failed), with no ReadyForQuery.
-    pub flushed: bool,
-}
-
-impl Routed {
-    fn new(frames: BytesMut, in_txn: bool) -> Self {
-        Self {
-            frames,
-            statements: Vec::new(),
-            started: Instant::now(),
-            target_started: None,
-            in_txn,
-            shadow: None,
-            shape: 0,
-            counted: false,
-            internal: None,
-            refuse: None,
-            flushed: false,
-        }
-    }
-}
-
-/// What one session's router halves share: the frontend decider, the
-/// backend inspector and the responder. They are futures of one task, so
-/// the locks are never contended and never held across an await.
-pub struct RouteLink {
-    pub queue: Mutex<VecDeque<Routed>>,
-    /// Wakes the responder: a request was queued.
-    pub request_ready: Notify,
-    /// The target has nothing in flight any more.
-    pub target_idle: Notify,
-    /// The backend pump finished a write (the client stream may be free).
-    pub client_free: Notify,
-    /// The frontend pump finished a write (the source stream may be free).
-    pub source_free: Notify,
-    /// Routed requests not yet answered in full.
-    pub target_in_flight: AtomicU32,
-    /// Transaction status of the target session (`b'T'` inside a routed
-    /// READ ONLY transaction).
-    pub target_tx: AtomicU8,
-    /// The responder holds a working target connection.
-    pub ready: AtomicBool,
-    /// Reads stay on the source for the rest of the session.
-    pub pinned: AtomicBool,
-    /// The source sent a FATAL (or PANIC) ErrorResponse: the session is
-    /// over. Postgres answers nothing after it, so nothing more is routed
-    /// and no routed answer is written to the client.
-    pub source_ended: AtomicBool,
-    pub responder_writing: AtomicBool,
-    pub backend_writing: AtomicBool,
-    pub frontend_writing: AtomicBool,
-    pub state: Mutex<StateLog>,
-    /// Statements the client prepared that the source has not got (the
-    /// unnamed one parsed in a routed batch, named ones parsed inside a
-    /// routed transaction): the source gets their Parse before a Bind or
-    /// Describe uses them. `any_source_stale` spares the hot path the lock.
-    pub source_stale: Mutex<HashSet<Box<[u8]>>>,
-    pub any_source_stale: AtomicBool,
-    /// ParseCompletes the source owes for Parses the proxy added (the
-    /// client never sent them).
-    pub drop_parse_complete: AtomicU32,
-    /// Requests the proxy put into the source stream on its own (a routed
-    /// transaction moving there, the session changes it made): their
-    /// answers are withheld but for ParameterStatus and notifications.
-    pub source_owed: AtomicU32,
-    /// Session changes made inside the routed transaction, for the source.
-    pub source_queue: Mutex<SourceQueue>,
-    /// Seq of this session's last spooled write unit (0: none).
-    pub last_spooled_seq: AtomicU64,
-    /// When the eligible read now on the source was sent (its latency is
-    /// recorded at its ReadyForQuery); see `time_source_read`.
-    source_read_started: Mutex<Option<Instant>>,
-    /// `source_read_started` holds a time: spares every other
-    /// ReadyForQuery the lock.
-    source_read_timed: AtomicBool,
-    /// ReadyForQuery messages the source sent (but the order probe's).
-    source_rfqs: AtomicU64,
-    /// The `source_rfqs` at which the source has answered every request
-    /// the responder put into its stream (routed reads that fell back,
-    /// the proxy's own requests). The source answers in order, and while a
-    /// routed request is unanswered nothing else is written to it: a
-    /// routed answer waits for those, and the answers are the backend
-    /// pump's to relay meanwhile (not held as unprompted messages).
-    rfqs_due: AtomicU64,
-    /// Responder waits on `client_free` or `source_free` in progress: the
-    /// pumps notify only when one is (a Notify takes a lock even when
-    /// nobody waits).
-    stream_waiters: AtomicU32,
-    /// A shadowed read's answer is coming from the source: the backend
-    /// pump copies it into this tap.
-    pub shadow_armed: AtomicBool,
-    pub shadow_tap: Mutex<Option<Tap>>,
-    /// The health monitor every outcome is reported to.
-    pub health: Option<Arc<crate::health::Health>>,
-    /// The eligible read now on the source is a routed read the target
-    /// failed with a query error: if the source answers it, the target
-    /// was at fault (its shape, for the report, in `rerun_shape`).
-    pub rerun_of_target_error: AtomicBool,
-    pub rerun_shape: AtomicU64,
-    /// What the source answered the eligible read now on it: 0 nothing
-    /// failed, 1 an error, 2 an error that is the server's fault.
-    pub source_read_error: AtomicU8,
-    /// The eligible read now on the source is a routed read that fell back.
-    pub fallback_read: AtomicBool,
-}
-
-impl Default for RouteLink {
-    fn default() -> Self {
-        Self {
-            queue: Mutex::default(),
-            request_ready: Notify::new(),
-            target_idle: Notify::new(),
-            client_free: Notify::new(),
-            source_free: Notify::new(),
-            target_in_flight: AtomicU32::new(0),
-            target_tx: AtomicU8::new(b'I'),
-            ready: AtomicBool::new(false),
-            pinned: AtomicBool::new(false),
-            source_ended: AtomicBool::new(false),
-            responder_writing: AtomicBool::new(false),
-            backend_writing: AtomicBool::new(false),
-            frontend_writing: AtomicBool::new(false),
-            state: Mutex::default(),
-            source_stale: Mutex::default(),
-            any_source_stale: AtomicBool::new(false),
-            drop_parse_complete: AtomicU32::new(0),
-            source_owed: AtomicU32::new(0),
-            source_queue: Mutex::default(),
-            last_spooled_seq: AtomicU64::new(0),
-            source_read_started: Mutex::default(),
-            source_read_timed: AtomicBool::new(false),
-            source_rfqs: AtomicU64::new(0),
-            rfqs_due: AtomicU64::new(0),
-            stream_waiters: AtomicU32::new(0),
-            shadow_armed: AtomicBool::new(false),
-            shadow_tap: Mutex::default(),
-            health: None,
-            rerun_of_target_error: AtomicBool::new(false),
-            rerun_shape: AtomicU64::new(0),
-            source_read_error: AtomicU8::new(0),
-            fallback_read: AtomicBool::new(false),
-        }
-    }
-}
-
-impl RouteLink {
-    /// A session's link, reporting to the health monitor when there is one.
-    pub fn new(health: Option<Arc<crate::health::Health>>) -> Self {
-        Self {
-            health,
-            ..Self::default()
-        }
-    }
-
-    /// The eligible read now on the source was sent at `started` (`None`:
-    /// it is not timed).
-    pub fn time_source_read(&self, started: Option<Instant>) {
-        self.source_read_timed.store(started.is_some(), Relaxed);
-        *self
-            .source_read_started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = started;
-    }
-
-    /// At a ReadyForQuery of the source: when the read it ends was sent,
-    /// if it was timed.
-    pub fn take_source_read(&self) -> Option<Instant> {
-        if !self.source_read_timed.swap(false, Relaxed) {
-            return None;
-        }
-        self.source_read_started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    }
-
-    /// The responder put `requests` into the source stream: they are
-    /// answered after everything written there before them.
-    pub fn put_into_source(&self, requests: u32) {
-        let after = self
-            .rfqs_due
-            .load(Relaxed)
-            .max(self.source_rfqs.load(Relaxed));
-        self.rfqs_due.store(after + u64::from(requests), Relaxed);
-    }
-
-    /// A ReadyForQuery from the source (not the order probe's).
-    pub fn source_ready(&self) {
-        self.source_rfqs
-            .store(self.source_rfqs.load(Relaxed) + 1, Relaxed);
-    }
-
-    /// The source still owes answers to requests the responder put into
-    /// its stream.
-    pub fn source_owes_responder(&self) -> bool {
-        self.source_rfqs.load(Relaxed) < self.rfqs_due.load(Relaxed)
-    }
-
-    /// Waits until `ready`, woken by `stream_freed` on `notify`.
-    pub async fn wait_stream_free(&self, notify: &Notify, ready: impl Fn() -> bool) {
-        self.stream_waiters.fetch_add(1, SeqCst);
-        super::wait_until(notify, ready).await;
-        self.stream_waiters.fetch_sub(1, SeqCst);
-    }
-
-    /// A pump finished a write: wakes a responder waiting for its stream.
-    pub fn stream_freed(&self, notify: &Notify) {
-        if self.stream_waiters.load(SeqCst) > 0 {
-            notify.notify_waiters();
-        }
-    }
-
-    pub fn in_target_txn(&self) -> bool {
-        self.target_tx.load(Relaxed) != b'I'
-    }
-
-    /// Whether anything routed is still being answered.
-    pub fn target_busy(&self) -> bool {
-        self.target_in_flight.load(Relaxed) > 0 || self.responder_writing.load(Relaxed)
-    }
-
-    /// The source has not got this statement (as the client last parsed it).
-    pub fn mark_source_stale(&self, name: &[u8]) {
-        self.source_stale
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.into());
-        self.any_source_stale.store(true, Relaxed);
-    }
-
-    /// Whether the source lacks `name`; forgets it (the caller sends the
-    /// Parse, or the source got one from the client).
-    pub fn take_source_stale(&self, name: &[u8]) -> bool {
-        if !self.any_source_stale.load(Relaxed) {
-            return false;
-        }
-        let mut set = self.source_stale.lock().unwrap_or_else(|p| p.into_inner());
-        let was = set.remove(name);
-        self.any_source_stale.store(!set.is_empty(), Relaxed);
-        was
-    }
-
-    pub fn pin(&self, metrics: &RouteMetrics, why: &str) {
-        if !self.pinned.swap(true, Relaxed) {
-            metrics.sessions_pinned.inc();
-            tracing::info!(reason = why, "this session's reads stay on the source");
-        }
-    }
-
-    fn log_state(&self, op: StateOp, metrics: &RouteMetrics) {
-        let fits = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(op);
-        if !fits {
-            self.pin(
-                metrics,
-                "more session state than the proxy keeps for the target",
-            );
-        }
-    }
-
-    /// The source's next answer is a shadowed read's.
-    fn arm_tap(&self, tap: Tap) {
-        *self.shadow_tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
-        self.shadow_armed.store(true, Relaxed);
-    }
-
-    /// Bytes the backend pump forwards to the client (while armed).
-    pub fn feed_tap(&self, bytes: &[u8]) {
-        let mut t = self.shadow_tap.lock().unwrap_or_else(|p| p.into_inner());
-        let done = t.as_mut().is_none_or(|t| t.feed(bytes));
-        if done {
-            *t = None;
-            self.shadow_armed.store(false, Relaxed);
-        }
-    }
-
-    fn enqueue(&self, r: Routed) {
-        self.target_in_flight
-            .store(self.target_in_flight.load(Relaxed) + 1, Relaxed);
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(r);
-        self.request_ready.notify_one();
-    }
-}
-
-/// The buckets of the session-level keys, computed once at session start.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionKeys {
-    pub session: u64,
-    pub user: u64,
-    pub application_name: u64,
-    pub client_addr: u64,
-}
-
-impl SessionKeys {
-    pub fn new(session_id: u64, user: &str, application_name: &str, client_ip: &str) -> Self {
-        Self {
-            session: policy::bucket(session_id.to_string().as_bytes()),
-            user: policy::bucket(user.as_bytes()),
-            application_name: policy::bucket(application_name.as_bytes()),
-            client_addr: policy::bucket(client_ip.as_bytes()),
-        }
-    }
-
-    fn bucket(&self, key: HashKey) -> u64 {
-        match key {
-            HashKey::Session | HashKey::Comment => self.session,
-            HashKey::User => self.user,
-            HashKey::ApplicationName => self.application_name,
-            HashKey::ClientAddr => self.client_addr,
-        }
-    }
-}
+use crate::tracker::{StateOp, Statement};
 
 /// What a statement text means for routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadKind {
+pub(super) enum ReadKind {
     /// Every statement reads: may be routed.
     Read,
     /// `BEGIN ... READ ONLY` alone: opens a transaction that may be routed.
@@ -403,27 +51,27 @@ enum ReadKind {
 
 /// An extended-protocol batch held back until it is known where it goes.
 #[derive(Default)]
-struct Batch {
-    frames: BytesMut,
-    statements: Vec<(Box<[u8]>, Statement)>,
+pub(super) struct Batch {
+    pub(super) frames: BytesMut,
+    pub(super) statements: Vec<(Box<[u8]>, Statement)>,
     /// An unnamed statement was parsed in this batch, and bound after.
-    parsed_unnamed: bool,
-    bound_unnamed: bool,
+    pub(super) parsed_unnamed: bool,
+    pub(super) bound_unnamed: bool,
     /// It runs something (not only Parse/Describe).
-    executes: bool,
+    pub(super) executes: bool,
     /// Started inside a routed transaction: goes to the target whatever it holds.
-    in_txn: bool,
+    pub(super) in_txn: bool,
     /// Some statement's key (sqlcommenter) was in the cohort.
-    keyed_in: bool,
-    started: Option<Instant>,
+    pub(super) keyed_in: bool,
+    pub(super) started: Option<Instant>,
     /// Sampled for a shadow read (if it turns out to be an eligible one).
-    shadow: bool,
+    pub(super) shadow: bool,
     /// The shape of its first statement (per-fingerprint failback mode).
-    shape: u64,
+    pub(super) shape: u64,
     /// Inside a routed transaction: the texts of the statements it binds,
     /// in order, and the names it parses.
-    executed: Vec<Arc<[u8]>>,
-    named_parses: Vec<Box<[u8]>>,
+    pub(super) executed: Vec<Arc<[u8]>>,
+    pub(super) named_parses: Vec<Box<[u8]>>,
 }
 
 /// Where a simple Query goes.
@@ -437,7 +85,7 @@ pub enum QueryRoute {
 
 /// A READ ONLY transaction routed to the target (see `txn`).
 #[derive(Default)]
-struct RoutedTxn {
+pub(super) struct RoutedTxn {
     /// What went to the target in it while it had not read yet: replayed
     /// on the source if it moves there.
     prelude: BytesMut,
@@ -446,29 +94,18 @@ struct RoutedTxn {
     read: bool,
 }
 
-/// Where a held batch goes, decided at one of its messages.
-pub enum BatchStep {
-    /// Keep holding: the message is in the batch.
-    Held,
-    /// Send it to the target (at its Sync).
-    Routed,
-    /// Release it to the source: these frames go just before this message,
-    /// which is then handled as usual.
-    Release(Bytes),
-}
-
 /// The routing decisions of one session.
 pub struct Decider<'a> {
     pub link: &'a RouteLink,
-    router: &'a Router,
-    metrics: &'a RouteMetrics,
+    pub(super) router: &'a Router,
+    pub(super) metrics: &'a RouteMetrics,
     mirror: Option<&'a Mirror>,
     keys: SessionKeys,
     classifier: Classifier,
-    batch: Option<Batch>,
+    pub(super) batch: Option<Batch>,
     /// The READ ONLY transaction routed to the target, from its BEGIN
     /// until the target answers its end.
-    txn: Option<RoutedTxn>,
+    pub(super) txn: Option<RoutedTxn>,
     /// An extended-protocol batch going to the source that may be an
     /// eligible read: (when it started, whether it still is one, whether
     /// it executes anything).
@@ -481,7 +118,7 @@ pub struct Decider<'a> {
     shadow_session: Option<Arc<SessionInfo>>,
     /// The shadow sampling draw for the extended-protocol batch starting
     /// now (drawn once, however often `collects` asks).
-    pick: Cell<Option<bool>>,
+    pub(super) pick: Cell<Option<bool>>,
 }
 
 type StatementKinds = std::collections::HashMap<Box<[u8]>, (Arc<[u8]>, ReadKind)>;
@@ -522,7 +159,7 @@ impl<'a> Decider<'a> {
         self
     }
 
-    fn sample(&self) -> bool {
+    pub(super) fn sample(&self) -> bool {
         self.shadow.is_some_and(|s| s.sample()) && !self.link.pinned.load(Relaxed)
     }
 
@@ -536,7 +173,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Whether the batch starting now is sampled (one draw per batch).
-    fn picked(&self) -> bool {
+    pub(super) fn picked(&self) -> bool {
         match self.pick.get() {
             Some(p) => p,
             None => {
@@ -550,7 +187,11 @@ impl<'a> Decider<'a> {
     /// Queues a shadow read of a sampled eligible read; the tap copies the
     /// served answer. A session pinned to the source has state the shadow
     /// connections cannot stand in for (temporary tables, ...).
-    fn shadow_submit(&self, served: Side, request: impl FnOnce() -> Request) -> Option<Tap> {
+    pub(super) fn shadow_submit(
+        &self,
+        served: Side,
+        request: impl FnOnce() -> Request,
+    ) -> Option<Tap> {
         let (sh, info) = (self.shadow?, self.shadow_session.as_ref()?);
         if self.link.pinned.load(Relaxed) {
             return None;
@@ -578,7 +219,7 @@ impl<'a> Decider<'a> {
 
     /// Whether reads may leave the source now, with the settings in force.
     /// `source_idle`: nothing in flight on the source, outside a block.
-    fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<RoutingSettings>>> {
+    pub(super) fn gate(&self, source_idle: bool) -> Option<arc_swap::Guard<Arc<RoutingSettings>>> {
         // A request pipelined behind a routed one goes to the source (its
         // bytes wait there until the routed answer is relayed): answers
         // reach the client in request order, a fallback included.
@@ -598,7 +239,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Read-your-writes: the session's last write is applied on the target.
-    fn own_writes_applied(&self) -> bool {
+    pub(super) fn own_writes_applied(&self) -> bool {
         let seq = self.link.last_spooled_seq.load(Relaxed);
         match self.mirror {
             Some(m) => m.is_applied(seq),
@@ -606,7 +247,7 @@ impl<'a> Decider<'a> {
         }
     }
 
-    fn kind(&mut self, sql: &[u8]) -> ReadKind {
+    pub(super) fn kind(&mut self, sql: &[u8]) -> ReadKind {
         let Ok(sql) = std::str::from_utf8(sql) else {
             return ReadKind::Other;
         };
@@ -624,7 +265,7 @@ impl<'a> Decider<'a> {
 
     /// The kind of a prepared statement, remembered while its text is the
     /// same object.
-    fn statement_kind(&mut self, name: &[u8], text: &Arc<[u8]>) -> ReadKind {
+    pub(super) fn statement_kind(&mut self, name: &[u8], text: &Arc<[u8]>) -> ReadKind {
         if let Some((t, k)) = self.kinds.get(name) {
             if Arc::ptr_eq(t, text) {
                 return *k;
@@ -639,7 +280,7 @@ impl<'a> Decider<'a> {
     }
 
     /// Whether a read keyed by this statement text goes to the target.
-    fn in_cohort(&self, s: &RoutingSettings, sql: &[u8]) -> bool {
+    pub(super) fn in_cohort(&self, s: &RoutingSettings, sql: &[u8]) -> bool {
         let bucket = if s.hash_key == HashKey::Comment {
             std::str::from_utf8(sql)
                 .ok()
@@ -654,7 +295,7 @@ impl<'a> Decider<'a> {
 
     /// The shape a routed read is reported under, in per-fingerprint
     /// failback mode (0 otherwise: no hashing on the hot path).
-    fn shape_of(&self, sql: &[u8]) -> u64 {
+    pub(super) fn shape_of(&self, sql: &[u8]) -> u64 {
         match &self.link.health {
             Some(h) if h.wants_shapes() => h.shape_of(sql),
             _ => 0,
@@ -663,7 +304,7 @@ impl<'a> Decider<'a> {
 
     /// Whether this session could route anything with these settings (so
     /// holding a batch back is worth it).
-    fn may_route(&self, s: &RoutingSettings) -> bool {
+    pub(super) fn may_route(&self, s: &RoutingSettings) -> bool {
         // (Shape 0 is in no capped set: with a cap on some shapes, others
         // may still route.)
         s.hash_key == HashKey::Comment || self.keys.bucket(s.hash_key) < s.threshold_for(|| 0)
@@ -757,7 +398,7 @@ impl<'a> Decider<'a> {
     /// in order. True: it goes to the target (its session changes queued
     /// for the source); false: the transaction moved to the source, where
     /// the request goes too.
-    fn judge_request<'t>(&mut self, texts: impl Iterator<Item = &'t str>) -> bool {
+    pub(super) fn judge_request<'t>(&mut self, texts: impl Iterator<Item = &'t str>) -> bool {
         let Some(t) = self.txn.as_ref() else {
             return false;
         };
@@ -831,252 +472,11 @@ impl<'a> Decider<'a> {
     /// Whether the session is (or is about to be) in the routed
     /// transaction on the target: from its BEGIN until the target has
     /// answered everything routed and is outside a transaction again.
-    fn in_txn(&mut self) -> bool {
+    pub(super) fn in_txn(&mut self) -> bool {
         if self.txn.is_some() && !self.link.target_busy() && !self.link.in_target_txn() {
             self.txn = None;
         }
         self.txn.is_some()
-    }
-
-    /// Whether an extended-protocol message at this point is held back:
-    /// inside a batch being held (if it fits), or starting one that might
-    /// be routed.
-    pub fn collects(&self, tag: u8, len: usize, source_idle: bool) -> bool {
-        if self.link.source_ended.load(Relaxed) {
-            return false;
-        }
-        let in_txn = self.txn.is_some();
-        if !matches!(
-            tag,
-            PARSE | BIND | DESCRIBE | EXECUTE | CLOSE | SYNC | FLUSH
-        ) {
-            return false;
-        }
-        if let Some(b) = &self.batch {
-            return b.frames.len() + len + 5 <= MAX_BATCH;
-        }
-        if len + 5 > MAX_BATCH {
-            return false;
-        }
-        if in_txn {
-            return source_idle;
-        }
-        if !source_idle || !self.engaged() {
-            return false;
-        }
-        // Held to be routed, or to copy it for a shadow read.
-        self.gate(source_idle).is_some_and(|s| self.may_route(&s)) || self.picked()
-    }
-
-    /// A held (or first) extended-protocol message, complete; `statements`
-    /// already records a Parse in it.
-    pub fn batch_message(
-        &mut self,
-        tag: u8,
-        body: &[u8],
-        statements: &PreparedStatements,
-    ) -> BatchStep {
-        let in_txn = self.in_txn();
-        let mut batch = match self.batch.take() {
-            Some(b) => b,
-            None => Batch {
-                in_txn,
-                started: Some(Instant::now()),
-                shadow: !in_txn && self.pick.take().unwrap_or_else(|| self.sample()),
-                ..Batch::default()
-            },
-        };
-        let ok = if batch.in_txn {
-            self.txn_batch_message(&mut batch, tag, body, statements)
-        } else {
-            self.read_batch_message(&mut batch, tag, body, statements)
-        };
-        if !ok {
-            return BatchStep::Release(batch.frames.freeze());
-        }
-        // Inside the routed transaction a Flush sends what is held (the
-        // client waits for those answers before it goes on).
-        let flushed = batch.in_txn && tag == FLUSH;
-        if tag != SYNC && !flushed {
-            put_message(&mut batch.frames, tag, &[body]);
-            self.batch = Some(batch);
-            return BatchStep::Held;
-        }
-        if batch.in_txn {
-            let executed = std::mem::take(&mut batch.executed);
-            let texts: Vec<String> = executed
-                .iter()
-                .map(|t| String::from_utf8_lossy(t).into_owned())
-                .collect();
-            if !self.judge_request(texts.iter().map(String::as_str)) {
-                // The transaction moved to the source: so does the batch,
-                // then this message.
-                return BatchStep::Release(batch.frames.freeze());
-            }
-            // Statements parsed here exist on the target now; the source
-            // gets them before a later Bind or Describe there uses them.
-            for name in &batch.named_parses {
-                self.link.mark_source_stale(name);
-            }
-        }
-        let eligible_read = !batch.in_txn && batch.executes;
-        // An unnamed statement parsed but not used here will be bound by a
-        // later batch, which may go to the source: it must be parsed there.
-        let self_contained = !batch.parsed_unnamed || batch.bound_unnamed;
-        let to_target =
-            batch.in_txn || (batch.keyed_in && self_contained && self.own_writes_applied());
-        let shadowed = eligible_read && batch.shadow;
-        if !to_target {
-            let frames = batch.frames.freeze();
-            if eligible_read {
-                self.metrics.read(false);
-                self.link.time_source_read(batch.started);
-                let statements = std::mem::take(&mut batch.statements);
-                if let Some(tap) = shadowed
-                    .then(|| {
-                        self.shadow_submit(Side::Source, || Request::Extended {
-                            frames: frames.clone(),
-                            statements,
-                        })
-                    })
-                    .flatten()
-                {
-                    self.link.arm_tap(tap);
-                }
-            }
-            // All of it goes to the source now, then the Sync.
-            return BatchStep::Release(frames);
-        }
-        let shadow = shadowed
-            .then(|| {
-                self.shadow_submit(Side::Target, || Request::Extended {
-                    frames: Bytes::copy_from_slice(&batch.frames),
-                    statements: batch.statements.clone(),
-                })
-            })
-            .flatten();
-        put_message(&mut batch.frames, tag, &[body]);
-        if batch.parsed_unnamed {
-            self.link.mark_source_stale(b"");
-        }
-        let mut r = Routed::new(batch.frames, batch.in_txn);
-        r.statements = batch.statements;
-        r.started = batch.started.unwrap_or_else(Instant::now);
-        r.shadow = shadow;
-        r.shape = batch.shape;
-        r.counted = eligible_read;
-        r.flushed = flushed;
-        self.link.enqueue(r);
-        BatchStep::Routed
-    }
-
-    /// A message of a batch outside a routed transaction: whether it can
-    /// still be a routed read.
-    fn read_batch_message(
-        &mut self,
-        batch: &mut Batch,
-        tag: u8,
-        body: &[u8],
-        statements: &PreparedStatements,
-    ) -> bool {
-        let settings = self.router.settings();
-        match tag {
-            PARSE => {
-                let mut b = body;
-                match (take_cstr(&mut b), take_cstr(&mut b)) {
-                    (Ok(b""), Ok(query)) => {
-                        batch.parsed_unnamed = true;
-                        batch.bound_unnamed = false;
-                        if batch.shape == 0 {
-                            batch.shape = self.shape_of(query);
-                        }
-                        let read = self.kind(query) == ReadKind::Read;
-                        batch.keyed_in |= read && self.in_cohort(&settings, query);
-                        read
-                    }
-                    // A named statement must exist on the source, where
-                    // writes will use it: prepared there, lazily here.
-                    _ => false,
-                }
-            }
-            BIND => match parse_bind_names(body) {
-                Ok(BindNames {
-                    statement: name, ..
-                }) => match statements.statement(name) {
-                    Some(st) if !name.is_empty() || batch.parsed_unnamed => {
-                        batch.bound_unnamed |= name.is_empty();
-                        if batch.shape == 0 {
-                            batch.shape = self.shape_of(&st.query);
-                        }
-                        let read = self.statement_kind(name, &st.query) == ReadKind::Read;
-                        batch.keyed_in |= read && self.in_cohort(&settings, &st.query);
-                        if read && !name.is_empty() {
-                            batch.statements.push((name.into(), st.clone()));
-                        }
-                        read
-                    }
-                    _ => false,
-                },
-                Err(_) => false,
-            },
-            DESCRIBE | SYNC => true,
-            EXECUTE => {
-                batch.executes = true;
-                true
-            }
-            // A Close must reach the source; a Flush wants answers now.
-            _ => false,
-        }
-    }
-
-    /// A message of a batch inside the routed transaction: it is held to
-    /// its Sync (then judged whole); what it binds is noted.
-    fn txn_batch_message(
-        &mut self,
-        batch: &mut Batch,
-        tag: u8,
-        body: &[u8],
-        statements: &PreparedStatements,
-    ) -> bool {
-        let mut b = body;
-        match tag {
-            PARSE => {
-                if let Ok(name) = take_cstr(&mut b) {
-                    if name.is_empty() {
-                        batch.parsed_unnamed = true;
-                    } else {
-                        batch.named_parses.push(name.into());
-                    }
-                }
-                true
-            }
-            BIND => {
-                if let Ok(names) = parse_bind_names(body) {
-                    let name = names.statement;
-                    if let Some(st) = statements.statement(name) {
-                        batch.executed.push(Arc::clone(&st.query));
-                        // Prepared before the transaction (on the source):
-                        // the target gets it first.
-                        let parsed_here = if name.is_empty() {
-                            batch.parsed_unnamed
-                        } else {
-                            batch.named_parses.iter().any(|n| &**n == name)
-                        };
-                        if !parsed_here {
-                            batch.statements.push((name.into(), st.clone()));
-                        }
-                    }
-                }
-                true
-            }
-            _ => true,
-        }
-    }
-
-    /// A held batch must go to the source now (a message too big to hold,
-    /// or one that is not extended protocol): its frames.
-    pub fn release(&mut self) -> Option<Bytes> {
-        self.batch.take().map(|b| b.frames.freeze())
     }
 
     /// Follows an extended-protocol batch the source gets, to count (and
@@ -1172,7 +572,7 @@ impl<'a> Decider<'a> {
                     .link
                     .log_state(StateOp::Close(n.as_bytes().into()), self.metrics),
                 Class::Session(SessionOp::Discard { temp: true, .. }) => {}
-                Class::Write if contains_word(sql, b"temp") || contains_word(sql, b"temporary") => {
+                Class::Write if crate::classify::mentions_word(sql, &[b"temp", b"temporary"]) => {
                     self.link
                         .pin(self.metrics, "the session created a temporary table");
                 }
@@ -1213,22 +613,8 @@ fn may_change_state(sql: &[u8]) -> bool {
     )
 }
 
-/// Whether `word` (lower-case ASCII) appears in `sql` as a whole word, in
-/// any case.
-fn contains_word(sql: &[u8], word: &[u8]) -> bool {
-    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    if sql.len() < word.len() {
-        return false;
-    }
-    (0..=sql.len() - word.len()).any(|i| {
-        sql[i..i + word.len()].eq_ignore_ascii_case(word)
-            && (i == 0 || !is_word(sql[i - 1]))
-            && sql.get(i + word.len()).is_none_or(|&c| !is_word(c))
-    })
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -1242,18 +628,19 @@ mod tests {
 
     use crate::config::RoutingConfig;
 
-    fn body(parts: &[&[u8]]) -> Vec<u8> {
+    pub(crate) fn body(parts: &[&[u8]]) -> Vec<u8> {
         parts.concat()
     }
 
-    struct World {
-        link: RouteLink,
+    /// A session's routing parts, with the link ready.
+    pub(crate) struct World {
+        pub(crate) link: RouteLink,
         router: Router,
         metrics: RouteMetrics,
     }
 
     impl World {
-        fn new(read_percent: f64) -> Self {
+        pub(crate) fn new(read_percent: f64) -> Self {
             let cfg = RoutingConfig {
                 read_percent,
                 ..RoutingConfig::default()
@@ -1266,7 +653,7 @@ mod tests {
                 metrics: RouteMetrics::new(),
             }
         }
-        fn decider(&self) -> Decider<'_> {
+        pub(crate) fn decider(&self) -> Decider<'_> {
             Decider::new(
                 &self.link,
                 &self.router,
@@ -1276,77 +663,6 @@ mod tests {
                 Arc::new(Rules::default()),
             )
         }
-    }
-
-    fn released(step: BatchStep) -> Bytes {
-        match step {
-            BatchStep::Release(f) => f,
-            BatchStep::Held => panic!("held"),
-            BatchStep::Routed => panic!("routed"),
-        }
-    }
-
-    #[test]
-    fn a_read_batch_is_held_and_routed_at_its_sync_with_its_statements() {
-        let w = World::new(100.0);
-        let mut d = w.decider();
-        let mut st = PreparedStatements::new(10, 1 << 20);
-        st.on_parse_typed(b"s1", b"select $1::int", &[0, 1, 0, 0, 0, 23]);
-        assert!(d.collects(BIND, 20, true));
-        assert!(matches!(
-            d.batch_message(BIND, &body(&[b"\0s1\0", &[0, 0, 0, 0, 0, 0]]), &st),
-            BatchStep::Held
-        ));
-        assert!(matches!(
-            d.batch_message(EXECUTE, b"\0\0\0\0\0", &st),
-            BatchStep::Held
-        ));
-        assert!(matches!(d.batch_message(SYNC, b"", &st), BatchStep::Routed));
-        let q = w.link.queue.lock().unwrap();
-        let r = q.front().unwrap();
-        assert_eq!(r.statements.len(), 1);
-        assert_eq!(&*r.statements[0].0, b"s1");
-        assert_eq!(&*r.statements[0].1.types, &[0, 1, 0, 0, 0, 23]);
-        assert_eq!(r.frames[0], BIND);
-        assert_eq!(r.frames[r.frames.len() - 5], SYNC);
-        assert_eq!(w.link.target_in_flight.load(Relaxed), 1);
-        // Counted once the target has answered it (by the responder).
-        assert!(r.counted);
-    }
-
-    #[test]
-    fn writes_named_parses_closes_and_flushes_release_the_batch_to_the_source() {
-        let w = World::new(100.0);
-        let mut st = PreparedStatements::new(10, 1 << 20);
-        st.on_parse(b"w", b"update t set a = 1");
-        st.on_parse(b"", b"select 1");
-        // A named Parse: straight to the source, nothing held.
-        let mut d = w.decider();
-        let f = released(d.batch_message(PARSE, b"n\0select 1\0\0\0", &st));
-        assert!(f.is_empty());
-        // A read held, then a Bind of a write: both go to the source, in order.
-        let mut d = w.decider();
-        assert!(matches!(
-            d.batch_message(PARSE, b"\0select 1\0\0\0", &st),
-            BatchStep::Held
-        ));
-        let f = released(d.batch_message(BIND, b"\0w\0\0\0\0\0\0\0", &st));
-        assert_eq!(f[0], PARSE);
-        assert!(!d.holding());
-        // A Flush wants answers now.
-        let mut d = w.decider();
-        assert!(matches!(
-            d.batch_message(PARSE, b"\0select 1\0\0\0", &st),
-            BatchStep::Held
-        ));
-        assert!(!released(d.batch_message(FLUSH, b"", &st)).is_empty());
-        // An unnamed statement parsed and not bound here: the next batch
-        // will bind it, maybe on the source, so this one stays there.
-        let mut d = w.decider();
-        d.batch_message(PARSE, b"\0select 1\0\0\0", &st);
-        d.batch_message(DESCRIBE, b"S\0", &st);
-        assert!(!released(d.batch_message(SYNC, b"", &st)).is_empty());
-        assert_eq!(w.link.target_in_flight.load(Relaxed), 0);
     }
 
     fn routed(d: &mut Decider<'_>, sql: &str) -> bool {

@@ -11,7 +11,9 @@
 //! applies to the next request of every session, with no lock on the hot
 //! path.
 
+pub mod batch;
 pub mod decide;
+pub mod link;
 pub mod policy;
 pub mod responder;
 pub mod txn;

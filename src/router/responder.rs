@@ -33,7 +33,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use super::decide::{RouteLink, Routed};
+use super::link::{RouteLink, Routed};
 use super::{is_fallback_code, Fallback, RouteMetrics, Router};
 use crate::protocol::error::{error_response, parse_error_fields, Severity};
 use crate::protocol::frame::read_message;

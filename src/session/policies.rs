@@ -26,7 +26,9 @@ use crate::pump::core::{
     before, ClientCore, ClientHooks, Diverted, ServerCore, ServerHooks, SourceMessage,
 };
 use crate::pump::{Hold, Verdict};
-use crate::router::decide::{BatchStep, Decider, QueryRoute, RouteLink};
+use crate::router::batch::BatchStep;
+use crate::router::decide::{Decider, QueryRoute};
+use crate::router::link::RouteLink;
 use crate::router::RouteMetrics;
 use crate::tracker::Shared;
 

@@ -128,6 +128,75 @@ pub fn mentions_word(sql: &[u8], words: &[&[u8]]) -> bool {
     false
 }
 
+/// The first word of each statement in `sql` (at the start of the text and
+/// after each `;`, past whitespace and comments), as written. A `;` inside
+/// a literal or a comment starts a statement here that the server would not
+/// see: a pre-check built on this may say yes too often, never too rarely.
+pub fn statement_first_words(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::once(0)
+        .chain(
+            sql.iter()
+                .enumerate()
+                .filter(|(_, &c)| c == b';')
+                .map(|(i, _)| i + 1),
+        )
+        .filter_map(|start| first_word(sql.get(start..)?))
+}
+
+/// The word `sql` starts with, past whitespace and comments (None: it
+/// starts with something else, or is blank).
+pub fn first_word(sql: &[u8]) -> Option<&[u8]> {
+    let rest = skip_blanks(sql)?;
+    let len = rest
+        .iter()
+        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+        .unwrap_or(rest.len());
+    (len > 0).then(|| &rest[..len])
+}
+
+/// `sql` past leading whitespace and comments (`--` to the end of the
+/// line, `/* */` nested); None inside an unterminated comment.
+fn skip_blanks(mut sql: &[u8]) -> Option<&[u8]> {
+    loop {
+        sql = sql.trim_ascii_start();
+        if let Some(rest) = sql.strip_prefix(b"--") {
+            sql = rest
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(&[][..], |n| &rest[n..]);
+        } else if sql.starts_with(b"/*") {
+            let mut depth = 0usize;
+            let mut i = 0;
+            loop {
+                match sql.get(i..i + 2)? {
+                    b"/*" => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    b"*/" => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            sql = &sql[i..];
+        } else {
+            return Some(sql);
+        }
+    }
+}
+
+/// Whether a statement in `sql` starts with one of `words` (lower-case
+/// ASCII), in any case: the pre-check for statements the classifier knows
+/// by their first word (see [`statement_first_words`]).
+pub fn starts_with_word(sql: &[u8], words: &[&[u8]]) -> bool {
+    statement_first_words(sql).any(|w| words.iter().any(|k| w.eq_ignore_ascii_case(k)))
+}
+
 /// Words without which a statement is no `Class::Session` operation, no
 /// CALL and no DO (the classifier finds those only where one of these
 /// words starts a statement).

@@ -380,3 +380,66 @@ fn server_local_reads_are_told_from_data_reads_for_the_outcome_check() {
         "SELECT 1; SELECT oid FROM pg_class"
     ));
 }
+
+#[test]
+fn session_statements_are_found_by_their_first_words() {
+    // Whatever the classifier calls a session operation, the word pre-check
+    // finds: the capture skips classifying only what it rules out.
+    let session = [
+        "SET search_path = app",
+        "  set local statement_timeout = 5",
+        "/* app:web */ SET application_name = 'x'",
+        "-- note\nRESET ALL",
+        "/* outer /* nested */ still */ discard all",
+        "select 1; SET TIME ZONE 'UTC'",
+        "select ';'; deallocate all",
+        "PREPARE q AS select 1",
+        "LISTEN ch",
+        "unlisten *",
+        "LOAD 'auto_explain'",
+        "CALL app.bump(1)",
+        "DO $$ begin perform 1; end $$",
+    ];
+    for sql in session {
+        let classes = class(sql);
+        assert!(
+            classes
+                .iter()
+                .any(|c| matches!(c, Session(_)) || *c == Write),
+            "{sql:?} is not a session operation nor a CALL/DO: {classes:?}"
+        );
+        assert!(
+            starts_with_word(sql.as_bytes(), SESSION_OP_WORDS),
+            "{sql:?}"
+        );
+    }
+    for sql in [
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7",
+        "select 'set x = 1'",
+        "select reset_val from pg_settings",
+        "/* set */ select 1",
+        "-- set\nselect 1",
+        "/* unterminated set",
+        "",
+    ] {
+        assert!(
+            !starts_with_word(sql.as_bytes(), SESSION_OP_WORDS),
+            "{sql:?}"
+        );
+    }
+    // A ';' in a literal starts a statement the server does not see: the
+    // pre-check says yes too often, never too rarely.
+    assert!(starts_with_word(b"select 'a; set b'", SESSION_OP_WORDS));
+    assert_eq!(
+        statement_first_words(b" select 1 ;insert into t values (1);;  ").collect::<Vec<_>>(),
+        [&b"select"[..], b"insert"]
+    );
+}
+
+#[test]
+fn first_words_skip_blanks_and_comments_only() {
+    assert_eq!(first_word(b"  /* c */ -- d\n Call p()"), Some(&b"Call"[..]));
+    assert_eq!(first_word(b"(select 1); call p()"), None);
+    assert_eq!(first_word(b"   "), None);
+    assert_eq!(first_word(b"-- only a comment"), None);
+}

@@ -756,10 +756,14 @@ impl Capture {
     /// the capture keeps for when it comes back on (settings, SQL-level
     /// prepared statements) or commit on its own (CALL, DO). A unit is
     /// mirrored only if mirroring is on when it ends, so while it is off
-    /// a session pays for a word scan, not for a classification.
+    /// a session pays for a look at each statement's first word, not for a
+    /// classification.
     fn dormant(&self, text: &str) -> bool {
         !self.capturing
-            && !crate::classify::mentions_word(text.as_bytes(), crate::classify::SESSION_OP_WORDS)
+            && !crate::classify::starts_with_word(
+                text.as_bytes(),
+                crate::classify::SESSION_OP_WORDS,
+            )
     }
 
     /// One statement executed in the open segment.
@@ -973,15 +977,10 @@ impl Capture {
     }
 }
 
-/// Whether the statement's first word is one of `words` (lower-case).
+/// Whether the text starts with one of `words` (lower-case).
 fn first_word_is(sql: &str, words: &[&str]) -> bool {
-    let mut first = None;
-    let _ = crate::classify::lexer::tokens(sql, |t, _| {
-        if first.is_none() {
-            first = Some(t);
-        }
-    });
-    matches!(first, Some(crate::classify::lexer::Token::Word(w)) if words.iter().any(|k| w.eq_ignore_ascii_case(k)))
+    crate::classify::first_word(sql.as_bytes())
+        .is_some_and(|w| words.iter().any(|k| w.eq_ignore_ascii_case(k.as_bytes())))
 }
 
 /// Each (name, Parse message) once.

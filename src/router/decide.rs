@@ -598,19 +598,11 @@ fn frame(tag: u8, body: &[u8]) -> BytesMut {
 }
 
 /// Cheap pre-check before classifying a statement the source runs: only
-/// these words can change session state (or make a temporary table).
+/// a statement that starts with one of these words changes session state,
+/// and only one that mentions a temporary object makes a temporary table.
 fn may_change_state(sql: &[u8]) -> bool {
-    crate::classify::mentions_word(
-        sql,
-        &[
-            b"set",
-            b"discard",
-            b"deallocate",
-            b"temp",
-            b"temporary",
-            b"reset",
-        ],
-    )
+    crate::classify::starts_with_word(sql, &[b"set", b"reset", b"discard", b"deallocate"])
+        || crate::classify::mentions_word(sql, &[b"temp", b"temporary"])
 }
 
 #[cfg(test)]
@@ -624,6 +616,9 @@ pub(super) mod tests {
         assert!(may_change_state(b"create TEMP table t(a int)"));
         assert!(!may_change_state(b"select * from t offset 5"));
         assert!(!may_change_state(b"select dataset from resets"));
+        assert!(may_change_state(b"select * into temporary t from u"));
+        // The SET of an UPDATE changes no session state.
+        assert!(!may_change_state(b"update t set a = 1"));
     }
 
     use crate::config::RoutingConfig;

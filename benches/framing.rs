@@ -8,9 +8,20 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::protocol::frame::decode_header;
 use pgshift::pump::core::{ClientCore, ClientSide, ServerSide};
+use pgshift::pump::forward::Inspector;
 use pgshift::pump::{pump, MAX_STREAMED_MESSAGE};
 use pgshift::session::policies::{ClientPolicies, ServerPolicies};
 use pgshift::tracker::{PreparedStatements, Shared};
+
+/// Pumps `input` through `insp` into memory; the bytes forwarded.
+async fn pump_all(input: &[u8], insp: &mut impl Inspector) -> usize {
+    let mut out = Vec::with_capacity(input.len());
+    let mut buf = BytesMut::new();
+    pump(&mut &input[..], &mut out, &mut buf, insp)
+        .await
+        .unwrap();
+    out.len()
+}
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];
@@ -79,12 +90,7 @@ fn bench(c: &mut Criterion) {
                 let shared = Shared::default();
                 let mut st = PreparedStatements::new(1000, 1 << 20);
                 let mut insp = ClientSide::new(ClientCore::new(&shared, &mut st, 1 << 20), ());
-                let mut out = Vec::with_capacity(client.len());
-                let mut buf = BytesMut::new();
-                pump(&mut &client[..], &mut out, &mut buf, &mut insp)
-                    .await
-                    .unwrap();
-                black_box(out.len())
+                black_box(pump_all(&client, &mut insp).await)
             })
         })
     });
@@ -97,12 +103,7 @@ fn bench(c: &mut Criterion) {
                     ClientCore::new(&shared, &mut st, 1 << 20),
                     ClientPolicies::default(),
                 );
-                let mut out = Vec::with_capacity(client.len());
-                let mut buf = BytesMut::new();
-                pump(&mut &client[..], &mut out, &mut buf, &mut insp)
-                    .await
-                    .unwrap();
-                black_box(out.len())
+                black_box(pump_all(&client, &mut insp).await)
             })
         })
     });
@@ -112,12 +113,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async {
                 let shared = Shared::default();
                 let mut insp = ServerSide::new(&shared, ());
-                let mut out = Vec::with_capacity(server.len());
-                let mut buf = BytesMut::new();
-                pump(&mut &server[..], &mut out, &mut buf, &mut insp)
-                    .await
-                    .unwrap();
-                black_box(out.len())
+                black_box(pump_all(&server, &mut insp).await)
             })
         })
     });
@@ -126,12 +122,7 @@ fn bench(c: &mut Criterion) {
             rt.block_on(async {
                 let shared = Shared::default();
                 let mut insp = ServerSide::new(&shared, ServerPolicies::default());
-                let mut out = Vec::with_capacity(server.len());
-                let mut buf = BytesMut::new();
-                pump(&mut &server[..], &mut out, &mut buf, &mut insp)
-                    .await
-                    .unwrap();
-                black_box(out.len())
+                black_box(pump_all(&server, &mut insp).await)
             })
         })
     });

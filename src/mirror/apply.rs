@@ -1621,7 +1621,7 @@ async fn round_trip_on(
                 }
                 b'I' => cur.outcomes.push(Outcome::Empty),
                 b's' => cur.outcomes.push(Outcome::Suspended),
-                b'D' => cur.rows.push(data_row(body)),
+                rows::DATA_ROW => cur.rows.push(data_row(body)),
                 b'Z' => {
                     cur.status = body.first().copied().unwrap_or(b'I');
                     answers.push(std::mem::take(&mut cur));

@@ -654,7 +654,7 @@ impl Exec {
         loop {
             let m = self.next(&mut conn).await?;
             match m.tag {
-                b'D' => {
+                rows::DATA_ROW => {
                     if let Some((oid, name)) = oid_and_name(m.body()) {
                         for (t, col) in &s.ignore_table_columns {
                             if *t == name {

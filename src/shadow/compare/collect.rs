@@ -220,11 +220,11 @@ impl Collector {
             return Ok(true);
         }
         match tag {
-            b'T' => {
+            rows::ROW_DESCRIPTION => {
                 let columns = parse_row_description(body)?;
                 self.describe(columns);
             }
-            b'D' => self.data_row(body)?,
+            rows::DATA_ROW => self.data_row(body)?,
             b'C' => {
                 let tag = parse_command_complete(body)?;
                 self.end(End::Tag(tag));

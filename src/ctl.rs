@@ -118,9 +118,10 @@ pub fn status_text(s: &Value) -> String {
     );
     let c = &s["config"];
     out += &format!(
-        "config: epoch {}, {} reloads applied, {} rejected; audit log {}\n",
+        "config: epoch {}, {} reloads applied, {} unchanged, {} rejected; audit log {}\n",
         num(&c["epoch"]),
         num(&c["reloads_applied"]),
+        num(&c["reloads_unchanged"]),
         num(&c["reloads_rejected"]),
         c["audit_log"].as_str().unwrap_or("?"),
     );
@@ -396,7 +397,7 @@ mod tests {
     fn readable_status_names_what_matters() {
         let s = serde_json::json!({
             "version": "0.1.0", "phase": "running", "listen": "127.0.0.1:6432",
-            "config": {"epoch": 3, "reloads_applied": 2, "reloads_rejected": 1,
+            "config": {"epoch": 3, "reloads_applied": 2, "reloads_unchanged": 4, "reloads_rejected": 1,
                        "audit_log": "/x/audit.jsonl",
                        "last_rejection": {"reason": "unknown field", "key": "mirror.x", "line": 7}},
             "metrics": {"clients": {"sessions_active": 4, "connections_total": 10}},
@@ -408,7 +409,7 @@ mod tests {
         });
         let t = status_text(&s);
         assert!(
-            t.contains("config: epoch 3, 2 reloads applied, 1 rejected"),
+            t.contains("config: epoch 3, 2 reloads applied, 4 unchanged, 1 rejected"),
             "{t}"
         );
         assert!(t.contains("unknown field (key mirror.x, line 7)"), "{t}");

@@ -479,6 +479,7 @@ fn reload(proxy: &Proxy, path: &std::path::Path, who: &str) {
     let record_new = new.record.clone();
     *file = new;
     if changes.is_empty() {
+        proxy.metrics.config_reloads_unchanged.inc();
         info!(restart_needed = ?restart, "config reloaded; nothing to change live");
         return;
     }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub cancel: crate::cancel::CancelMetrics,
     pub config_reloads: Counter,
     pub config_rejections: Counter,
+    /// Reloads that read a valid file which changed nothing live (its
+    /// keys equal what runs, or only restart-only sections changed).
+    pub config_reloads_unchanged: Counter,
     pub config_epoch: Gauge,
     pub mirror: std::sync::Arc<crate::mirror::MirrorMetrics>,
     pub route: crate::router::RouteMetrics,
@@ -99,11 +102,14 @@ impl Metrics {
         let reloads = Family::<Labels, Counter>::default();
         registry.register(
             "config_reloads",
-            "Config reloads, by outcome (applied, or rejected with the running config kept)",
+            "Config reloads, by outcome (applied; unchanged: a valid file that changed nothing live; or rejected with the running config kept)",
             reloads.clone(),
         );
         let config_reloads = reloads.get_or_create(&vec![("result", "applied")]).clone();
         let config_rejections = reloads.get_or_create(&vec![("result", "rejected")]).clone();
+        let config_reloads_unchanged = reloads
+            .get_or_create(&vec![("result", "unchanged")])
+            .clone();
         let config_epoch = Gauge::default();
         registry.register(
             "config_epoch",
@@ -137,6 +143,7 @@ impl Metrics {
             cancel,
             config_reloads,
             config_rejections,
+            config_reloads_unchanged,
             config_epoch,
             started: std::time::Instant::now(),
         }

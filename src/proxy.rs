@@ -298,6 +298,7 @@ impl Proxy {
                 "epoch": self.epoch.load(Ordering::Relaxed),
                 "reloads_applied": self.metrics.config_reloads.get(),
                 "reloads_rejected": self.metrics.config_rejections.get(),
+                "reloads_unchanged": self.metrics.config_reloads_unchanged.get(),
                 "last_rejection": self.last_rejection.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 "audit_log": self.audit.path().display().to_string(),
             },

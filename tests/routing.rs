@@ -580,7 +580,15 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
 
     // The CLI says the same.
     let ctl = |args: &[&str]| p.ctl(args);
+    // The file catches up with the API (100): a change to the file that
+    // changes nothing live. Waited for, so that the watcher's reload of it
+    // cannot land after the CLI's change below and win.
+    let unchanged = p.stat("/config/reloads_unchanged");
     std::fs::write(&cfg_path, with("100")).unwrap();
+    p.wait_for(30, "the file's reload", |p| {
+        p.stat("/config/reloads_unchanged") == unchanged + 1
+    });
+    assert_eq!(p.status()["routing"]["read_percent"], 100.0);
     let out = ctl(&["route", "--read-percent", "7.5"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -12,7 +12,7 @@ fn psql_through_proxy_reaches_the_source() {
         None,
     );
     assert_eq!(port.trim(), p.clusters.source_port.to_string());
-    p.wait_for(5, "the connection to be counted", |p| {
+    p.wait_for(60, "the connection to be counted", |p| {
         p.stat("/metrics/clients/connections_total") == before + 1
     });
 }

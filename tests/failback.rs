@@ -529,7 +529,7 @@ fn failback_settings_change_live_and_a_bad_value_is_rejected() {
     let with = |v: &str| base.replace("min_samples = 20", &format!("min_samples = {v}"));
     assert_ne!(with("30"), base, "the test edits the key");
     std::fs::write(&cfg_path, with("30")).unwrap();
-    p.wait_for(10, "the reload", |p| effective(p)["min_samples"] == 30);
+    p.wait_for(60, "the reload", |p| effective(p)["min_samples"] == 30);
     let reload = p
         .audit_entries()
         .into_iter()
@@ -542,7 +542,7 @@ fn failback_settings_change_live_and_a_bad_value_is_rejected() {
 
     // Out of range: rejected with its key and line; 30 stays.
     std::fs::write(&cfg_path, with("0")).unwrap();
-    p.wait_for(10, "the rejection", |p| {
+    p.wait_for(60, "the rejection", |p| {
         p.stat("/config/reloads_rejected") == 1
     });
     let st = p.status();

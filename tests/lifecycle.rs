@@ -271,7 +271,7 @@ fn over_limit_client_negotiating_ssl_sees_53300() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    p.wait_for(5, "the first session", |p| {
+    p.wait_for(60, "the first session", |p| {
         p.stat("/metrics/clients/sessions_active") == 1
     });
     let out = psql(
@@ -424,7 +424,7 @@ async fn sigterm_deadline_closes_an_unfinished_transaction_and_rolls_it_back() {
 
     p.signal("TERM");
     tokio::task::block_in_place(|| {
-        p.wait_for(5, "draining", |p| p.status()["phase"] == "draining")
+        p.wait_for(60, "draining", |p| p.status()["phase"] == "draining")
     });
     // Before the deadline the transaction is still served.
     tx.execute("insert into t values (3, 3)", &[])
@@ -446,7 +446,7 @@ async fn sigterm_deadline_closes_an_unfinished_transaction_and_rolls_it_back() {
     let code = tokio::task::block_in_place(|| p.wait_exit(15));
     assert_eq!(code, Some(0), "{}", p.log());
     tokio::task::block_in_place(|| {
-        p.wait_for(10, "the source backend to go", |_| {
+        p.wait_for(60, "the source backend to go", |_| {
             source_count(
                 &c,
                 "postgres",
@@ -512,14 +512,14 @@ async fn idle_timeout_closes_silent_sessions_with_57p05_but_not_busy_ones() {
     .await;
     tokio::task::block_in_place(|| {
         let c = &p.clusters;
-        p.wait_for(10, "the source backends to go", |_| {
+        p.wait_for(60, "the source backends to go", |_| {
             source_count(
                 c,
                 "postgres",
                 "select count(*) from pg_stat_activity where application_name like 'lc_idle_%'",
             ) == 0
         });
-        p.wait_for(5, "no active sessions", |p| {
+        p.wait_for(60, "no active sessions", |p| {
             p.stat("/metrics/clients/sessions_active") == 0
         });
     });

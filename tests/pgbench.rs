@@ -156,7 +156,7 @@ fn bench_mode(mode: &str, login: &Login) {
     let sessions = p.stat("/metrics/clients/connections_total") - sessions_before;
     assert!(sessions >= 8, "only {sessions} sessions through the proxy");
     assert_eq!(p.stat("/metrics/clients/protocol_errors"), 0, "{}", p.log());
-    p.wait_for(10, "all sessions closed", |p| {
+    p.wait_for(60, "all sessions closed", |p| {
         p.stat("/metrics/clients/sessions_active") == 0
     });
 }
@@ -209,7 +209,7 @@ fn pgbench_connection_per_transaction() {
         connections >= 120,
         "pgbench -C made only {connections} connections through the proxy"
     );
-    p.wait_for(10, "all sessions closed", |p| {
+    p.wait_for(60, "all sessions closed", |p| {
         p.stat("/metrics/clients/sessions_active") == 0
     });
     assert_eq!(

@@ -216,7 +216,7 @@ fn recording_switches_live_and_never_overwrites() {
 
     write_cfg(&format!("[record]\npath = \"{}\"\n", cap.display()));
     p.signal("HUP");
-    p.wait_for(10, "recording on", |p| {
+    p.wait_for(60, "recording on", |p| {
         p.status()["record"]["recording"] == true
     });
     psql_ok(
@@ -229,7 +229,7 @@ fn recording_switches_live_and_never_overwrites() {
         ],
         None,
     );
-    p.wait_for(10, "the session recorded", |p| {
+    p.wait_for(60, "the session recorded", |p| {
         p.status()["record"]["current"]["messages"].as_u64() >= Some(2)
     });
 
@@ -239,7 +239,7 @@ fn recording_switches_live_and_never_overwrites() {
         cap.display()
     ));
     p.signal("HUP");
-    p.wait_for(10, "the rejection", |p| {
+    p.wait_for(60, "the rejection", |p| {
         !p.status()["config"]["last_rejection"].is_null()
     });
     let st = p.status();
@@ -251,7 +251,7 @@ fn recording_switches_live_and_never_overwrites() {
     // Off: the capture is finished and replays.
     write_cfg("");
     p.signal("HUP");
-    p.wait_for(10, "recording off and finished", |p| {
+    p.wait_for(60, "recording off and finished", |p| {
         let s = p.status();
         s["record"]["recording"] == false && s["record"]["last"]["finished"] == true
     });
@@ -270,7 +270,7 @@ fn recording_switches_live_and_never_overwrites() {
     // On again at the same path: refused, said in status and the audit log.
     write_cfg(&format!("[record]\npath = \"{}\"\n", cap.display()));
     p.signal("HUP");
-    p.wait_for(10, "the start error", |p| {
+    p.wait_for(60, "the start error", |p| {
         p.status()["record"]["start_error"].is_string()
     });
     let st = p.status();

@@ -423,7 +423,7 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     let wait_epoch = |p: &Proxy| {
         expect.set(expect.get() + 1);
         let e = expect.get();
-        p.wait_for(10, &format!("epoch {e}"), |p| epoch(p) == e);
+        p.wait_for(60, &format!("epoch {e}"), |p| epoch(p) == e);
     };
     std::thread::sleep(Duration::from_secs(2));
     // 1-3: file edits (the file is watched).
@@ -434,7 +434,7 @@ fn ten_live_changes_by_file_signal_and_api_under_load_are_audited() {
     }
     // An invalid file: rejected, the running routing stays.
     std::fs::write(&cfg_path, with("250")).unwrap();
-    p.wait_for(10, "the rejection", |p| {
+    p.wait_for(60, "the rejection", |p| {
         p.stat("/config/reloads_rejected") == 1
     });
     let st = p.status();

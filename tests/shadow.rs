@@ -449,7 +449,7 @@ async fn sample_percent_changes_live_and_a_bad_value_is_rejected() {
     let with = |pct: &str| base.replace("sample_percent = 0.0", &format!("sample_percent = {pct}"));
     assert_ne!(with("100"), base, "the test edits the key");
     std::fs::write(&cfg_path, with("100")).unwrap();
-    p.wait_for(10, "the reload", |p| {
+    p.wait_for(60, "the reload", |p| {
         p.status()["shadow"]["settings"]["sample_percent"] == 100.0
     });
     let audit = p.audit_entries();
@@ -465,7 +465,7 @@ async fn sample_percent_changes_live_and_a_bad_value_is_rejected() {
 
     // Out of range: rejected with its key and line; 100% stays.
     std::fs::write(&cfg_path, with("250")).unwrap();
-    p.wait_for(10, "the rejection", |p| {
+    p.wait_for(60, "the rejection", |p| {
         p.stat("/config/reloads_rejected") == 1
     });
     let st = p.status();

@@ -39,7 +39,7 @@ fn a_hung_target_times_shadow_reads_out_and_clients_do_not_wait() {
     };
     // Healthy first: shadow reads compare.
     run("2");
-    p.wait_for(20, "matched shadow reads", |p| {
+    p.wait_for(60, "matched shadow reads", |p| {
         p.stat("/metrics/shadow/compared/match") > 0
     });
     let timeouts = skipped(&p, "timeout");
@@ -48,7 +48,7 @@ fn a_hung_target_times_shadow_reads_out_and_clients_do_not_wait() {
         let _paused = Paused::target(&c);
         let text = run("5");
         // Still paused: what was queued times out.
-        p.wait_for(10, "shadow reads timed out", |p| {
+        p.wait_for(60, "shadow reads timed out", |p| {
             skipped(p, "timeout") > timeouts
         });
         text
@@ -62,7 +62,7 @@ fn a_hung_target_times_shadow_reads_out_and_clients_do_not_wait() {
         p.status()["metrics"]["shadow"]
     );
     // What was queued drains within its timeouts.
-    p.wait_for(10, "the shadow queue drained", |p| {
+    p.wait_for(60, "the shadow queue drained", |p| {
         p.stat("/metrics/shadow/queued") == 0 && p.stat("/metrics/shadow/inflight") == 0
     });
     // The target answers again and shadow reads compare again.

@@ -134,12 +134,12 @@ async fn open_session_sees_the_source_restart_and_new_sessions_work_after() {
             None,
         );
         assert_eq!(port.trim(), c.source_port.to_string());
-        p.wait_for(10, "sessions_active to be 0", |p| {
+        p.wait_for(60, "sessions_active to be 0", |p| {
             p.stat("/metrics/clients/sessions_active") == 0
         });
         // Whichever side the proxy noticed first (the source's close or the
         // client leaving after the source's FATAL), all four sessions ended.
-        p.wait_for(10, "four sessions closed in the log", |p| {
+        p.wait_for(60, "four sessions closed in the log", |p| {
             p.log().matches("session closed").count() == 4
         });
         let log = p.log();

@@ -603,7 +603,7 @@ pub fn http_request(
     body: &str,
 ) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin API reachable");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();

@@ -602,8 +602,13 @@ impl Capture {
         match tag {
             b'Q' => {
                 self.store(msg, false);
-                let text = cstr_text(body);
-                self.query(&text);
+                let text = cstr_bytes(body);
+                if self.dormant_bytes(text) {
+                    // See `query`: taken for a write, with no text made.
+                    self.open.write = true;
+                } else {
+                    self.query(&String::from_utf8_lossy(text));
+                }
                 self.syncs_since_execute = 0;
                 self.close_segment();
                 self.maybe_arm();
@@ -614,6 +619,19 @@ impl Capture {
                 let (Ok(name), Ok(text)) = (take_cstr(&mut b), take_cstr(&mut b)) else {
                     return;
                 };
+                if !self.unit_parsed.iter().any(|n| n == name) {
+                    self.unit_parsed.push(name.to_vec());
+                }
+                // Drivers parse the same unnamed statement for every
+                // execution: the one kept stays (its class too: the rules
+                // are the session's for good).
+                if self
+                    .statements
+                    .get(name)
+                    .is_some_and(|old| old.parse[..] == *msg)
+                {
+                    return;
+                }
                 let text = String::from_utf8_lossy(text);
                 let classified = !self.dormant(&text);
                 let class = if classified {
@@ -629,9 +647,6 @@ impl Capture {
                 };
                 if let Some(old) = self.statements.remove(name) {
                     self.statement_bytes -= old.parse.len();
-                }
-                if !self.unit_parsed.iter().any(|n| n == name) {
-                    self.unit_parsed.push(name.to_vec());
                 }
                 if self.statement_bytes + msg.len() <= MAX_STATEMENT_BYTES {
                     self.statement_bytes += msg.len();
@@ -759,11 +774,14 @@ impl Capture {
     /// a session pays for a look at each statement's first word, not for a
     /// classification.
     fn dormant(&self, text: &str) -> bool {
+        self.dormant_bytes(text.as_bytes())
+    }
+
+    /// `dormant` on the text as sent (before any UTF-8 check: the words it
+    /// looks for are ASCII).
+    fn dormant_bytes(&self, text: &[u8]) -> bool {
         !self.capturing
-            && !crate::classify::starts_with_word(
-                text.as_bytes(),
-                crate::classify::SESSION_OP_WORDS,
-            )
+            && !crate::classify::starts_with_word(text, crate::classify::SESSION_OP_WORDS)
     }
 
     /// One statement executed in the open segment.
@@ -997,9 +1015,10 @@ fn dedup_prepared(uses: Vec<(Vec<u8>, Arc<[u8]>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
     prepared
 }
 
-fn cstr_text(body: &[u8]) -> String {
+/// A Query's text: its body up to the terminator.
+fn cstr_bytes(body: &[u8]) -> &[u8] {
     let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-    String::from_utf8_lossy(&body[..end]).into_owned()
+    &body[..end]
 }
 
 impl Drop for Capture {

@@ -9,6 +9,9 @@
 //!   transaction status, prepared statements, draining), and the
 //!   `ClientHooks` and `ServerHooks` traits policies implement, called in
 //!   message order.
+//! - `woken`: a select branch polled only after its own waker fired, so a
+//!   message on one direction does not poll the other and the session's
+//!   rarely firing events.
 //!
 //! This module knows no policy: mirroring, routing, shadow reads, health
 //! and recording sit above it and reach a session only through the hooks
@@ -16,5 +19,7 @@
 
 pub mod core;
 pub mod forward;
+pub mod woken;
 
 pub use self::forward::{pump, Hold, PumpEnd, PumpError, Verdict, MAX_STREAMED_MESSAGE};
+pub use self::woken::Woken;

@@ -29,7 +29,7 @@ use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
 use crate::proxy::Proxy;
 use crate::pump::core::{ClientCore, ClientSide, ServerSide};
-use crate::pump::{pump, PumpEnd, PumpError};
+use crate::pump::{pump, PumpEnd, PumpError, Woken};
 use crate::router::decide::Decider;
 use crate::router::link::{RouteLink, SessionKeys};
 use crate::router::responder::{Responder, ResponderEnd, SharedWriter};
@@ -42,6 +42,14 @@ const MAX_TRACKED_STATEMENTS: usize = 100_000;
 const MAX_TRACKED_STATEMENT_BYTES: usize = 16 << 20;
 /// How long the proxy waits for a client to take a final error message.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What woke a session's select: its end, a change of the proxy's phase
+/// (false: the proxy is gone), or the idle timer.
+enum Event {
+    End(End),
+    Phase(bool),
+    IdleTick,
+}
 
 /// Serves one accepted connection. `_permit` holds its slot under
 /// `limits.max_client_connections` until the session ends.
@@ -409,16 +417,40 @@ async fn forward_session(
             &mut backend,
         );
         tokio::pin!(to_server, to_client, responder);
+        // Each pump is polled when its own socket (or what it waits on)
+        // woke the task, not for every message of the other direction.
+        // The responder stays polled at every wake: it reads state the
+        // pumps change.
+        let mut to_server = Woken::new(to_server);
+        let mut to_client = Woken::new(to_client);
         let mut seen_messages = 0;
         // Idle as Postgres means it, counting routed work too.
         let idle = || shared.is_idle() && !link.target_busy() && !link.in_target_txn();
         loop {
-            tokio::select! {
-                r = &mut to_server => break End::Client(r),
-                r = &mut to_client => break End::Server(r),
-                r = &mut responder => break End::Target(r),
-                changed = shutdown.changed() => {
-                    let phase = if changed.is_ok() { *shutdown.borrow_and_update() } else { Phase::Closing };
+            let event = {
+                let changed = shutdown.changed();
+                tokio::pin!(changed);
+                let mut changed = Woken::new(changed);
+                let idle_tick = tokio::time::sleep(idle_timeout);
+                tokio::pin!(idle_tick);
+                let mut idle_tick = Woken::new(idle_tick);
+                tokio::select! {
+                    biased;
+                    r = &mut to_server => Event::End(End::Client(r)),
+                    r = &mut to_client => Event::End(End::Server(r)),
+                    r = &mut responder => Event::End(End::Target(r)),
+                    changed = &mut changed => Event::Phase(changed.is_ok()),
+                    _ = &mut idle_tick, if !idle_timeout.is_zero() => Event::IdleTick,
+                }
+            };
+            match event {
+                Event::End(end) => break end,
+                Event::Phase(open) => {
+                    let phase = if open {
+                        *shutdown.borrow_and_update()
+                    } else {
+                        Phase::Closing
+                    };
                     match phase {
                         Phase::Running => {}
                         Phase::Draining => {
@@ -430,7 +462,7 @@ async fn forward_session(
                         Phase::Closing => break End::Shutdown,
                     }
                 }
-                _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
+                Event::IdleTick => {
                     // Like Postgres' idle_session_timeout: only sessions idle
                     // outside a transaction block, with nothing in flight.
                     let now = shared.client_messages.load(Ordering::Relaxed);

@@ -661,7 +661,7 @@ json.dump(out, open(sys.argv[1], "w"))
 PY
 TABLE="$RUN_DIR/results.md"
 BENCH_TARGETS="${TARGETS[*]}" python3 - "$RESULTS" "$CLK_TCK" "$MIRROR_TSV" "$DURATION" "$ROUTING_JSON" "$RUN_DIR" \
-    "$CLUSTER_TSV" "$REC_TSV" "$BENCH_MIRROR$BENCH_ROUTING$BENCH_SHADOW$BENCH_RECORD" >"$TABLE" <<'EOF'
+    "$CLUSTER_TSV" "$REC_TSV" "$BENCH_MIRROR$BENCH_ROUTING$BENCH_SHADOW$BENCH_RECORD$BENCH_MT" >"$TABLE" <<'EOF'
 import glob, json, os, sys, statistics
 path, clk, mirror_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 routing = json.load(open(sys.argv[5])) if len(sys.argv) > 5 else {}
@@ -708,8 +708,8 @@ variants = [("pgbouncer", "PgBouncer"), ("pgshift", "pgshift passthrough"),
             ("pgshift-rec", "pgshift recording")]
 if "pgshift-base" in started:
     variants.insert(1, ("pgshift-base", "pgshift passthrough, BENCH_BASE_BIN"))
-# Which switch leaves a variant out (BENCH_MIRROR BENCH_ROUTING BENCH_SHADOW BENCH_RECORD).
-switch = {"pgshift-mt": (None, "BENCH_MT=0"), "pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
+# Which switch leaves a variant out (BENCH_MIRROR BENCH_ROUTING BENCH_SHADOW BENCH_RECORD BENCH_MT).
+switch = {"pgshift-mt": (4, "BENCH_MT=0"), "pgshift-mirror": (0, "BENCH_MIRROR=0"), "pgshift-r50": (1, "BENCH_ROUTING=0"),
           "pgshift-s100": (2, "BENCH_SHADOW=0"), "pgshift-rec": (3, "BENCH_RECORD=0")}
 print("Each cell: median TPS (TPS / direct) / the proxy's CPU time per transaction in µs; "
       "\"-\": the variant does not run that workload (routing and shadowing: select-only only).")

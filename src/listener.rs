@@ -40,7 +40,7 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
         serde_json::json!({"epoch": 1, "file": config_path.display().to_string(), "version": env!("CARGO_PKG_VERSION")}),
     ).with_context(|| format!("cannot write the audit log {}", proxy.audit.path().display()))?;
     let workers = Workers::start(workers_wanted, &proxy)?;
-    info!(addr = %proxy.config.listen.addr, source = %proxy.source.addr(), tls = proxy.tls.is_some(), workers = workers.len(), "pgshift listening");
+    info!(addr = %proxy.config.listen.addr, source = %proxy.databases.source().upstream.addr(), tls = proxy.tls.is_some(), workers = workers.len(), "pgshift listening");
 
     if let Some(addr) = admin.addr {
         let token = admin
@@ -163,14 +163,12 @@ fn start_mirror(
     let (Some(mirror), Some(cfg)) = (proxy.mirror.clone(), proxy.config.mirror.clone()) else {
         return Ok(None);
     };
-    let upstream = crate::net::connect::Upstream::new("target", &proxy.config.target)?;
-    let passfile = proxy
-        .config
-        .target
-        .passfile
-        .as_deref()
-        .map(crate::upstream::passfile::PassFile::load)
-        .transpose()?;
+    // The applier writes to the secondary; in-doubt units are resolved, and
+    // row images read, on the primary.
+    let (primary, secondary) = (
+        proxy.databases.primary().clone(),
+        proxy.databases.secondary().clone(),
+    );
     {
         // Syncs the in-flight journal and the spool: on demand, one round
         // for every session waiting at that moment (`fsync = "commit"`),
@@ -186,10 +184,12 @@ fn start_mirror(
                 });
             })?;
     }
-    let source = crate::net::connect::Upstream::new("source", &proxy.config.source)?;
-    let source_passfile = load_passfile(&proxy.config.source.passfile)?;
-    let resolver =
-        crate::mirror::recover::run(Arc::clone(&mirror), source, source_passfile, phase.clone());
+    let resolver = crate::mirror::recover::run(
+        Arc::clone(&mirror),
+        primary.upstream.clone(),
+        primary.passfile.clone(),
+        phase.clone(),
+    );
     // A row image stream per configured database (`mirror::rows`).
     let streams: Vec<_> = mirror
         .rows
@@ -198,21 +198,20 @@ fn start_mirror(
         .map(|s| {
             Ok(crate::mirror::rows::run(
                 Arc::clone(s),
-                crate::net::connect::Upstream::new("source", &proxy.config.source)?,
-                load_passfile(&proxy.config.source.passfile)?,
+                primary.upstream.clone(),
+                primary.passfile.clone(),
                 mirror.rows.user.clone(),
                 crate::mirror::rows::slot_name(&mirror.spool.id, &s.database),
                 phase.clone(),
             ))
         })
         .collect::<anyhow::Result<_>>()?;
-    let source = crate::net::connect::Upstream::new("source", &proxy.config.source)?;
-    let applier = crate::mirror::apply::Applier::new(Arc::clone(&mirror), upstream, passfile)
-        .with_source(
-            source,
-            load_passfile(&proxy.config.source.passfile)?,
-            mirror.rows.user.clone(),
-        );
+    let applier = crate::mirror::apply::Applier::new(
+        Arc::clone(&mirror),
+        secondary.upstream,
+        secondary.passfile,
+    )
+    .with_source(primary.upstream, primary.passfile, mirror.rows.user.clone());
     let handle = std::thread::Builder::new()
         .name("pgshift-mirror".into())
         .spawn(move || {
@@ -253,15 +252,9 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
         return Ok(());
     };
     let cfg = &proxy.config;
-    let upstreams = crate::shadow::exec::Upstreams {
-        source: crate::net::connect::Upstream::new("source", &cfg.source)?,
-        source_passfile: load_passfile(&cfg.source.passfile)?,
-        target: crate::net::connect::Upstream::new("target", &cfg.target)?,
-        target_passfile: load_passfile(&cfg.target.passfile)?,
-    };
     let mut exec = crate::shadow::exec::Exec::new(
         shadow,
-        upstreams,
+        Arc::clone(&proxy.databases),
         proxy.mirror.clone(),
         cfg.shadow.max_inflight,
         cfg.limits.max_message_bytes,
@@ -271,35 +264,23 @@ fn start_shadow(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A passfile named in the config, loaded (for the proxy's own logins).
-fn load_passfile(
-    p: &Option<std::path::PathBuf>,
-) -> anyhow::Result<Option<crate::upstream::passfile::PassFile>> {
-    p.as_deref()
-        .map(crate::upstream::passfile::PassFile::load)
-        .transpose()
-}
-
 /// Starts the health monitor's thread and the health checks of both
 /// backends (on a thread of their own).
 fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
     let Some(health) = proxy.health.clone() else {
         return Ok(());
     };
-    let cfg = &proxy.config;
     use crate::health::{check::Checker, Backend};
+    let dbs = &proxy.databases;
     let checkers = [
-        Checker {
-            backend: Backend::Source,
-            upstream: crate::net::connect::Upstream::new("source", &cfg.source)?,
-            passfile: load_passfile(&cfg.source.passfile)?,
-        },
-        Checker {
-            backend: Backend::Target,
-            upstream: crate::net::connect::Upstream::new("target", &cfg.target)?,
-            passfile: load_passfile(&cfg.target.passfile)?,
-        },
-    ];
+        (Backend::Source, dbs.source()),
+        (Backend::Target, dbs.target()),
+    ]
+    .map(|(backend, db)| Checker {
+        backend,
+        upstream: db.upstream.clone(),
+        passfile: db.passfile.clone(),
+    });
     // Their own thread and runtime: a check times what the backend does,
     // not how busy the accept loop and the admin API are.
     let h = Arc::clone(&health);

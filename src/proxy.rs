@@ -12,15 +12,16 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::net::connect::Upstream;
-use crate::upstream::passfile::PassFile;
+use crate::upstream::roles::Databases;
 use crate::upstream::target::TargetLinks;
 
 use crate::lifecycle::Phase;
 
 pub struct Proxy {
     pub config: Config,
-    pub source: Upstream,
+    /// Both databases, by role: sessions go to the primary; target links,
+    /// the mirror's applier and shadow reads to the secondary.
+    pub databases: Arc<Databases>,
     pub targets: Option<Arc<TargetLinks>>,
     /// The write mirror, when `[mirror]` is configured.
     pub mirror: Option<Arc<Mirror>>,
@@ -73,17 +74,12 @@ impl Proxy {
                 config.audit.path.display()
             )
         })?);
-        let source = Upstream::new("source", &config.source)?;
+        let databases = Arc::new(Databases::new(&config)?);
         let targets = if config.target.session_links {
-            let passfile = config
-                .target
-                .passfile
-                .as_deref()
-                .map(PassFile::load)
-                .transpose()?;
+            let secondary = databases.secondary();
             Some(Arc::new(TargetLinks {
-                upstream: Upstream::new("target", &config.target)?,
-                passfile,
+                upstream: secondary.upstream.clone(),
+                passfile: secondary.passfile.clone(),
                 keepalive: Duration::from_secs(config.target.keepalive_s),
                 metrics: Arc::clone(&metrics.target_links),
                 last_login_failed: std::sync::atomic::AtomicBool::new(false),
@@ -144,7 +140,7 @@ impl Proxy {
             change_lock: std::sync::Mutex::new(()),
             file_config: std::sync::Mutex::new(config.clone()),
             config,
-            source,
+            databases,
             targets,
             mirror,
             tls,
@@ -286,10 +282,15 @@ impl Proxy {
             "version": env!("CARGO_PKG_VERSION"),
             "phase": format!("{:?}", *self.shutdown.borrow()).to_lowercase(),
             "listen": self.config.listen.addr.to_string(),
-            "source": { "addr": self.source.addr(), "sslmode": format!("{:?}", self.source.sslmode) },
+            "source": {
+                "addr": self.databases.source().upstream.addr(),
+                "sslmode": format!("{:?}", self.databases.source().upstream.sslmode),
+                "role": self.databases.role_of("source").map(|r| r.label()),
+            },
             "target": {
-                "addr": format!("{}:{}", self.config.target.host, self.config.target.port),
+                "addr": self.databases.target().upstream.addr(),
                 "session_links": self.config.target.session_links,
+                "role": self.databases.role_of("target").map(|r| r.label()),
             },
             "workers": self.worker_loads.get().map(|loads| {
                 loads.iter().map(|l| l.load(Ordering::Relaxed)).collect::<Vec<_>>()

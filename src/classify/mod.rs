@@ -105,27 +105,47 @@ fn is_lock_function(name: &str) -> bool {
 }
 
 /// Whether `sql` holds one of `words` (lower-case ASCII) as a whole word,
-/// in any case: a cheap pre-check before classifying. One pass over the
-/// text, comparing only where words start.
+/// in any case: a cheap pre-check before classifying, run on every
+/// statement while routing links are open. Jumps with `memchr` between the
+/// places the words' first letters occur (when they have at most three
+/// first bytes, both cases counted), and compares only there.
 pub fn mentions_word(sql: &[u8], words: &[&[u8]]) -> bool {
-    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    let mut prev_word = false;
-    for (i, &c) in sql.iter().enumerate() {
-        let starts = !prev_word && c.is_ascii_alphabetic();
-        prev_word = is_word(c);
-        if starts
-            && words.iter().any(|w| {
-                w.first() == Some(&c.to_ascii_lowercase())
-                    && sql
-                        .get(i..i + w.len())
-                        .is_some_and(|s| s.eq_ignore_ascii_case(w))
-                    && sql.get(i + w.len()).is_none_or(|&n| !is_word(n))
-            })
-        {
-            return true;
+    let mut firsts = [0u8; 3];
+    let mut n = 0;
+    for w in words {
+        let Some(&c) = w.first() else { continue };
+        for b in [c.to_ascii_lowercase(), c.to_ascii_uppercase()] {
+            if !firsts[..n.min(3)].contains(&b) {
+                if n < 3 {
+                    firsts[n] = b;
+                }
+                n += 1;
+            }
         }
     }
-    false
+    let at = |i: usize| word_at(sql, i, words);
+    match n {
+        0 => false,
+        1 => memchr::memchr_iter(firsts[0], sql).any(at),
+        2 => memchr::memchr2_iter(firsts[0], firsts[1], sql).any(at),
+        3 => memchr::memchr3_iter(firsts[0], firsts[1], firsts[2], sql).any(at),
+        _ => (0..sql.len()).any(at),
+    }
+}
+
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// Whether one of `words` starts a word at `i` and ends there too.
+fn word_at(sql: &[u8], i: usize, words: &[&[u8]]) -> bool {
+    let starts = sql[i].is_ascii_alphabetic() && (i == 0 || !is_word_byte(sql[i - 1]));
+    starts
+        && words.iter().any(|w| {
+            sql.get(i..i + w.len())
+                .is_some_and(|s| s.eq_ignore_ascii_case(w))
+                && sql.get(i + w.len()).is_none_or(|&c| !is_word_byte(c))
+        })
 }
 
 /// The first word of each statement in `sql` (at the start of the text and
@@ -134,12 +154,7 @@ pub fn mentions_word(sql: &[u8], words: &[&[u8]]) -> bool {
 /// see: a pre-check built on this may say yes too often, never too rarely.
 pub fn statement_first_words(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
     std::iter::once(0)
-        .chain(
-            sql.iter()
-                .enumerate()
-                .filter(|(_, &c)| c == b';')
-                .map(|(i, _)| i + 1),
-        )
+        .chain(memchr::memchr_iter(b';', sql).map(|i| i + 1))
         .filter_map(|start| first_word(sql.get(start..)?))
 }
 

@@ -443,3 +443,70 @@ fn first_words_skip_blanks_and_comments_only() {
     assert_eq!(first_word(b"   "), None);
     assert_eq!(first_word(b"-- only a comment"), None);
 }
+
+/// The word scan before `mentions_word` jumped with memchr: one pass,
+/// comparing where words start.
+fn mentions_word_reference(sql: &[u8], words: &[&[u8]]) -> bool {
+    let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut prev_word = false;
+    for (i, &c) in sql.iter().enumerate() {
+        let starts = !prev_word && c.is_ascii_alphabetic();
+        prev_word = is_word(c);
+        if starts
+            && words.iter().any(|w| {
+                w.first() == Some(&c.to_ascii_lowercase())
+                    && sql
+                        .get(i..i + w.len())
+                        .is_some_and(|s| s.eq_ignore_ascii_case(w))
+                    && sql.get(i + w.len()).is_none_or(|&n| !is_word(n))
+            })
+        {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn mentions_word_finds_whole_words_in_any_case_as_the_plain_scan_did() {
+    let texts: &[&[u8]] = &[
+        b"CREATE TEMP TABLE t (a int)",
+        b"create temporary table t as select 1",
+        b"select * into Temp x from y",
+        b"select tempo, attempt, temp_x, xtemp from temps",
+        b"select 1 -- temp",
+        b"TEMP",
+        b"temp;",
+        b"_temp temp_ 9temp",
+        b"\xc3\xa9temp \xc3\xa9",
+        b"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 5",
+        b"set search_path = x; reset all",
+        b"",
+        b"t",
+        b"te",
+        b"Tmp tEmPoRaRy",
+    ];
+    let lists: &[&[&[u8]]] = &[
+        &[b"temp", b"temporary"],
+        &[b"temp"],
+        &[b"set", b"reset"],
+        &[b"set", b"reset", b"discard", b"deallocate"],
+        &[b"into", b"temp", b"abalance"],
+        &[],
+    ];
+    for &t in texts {
+        for &w in lists {
+            assert_eq!(
+                mentions_word(t, w),
+                mentions_word_reference(t, w),
+                "{:?} in {:?}",
+                w.iter()
+                    .map(|w| String::from_utf8_lossy(w))
+                    .collect::<Vec<_>>(),
+                String::from_utf8_lossy(t)
+            );
+        }
+    }
+    assert!(mentions_word(b"create TEMP table t", &[b"temp"]));
+    assert!(!mentions_word(b"select attempt", &[b"temp"]));
+}

@@ -20,7 +20,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
 use self::policies::{ClientPolicies, ServerPolicies};
-use self::startup::{connect_source, negotiate, Established, Failure, Negotiated};
+use self::startup::{connect_primary, negotiate, Established, Failure, Negotiated};
 use crate::lifecycle::Phase;
 use crate::net::connect::set_keepalive;
 use crate::net::Stream;
@@ -114,7 +114,7 @@ async fn establish(
                 .cancels
                 .cancel(
                     &key,
-                    &proxy.source,
+                    &proxy.databases.primary().upstream,
                     proxy.targets.as_ref().map(|t| &t.upstream),
                     &proxy.metrics.cancel,
                 )
@@ -125,12 +125,12 @@ async fn establish(
         Err(_) => return reject(proxy, client.as_mut(), startup_timeout()).await,
     };
     let mut client = client?;
-    let established = match timeout_at(deadline, connect_source(proxy, &mut client, &startup)).await
-    {
-        Ok(Ok(e)) => e,
-        Ok(Err(f)) => return reject(proxy, Some(&mut client), f).await,
-        Err(_) => return reject(proxy, Some(&mut client), startup_timeout()).await,
-    };
+    let established =
+        match timeout_at(deadline, connect_primary(proxy, &mut client, &startup)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(f)) => return reject(proxy, Some(&mut client), f).await,
+            Err(_) => return reject(proxy, Some(&mut client), startup_timeout()).await,
+        };
     info!(
         user = startup.get("user").unwrap_or_default(),
         database = startup.database().unwrap_or_default(),
@@ -215,7 +215,7 @@ pub async fn refuse_over_limit(proxy: Arc<Proxy>, tcp: TcpStream) {
                 .cancels
                 .cancel(
                     &key,
-                    &proxy.source,
+                    &proxy.databases.primary().upstream,
                     proxy.targets.as_ref().map(|t| &t.upstream),
                     &proxy.metrics.cancel,
                 )

@@ -198,18 +198,19 @@ pub struct Established {
     pub cancel_guard: Option<CancelGuard>,
 }
 
-/// Connects to the source, relays authentication and the post-auth messages
+/// Connects to the primary (`upstream::roles`), relays authentication and the post-auth messages
 /// up to and including the first ReadyForQuery.
-pub async fn connect_source(
+pub async fn connect_primary(
     proxy: &Arc<Proxy>,
     client: &mut Stream,
     startup: &StartupMessage,
 ) -> Result<Established, Failure> {
-    let mut server = proxy.source.connect().await.map_err(|e| {
+    let primary = proxy.databases.primary();
+    let mut server = primary.upstream.connect().await.map_err(|e| {
         proxy.metrics.source_connect_failures.inc();
         Failure::new(
             sqlstate::CONNECTION_FAILURE,
-            format!("pgshift could not connect to the source: {e:#}"),
+            format!("pgshift could not connect to the {}: {e:#}", primary.name),
         )
     })?;
     let io_err = |e: std::io::Error| Failure::told(format!("I/O error during authentication: {e}"));

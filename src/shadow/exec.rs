@@ -35,7 +35,6 @@ use super::compare::{self, Answer, Collector, Comparison, Difference, IgnoredTab
 use super::query::QueryInfo;
 use super::{Job, Request, SessionInfo, Shadow, ShadowSettings, Side};
 use crate::mirror::Mirror;
-use crate::net::connect::Upstream;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::{decode_header, read_message, HEADER_LEN};
@@ -45,7 +44,7 @@ use crate::protocol::message::{
 };
 use crate::protocol::rows;
 use crate::tracker::StateOp;
-use crate::upstream::passfile::PassFile;
+use crate::upstream::roles::Databases;
 
 /// Statement analyses kept (by text).
 const MAX_INFOS: usize = 10_000;
@@ -62,17 +61,10 @@ const MAX_IDLE: Duration = Duration::from_secs(10);
 /// went idle.
 type Pools = HashMap<(Side, u64), Vec<(Instant, Conn)>>;
 
-/// Where one side lives.
-pub struct Upstreams {
-    pub source: Upstream,
-    pub source_passfile: Option<PassFile>,
-    pub target: Upstream,
-    pub target_passfile: Option<PassFile>,
-}
-
 pub struct Exec {
     shadow: Arc<Shadow>,
-    upstreams: Upstreams,
+    /// Where each side lives (`upstream::roles`).
+    databases: Arc<Databases>,
     mirror: Option<Arc<Mirror>>,
     max_inflight: usize,
     max_message: usize,
@@ -125,14 +117,14 @@ fn guard(timeout: Duration) -> String {
 impl Exec {
     pub fn new(
         shadow: Arc<Shadow>,
-        upstreams: Upstreams,
+        databases: Arc<Databases>,
         mirror: Option<Arc<Mirror>>,
         max_inflight: usize,
         max_message: usize,
     ) -> Self {
         Self {
             shadow,
-            upstreams,
+            databases,
             mirror,
             max_inflight,
             max_message,
@@ -453,20 +445,17 @@ impl Exec {
         if let Some((_, c)) = pooled {
             return Ok(c);
         }
-        let (up, pf) = match side {
-            Side::Source => (
-                &self.upstreams.source,
-                self.upstreams.source_passfile.as_ref(),
-            ),
-            Side::Target => (
-                &self.upstreams.target,
-                self.upstreams.target_passfile.as_ref(),
-            ),
+        let db = match side {
+            Side::Source => self.databases.source(),
+            Side::Target => self.databases.target(),
         };
-        let (stream, buf, _key) =
-            crate::upstream::login::connect_and_login(up, pf, &session.startup)
-                .await
-                .map_err(|e| Skip("connect", format!("{}: {e}", side.label())))?;
+        let (stream, buf, _key) = crate::upstream::login::connect_and_login(
+            &db.upstream,
+            db.passfile.as_ref(),
+            &session.startup,
+        )
+        .await
+        .map_err(|e| Skip("connect", format!("{}: {e}", side.label())))?;
         let gauge = self.metrics().connections.clone();
         gauge.inc();
         let mut conn = Conn {

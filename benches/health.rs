@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pgshift::config::FailbackConfig;
 use pgshift::health::window::Window;
-use pgshift::health::{shape_hash, Backend, Health, HealthMetrics, Sample, SampleKind};
+use pgshift::health::{shape_hash, Db, Health, HealthMetrics, Sample, SampleKind};
 
 const BATCH: usize = 1000;
 
 fn sample(i: usize) -> Sample {
-    Sample::new(Backend::Target, SampleKind::Read, None)
+    Sample::new(Db::Target, SampleKind::Read, None)
         .latency(Duration::from_micros(100 + (i as u64 % 900)))
         .shape(1 + (i as u64 % 8))
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tracing::error;
 
 use crate::health::monitor::{Outside, RoutingCap, TICK};
-use crate::health::Backend;
+use crate::health::Db;
 use crate::proxy::Proxy;
 use crate::router::{policy, Limit, RoutingSettings};
 
@@ -74,7 +74,7 @@ fn outside(proxy: &Proxy, health: &crate::health::Health) -> Outside {
             .mirror
             .as_ref()
             .map(|_| proxy.metrics.mirror.lag_ms.get()),
-        check_failures: health.checks[Backend::Target as usize]
+        check_failures: health.checks[Db::Target as usize]
             .failures
             .load(std::sync::atomic::Ordering::Relaxed),
     }

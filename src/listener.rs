@@ -270,14 +270,10 @@ fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
     let Some(health) = proxy.health.clone() else {
         return Ok(());
     };
-    use crate::health::{check::Checker, Backend};
+    use crate::health::check::Checker;
     let dbs = &proxy.databases;
-    let checkers = [
-        (Backend::Source, dbs.source()),
-        (Backend::Target, dbs.target()),
-    ]
-    .map(|(backend, db)| Checker {
-        backend,
+    let checkers = [dbs.source(), dbs.target()].map(|db| Checker {
+        backend: db.db,
         upstream: db.upstream.clone(),
         passfile: db.passfile.clone(),
     });

@@ -12,7 +12,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::upstream::roles::Databases;
+use crate::upstream::roles::{Databases, Db};
 use crate::upstream::target::TargetLinks;
 
 use crate::lifecycle::Phase;
@@ -285,12 +285,12 @@ impl Proxy {
             "source": {
                 "addr": self.databases.source().upstream.addr(),
                 "sslmode": format!("{:?}", self.databases.source().upstream.sslmode),
-                "role": self.databases.role_of("source").map(|r| r.label()),
+                "role": self.databases.role_of(Db::Source).label(),
             },
             "target": {
                 "addr": self.databases.target().upstream.addr(),
                 "session_links": self.config.target.session_links,
-                "role": self.databases.role_of("target").map(|r| r.label()),
+                "role": self.databases.role_of(Db::Target).label(),
             },
             "workers": self.worker_loads.get().map(|loads| {
                 loads.iter().map(|l| l.load(Ordering::Relaxed)).collect::<Vec<_>>()

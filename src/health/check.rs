@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
-use super::{Backend, Fault, Health, Sample, SampleKind};
+use super::{Db, Fault, Health, Sample, SampleKind};
 use crate::net::connect::Upstream;
 use crate::protocol::error::parse_error_fields;
 use crate::protocol::frame::read_message;
@@ -30,7 +30,7 @@ use crate::upstream::passfile::PassFile;
 
 /// One backend's check loop's fixed parts.
 pub struct Checker {
-    pub backend: Backend,
+    pub backend: Db,
     pub upstream: Upstream,
     pub passfile: Option<PassFile>,
 }

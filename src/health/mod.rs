@@ -39,21 +39,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::config::FailbackConfig;
 use crate::protocol::startup::StartupMessage;
 
-/// Which database a sample is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backend {
-    Source = 0,
-    Target = 1,
-}
-
-impl Backend {
-    pub fn label(self) -> &'static str {
-        match self {
-            Backend::Source => "source",
-            Backend::Target => "target",
-        }
-    }
-}
+/// Which database a sample is about (`upstream::roles::Db`, re-exported:
+/// samples are this module's main business).
+pub use crate::upstream::roles::Db;
 
 /// What the proxy asked of the backend (in the order of `ALL`: the
 /// discriminant indexes per-kind counters).
@@ -142,13 +130,13 @@ pub struct Sample {
     /// Microseconds from request to the end of its answer; 0: no latency
     /// (only reads served, and timeouts, have one).
     pub latency_us: u32,
-    pub backend: Backend,
+    pub backend: Db,
     pub kind: SampleKind,
     pub fault: Option<Fault>,
 }
 
 impl Sample {
-    pub fn new(backend: Backend, kind: SampleKind, fault: Option<Fault>) -> Self {
+    pub fn new(backend: Db, kind: SampleKind, fault: Option<Fault>) -> Self {
         Self {
             shape: 0,
             latency_us: 0,
@@ -414,14 +402,14 @@ impl Health {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut v = st.status(self);
         v["checks"] = serde_json::json!({
-            "source": self.check_json(Backend::Source),
-            "target": self.check_json(Backend::Target),
+            "source": self.check_json(Db::Source),
+            "target": self.check_json(Db::Target),
         });
         v["samples_dropped"] = self.recorder.dropped.load(Relaxed).into();
         v
     }
 
-    fn check_json(&self, b: Backend) -> serde_json::Value {
+    fn check_json(&self, b: Db) -> serde_json::Value {
         let c = &self.checks[b as usize];
         serde_json::json!({
             "failures_in_a_row": c.failures.load(Relaxed),

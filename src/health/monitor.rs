@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 use super::rules::{self, Breach, Inputs};
 use super::window::Window;
-use super::{Backend, Fault, Health, Sample, SampleKind};
+use super::{Db, Fault, Health, Sample, SampleKind};
 use crate::config::{FailbackConfig, Recovery};
 
 /// How often the monitor looks: reads leave a tripped target within this
@@ -265,7 +265,7 @@ impl Monitor {
             info!("failback lifted by resume; the health monitor starts afresh");
         }
         self.phase = Phase::Healthy;
-        self.windows[Backend::Target as usize].clear();
+        self.windows[Db::Target as usize].clear();
         self.streaks.clear();
     }
 
@@ -284,7 +284,7 @@ impl Monitor {
     /// One sample into its backend's window.
     fn add(&mut self, now: Instant, s: &Sample) {
         self.windows[s.backend as usize].add(now, s);
-        if s.backend == Backend::Target {
+        if s.backend == Db::Target {
             self.taken.requests += 1;
             if s.latency_us > 0 {
                 self.taken.latencies += 1;
@@ -318,7 +318,7 @@ impl Monitor {
             }
         });
         self.spare = spare;
-        for b in [Backend::Source, Backend::Target] {
+        for b in [Db::Source, Db::Target] {
             for k in SampleKind::ALL {
                 let n = requests[b as usize][k as usize];
                 if n > 0 {
@@ -343,7 +343,7 @@ impl Monitor {
         m.samples_dropped
             .inc_by(dropped.saturating_sub(m.samples_dropped.get()));
         self.expire(now);
-        for b in [Backend::Source, Backend::Target] {
+        for b in [Db::Source, Db::Target] {
             let t = self.windows[b as usize].totals();
             let l = vec![("backend", b.label())];
             m.window_p95_us
@@ -376,7 +376,7 @@ impl Monitor {
     /// breach interrupts; every other change of state waits for `commit`
     /// (`settle`), once the decision has been applied.
     fn decide(&mut self, cfg: &FailbackConfig, out: &Outside, now: Instant) -> Option<Decision> {
-        let source = self.windows[Backend::Source as usize].totals();
+        let source = self.windows[Db::Source as usize].totals();
         if source.latency.len() >= cfg.min_samples {
             self.source_baseline = source.quantile_ms(0.95).map(|p| (p, now));
         }
@@ -395,7 +395,7 @@ impl Monitor {
             return None;
         }
         let inputs = Inputs {
-            target: self.windows[Backend::Target as usize].totals(),
+            target: self.windows[Db::Target as usize].totals(),
             source_p95_ms: self.source_baseline.map(|(p, _)| p),
             mirror_lag_s: out.mirror_lag_s(),
             check_failures: out.check_failures,
@@ -492,7 +492,7 @@ impl Monitor {
         if !cfg.per_fingerprint {
             return Scope::All;
         }
-        let shapes = self.windows[Backend::Target as usize].shapes();
+        let shapes = self.windows[Db::Target as usize].shapes();
         match rules::blame(cfg, breaches, inputs, &shapes) {
             Some(blamed) => {
                 let mut set: HashSet<u64> = blamed.into_iter().collect();
@@ -524,7 +524,7 @@ impl Monitor {
                 format!("probing after {}", d.rule)
             },
         });
-        let target_window = self.windows[Backend::Target as usize].totals().to_json();
+        let target_window = self.windows[Db::Target as usize].totals().to_json();
         let extra = match (&d.cap, d.breaches.first()) {
             (Some(cap), Some(first)) if d.is_trip() => serde_json::json!({
                 "rule": first.rule,
@@ -539,7 +539,7 @@ impl Monitor {
                 "during": d.during,
                 "window_s": cfg.window_s,
                 "windows": {
-                    "source": self.windows[Backend::Source as usize].totals().to_json(),
+                    "source": self.windows[Db::Source as usize].totals().to_json(),
                     "target": target_window,
                 },
                 "source_p95_baseline_ms": self.source_baseline.map(|(p, _)| p),
@@ -593,7 +593,7 @@ impl Monitor {
     /// The state part of `commit`.
     fn settle(&mut self, d: &Decision) {
         if d.clear_target {
-            self.windows[Backend::Target as usize].clear();
+            self.windows[Db::Target as usize].clear();
         }
         if d.is_trip() {
             self.trips += 1;
@@ -661,8 +661,8 @@ impl Monitor {
             "last_trip": self.last_trip,
             "window_s": cfg.window_s,
             "windows": {
-                "source": self.windows[Backend::Source as usize].totals().to_json(),
-                "target": self.windows[Backend::Target as usize].totals().to_json(),
+                "source": self.windows[Db::Source as usize].totals().to_json(),
+                "target": self.windows[Db::Target as usize].totals().to_json(),
             },
             "source_p95_baseline_ms": self.source_baseline.map(|(p, _)| p),
         })
@@ -839,7 +839,7 @@ mod tests {
         fn target(&mut self, shape: u64, n: u32, ms: u64, failed: u32) {
             for i in 0..n {
                 let fault = (i < failed).then_some(Fault::Server);
-                let s = Sample::new(Backend::Target, SampleKind::Read, fault)
+                let s = Sample::new(Db::Target, SampleKind::Read, fault)
                     .latency(Duration::from_millis(ms))
                     .shape(shape);
                 self.m.add(self.now, &s);
@@ -848,7 +848,7 @@ mod tests {
 
         fn source(&mut self, n: u32, ms: u64) {
             for _ in 0..n {
-                let s = Sample::new(Backend::Source, SampleKind::Read, None)
+                let s = Sample::new(Db::Source, SampleKind::Read, None)
                     .latency(Duration::from_millis(ms));
                 self.m.add(self.now, &s);
             }
@@ -911,7 +911,7 @@ mod tests {
         }
 
         fn target_requests(&self) -> u64 {
-            self.m.windows[Backend::Target as usize].totals().requests
+            self.m.windows[Db::Target as usize].totals().requests
         }
     }
 

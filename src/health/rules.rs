@@ -196,7 +196,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::super::window::Window;
-    use super::super::{Backend, Fault, Sample, SampleKind};
+    use super::super::{Db, Fault, Sample, SampleKind};
     use super::*;
 
     fn cfg() -> FailbackConfig {
@@ -208,7 +208,7 @@ mod tests {
     }
 
     fn read(shape: u64, ms: u64, fault: Option<Fault>) -> Sample {
-        Sample::new(Backend::Target, SampleKind::Read, fault)
+        Sample::new(Db::Target, SampleKind::Read, fault)
             .latency(Duration::from_millis(ms))
             .shape(shape)
     }

@@ -227,11 +227,11 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Backend, SampleKind};
+    use super::super::{Db, SampleKind};
     use super::*;
 
     fn read(ms: u64, fault: Option<Fault>) -> Sample {
-        Sample::new(Backend::Target, SampleKind::Read, fault).latency(Duration::from_millis(ms))
+        Sample::new(Db::Target, SampleKind::Read, fault).latency(Duration::from_millis(ms))
     }
 
     #[test]

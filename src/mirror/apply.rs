@@ -1023,13 +1023,13 @@ impl Applier {
         let n = source.outcomes.len().max(target.outcomes.len());
         // The health monitor: the target failed what the source did not.
         if let Some(h) = self.mirror.health.get() {
-            use crate::health::{Backend, Fault, Sample, SampleKind};
+            use crate::health::{Db, Fault, Sample, SampleKind};
             let failed = (0..n).any(|pos| {
                 matches!(target.outcomes.get(pos), Some(Outcome::Error(_)))
                     && !matches!(source.outcomes.get(pos), Some(Outcome::Error(_)))
             });
             let fault = failed.then_some(Fault::Diverged);
-            h.record(Sample::new(Backend::Target, SampleKind::Mirror, fault));
+            h.record(Sample::new(Db::Target, SampleKind::Mirror, fault));
         }
         for pos in 0..n {
             let s = source.outcomes.get(pos);

@@ -12,7 +12,7 @@ use crate::protocol::message::{
     parse_bind_names, put_message, take_cstr, BindNames, BIND, CLOSE, DESCRIBE, EXECUTE, FLUSH,
     PARSE, SYNC,
 };
-use crate::shadow::{Request, Side};
+use crate::shadow::{Db, Request};
 use crate::tracker::PreparedStatements;
 
 use super::decide::{Batch, Decider, ReadKind};
@@ -129,7 +129,7 @@ impl Decider<'_> {
                 let statements = std::mem::take(&mut batch.statements);
                 if let Some(tap) = shadowed
                     .then(|| {
-                        self.shadow_submit(Side::Source, || Request::Extended {
+                        self.shadow_submit(Db::Source, || Request::Extended {
                             frames: frames.clone(),
                             statements,
                         })
@@ -144,7 +144,7 @@ impl Decider<'_> {
         }
         let shadow = shadowed
             .then(|| {
-                self.shadow_submit(Side::Target, || Request::Extended {
+                self.shadow_submit(Db::Target, || Request::Extended {
                     frames: Bytes::copy_from_slice(&batch.frames),
                     statements: batch.statements.clone(),
                 })

@@ -35,7 +35,7 @@ use crate::classify::{Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
 use crate::protocol::message::{put_message, BIND, DESCRIBE, EXECUTE, PARSE, SYNC};
-use crate::shadow::{Request, SessionInfo, Shadow, Side, Tap};
+use crate::shadow::{Db, Request, SessionInfo, Shadow, Tap};
 use crate::tracker::{StateOp, Statement};
 
 /// What a statement text means for routing.
@@ -189,7 +189,7 @@ impl<'a> Decider<'a> {
     /// connections cannot stand in for (temporary tables, ...).
     pub(super) fn shadow_submit(
         &self,
-        served: Side,
+        served: Db,
         request: impl FnOnce() -> Request,
     ) -> Option<Tap> {
         let (sh, info) = (self.shadow?, self.shadow_session.as_ref()?);
@@ -339,7 +339,7 @@ impl<'a> Decider<'a> {
                 self.metrics.read(false);
                 self.link.time_source_read(Some(Instant::now()));
                 if let Some(tap) = shadowed
-                    .then(|| self.shadow_submit(Side::Source, request))
+                    .then(|| self.shadow_submit(Db::Source, request))
                     .flatten()
                 {
                     self.link.arm_tap(tap);
@@ -348,7 +348,7 @@ impl<'a> Decider<'a> {
             return QueryRoute::Source;
         }
         let shadow = shadowed
-            .then(|| self.shadow_submit(Side::Target, request))
+            .then(|| self.shadow_submit(Db::Target, request))
             .flatten();
         let mut r = Routed::new(frame(b'Q', body), false);
         r.shadow = shadow;

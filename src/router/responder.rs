@@ -404,12 +404,12 @@ where
     /// Tells the health monitor how the target did. A query error is
     /// reported once the source has answered the same read (session/policies.rs).
     fn report(&self, outcome: &Outcome, req: &Routed) {
-        use crate::health::{Backend, Fault, Sample, SampleKind};
+        use crate::health::{Db, Fault, Sample, SampleKind};
         let Some(h) = &self.link.health else {
             return;
         };
         let took = req.started.elapsed();
-        let s = Sample::new(Backend::Target, SampleKind::Read, None).shape(req.shape);
+        let s = Sample::new(Db::Target, SampleKind::Read, None).shape(req.shape);
         let s = match outcome {
             // The target's own time: a wait for the session's target login
             // (or for its session state to be replayed) is not the target

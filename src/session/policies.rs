@@ -745,10 +745,10 @@ fn source_read_outcome(
     took: std::time::Duration,
     error: u8,
 ) {
-    use crate::health::{Backend, Fault, Sample, SampleKind};
+    use crate::health::{Db, Fault, Sample, SampleKind};
     let fell_back = link.fallback_read.swap(false, Relaxed);
     let mut s = Sample::new(
-        Backend::Source,
+        Db::Source,
         SampleKind::Read,
         (error == 2).then_some(Fault::Server),
     );
@@ -760,7 +760,7 @@ fn source_read_outcome(
     if link.rerun_of_target_error.swap(false, Relaxed) {
         let shape = link.rerun_shape.load(Relaxed);
         let fault = (error == 0).then_some(Fault::Diverged);
-        h.record(Sample::new(Backend::Target, SampleKind::Read, fault).shape(shape));
+        h.record(Sample::new(Db::Target, SampleKind::Read, fault).shape(shape));
     }
 }
 

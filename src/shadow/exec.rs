@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use super::compare::{self, Answer, Collector, Comparison, Difference, IgnoredTableColumns, Order};
 use super::query::QueryInfo;
-use super::{Job, Request, SessionInfo, Shadow, ShadowSettings, Side};
+use super::{Db, Job, Request, SessionInfo, Shadow, ShadowSettings};
 use crate::mirror::Mirror;
 use crate::net::Stream;
 use crate::protocol::error::parse_error_fields;
@@ -59,7 +59,7 @@ const MAX_IDLE: Duration = Duration::from_secs(10);
 
 /// Idle connections per side and startup-parameter set, with when each
 /// went idle.
-type Pools = HashMap<(Side, u64), Vec<(Instant, Conn)>>;
+type Pools = HashMap<(Db, u64), Vec<(Instant, Conn)>>;
 
 pub struct Exec {
     shadow: Arc<Shadow>,
@@ -78,7 +78,7 @@ pub struct Exec {
 }
 
 /// Per side and database.
-type IgnoredBySide = HashMap<(Side, String), Arc<IgnoredTableColumns>>;
+type IgnoredBySide = HashMap<(Db, String), Arc<IgnoredTableColumns>>;
 
 /// A logged-in shadow connection.
 struct Conn {
@@ -138,10 +138,10 @@ impl Exec {
     /// A compared shadow read, for the health monitor: the target failed
     /// it when a confirmed difference is the target erroring alone.
     fn report_health(&self, target_failed: bool) {
-        use crate::health::{Backend, Fault, Sample, SampleKind};
+        use crate::health::{Db, Fault, Sample, SampleKind};
         if let Some(h) = &self.health {
             let fault = target_failed.then_some(Fault::Diverged);
-            h.record(Sample::new(Backend::Target, SampleKind::Shadow, fault));
+            h.record(Sample::new(Db::Target, SampleKind::Shadow, fault));
         }
     }
 
@@ -291,7 +291,7 @@ impl Exec {
         );
         let shadow_side = job.served.other();
         let other = async {
-            if shadow_side == Side::Target {
+            if shadow_side == Db::Target {
                 self.wait_applied(job.watermark, s.max_wait).await?;
             }
             // Exactly what the client sent, so both answers have the same shape.
@@ -321,19 +321,17 @@ impl Exec {
         // With a Describe before each Execute (the client may have sent
         // none): column names and formats for the report.
         let s1 = self
-            .run_on(Side::Source, job, s, info, wanted.clone(), true)
+            .run_on(Db::Source, job, s, info, wanted.clone(), true)
             .await?;
         let watermark = self.mirror.as_ref().map_or(0, |m| m.spool.last_seq());
         let s2 = self
-            .run_on(Side::Source, job, s, info, wanted.clone(), true)
+            .run_on(Db::Source, job, s, info, wanted.clone(), true)
             .await?;
         if let Comparison::Differ(d) = compare::compare(&s1, &s2, &s.compare) {
             return Ok(Recheck::Noise(d));
         }
         self.wait_applied(watermark, s.max_wait).await?;
-        let t = self
-            .run_on(Side::Target, job, s, info, wanted, true)
-            .await?;
+        let t = self.run_on(Db::Target, job, s, info, wanted, true).await?;
         Ok(match compare::compare(&s2, &t, &s.compare) {
             Comparison::Same => Recheck::Same,
             Comparison::Differ(d) => Recheck::Differ(d),
@@ -395,7 +393,7 @@ impl Exec {
     /// Runs the job's request on one side and collects its answer.
     async fn run_on(
         &self,
-        side: Side,
+        side: Db,
         job: &Job,
         s: &Arc<ShadowSettings>,
         info: &QueryInfo,
@@ -435,7 +433,7 @@ impl Exec {
     }
 
     /// An idle connection for this side and session, or a new one.
-    async fn conn(&self, side: Side, session: &SessionInfo, s: &ShadowSettings) -> Run<Conn> {
+    async fn conn(&self, side: Db, session: &SessionInfo, s: &ShadowSettings) -> Run<Conn> {
         let pooled = self
             .pools
             .lock()
@@ -445,10 +443,7 @@ impl Exec {
         if let Some((_, c)) = pooled {
             return Ok(c);
         }
-        let db = match side {
-            Side::Source => self.databases.source(),
-            Side::Target => self.databases.target(),
-        };
+        let db = self.databases.named(side);
         let (stream, buf, _key) = crate::upstream::login::connect_and_login(
             &db.upstream,
             db.passfile.as_ref(),
@@ -469,7 +464,7 @@ impl Exec {
         Ok(conn)
     }
 
-    fn put_back(&self, side: Side, session: &SessionInfo, conn: Conn) {
+    fn put_back(&self, side: Db, session: &SessionInfo, conn: Conn) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pools.entry((side, session.key)).or_default();
         if idle.len() < MAX_IDLE_PER_KEY.min(self.max_inflight) {
@@ -608,7 +603,7 @@ impl Exec {
     /// `ignore_columns` entries naming a table, as this side's table OIDs.
     async fn ignored(
         &self,
-        side: Side,
+        side: Db,
         session: &SessionInfo,
         s: &Arc<ShadowSettings>,
     ) -> Run<Arc<IgnoredTableColumns>> {

@@ -44,28 +44,8 @@ pub use self::tap::{Chunk, Tap};
 /// sessions; a tap that would go past it gives up (counted).
 pub const MAX_TAP_BYTES: usize = 64 << 20;
 
-/// Which database answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Side {
-    Source,
-    Target,
-}
-
-impl Side {
-    pub fn label(self) -> &'static str {
-        match self {
-            Side::Source => "source",
-            Side::Target => "target",
-        }
-    }
-
-    pub fn other(self) -> Side {
-        match self {
-            Side::Source => Side::Target,
-            Side::Target => Side::Source,
-        }
-    }
-}
+/// Which database answered, or runs a shadow read.
+pub use crate::upstream::roles::Db;
 
 /// The shadow settings in force (every key but the sizes changes live).
 #[derive(Debug, Clone, PartialEq)]
@@ -166,7 +146,7 @@ impl SessionInfo {
 
 /// One shadowed read, handed to the executor.
 pub struct Job {
-    pub served: Side,
+    pub served: Db,
     pub request: Request,
     pub session: Arc<SessionInfo>,
     /// The session state the source had (SETs since the last reset).
@@ -253,7 +233,7 @@ impl Shadow {
     /// queue is already full.
     pub fn submit(
         &self,
-        served: Side,
+        served: Db,
         request: Request,
         session: Arc<SessionInfo>,
         state: Vec<StateOp>,

@@ -19,6 +19,32 @@ use crate::config::Config;
 use crate::net::connect::Upstream;
 use crate::upstream::passfile::PassFile;
 
+/// One of the two databases, by the configuration's name: what health
+/// samples, shadow reads and status are about. (Its discriminant indexes
+/// per-database arrays.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Db {
+    Source = 0,
+    Target = 1,
+}
+
+impl Db {
+    pub fn label(self) -> &'static str {
+        match self {
+            Db::Source => "source",
+            Db::Target => "target",
+        }
+    }
+
+    /// The other database.
+    pub fn other(self) -> Db {
+        match self {
+            Db::Source => Db::Target,
+            Db::Target => Db::Source,
+        }
+    }
+}
+
 /// What a database is for (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -39,6 +65,8 @@ impl Role {
 /// proxy needs to reach it and to log in on its own.
 #[derive(Clone)]
 pub struct Database {
+    /// Which of the two it is.
+    pub db: Db,
     /// "source" or "target": the configuration's name, used in logs,
     /// metrics and status.
     pub name: &'static str,
@@ -49,10 +77,11 @@ pub struct Database {
 }
 
 impl Database {
-    fn new(name: &'static str, cfg: &crate::config::UpstreamConfig) -> anyhow::Result<Self> {
+    fn new(db: Db, cfg: &crate::config::UpstreamConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            name,
-            upstream: Upstream::new(name, cfg)?,
+            db,
+            name: db.label(),
+            upstream: Upstream::new(db.label(), cfg)?,
             passfile: cfg.passfile.as_deref().map(PassFile::load).transpose()?,
         })
     }
@@ -69,8 +98,8 @@ impl Databases {
     /// passfiles loaded once), the source primary.
     pub fn new(cfg: &Config) -> anyhow::Result<Self> {
         Ok(Self {
-            source: Database::new("source", &cfg.source)?,
-            target: Database::new("target", &cfg.target)?,
+            source: Database::new(Db::Source, &cfg.source)?,
+            target: Database::new(Db::Target, &cfg.target)?,
         })
     }
 
@@ -82,6 +111,14 @@ impl Databases {
     /// The database the configuration calls `target`.
     pub fn target(&self) -> &Database {
         &self.target
+    }
+
+    /// `db`'s connection settings.
+    pub fn named(&self, db: Db) -> &Database {
+        match db {
+            Db::Source => &self.source,
+            Db::Target => &self.target,
+        }
     }
 
     /// The database holding `role`.
@@ -100,12 +137,13 @@ impl Databases {
         self.get(Role::Secondary)
     }
 
-    /// The role of the database the configuration calls `name` ("source"
-    /// or "target").
-    pub fn role_of(&self, name: &str) -> Option<Role> {
-        [Role::Primary, Role::Secondary]
-            .into_iter()
-            .find(|&r| self.get(r).name == name)
+    /// The role `db` holds.
+    pub fn role_of(&self, db: Db) -> Role {
+        if self.primary().db == db {
+            Role::Primary
+        } else {
+            Role::Secondary
+        }
     }
 
     /// For status: `{"primary": "source", "secondary": "target"}`.
@@ -132,9 +170,10 @@ mod tests {
         assert_eq!(dbs.primary().upstream.port, 5001);
         assert_eq!(dbs.secondary().name, "target");
         assert_eq!(dbs.secondary().upstream.port, 5002);
-        assert_eq!(dbs.role_of("source"), Some(Role::Primary));
-        assert_eq!(dbs.role_of("target"), Some(Role::Secondary));
-        assert_eq!(dbs.role_of("other"), None);
+        assert_eq!(dbs.role_of(Db::Source), Role::Primary);
+        assert_eq!(dbs.role_of(Db::Target), Role::Secondary);
+        assert_eq!(dbs.named(Db::Target).upstream.port, 5002);
+        assert_eq!(Db::Source.other(), Db::Target);
         assert_eq!(
             dbs.to_json(),
             serde_json::json!({"primary": "source", "secondary": "target"})

@@ -717,8 +717,10 @@ pub fn cluster_up(c: &Clusters, port: u16) -> bool {
     )
     .is_ok()
         && psql(
+            // Bounded: a stopped (SIGSTOP) server accepts the connection
+            // and never answers.
             &format!(
-                "host={} port={port} user={SUPERUSER} dbname=postgres",
+                "host={} port={port} user={SUPERUSER} dbname=postgres connect_timeout=10",
                 c.host
             ),
             &["-Atc", "select 1"],
@@ -762,29 +764,21 @@ impl Drop for ClusterGuard {
 }
 
 /// The pids of the target cluster's processes (postmaster and children).
-pub fn target_pids(c: &Clusters) -> Vec<String> {
+/// The target's postmaster pid.
+fn target_postmaster(c: &Clusters) -> String {
     let pidfile = c.dir.join("target").join("postmaster.pid");
     let text = std::fs::read_to_string(&pidfile).unwrap();
-    let postmaster = text.lines().next().unwrap().trim().to_string();
-    let out = std::process::Command::new("pgrep")
-        .args(["-P", &postmaster])
-        .output()
-        .unwrap();
-    let mut pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    pids.push(postmaster);
-    pids
+    text.lines().next().unwrap().trim().to_string()
 }
 
-pub fn signal_all(pids: &[String], sig: &str) {
-    let st = std::process::Command::new("kill")
+/// Sends `sig` to one process; false when it is gone.
+fn signal_pid(pid: &str, sig: &str) -> bool {
+    std::process::Command::new("kill")
         .arg(format!("-{sig}"))
-        .args(pids)
+        .arg(pid)
+        .stderr(std::process::Stdio::null())
         .status()
-        .unwrap();
-    assert!(st.success());
+        .is_ok_and(|s| s.success())
 }
 
 /// The target paused (SIGSTOP: connections hang, nothing answers) until
@@ -792,16 +786,39 @@ pub fn signal_all(pids: &[String], sig: &str) {
 pub struct Paused(Vec<String>);
 
 impl Paused {
+    /// Stops the postmaster first (a stopped postmaster forks nothing, so
+    /// its children are then a fixed set), then each child; a child that
+    /// exited in between is simply not there to stop. The guard exists
+    /// before the first signal, so a panic here still resumes what was
+    /// stopped.
     pub fn target(c: &Clusters) -> Self {
-        let pids = target_pids(c);
-        signal_all(&pids, "STOP");
-        Self(pids)
+        let postmaster = target_postmaster(c);
+        let mut paused = Self(Vec::new());
+        assert!(
+            signal_pid(&postmaster, "STOP"),
+            "cannot stop the target's postmaster {postmaster}"
+        );
+        paused.0.push(postmaster.clone());
+        let out = std::process::Command::new("pgrep")
+            .args(["-P", &postmaster])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if signal_pid(pid, "STOP") {
+                paused.0.push(pid.to_string());
+            }
+        }
+        paused
     }
 }
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        signal_all(&self.0, "CONT");
+        // Children first, the postmaster last; one that is gone is no
+        // reason to leave the others stopped.
+        for pid in self.0.iter().rev() {
+            signal_pid(pid, "CONT");
+        }
     }
 }
 

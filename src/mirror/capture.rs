@@ -1089,6 +1089,52 @@ mod tests {
     }
 
     #[test]
+    fn a_reparsed_unchanged_statement_is_kept_and_a_changed_one_replaces_it() {
+        let (_dir, journal) = journal();
+        let mut c = capture(&journal);
+        let message = |tag: u8, body: &[u8]| {
+            let mut m = vec![tag];
+            m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let parse = |sql: &str| message(b'P', format!("\0{sql}\0\0\0").as_bytes());
+        // Mirroring on, as of the last server message.
+        request(&mut c, "SELECT 1", "SELECT 1", b'I', true);
+        c.client_bytes(&parse("INSERT INTO t VALUES (1)"));
+        let first = Arc::clone(&c.statements[&b""[..]].parse);
+        c.client_bytes(&parse("INSERT INTO t VALUES (1)"));
+        assert!(
+            Arc::ptr_eq(&first, &c.statements[&b""[..]].parse),
+            "the same Parse again is not copied again"
+        );
+        let changed = parse("INSERT INTO t VALUES (2)");
+        c.client_bytes(&changed);
+        assert_eq!(&*c.statements[&b""[..]].text, "INSERT INTO t VALUES (2)");
+        assert_eq!(c.statement_bytes, changed.len());
+        // The unit that re-parsed, bound and executed it is mirrored with
+        // its three Parses, in order.
+        c.client_bytes(&message(b'B', b"\0\0\0\0\0\0\0\0"));
+        c.client_bytes(&message(b'E', b"\0\0\0\0\0"));
+        c.client_bytes(&message(b'S', b""));
+        for tag in [b'1', b'1', b'1', b'2'] {
+            c.server_message(tag, b"", true);
+        }
+        c.server_message(b'C', b"INSERT 0 1\0", true);
+        let Finished::Mirror(rec) = c.server_message(b'Z', b"I", true) else {
+            panic!("an executed INSERT is mirrored");
+        };
+        let bytes: Vec<u8> = rec
+            .segments
+            .iter()
+            .flat_map(|s| s.messages.clone())
+            .collect();
+        let at = |m: &[u8]| bytes.windows(m.len()).position(|w| w == m);
+        let first_at = at(&parse("INSERT INTO t VALUES (1)")).expect("the first Parse");
+        assert!(at(&changed).expect("the changed Parse") > first_at);
+    }
+
+    #[test]
     fn while_mirroring_is_off_only_session_statements_are_classified() {
         let (_dir, journal) = journal();
         let mut c = capture(&journal);

@@ -96,6 +96,48 @@ impl Seg {
     }
 }
 
+/// Buffers of a unit that was not mirrored (the common case: reads, and
+/// everything while mirroring is off), handed to the next segments so that
+/// following a session allocates nothing per request once warm. Few and
+/// small, so an idle session holds next to nothing: a buffer that grew
+/// beyond `SPARE_MAX_BYTES` is freed.
+#[derive(Default)]
+struct Spares {
+    bytes: Vec<Vec<u8>>,
+    outcomes: Vec<Vec<Outcome>>,
+    strings: Vec<String>,
+}
+
+/// At most this many of each kind are kept...
+const SPARE_COUNT: usize = 4;
+/// ...and a message buffer only up to this capacity.
+const SPARE_MAX_BYTES: usize = 4096;
+
+impl Spares {
+    fn keep(&mut self, seg: Segment) {
+        let Segment {
+            mut messages,
+            mut outcomes,
+            ..
+        } = seg;
+        if self.bytes.len() < SPARE_COUNT && messages.capacity() <= SPARE_MAX_BYTES {
+            messages.clear();
+            self.bytes.push(messages);
+        }
+        for o in outcomes.drain(..) {
+            if let Outcome::Complete(mut t) | Outcome::Error(mut t) = o {
+                if self.strings.len() < SPARE_COUNT * 4 && t.capacity() <= 64 {
+                    t.clear();
+                    self.strings.push(t);
+                }
+            }
+        }
+        if self.outcomes.len() < SPARE_COUNT && outcomes.capacity() <= 64 {
+            self.outcomes.push(outcomes);
+        }
+    }
+}
+
 /// What a finished unit asks of the caller.
 pub enum Finished {
     /// Nothing to mirror.
@@ -143,6 +185,8 @@ pub struct Capture {
     overflow: bool,
     /// Answers to the segment awaiting its ReadyForQuery.
     outcomes: Vec<Outcome>,
+    /// Buffers of units that were not mirrored, for the next ones.
+    spares: Spares,
     statements: HashMap<Vec<u8>, CapturedStatement>,
     statement_bytes: usize,
     portals: HashMap<Vec<u8>, Vec<u8>>,
@@ -241,6 +285,7 @@ impl Capture {
             unit_bytes: 0,
             overflow: false,
             outcomes: Vec::new(),
+            spares: Spares::default(),
             statements: HashMap::new(),
             statement_bytes: 0,
             portals: HashMap::new(),
@@ -593,7 +638,12 @@ impl Capture {
     }
 
     fn close_segment(&mut self) {
-        self.closed.push_back(std::mem::take(&mut self.open));
+        let next = Seg {
+            bytes: self.spares.bytes.pop().unwrap_or_default(),
+            ..Seg::default()
+        };
+        self.closed
+            .push_back(std::mem::replace(&mut self.open, next));
     }
 
     fn client_message(&mut self, msg: &[u8]) {
@@ -607,7 +657,7 @@ impl Capture {
                     // See `query`: taken for a write, with no text made.
                     self.open.write = true;
                 } else {
-                    self.query(&String::from_utf8_lossy(text));
+                    self.query(&crate::protocol::text_lossy(text));
                 }
                 self.syncs_since_execute = 0;
                 self.close_segment();
@@ -632,7 +682,7 @@ impl Capture {
                 {
                     return;
                 }
-                let text = String::from_utf8_lossy(text);
+                let text = crate::protocol::text_lossy(text);
                 let classified = !self.dormant(&text);
                 let class = if classified {
                     statement_class(&self.rules, &text)
@@ -837,11 +887,13 @@ impl Capture {
         self.capturing = mirror_on;
         match tag {
             b'C' => {
-                let t = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body));
+                let t = crate::protocol::text_lossy(body.strip_suffix(b"\0").unwrap_or(body));
                 if t == "COMMIT" || t == "PREPARE TRANSACTION" || t == "COMMIT PREPARED" {
                     self.unit_commit = true;
                 }
-                self.outcomes.push(Outcome::Complete(t.into_owned()));
+                let mut tag = self.spares.strings.pop().unwrap_or_default();
+                tag.push_str(&t);
+                self.outcomes.push(Outcome::Complete(tag));
             }
             b'E' => {
                 let code = parse_error_fields(body).code.unwrap_or("XX000").to_string();
@@ -878,7 +930,10 @@ impl Capture {
         self.unit.push(Segment {
             messages: seg.bytes,
             status,
-            outcomes: std::mem::take(&mut self.outcomes),
+            outcomes: std::mem::replace(
+                &mut self.outcomes,
+                self.spares.outcomes.pop().unwrap_or_default(),
+            ),
         });
         if status != b'I' {
             return Finished::Nothing;
@@ -977,7 +1032,9 @@ impl Capture {
     }
 
     fn reset_unit(&mut self) {
-        self.unit.clear();
+        for seg in self.unit.drain(..) {
+            self.spares.keep(seg);
+        }
         self.unit_lsn = None;
         self.unit_xid = None;
         self.unit_probed = false;
@@ -1017,7 +1074,7 @@ fn dedup_prepared(uses: Vec<(Vec<u8>, Arc<[u8]>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// A Query's text: its body up to the terminator.
 fn cstr_bytes(body: &[u8]) -> &[u8] {
-    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let end = memchr::memchr(0, body).unwrap_or(body.len());
     &body[..end]
 }
 
@@ -1132,6 +1189,63 @@ mod tests {
         let at = |m: &[u8]| bytes.windows(m.len()).position(|w| w == m);
         let first_at = at(&parse("INSERT INTO t VALUES (1)")).expect("the first Parse");
         assert!(at(&changed).expect("the changed Parse") > first_at);
+    }
+
+    #[test]
+    fn buffers_of_units_not_mirrored_are_reused_and_carry_nothing_over() {
+        let (_dir, journal) = journal();
+        let mut c = capture(&journal);
+        // Reads (not mirrored) and units while mirroring is off leave their
+        // buffers behind, with a long text and several outcomes in them.
+        let long = format!("SELECT '{}'", "x".repeat(1000));
+        for on in [true, false, true] {
+            request(&mut c, &long, "SELECT 1", b'I', on);
+            c.client_bytes(&query("SELECT 1; SELECT 2; SELECT 3"));
+            for _ in 0..3 {
+                c.server_message(b'C', b"SELECT 1\0", on);
+            }
+            assert!(matches!(
+                c.server_message(b'Z', b"I", on),
+                Finished::Nothing
+            ));
+        }
+        assert!(!c.spares.bytes.is_empty() && !c.spares.strings.is_empty());
+        // The next mirrored unit has exactly its own messages and outcomes.
+        request(&mut c, "BEGIN", "BEGIN", b'T', true);
+        request(&mut c, "INSERT INTO t VALUES (1)", "INSERT 0 1", b'T', true);
+        let Finished::Mirror(rec) = request(&mut c, "COMMIT", "COMMIT", b'I', true) else {
+            panic!("a committed INSERT is mirrored");
+        };
+        let got: Vec<(Vec<u8>, Vec<String>)> = rec
+            .segments
+            .iter()
+            .map(|s| {
+                (
+                    s.messages.clone(),
+                    s.outcomes.iter().map(|o| o.to_string()).collect(),
+                )
+            })
+            .collect();
+        let want: Vec<(Vec<u8>, Vec<String>)> = [
+            ("BEGIN", "BEGIN"),
+            ("INSERT INTO t VALUES (1)", "INSERT 0 1"),
+            ("COMMIT", "COMMIT"),
+        ]
+        .iter()
+        .map(|(q, t)| {
+            (
+                query(q),
+                vec![Outcome::Complete((*t).to_string()).to_string()],
+            )
+        })
+        .collect();
+        assert_eq!(got, want);
+        // A buffer that grew past the bound is not kept.
+        assert!(c
+            .spares
+            .bytes
+            .iter()
+            .all(|b| b.is_empty() && b.capacity() <= SPARE_MAX_BYTES));
     }
 
     #[test]

@@ -66,10 +66,8 @@ pub fn is_frontend_tag(tag: u8) -> bool {
 
 /// Splits one NUL-terminated string off the front of `buf`.
 pub fn take_cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], FrameError> {
-    let nul = buf
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(FrameError::Malformed("missing string terminator"))?;
+    // memchr: every Query and Parse text is scanned for its end.
+    let nul = memchr::memchr(0, buf).ok_or(FrameError::Malformed("missing string terminator"))?;
     let s = &buf[..nul];
     *buf = &buf[nul + 1..];
     Ok(s)

@@ -16,3 +16,14 @@ pub mod sqlstate;
 pub mod startup;
 
 pub use frame::{FrameError, Header};
+
+/// Text from the wire as a `str`: borrowed when it is valid UTF-8 (always,
+/// with a UTF-8 client encoding), replaced characters otherwise. Checks
+/// with `str::from_utf8` first, which is several times cheaper than
+/// `String::from_utf8_lossy` on the valid text every message carries.
+pub fn text_lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}

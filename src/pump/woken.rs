@@ -56,17 +56,26 @@ impl<F: Future + Unpin> Woken<F> {
     }
 }
 
+impl<F: Future + Unpin> Woken<F> {
+    /// Polls `fut` if it was woken, or whatever the mark says when
+    /// `always` is true: for a future that waits only on wakeable things at
+    /// some times (then `always` is false) and on state other branches
+    /// change without waking it at others.
+    pub fn poll_woken_or(&mut self, cx: &mut Context<'_>, always: bool) -> Poll<F::Output> {
+        // The task's waker first: a wake from here on reaches it.
+        self.mark.task.register(cx.waker());
+        if !self.mark.woken.swap(false, Ordering::AcqRel) && !always {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.fut).poll(&mut Context::from_waker(&self.waker))
+    }
+}
+
 impl<F: Future + Unpin> Future for Woken<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        // The task's waker first: a wake from here on reaches it.
-        this.mark.task.register(cx.waker());
-        if !this.mark.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        Pin::new(&mut this.fut).poll(&mut Context::from_waker(&this.waker))
+        self.poll_woken_or(cx, false)
     }
 }
 
@@ -128,6 +137,29 @@ mod tests {
         assert_eq!(task_wakes.load(Ordering::Relaxed), 1);
         assert!(Pin::new(&mut w).poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn always_polls_without_a_wake_and_then_goes_back_to_waiting_for_one() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut w = Woken::new(Probe {
+            polls: Arc::clone(&polls),
+            ready: Arc::new(AtomicBool::new(false)),
+            waker: Arc::new(std::sync::Mutex::new(None)),
+        });
+        let task = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&task);
+        assert!(w.poll_woken_or(&mut cx, false).is_pending());
+        assert!(w.poll_woken_or(&mut cx, false).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        // Busy (say, a responder serving a request): polled at every wake.
+        for _ in 0..3 {
+            assert!(w.poll_woken_or(&mut cx, true).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 4);
+        // Parked again: left alone until its own wake.
+        assert!(w.poll_woken_or(&mut cx, false).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use super::link::{RouteLink, Routed, SessionKeys};
 use super::policy;
 use super::txn::{self, Judged};
 use super::{RouteMetrics, Router, RoutingSettings};
-use crate::classify::{Class, Classifier, Rules, SessionOp};
+use crate::classify::{first_word, statement_first_words, Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
 use crate::protocol::message::{put_message, BIND, DESCRIBE, EXECUTE, PARSE, SYNC};
@@ -598,11 +598,26 @@ fn frame(tag: u8, body: &[u8]) -> BytesMut {
 }
 
 /// Cheap pre-check before classifying a statement the source runs: only
-/// a statement that starts with one of these words changes session state,
-/// and only one that mentions a temporary object makes a temporary table.
+/// a statement that starts with one of `STATE_WORDS` changes session
+/// state, and only one that may create a relation (`TEMP_CAPABLE`, or one
+/// that starts with no word at all) and mentions a temporary object makes
+/// a temporary table. The first words are found once; the text is scanned
+/// for the temporary words only when a statement may create one (an
+/// UPDATE, INSERT, DELETE, BEGIN or COMMIT never does).
 fn may_change_state(sql: &[u8]) -> bool {
-    crate::classify::starts_with_word(sql, &[b"set", b"reset", b"discard", b"deallocate"])
-        || crate::classify::mentions_word(sql, &[b"temp", b"temporary"])
+    const STATE_WORDS: &[&[u8]] = &[b"set", b"reset", b"discard", b"deallocate"];
+    const TEMP_CAPABLE: &[&[u8]] = &[
+        b"create", b"select", b"with", b"do", b"call", b"explain", b"execute", b"prepare",
+    ];
+    let is = |w: &[u8], words: &[&[u8]]| words.iter().any(|k| w.eq_ignore_ascii_case(k));
+    let mut may_create = first_word(sql).is_none();
+    for w in statement_first_words(sql) {
+        if is(w, STATE_WORDS) {
+            return true;
+        }
+        may_create |= is(w, TEMP_CAPABLE);
+    }
+    may_create && crate::classify::mentions_word(sql, &[b"temp", b"temporary"])
 }
 
 #[cfg(test)]
@@ -619,6 +634,21 @@ pub(super) mod tests {
         assert!(may_change_state(b"select * into temporary t from u"));
         // The SET of an UPDATE changes no session state.
         assert!(!may_change_state(b"update t set a = 1"));
+        // Nor can an UPDATE or INSERT create a temporary table, whatever it
+        // names; a statement after a ';' is looked at, and one that starts
+        // with no word at all is scanned.
+        assert!(!may_change_state(b"update temp set a = 1"));
+        assert!(!may_change_state(b"insert into temp values (1)"));
+        assert!(may_change_state(
+            b"update t set a = 1; create temp table x(a int)"
+        ));
+        assert!(may_change_state(b"(select 1 into temp t)"));
+        assert!(may_change_state(
+            b"WITH a AS (select 1) SELECT * INTO TEMP t FROM a"
+        ));
+        assert!(may_change_state(
+            b"do $$ begin create temp table t(a int); end $$"
+        ));
     }
 
     use crate::config::RoutingConfig;

@@ -151,6 +151,10 @@ pub struct RouteLink {
     pub source_read_error: AtomicU8,
     /// The eligible read now on the source is a routed read that fell back.
     pub fallback_read: AtomicBool,
+    /// The responder waits for a request, a target connection or its
+    /// keepalive tick, each of which wakes it: the session need not poll
+    /// it for the pumps' wakes (see `responder_parked`).
+    responder_parked: AtomicBool,
 }
 
 impl Default for RouteLink {
@@ -188,6 +192,7 @@ impl Default for RouteLink {
             rerun_shape: AtomicU64::new(0),
             source_read_error: AtomicU8::new(0),
             fallback_read: AtomicBool::new(false),
+            responder_parked: AtomicBool::new(false),
         }
     }
 }
@@ -250,6 +255,18 @@ impl RouteLink {
         self.stream_waiters.fetch_add(1, SeqCst);
         super::wait_until(notify, ready).await;
         self.stream_waiters.fetch_sub(1, SeqCst);
+    }
+
+    /// Whether the responder is parked: waiting only on things that wake
+    /// it (a queued request, a target connection, the keepalive tick).
+    /// While it serves a request it also waits on state the pumps change
+    /// without waking it, and must be polled at every wake of the session.
+    pub fn responder_parked(&self) -> bool {
+        self.responder_parked.load(Relaxed)
+    }
+
+    pub(super) fn set_responder_parked(&self, parked: bool) {
+        self.responder_parked.store(parked, Relaxed);
     }
 
     /// A pump finished a write: wakes a responder waiting for its stream.

@@ -200,6 +200,10 @@ where
                 }
                 continue;
             }
+            // Parked until one of these wakes it; cleared as soon as the
+            // select returns (it is polled again only from here).
+            self.link.set_responder_parked(true);
+            let _unpark = Unpark(self.link);
             tokio::select! {
                 _ = self.link.request_ready.notified() => {}
                 c = self.target.conns.recv(), if live.is_none() && !link_gone => match c {
@@ -1033,6 +1037,15 @@ impl Drop for Live {
         if let crate::net::Stream::Plain(tcp) = &self.conn.stream {
             let _ = tcp.try_write(b"X\0\0\0\x04");
         }
+    }
+}
+
+/// Clears the responder's parked flag when its wait ends (or is dropped).
+struct Unpark<'a>(&'a RouteLink);
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        self.0.set_responder_parked(false);
     }
 }
 

@@ -344,6 +344,7 @@ async fn forward_session(
             server_policies.mirror = Some((m, c));
             server_policies.max_inspected = proxy.config.limits.max_message_bytes;
         }
+        let has_responder = target_link.is_some();
         let responder = target_link.map(|target| {
             let keys = SessionKeys::new(
                 id,
@@ -419,10 +420,12 @@ async fn forward_session(
         tokio::pin!(to_server, to_client, responder);
         // Each pump is polled when its own socket (or what it waits on)
         // woke the task, not for every message of the other direction.
-        // The responder stays polled at every wake: it reads state the
-        // pumps change.
+        // The responder too while it is parked (waiting for a request);
+        // while it serves one it reads state the pumps change without
+        // waking it, and is polled at every wake.
         let mut to_server = Woken::new(to_server);
         let mut to_client = Woken::new(to_client);
+        let mut responder = Woken::new(responder);
         let mut seen_messages = 0;
         // Idle as Postgres means it, counting routed work too.
         let idle = || shared.is_idle() && !link.target_busy() && !link.in_target_txn();
@@ -438,7 +441,9 @@ async fn forward_session(
                     biased;
                     r = &mut to_server => Event::End(End::Client(r)),
                     r = &mut to_client => Event::End(End::Server(r)),
-                    r = &mut responder => Event::End(End::Target(r)),
+                    r = std::future::poll_fn(|cx| {
+                        responder.poll_woken_or(cx, has_responder && !link.responder_parked())
+                    }) => Event::End(End::Target(r)),
                     changed = &mut changed => Event::Phase(changed.is_ok()),
                     _ = &mut idle_tick, if !idle_timeout.is_zero() => Event::IdleTick,
                 }

@@ -31,7 +31,7 @@ use super::link::{RouteLink, Routed, SessionKeys};
 use super::policy;
 use super::txn::{self, Judged};
 use super::{RouteMetrics, Router, RoutingSettings};
-use crate::classify::{first_word, statement_first_words, Class, Classifier, Rules, SessionOp};
+use crate::classify::{first_word, Class, Classifier, Rules, SessionOp};
 use crate::config::HashKey;
 use crate::mirror::Mirror;
 use crate::protocol::message::{put_message, BIND, DESCRIBE, EXECUTE, PARSE, SYNC};
@@ -610,12 +610,15 @@ fn may_change_state(sql: &[u8]) -> bool {
         b"create", b"select", b"with", b"do", b"call", b"explain", b"execute", b"prepare",
     ];
     let is = |w: &[u8], words: &[&[u8]]| words.iter().any(|k| w.eq_ignore_ascii_case(k));
-    let mut may_create = first_word(sql).is_none();
-    for w in statement_first_words(sql) {
-        if is(w, STATE_WORDS) {
-            return true;
+    let mut may_create = false;
+    let starts = std::iter::once(0).chain(memchr::memchr_iter(b';', sql).map(|i| i + 1));
+    for (n, start) in starts.enumerate() {
+        match sql.get(start..).and_then(first_word) {
+            Some(w) if is(w, STATE_WORDS) => return true,
+            Some(w) => may_create |= is(w, TEMP_CAPABLE),
+            // The text starts with something else than a word: "(", ...
+            None => may_create |= n == 0,
         }
-        may_create |= is(w, TEMP_CAPABLE);
     }
     may_create && crate::classify::mentions_word(sql, &[b"temp", b"temporary"])
 }

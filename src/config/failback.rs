@@ -2,79 +2,58 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::default_true;
-
 /// When the target misbehaves, reads move back to the source by themselves
 /// (see `health`). A threshold of 0 turns its rule off.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct FailbackConfig {
     /// Off: the windows are still measured and shown, nothing trips.
-    #[serde(default = "default_true")]
     pub enabled: bool,
     /// Length of the rolling windows the rules look at.
-    #[serde(default = "default_fb_window_s")]
     pub window_s: u64,
     /// Requests the target must have in the window before a rate or
     /// latency rule may trip.
-    #[serde(default = "default_fb_min_samples")]
     pub min_samples: u64,
     /// Trip when the target's share of failed requests is above this (0 to
     /// 1; 0 = rule off).
-    #[serde(default = "default_fb_error_rate")]
     pub max_error_rate: f64,
     /// Trip when the target's p95 read latency is above this (0 = off).
-    #[serde(default)]
     pub max_p95_ms: f64,
     /// Trip when the target's p95 is above this many times the source's
     /// over the same window (0 = off) ...
-    #[serde(default = "default_fb_p95_ratio")]
     pub max_p95_ratio: f64,
     /// ... and above this floor, so sub-millisecond jitter never trips it.
-    #[serde(default = "default_fb_ratio_floor_ms")]
     pub ratio_floor_ms: f64,
     /// Trip when the mirror is further behind than this (stale reads;
     /// 0 = off).
-    #[serde(default = "default_fb_lag_s")]
     pub max_mirror_lag_s: f64,
     /// Trip when this many health checks of the target fail in a row
     /// (0 = off): a dead target trips even with no reads routed to it.
-    #[serde(default = "default_fb_check_failures")]
     pub check_failures: u32,
     /// "auto": probe and ramp back after `cooldown_s`; "manual": wait for
     /// `POST /resume` (`pgshift ctl resume`).
-    #[serde(default)]
     pub recovery: Recovery,
     /// Quiet time after a trip before the first probe.
-    #[serde(default = "default_fb_cooldown_s")]
     pub cooldown_s: u64,
     /// The share of reads the first probe step sends to the target
     /// (capped by `routing.read_percent`); each later step doubles it.
-    #[serde(default = "default_fb_probe_percent")]
     pub probe_percent: f64,
     /// How long each probe step must stay quiet before the next one.
-    #[serde(default = "default_fb_step_s")]
     pub step_s: u64,
     /// When the trouble is confined to a few query shapes, fail back only
     /// those (up to `max_fingerprints`) and keep routing the rest.
-    #[serde(default)]
     pub per_fingerprint: bool,
-    #[serde(default = "default_fb_max_fingerprints")]
     pub max_fingerprints: usize,
     /// Period of the health checks of both backends (`SELECT 1` on a kept
     /// connection, connecting again after a failure).
-    #[serde(default = "default_fb_check_interval_ms")]
     pub check_interval_ms: u64,
     /// A check with no answer within this fails.
-    #[serde(default = "default_fb_check_timeout_ms")]
     pub check_timeout_ms: u64,
     /// Who the checks log in as; unset: the user of the most recent client
     /// session (before any session, a check only connects).
-    #[serde(default)]
     pub check_user: Option<String>,
     /// The database the checks log in to; unset: the maintenance database
     /// `postgres` (never a client's own, which it may need to itself).
-    #[serde(default)]
     pub check_database: Option<String>,
 }
 
@@ -90,66 +69,26 @@ impl Default for FailbackConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            window_s: default_fb_window_s(),
-            min_samples: default_fb_min_samples(),
-            max_error_rate: default_fb_error_rate(),
+            window_s: 10,
+            min_samples: 50,
+            max_error_rate: 0.05,
             max_p95_ms: 0.0,
-            max_p95_ratio: default_fb_p95_ratio(),
-            ratio_floor_ms: default_fb_ratio_floor_ms(),
-            max_mirror_lag_s: default_fb_lag_s(),
-            check_failures: default_fb_check_failures(),
+            max_p95_ratio: 3.0,
+            ratio_floor_ms: 10.0,
+            max_mirror_lag_s: 30.0,
+            check_failures: 3,
             recovery: Recovery::Auto,
-            cooldown_s: default_fb_cooldown_s(),
-            probe_percent: default_fb_probe_percent(),
-            step_s: default_fb_step_s(),
+            cooldown_s: 30,
+            probe_percent: 5.0,
+            step_s: 10,
             per_fingerprint: false,
-            max_fingerprints: default_fb_max_fingerprints(),
-            check_interval_ms: default_fb_check_interval_ms(),
-            check_timeout_ms: default_fb_check_timeout_ms(),
+            max_fingerprints: 5,
+            check_interval_ms: 1_000,
+            check_timeout_ms: 3_000,
             check_user: None,
             check_database: None,
         }
     }
-}
-
-fn default_fb_window_s() -> u64 {
-    10
-}
-fn default_fb_min_samples() -> u64 {
-    50
-}
-fn default_fb_error_rate() -> f64 {
-    0.05
-}
-fn default_fb_p95_ratio() -> f64 {
-    3.0
-}
-fn default_fb_ratio_floor_ms() -> f64 {
-    10.0
-}
-fn default_fb_lag_s() -> f64 {
-    30.0
-}
-fn default_fb_check_failures() -> u32 {
-    3
-}
-fn default_fb_cooldown_s() -> u64 {
-    30
-}
-fn default_fb_probe_percent() -> f64 {
-    5.0
-}
-fn default_fb_step_s() -> u64 {
-    10
-}
-fn default_fb_max_fingerprints() -> usize {
-    5
-}
-fn default_fb_check_interval_ms() -> u64 {
-    1_000
-}
-fn default_fb_check_timeout_ms() -> u64 {
-    3_000
 }
 
 impl FailbackConfig {

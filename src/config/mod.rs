@@ -616,6 +616,35 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_or_partial_section_takes_each_default_from_default() {
+        // [failback] and [shadow] take their defaults from one place, the
+        // Default impl: an empty section is exactly it, and a key given
+        // changes only that key.
+        let text = format!("{MINIMAL}\n[failback]\n[shadow]\n");
+        let c = Config::parse(&text, "t.toml", None).unwrap();
+        assert_eq!(c.failback, FailbackConfig::default());
+        assert_eq!(c.shadow, ShadowConfig::default());
+        let text = format!("{MINIMAL}\n[failback]\nwindow_s = 7\n[shadow]\nqueue = 9\n");
+        let c = Config::parse(&text, "t.toml", None).unwrap();
+        assert_eq!(
+            c.failback,
+            FailbackConfig {
+                window_s: 7,
+                ..FailbackConfig::default()
+            }
+        );
+        assert_eq!(
+            c.shadow,
+            ShadowConfig {
+                queue: 9,
+                ..ShadowConfig::default()
+            }
+        );
+        assert_eq!(c.failback.max_error_rate, 0.05);
+        assert_eq!(c.shadow.max_rows_compared, 100_000);
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let text = MINIMAL.replace("port = 54322", "port = 54322\nprot = 1");
         let e = Config::parse(&text, "t.toml", None).unwrap_err();

@@ -7,47 +7,36 @@ use serde::{Deserialize, Serialize};
 /// Shadow reads: a sampled share of eligible reads also runs on the other
 /// database and the answers are compared (see `shadow`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShadowConfig {
     /// Share of eligible reads shadowed, 0 to 100 (fractions allowed).
-    #[serde(default)]
     pub sample_percent: f64,
     /// Shadow reads running at once (restart to change).
-    #[serde(default = "default_shadow_inflight")]
     pub max_inflight: usize,
     /// Shadow reads waiting for a slot; more are skipped and counted
     /// (restart to change).
-    #[serde(default = "default_shadow_queue")]
     pub queue: usize,
     /// A shadow read (or re-check) with no complete answer within this is
     /// skipped and counted.
-    #[serde(default = "default_shadow_timeout_ms")]
     pub timeout_ms: u64,
     /// How long a shadow read on the target waits for the mirror to apply
     /// what the source had acknowledged; longer is skipped and counted.
-    #[serde(default = "default_shadow_max_wait_ms")]
     pub max_wait_ms: u64,
     /// Pause before a mismatch is re-checked on both sides.
-    #[serde(default = "default_shadow_recheck_ms")]
     pub recheck_delay_ms: u64,
     /// Relative tolerance for float (and numeric) values: equal when
     /// |a - b| <= tolerance * max(1, |a|, |b|). 0 = exact (after rounding
     /// float8 to 15 significant digits).
-    #[serde(default)]
     pub float_tolerance: f64,
     /// Columns left out of every comparison: `column` (any table) or
     /// `table.column` (the table the column comes from).
-    #[serde(default)]
     pub ignore_columns: Vec<String>,
     /// Rows per result compared one by one; the rest are compared by count
     /// and a combined hash.
-    #[serde(default = "default_shadow_max_rows")]
     pub max_rows_compared: usize,
     /// Leave bind parameters out of the mismatch log and API.
-    #[serde(default)]
     pub redact_parameters: bool,
     /// JSON-lines file of confirmed mismatches (restart to change).
-    #[serde(default = "default_mismatch_log")]
     pub mismatch_log: PathBuf,
 }
 
@@ -55,40 +44,18 @@ impl Default for ShadowConfig {
     fn default() -> Self {
         Self {
             sample_percent: 0.0,
-            max_inflight: default_shadow_inflight(),
-            queue: default_shadow_queue(),
-            timeout_ms: default_shadow_timeout_ms(),
-            max_wait_ms: default_shadow_max_wait_ms(),
-            recheck_delay_ms: default_shadow_recheck_ms(),
+            max_inflight: 8,
+            queue: 256,
+            timeout_ms: 5_000,
+            max_wait_ms: 2_000,
+            recheck_delay_ms: 200,
             float_tolerance: 0.0,
             ignore_columns: Vec::new(),
-            max_rows_compared: default_shadow_max_rows(),
+            max_rows_compared: 100_000,
             redact_parameters: false,
-            mismatch_log: default_mismatch_log(),
+            mismatch_log: PathBuf::from("pgshift-mismatches.jsonl"),
         }
     }
-}
-
-fn default_shadow_inflight() -> usize {
-    8
-}
-fn default_shadow_queue() -> usize {
-    256
-}
-fn default_shadow_timeout_ms() -> u64 {
-    5_000
-}
-fn default_shadow_max_wait_ms() -> u64 {
-    2_000
-}
-fn default_shadow_recheck_ms() -> u64 {
-    200
-}
-fn default_shadow_max_rows() -> usize {
-    100_000
-}
-fn default_mismatch_log() -> PathBuf {
-    PathBuf::from("pgshift-mismatches.jsonl")
 }
 
 impl ShadowConfig {

@@ -210,7 +210,10 @@ pub async fn connect_primary(
         proxy.metrics.source_connect_failures.inc();
         Failure::new(
             sqlstate::CONNECTION_FAILURE,
-            format!("pgshift could not connect to the {}: {e:#}", primary.name),
+            format!(
+                "pgshift could not connect to the {}: {e:#}",
+                primary.db.label()
+            ),
         )
     })?;
     let io_err = |e: std::io::Error| Failure::told(format!("I/O error during authentication: {e}"));

@@ -65,11 +65,9 @@ impl Role {
 /// proxy needs to reach it and to log in on its own.
 #[derive(Clone)]
 pub struct Database {
-    /// Which of the two it is.
+    /// Which of the two it is (`db.label()`: "source" or "target", the
+    /// configuration's name, used in logs, metrics and status).
     pub db: Db,
-    /// "source" or "target": the configuration's name, used in logs,
-    /// metrics and status.
-    pub name: &'static str,
     pub upstream: Upstream,
     /// The pgpass file of the proxy's own logins (`passfile` in its
     /// section), loaded once at start.
@@ -80,7 +78,6 @@ impl Database {
     fn new(db: Db, cfg: &crate::config::UpstreamConfig) -> anyhow::Result<Self> {
         Ok(Self {
             db,
-            name: db.label(),
             upstream: Upstream::new(db.label(), cfg)?,
             passfile: cfg.passfile.as_deref().map(PassFile::load).transpose()?,
         })
@@ -149,8 +146,8 @@ impl Databases {
     /// For status: `{"primary": "source", "secondary": "target"}`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "primary": self.primary().name,
-            "secondary": self.secondary().name,
+            "primary": self.primary().db.label(),
+            "secondary": self.secondary().db.label(),
         })
     }
 }
@@ -166,9 +163,9 @@ mod tests {
             .replace("54322", "5002");
         let cfg = Config::parse(&text, "t.toml", None).unwrap();
         let dbs = Databases::new(&cfg).unwrap();
-        assert_eq!(dbs.primary().name, "source");
+        assert_eq!(dbs.primary().db.label(), "source");
         assert_eq!(dbs.primary().upstream.port, 5001);
-        assert_eq!(dbs.secondary().name, "target");
+        assert_eq!(dbs.secondary().db.label(), "target");
         assert_eq!(dbs.secondary().upstream.port, 5002);
         assert_eq!(dbs.role_of(Db::Source), Role::Primary);
         assert_eq!(dbs.role_of(Db::Target), Role::Secondary);

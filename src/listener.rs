@@ -179,9 +179,12 @@ fn start_mirror(
             .name("pgshift-spool-sync".into())
             .spawn(move || {
                 let journal = Arc::clone(&m.inflight);
-                m.spool.sync_loop(every, &|| journal.sync(), &|synced| {
-                    journal.release_files(synced)
-                });
+                m.spool.sync_loop(
+                    every,
+                    &|| journal.sync(),
+                    &|| journal.unsynced(),
+                    &|synced| journal.release_files(synced),
+                );
             })?;
     }
     let resolver = crate::mirror::recover::run(

@@ -601,6 +601,11 @@ impl InFlight {
         run != self.run || self.arm_of(slot) != Some(arm)
     }
 
+    /// Whether records were written since the last `sync`.
+    pub fn unsynced(&self) -> bool {
+        self.written() > self.synced()
+    }
+
     /// Makes every record written so far durable.
     pub fn sync(&self) -> io::Result<()> {
         let (upto, file) = {

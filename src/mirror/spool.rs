@@ -653,17 +653,33 @@ impl Spool {
         }
     }
 
+    /// Whether records were appended since the last good sync round.
+    fn unsynced(&self) -> bool {
+        let last = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_seq
+            - 1;
+        last > self.synced_seq()
+    }
+
     /// The sync thread's loop: rounds on demand (`commit`, and also every
     /// interval for what nobody waited on), on a timer (`interval`), or
-    /// only at rotation (`off`). `after` gets the synced seq after each
-    /// round. Returns when `stop_sync` is called.
+    /// only at rotation (`off`). A timer round with nothing to sync (no
+    /// record appended since the last round, `also_pending` false) is
+    /// skipped: with mirroring switched off the disk is left alone. `after`
+    /// gets the synced seq after each round (skipped ones too). Returns
+    /// when `stop_sync` is called.
     pub fn sync_loop(
         &self,
         interval: Duration,
         also: &dyn Fn() -> io::Result<()>,
+        also_pending: &dyn Fn() -> bool,
         after: &dyn Fn(u64),
     ) {
         loop {
+            let mut on_demand = false;
             {
                 let mut s = self.sync_state.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
@@ -672,6 +688,7 @@ impl Spool {
                     }
                     if s.wanted && self.policy == FsyncPolicy::Commit {
                         s.wanted = false;
+                        on_demand = true;
                         break;
                     }
                     let wait = match self.policy {
@@ -688,7 +705,9 @@ impl Spool {
                     }
                 }
             }
-            self.sync_round(also);
+            if on_demand || self.unsynced() || also_pending() {
+                self.sync_round(also);
+            }
             after(self.synced_seq());
         }
     }
@@ -1158,6 +1177,63 @@ mod tests {
             spool.append(&rec(3, 10)),
             Err(AppendError::Failed(_))
         ));
+    }
+
+    #[test]
+    fn timer_rounds_with_nothing_written_leave_the_disk_alone() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20, FsyncPolicy::Interval).unwrap());
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (spool, rounds, ticks, pending) = (
+                Arc::clone(&spool),
+                Arc::clone(&rounds),
+                Arc::clone(&ticks),
+                Arc::clone(&pending),
+            );
+            std::thread::spawn(move || {
+                spool.sync_loop(
+                    Duration::from_millis(5),
+                    &|| {
+                        rounds.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    },
+                    &|| pending.load(Ordering::SeqCst),
+                    &|_| {
+                        ticks.fetch_add(1, Ordering::SeqCst);
+                    },
+                )
+            })
+        };
+        let wait = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !f() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        // Many ticks, nothing written: no round (no fdatasync).
+        wait("20 ticks", &|| ticks.load(Ordering::SeqCst) >= 20);
+        assert_eq!(rounds.load(Ordering::SeqCst), 0);
+        // A record: the next tick syncs it, once.
+        let seq = spool.append(&rec(1, 10)).unwrap();
+        wait("the record synced", &|| spool.synced_seq() >= seq);
+        let after_record = rounds.load(Ordering::SeqCst);
+        assert!(after_record >= 1);
+        let t = ticks.load(Ordering::SeqCst);
+        wait("20 more ticks", &|| ticks.load(Ordering::SeqCst) >= t + 20);
+        assert_eq!(rounds.load(Ordering::SeqCst), after_record);
+        // The journal alone has something to sync: a round.
+        pending.store(true, Ordering::SeqCst);
+        wait("a round for the journal", &|| {
+            rounds.load(Ordering::SeqCst) > after_record
+        });
+        spool.stop_sync();
+        thread.join().unwrap();
     }
 
     #[test]

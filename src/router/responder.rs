@@ -200,8 +200,10 @@ where
                 }
                 continue;
             }
-            // Parked until one of these wakes it; cleared as soon as the
-            // select returns (it is polled again only from here).
+            // Parked while it waits on these three, each of which wakes it,
+            // and while the arm that woke runs (a keepalive ping waits only
+            // on the target connection); cleared at the end of this turn,
+            // before a request is served.
             self.link.set_responder_parked(true);
             let _unpark = Unpark(self.link);
             tokio::select! {

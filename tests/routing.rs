@@ -131,15 +131,27 @@ async fn cohorts_are_stable_hashed_shares_and_raising_the_percentage_keeps_them(
         (400..=600).contains(&on_target_count),
         "{on_target_count} of 5000 sessions read from the target at 10%"
     );
-    let status = p.status();
-    assert_eq!(
-        status["metrics"]["routing"]["target"]["reads"],
-        on_target_count
+    // A routed read is counted right after its answer is written to the
+    // client, which may read it, close and be counted here first (the send
+    // wakes the client, which can preempt the proxy's thread in between):
+    // wait for the counters to settle, then compare exactly.
+    let counted = |p: &Proxy| {
+        let status = p.status();
+        (
+            status["metrics"]["routing"]["target"]["reads"].clone(),
+            status["metrics"]["routing"]["source"]["reads"].clone(),
+        )
+    };
+    let want = (
+        serde_json::json!(on_target_count),
+        serde_json::json!(5000 - on_target_count),
     );
-    assert_eq!(
-        status["metrics"]["routing"]["source"]["reads"],
-        5000 - on_target_count
-    );
+    tokio::task::block_in_place(|| {
+        p.wait_for(60, "the read counters to reach the clients' count", |p| {
+            counted(p) == want
+        })
+    });
+    assert_eq!(counted(&p), want);
 
     // User keys: every session of a user lands on the same side, the side
     // the documented hash says.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tracing::{debug, warn};
 
 use prometheus_client::metrics::counter::Counter;
@@ -172,7 +172,7 @@ const CANCEL_DONE_WAIT: std::time::Duration = std::time::Duration::from_secs(30)
 async fn send_cancel(upstream: &Upstream, key: &CancelKey) {
     match upstream.connect().await {
         Ok(mut s) => {
-            if let Err(e) = s.write_all(&key.encode_cancel_request()).await {
+            if let Err(e) = crate::net::send_all(&mut s, &key.encode_cancel_request()).await {
                 warn!(error = %e, upstream = %upstream.addr(), "could not send cancel request");
                 return;
             }

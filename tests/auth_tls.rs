@@ -1222,3 +1222,51 @@ async fn require_auth_scram_refuses_the_md5_role_and_admits_the_scram_role() {
     task.await.unwrap().unwrap();
     md5_task.await.unwrap().unwrap();
 }
+
+/// A request written over TLS reaches the server whole even when the socket
+/// is full at the last write: `write_all` alone leaves the tail inside the
+/// TLS session (sent only at the next write or flush) while the writer goes
+/// on to wait for an answer. The server here starts reading only after a
+/// pause, with small socket buffers, so the socket is full when the last
+/// bytes are written; every request-then-wait in pgshift goes through
+/// `send_all`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_over_tls_arrives_whole_when_the_socket_is_full() {
+    use tokio::io::AsyncReadExt;
+    let c = Clusters::get();
+    let (cert, key) = proxy_cert_key(&c);
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(pgshift::net::tls::server_config(&cert, &key).unwrap());
+    let connector = tokio_rustls::TlsConnector::from(
+        pgshift::net::tls::client_config(pgshift::config::SslMode::Require, None).unwrap(),
+    );
+    let listening = tokio::net::TcpSocket::new_v4().unwrap();
+    listening.set_recv_buffer_size(4096).unwrap();
+    listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = listening.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    const LEN: usize = 48 << 10;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let mut got = vec![0u8; LEN];
+        // Everything that was sent arrives at once; a tail left unsent
+        // never does.
+        tokio::time::timeout(std::time::Duration::from_secs(20), tls.read_exact(&mut got))
+            .await
+            .map(|r| r.map(|_| got))
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let request: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    pgshift::net::send_all(&mut tls, &request).await.unwrap();
+    match server.await.unwrap() {
+        Ok(Ok(got)) => assert!(got == request, "the bytes arrived changed"),
+        Ok(Err(e)) => panic!("server read failed: {e}"),
+        Err(_) => panic!("the end of the request never arrived: it stayed in the TLS session"),
+    }
+}

@@ -9,12 +9,13 @@ use std::process::{Command, Output};
 use common::*;
 
 /// `pgshift replay` with these arguments.
+/// `pgshift replay`, bounded: a replay that has not ended after two
+/// minutes (every replay here is seconds long, `--duration` included) is
+/// killed and the test fails with what it printed, instead of hanging.
 fn replay(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pgshift"))
-        .arg("replay")
-        .args(args)
-        .output()
-        .expect("run pgshift replay")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgshift"));
+    cmd.arg("replay").args(args);
+    output_within(&mut cmd, std::time::Duration::from_secs(120))
 }
 
 /// A replay that must succeed; its `--json` report.
@@ -522,6 +523,7 @@ fn loop_and_duration_bound_a_replay() {
     let cut = replay_json(&cap, &url, &["--duration", "1s"]);
     assert_eq!(cut["errors_total"], 0, "{cut:#}");
     assert_eq!(cut["sessions"]["lost"], 0, "{cut:#}");
+    assert_eq!(cut["sessions"]["cut"], 0, "{cut:#}");
     let (done, all) = (
         cut["statements"].as_u64().unwrap(),
         cut["meta"]["recorded_statements"].as_u64().unwrap(),
@@ -536,6 +538,8 @@ fn loop_and_duration_bound_a_replay() {
     );
     assert_eq!(looped["errors_total"], 0, "{looped:#}");
     assert_eq!(looped["sessions"]["lost"], 0, "{looped:#}");
+    // Every session ended by itself within the grace after --duration.
+    assert_eq!(looped["sessions"]["cut"], 0, "{looped:#}");
     let passes = looped["meta"]["passes"].as_u64().unwrap();
     assert!(passes >= 2, "{looped:#}");
     let per_pass = looped["meta"]["sessions"].as_u64().unwrap();
@@ -543,4 +547,67 @@ fn loop_and_duration_bound_a_replay() {
         looped["sessions"]["started"].as_u64().unwrap() > per_pass,
         "later passes started sessions: {looped:#}"
     );
+}
+
+/// `--duration` bounds a replay even when a session's request never gets
+/// its answer: a recorded read replayed while a table lock blocks it is
+/// cut once the duration and its grace have run out, and the report says
+/// so (it does not wait for the lock, or forever).
+#[test]
+fn a_session_the_server_never_answers_is_cut_after_the_duration() {
+    use std::io::Write;
+    let c = Clusters::get();
+    c.fresh_db("rr_cut");
+    c.sql(c.source_port, "rr_cut", "CREATE TABLE t (v int)");
+    let work = tempfile::tempdir().unwrap();
+    let cap = work.path().join("cut");
+    let mut p = recording_proxy(&cap, |_| {});
+    psql_ok(
+        &p.url(SUPERUSER, "rr_cut"),
+        &["-c", "SELECT count(*) FROM t"],
+        None,
+    );
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(30), Some(0));
+
+    // A session on the source holds the table's lock until its input ends.
+    let mut holder = Command::new("psql")
+        .arg(format!(
+            "host={} port={} user={SUPERUSER} dbname=rr_cut",
+            c.host, c.source_port
+        ))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = holder.stdin.take().unwrap();
+    input
+        .write_all(b"BEGIN;\nLOCK TABLE t IN ACCESS EXCLUSIVE MODE;\n")
+        .unwrap();
+    input.flush().unwrap();
+    let locked = || {
+        c.sql(
+            c.source_port,
+            "rr_cut",
+            "SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation \
+             WHERE r.relname = 't' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        ) == "1"
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !locked() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the lock was never taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let url = format!("postgres://{SUPERUSER}@{}:{}/rr_cut", c.host, c.source_port);
+    let report = replay_json(&cap, &url, &["--speed", "max", "--duration", "1s"]);
+    drop(input);
+    let _ = holder.wait();
+    assert_eq!(report["sessions"]["started"], 1, "{report:#}");
+    assert_eq!(report["sessions"]["cut"], 1, "{report:#}");
+    assert_eq!(report["statements"], 0, "{report:#}");
 }

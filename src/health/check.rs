@@ -16,7 +16,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
 use super::{Db, Fault, Health, Sample, SampleKind};
@@ -207,7 +206,7 @@ impl Checker {
             return Verdict::Down("no connection".into());
         };
         phase.store(2, Relaxed);
-        if let Err(e) = k.stream.write_all(b"Q\0\0\0\x0dSELECT 1\0").await {
+        if let Err(e) = crate::net::send_all(&mut k.stream, b"Q\0\0\0\x0dSELECT 1\0").await {
             return Verdict::Down(format!("write failed: {e}"));
         }
         let mut failed = None;

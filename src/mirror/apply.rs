@@ -494,7 +494,7 @@ impl Applier {
         let applied = feed.seq.low();
         let _ = crate::private_files::write(&applied_path, applied.to_string());
         for (_, mut c) in self.conns.drain() {
-            let _ = c.stream.write_all(b"X\0\0\0\x04").await;
+            let _ = crate::net::send_all(&mut c.stream, b"X\0\0\0\x04").await;
         }
         info!(applied_seq = applied, "mirror applier stopped");
     }

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
@@ -312,7 +311,7 @@ async fn ask(
     let mut out = BytesMut::new();
     put_message(&mut out, b'Q', &[sql.as_bytes(), b"\0"]);
     let r = tokio::time::timeout(Duration::from_secs(10), async {
-        stream.write_all(&out).await?;
+        crate::net::send_all(stream, &out).await?;
         let mut answer = None;
         let mut error = None;
         loop {

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
@@ -438,7 +437,9 @@ async fn stream_once(
         "START_REPLICATION SLOT {slot} LOGICAL 0/0 (\"include-xids\" '1', \"skip-empty-xacts\" '1')"
     );
     put_message(&mut out, b'Q', &[start.as_bytes(), b"\0"]);
-    conn.write_all(&out).await.map_err(|e| e.to_string())?;
+    crate::net::send_all(&mut conn, &out)
+        .await
+        .map_err(|e| e.to_string())?;
     loop {
         let m = read_message(&mut conn, &mut buf, 1 << 30)
             .await
@@ -532,7 +533,9 @@ async fn simple(
 ) -> Result<(), String> {
     let mut out = BytesMut::new();
     put_message(&mut out, b'Q', &[sql.as_bytes(), b"\0"]);
-    conn.write_all(&out).await.map_err(|e| e.to_string())?;
+    crate::net::send_all(conn, &out)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut err = None;
     loop {
         let m = read_message(conn, buf, 1 << 20)
@@ -563,7 +566,9 @@ async fn send_status(conn: &mut crate::net::Stream, lsn: u64, reply: bool) -> Re
     body.put_u8(reply as u8);
     let mut out = BytesMut::new();
     put_message(&mut out, b'd', &[&body]);
-    conn.write_all(&out).await.map_err(|e| e.to_string())
+    crate::net::send_all(conn, &out)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Turns `test_decoding` lines into transactions.

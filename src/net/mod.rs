@@ -5,4 +5,4 @@ pub mod connect;
 pub mod stream;
 pub mod tls;
 
-pub use stream::Stream;
+pub use stream::{send_all, Stream};

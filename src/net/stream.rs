@@ -82,3 +82,16 @@ impl AsyncWrite for Stream {
         delegate!(self, s => s.poll_shutdown(cx))
     }
 }
+
+/// Writes `bytes` and flushes. `write_all` alone is not enough on a TLS
+/// stream: when the socket is full, the last bytes written can stay inside
+/// the TLS session, sent only at the next write or flush, and a request
+/// followed by a wait for its answer would wait forever.
+pub async fn send_all<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(bytes).await?;
+    w.flush().await
+}

@@ -33,8 +33,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use self::conn::{Answer, Answers, Target};
-use self::report::{Meta, ReplayReport, Stats};
+use self::report::{Meta, Phase, ReplayReport, Stats};
 use self::source::Event;
+use crate::net::send_all;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Speed {
@@ -307,7 +308,7 @@ async fn replay(
                 // recorded, or not admitted) would otherwise wait for more
                 // forever, and this wait with it, past --duration.
                 senders.clear();
-                if !join_all(&mut tasks, deadline, &stop).await {
+                if !join_all(&mut tasks, deadline, &stop, &stats).await {
                     break;
                 }
                 passes += 1;
@@ -359,6 +360,9 @@ async fn replay(
             }
             Event::Message { session, frame, .. } => {
                 while queued.load(Relaxed) > MAX_QUEUED_BYTES {
+                    if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                        break;
+                    }
                     if !paused {
                         paused = true;
                         stats.dispatch_paused.store(true, Relaxed);
@@ -366,10 +370,16 @@ async fn replay(
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    break; // paused past the end
+                }
                 if let Some(s) = senders.get(&session) {
-                    queued.fetch_add(frame.len() as u64, Relaxed);
+                    let len = frame.len() as u64;
+                    queued.fetch_add(len, Relaxed);
                     if s.send(frame).is_err() {
-                        senders.remove(&session); // the session's task ended
+                        // The session's task ended; the frame is not queued.
+                        queued.fetch_sub(len, Relaxed);
+                        senders.remove(&session);
                     }
                 }
             }
@@ -385,7 +395,7 @@ async fn replay(
     // but not past --duration.
     drop(rx);
     senders.clear();
-    join_all(&mut tasks, deadline, &stop).await;
+    join_all(&mut tasks, deadline, &stop, &stats).await;
     stop.store(true, Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(p) = progress {
@@ -405,28 +415,51 @@ async fn replay(
 /// How often a session waiting for its next frame looks at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
+/// How long session tasks may go on after `--duration` ran out: a request
+/// in flight gets its answer, a session waiting for earlier ones to end
+/// still starts and stops. Whatever is still waiting then is cut: its
+/// connection is dropped, and the report counts it.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Waits for every session task; at `deadline` tells them to stop and
-/// keeps waiting. Returns whether the deadline had not passed.
+/// waits `STOP_GRACE` more, then cuts the rest. Returns whether the
+/// deadline had not passed.
 async fn join_all(
     tasks: &mut tokio::task::JoinSet<()>,
     deadline: Option<tokio::time::Instant>,
     stop: &AtomicBool,
+    stats: &Stats,
 ) -> bool {
-    loop {
-        let next = match deadline {
-            Some(d) if !stop.load(Relaxed) => {
-                match tokio::time::timeout_at(d, tasks.join_next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        stop.store(true, Relaxed);
-                        continue;
-                    }
-                }
+    let Some(deadline) = deadline else {
+        while tasks.join_next().await.is_some() {}
+        return !stop.load(Relaxed);
+    };
+    if !stop.load(Relaxed) {
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return true,
+                Err(_) => break,
             }
-            _ => tasks.join_next().await,
-        };
-        if next.is_none() {
-            return !stop.load(Relaxed);
+        }
+        stop.store(true, Relaxed);
+    }
+    let cut_at = deadline + STOP_GRACE;
+    loop {
+        match tokio::time::timeout_at(cut_at, tasks.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return false,
+            Err(_) => {
+                let left = tasks.len() as u64;
+                tracing::warn!(
+                    "--duration ran out {} s ago: cutting {left} sessions still waiting ({})",
+                    STOP_GRACE.as_secs(),
+                    stats.phases()
+                );
+                stats.sessions_cut.fetch_add(left, Relaxed);
+                tasks.shutdown().await;
+                return false;
+            }
         }
     }
 }
@@ -544,6 +577,7 @@ async fn run_session(
     // A csvlog has the COPY statement but not its data.
     no_copy_data: bool,
 ) {
+    let mut phase = stats.enter(Phase::EarlierSessions);
     for mut before in std::mem::take(&mut rx.after) {
         // An error means the other task is gone: finished too.
         let _ = before.wait_for(|done| *done).await;
@@ -551,6 +585,7 @@ async fn run_session(
     if stop.load(Relaxed) {
         return; // --duration ran out while it waited
     }
+    phase.set(Phase::Login);
     let startup = target.startup(&params);
     let (stream, leftover) = match target.connect(&startup).await {
         Ok(s) => s,
@@ -573,6 +608,7 @@ async fn run_session(
     loop {
         // Waiting for the next frame, the session still notices that
         // --duration ran out (its input may never end).
+        phase.set(Phase::Input);
         let frame = match tokio::time::timeout(STOP_CHECK, rx.recv()).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
@@ -633,7 +669,9 @@ async fn run_session(
         if !wait && !terminated && out.len() < 64 << 10 {
             continue;
         }
-        if wr.write_all(&out).await.is_err() {
+        phase.set(Phase::Sending);
+        // Flushed: a TLS stream may hold what it could not send yet.
+        if send_all(&mut wr, &out).await.is_err() {
             stats.sessions_lost.fetch_add(1, Relaxed);
             return;
         }
@@ -644,6 +682,7 @@ async fn run_session(
         if !wait {
             continue;
         }
+        phase.set(Phase::Answer);
         match answers.until_ready(&mut rd, &mut errors).await {
             Ok(Answer::Ready) => {
                 let micros = req.started.map_or(0, |s| s.elapsed().as_micros() as u64);
@@ -661,7 +700,7 @@ async fn run_session(
                     &[b"no COPY data in the log being replayed\0"],
                 );
                 let mut ignored = Vec::new();
-                let ok = wr.write_all(&fail).await.is_ok()
+                let ok = send_all(&mut wr, &fail).await.is_ok()
                     && answers.until_ready(&mut rd, &mut ignored).await.is_ok();
                 if !ok {
                     stats.sessions_lost.fetch_add(1, Relaxed);
@@ -680,7 +719,7 @@ async fn run_session(
         }
     }
     if !terminated {
-        let _ = wr.write_all(b"X\0\0\0\x04").await;
+        let _ = send_all(&mut wr, b"X\0\0\0\x04").await;
     }
     let _ = wr.shutdown().await;
 }

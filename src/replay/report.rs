@@ -34,6 +34,11 @@ pub struct Stats {
     pub sessions_failed: AtomicU64,
     /// Sessions whose connection broke mid-replay.
     pub sessions_lost: AtomicU64,
+    /// Sessions ended unfinished after `--duration` and its grace.
+    pub sessions_cut: AtomicU64,
+    /// Session tasks in each phase right now (index: `Phase as usize`),
+    /// for saying what the cut sessions were waiting for.
+    in_phase: [AtomicU64; Phase::ALL.len()],
     /// The dispatcher had to pause reading (see `MAX_QUEUED_BYTES`).
     pub dispatch_paused: std::sync::atomic::AtomicBool,
     /// COPY FROM STDIN statements failed on purpose (csvlog: no data).
@@ -53,6 +58,8 @@ impl Default for Stats {
             sessions_started: AtomicU64::new(0),
             sessions_failed: AtomicU64::new(0),
             sessions_lost: AtomicU64::new(0),
+            sessions_cut: AtomicU64::new(0),
+            in_phase: Default::default(),
             dispatch_paused: std::sync::atomic::AtomicBool::new(false),
             copy_skipped: AtomicU64::new(0),
             latency: Mutex::new(histogram()),
@@ -63,7 +70,84 @@ impl Default for Stats {
     }
 }
 
+/// What a session task is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Sessions that ended before it started, as recorded.
+    EarlierSessions,
+    /// Its connection and login.
+    Login,
+    /// Its next message from the input.
+    Input,
+    /// The server to take what it sent.
+    Sending,
+    /// The server's answer.
+    Answer,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::EarlierSessions,
+        Phase::Login,
+        Phase::Input,
+        Phase::Sending,
+        Phase::Answer,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::EarlierSessions => "earlier sessions to end",
+            Phase::Login => "login",
+            Phase::Input => "input",
+            Phase::Sending => "the server to take a request",
+            Phase::Answer => "an answer",
+        }
+    }
+}
+
+/// A session task's current phase, counted in `Stats` while it lasts.
+pub struct InPhase<'a> {
+    stats: &'a Stats,
+    phase: Phase,
+}
+
+impl InPhase<'_> {
+    pub fn set(&mut self, phase: Phase) {
+        if phase != self.phase {
+            self.stats.in_phase[self.phase as usize].fetch_sub(1, Relaxed);
+            self.stats.in_phase[phase as usize].fetch_add(1, Relaxed);
+            self.phase = phase;
+        }
+    }
+}
+
+impl Drop for InPhase<'_> {
+    fn drop(&mut self) {
+        self.stats.in_phase[self.phase as usize].fetch_sub(1, Relaxed);
+    }
+}
+
 impl Stats {
+    /// Counts a session task in `phase` until the returned guard moves it
+    /// on or is dropped.
+    pub fn enter(&self, phase: Phase) -> InPhase<'_> {
+        self.in_phase[phase as usize].fetch_add(1, Relaxed);
+        InPhase { stats: self, phase }
+    }
+
+    /// The session tasks in each phase that has any, e.g. "2 waiting for
+    /// an answer".
+    pub fn phases(&self) -> String {
+        let mut out = Vec::new();
+        for p in Phase::ALL {
+            let n = self.in_phase[p as usize].load(Relaxed);
+            if n > 0 {
+                out.push(format!("{n} waiting for {}", p.name()));
+            }
+        }
+        out.join(", ")
+    }
+
     /// One request answered (up to ReadyForQuery): its latency, the SQL it
     /// ran (the last statement of the request), how many statements it
     /// held and the SQLSTATEs of its errors.
@@ -139,6 +223,7 @@ impl Stats {
                 started: self.sessions_started.load(Relaxed),
                 failed_to_connect: self.sessions_failed.load(Relaxed),
                 lost: self.sessions_lost.load(Relaxed),
+                cut: self.sessions_cut.load(Relaxed),
             },
             statements,
             requests: self.requests.load(Relaxed),
@@ -228,6 +313,9 @@ pub struct Sessions {
     pub started: u64,
     pub failed_to_connect: u64,
     pub lost: u64,
+    /// Still waiting (on the server, mostly) when `--duration` and its
+    /// grace ran out: ended without their answer.
+    pub cut: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -307,11 +395,16 @@ impl ReplayReport {
         }
         let _ = writeln!(
             s,
-            "sessions: {} in the input, {} started, {} failed to connect, {} lost mid-replay",
+            "sessions: {} in the input, {} started, {} failed to connect, {} lost mid-replay{}",
             self.sessions.in_capture,
             self.sessions.started,
             self.sessions.failed_to_connect,
-            self.sessions.lost
+            self.sessions.lost,
+            if self.sessions.cut > 0 {
+                format!(", {} cut unfinished at the end", self.sessions.cut)
+            } else {
+                String::new()
+            }
         );
         let _ = writeln!(
             s,

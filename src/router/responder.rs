@@ -251,7 +251,7 @@ where
     async fn ping(&self, l: &mut Live) -> Result<(), String> {
         let limit = self.keepalive.min(Duration::from_secs(10));
         let r = tokio::time::timeout(limit, async {
-            l.conn.stream.write_all(b"S\0\0\0\x04").await?;
+            crate::net::send_all(&mut l.conn.stream, b"S\0\0\0\x04").await?;
             loop {
                 match read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message).await? {
                     Some(m) if m.tag == READY_FOR_QUERY => return Ok(()),
@@ -592,7 +592,7 @@ where
         }
         let timeout = self.router.settings().target_timeout;
         let r = tokio::time::timeout(timeout, async {
-            l.conn.stream.write_all(&out).await?;
+            crate::net::send_all(&mut l.conn.stream, &out).await?;
             let mut failed: Option<String> = None;
             while readies > 0 {
                 let Some(m) =

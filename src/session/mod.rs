@@ -559,7 +559,11 @@ async fn forward_session(
     // A Terminate only between messages: in the middle of a streamed one
     // (a Bind, a CopyData) it would be read as that message's bytes.
     if terminate_server && shared.server_at_boundary.load(Ordering::Relaxed) {
-        let _ = timeout(FINAL_WRITE_TIMEOUT, server.write_all(b"X\0\0\0\x04")).await;
+        let _ = timeout(
+            FINAL_WRITE_TIMEOUT,
+            crate::net::send_all(&mut server, b"X\0\0\0\x04"),
+        )
+        .await;
     }
     let _ = timeout(FINAL_WRITE_TIMEOUT, server.shutdown()).await;
     let _ = timeout(FINAL_WRITE_TIMEOUT, client.shutdown()).await;

@@ -219,8 +219,7 @@ pub async fn connect_primary(
     let io_err = |e: std::io::Error| Failure::told(format!("I/O error during authentication: {e}"));
 
     let minor = startup.minor.min(LATEST_MINOR);
-    server
-        .write_all(&startup.encode(minor))
+    crate::net::send_all(&mut server, &startup.encode(minor))
         .await
         .map_err(io_err)?;
     let mut negotiated_minor = minor;
@@ -242,7 +241,7 @@ pub async fn connect_primary(
             m = read_message(client, &mut client_buf, CLIENT_AUTH_MAX_MESSAGE), if awaiting_client => {
                 match m {
                     Ok(Some(m)) if m.tag == PASSWORD => {
-                        server.write_all(&m.frame).await.map_err(io_err)?;
+                        crate::net::send_all(&mut server, &m.frame).await.map_err(io_err)?;
                         awaiting_client = false;
                         continue;
                     }

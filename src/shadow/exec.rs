@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
@@ -739,8 +738,7 @@ enum Recheck {
 }
 
 async fn send(conn: &mut Conn, bytes: &[u8]) -> Run<()> {
-    conn.stream
-        .write_all(bytes)
+    crate::net::send_all(&mut conn.stream, bytes)
         .await
         .map_err(|e| Skip("connect", format!("write failed: {e}")))
 }

@@ -9,7 +9,7 @@
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::require_auth::{AuthMethod, RequireAuth};
 use crate::net::connect::Upstream;
@@ -122,7 +122,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     require: RequireAuth,
 ) -> Result<LoggedIn, LoginError> {
     let user = startup.get_bytes("user").unwrap_or_default().to_vec();
-    stream.write_all(&startup.encode(0)).await?;
+    crate::net::send_all(stream, &startup.encode(0)).await?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut out = BytesMut::new();
     let mut scram: Option<ScramSha256> = None;
@@ -235,7 +235,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                     other => return Err(LoginError::Unsupported(other)),
                 }
                 if !out.is_empty() {
-                    stream.write_all(&out).await?;
+                    crate::net::send_all(stream, &out).await?;
                     out.clear();
                 }
             }
@@ -267,7 +267,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     /// The server's side of a login: what it asks for, after the startup
     /// packet.

@@ -249,6 +249,7 @@ pub fn assert_replay_complete(report: &serde_json::Value) {
     assert_eq!(report["errors_total"], 0, "{report:#}");
     assert_eq!(report["sessions"]["failed_to_connect"], 0, "{report:#}");
     assert_eq!(report["sessions"]["lost"], 0, "{report:#}");
+    assert_eq!(report["sessions"]["cut"], 0, "{report:#}");
     assert_eq!(
         report["sessions"]["started"], report["meta"]["sessions"],
         "{report:#}"
@@ -862,6 +863,49 @@ impl Running {
             "pgbench had failures:\n{text}"
         );
         text
+    }
+}
+
+/// Runs `cmd` to its end like `output()`, but kills it and fails the test
+/// (with what it printed) if it has not ended within `limit`.
+#[track_caller]
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let until = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if std::time::Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {limit:?}: killed; it printed:\n{}\n{}",
+                String::from_utf8_lossy(&out.join().unwrap_or_default()),
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
     }
 }
 

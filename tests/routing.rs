@@ -908,3 +908,62 @@ print("psycopg routing: OK")
     p.wait_mirror_drained(60);
     assert_same(&c, db, "select * from kv order by k");
 }
+
+/// A routed read the target answers in a way the client cannot get (its
+/// rows name a type the clusters number differently) runs on the source;
+/// when the target has not finished that answer within target_timeout_ms,
+/// its connection is dropped rather than used again, so what the target
+/// still sends never reaches the session's next read as its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_left_unfinished_on_the_target_never_reaches_the_next_read() {
+    let p = Proxy::start_with(|cfg| {
+        routing_config(cfg, 100.0, "session");
+        cfg["routing"]["target_timeout_ms"] = toml_edit::value(1000);
+        // Nothing moves reads back by itself: every read is routed.
+        cfg["failback"]["enabled"] = toml_edit::value(false);
+    });
+    let source_port = p.clusters.source_port as i32;
+    let db = "route_unfinished";
+    p.clusters.fresh_db(db);
+    mark_sides(&p.clusters, db);
+    let c = p.clusters.clone();
+    for port in [c.source_port, c.target_port] {
+        c.sql(port, db, "CREATE TYPE mood AS ENUM ('calm')");
+    }
+    let (client, conn) = p.pg_config(SUPERUSER, db).connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Rows 1 and 2 are large, so the server sends them (and the
+    // RowDescription) at once; row 3 follows 3 s later.
+    let slow = format!(
+        "SELECT 'calm'::mood, repeat('y', 20000), \
+         pg_sleep(CASE WHEN g = 3 THEN 3 ELSE 0 END), {SIDE} \
+         FROM generate_series(1, 3) g"
+    );
+    let rows: Vec<_> = client
+        .simple_query(&slow)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(3).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![source_port.to_string(); 3],
+        "answered by the source"
+    );
+    for i in 0..3 {
+        let answer = first_value(&client, &format!("SELECT 40 + {i}, {SIDE}")).await;
+        assert_eq!(answer, (40 + i).to_string());
+        let answer = client
+            .query_one(&format!("SELECT 50 + {i}, {SIDE}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(answer.get::<_, i32>(0), 50 + i);
+    }
+    tokio::task::block_in_place(|| {
+        assert!(p.stat("/metrics/routing/fallbacks/types") >= 1);
+    });
+}

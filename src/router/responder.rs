@@ -120,6 +120,9 @@ struct Live {
     local_typed: std::collections::HashSet<Box<[u8]>>,
     /// The last request that ended a transaction committed it.
     committed: bool,
+    /// An answer the proxy gave up reading is still on its way: the next
+    /// request would read it as its own, so the connection is dropped.
+    mid_answer: bool,
 }
 
 pub struct Responder<'a, C: ?Sized, S: ?Sized> {
@@ -297,6 +300,12 @@ where
                 o
             }
         };
+        if live.as_ref().is_some_and(|l| l.mid_answer) {
+            self.lose(
+                live,
+                "the target did not finish an answer the client does not get",
+            );
+        }
         let done = |this: &Self| {
             let left = this.link.target_in_flight.load(Relaxed).saturating_sub(1);
             this.link.target_in_flight.store(left, Relaxed);
@@ -907,6 +916,7 @@ where
                 l.conn.stream.flush().await
             };
             if sent.await.is_err() {
+                l.mid_answer = true;
                 return;
             }
         }
@@ -914,19 +924,24 @@ where
     }
 
     /// Reads the rest of a failed answer, bounded by the timeout; a
-    /// connection that does not get there is dropped by the next use.
+    /// connection that does not get there is marked `mid_answer`, and
+    /// dropped once the request is over.
     async fn drain_to_ready(&self, l: &mut Live) {
         let timeout = self.router.settings().target_timeout;
-        let _ = tokio::time::timeout(timeout, async {
+        let ready = tokio::time::timeout(timeout, async {
             while let Ok(Some(m)) =
                 read_message(&mut l.conn.stream, &mut l.conn.buf, self.max_message).await
             {
                 if m.tag == READY_FOR_QUERY {
-                    return;
+                    return true;
                 }
             }
+            false
         })
         .await;
+        if ready != Ok(true) {
+            l.mid_answer = true;
+        }
     }
 }
 
@@ -1028,6 +1043,7 @@ impl Live {
             prepared: HashMap::new(),
             local_typed: Default::default(),
             committed: false,
+            mid_answer: false,
         }
     }
 }

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -1597,8 +1596,7 @@ async fn round_trip_on(
     limit: Duration,
 ) -> Result<Vec<Answer>, String> {
     let io = async {
-        conn.stream.write_all(out).await?;
-        conn.stream.flush().await?;
+        crate::net::send_all(&mut conn.stream, out).await?;
         let mut answers = Vec::with_capacity(groups);
         let mut cur = Answer::default();
         while answers.len() < groups {

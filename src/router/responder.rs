@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tracing::{debug, info, warn};
 
 use super::link::{RouteLink, Routed};
@@ -487,9 +487,7 @@ where
                 .inject(&req.frames);
         }
         self.link.time_source_read(Some(req.started));
-        let mut w = super::responder::SharedWriter(self.source);
-        w.write_all(&req.frames).await?;
-        w.flush().await
+        crate::net::send_all(&mut SharedWriter(self.source), &req.frames).await
     }
 
     /// Puts requests of the proxy's own into the source stream (their
@@ -514,9 +512,7 @@ where
         if let Some(c) = self.capture {
             c.lock().unwrap_or_else(|p| p.into_inner()).inject(frames);
         }
-        let mut w = SharedWriter(self.source);
-        w.write_all(frames).await?;
-        w.flush().await
+        crate::net::send_all(&mut SharedWriter(self.source), frames).await
     }
 
     /// Waits until the client stream is free, then writes. An answer
@@ -543,9 +539,7 @@ where
                 "the source ended the session",
             ));
         }
-        let mut w = SharedWriter(self.client);
-        w.write_all(bytes).await?;
-        w.flush().await
+        crate::net::send_all(&mut SharedWriter(self.client), bytes).await
     }
 
     /// Brings the target session up to date: the read-only guard, the
@@ -716,7 +710,7 @@ where
             }
         };
         let write = tokio::select! {
-            r = async { l.conn.stream.write_all(&out).await?; l.conn.stream.flush().await } => r,
+            r = crate::net::send_all(&mut l.conn.stream, &out) => r,
             _ = io_deadline(deadline) => return Outcome::Fallback(Fallback::Timeout, "target did not take the request in time".into()),
         };
         if let Err(e) = write {
@@ -910,15 +904,13 @@ where
     /// ReadyForQuery; a request that ended with a Flush gets a Sync first
     /// (it has none to end it).
     async fn finish_request(&self, l: &mut Live, flushed: bool) {
-        if flushed {
-            let sent = async {
-                l.conn.stream.write_all(b"S\0\0\0\x04").await?;
-                l.conn.stream.flush().await
-            };
-            if sent.await.is_err() {
-                l.mid_answer = true;
-                return;
-            }
+        if flushed
+            && crate::net::send_all(&mut l.conn.stream, b"S\0\0\0\x04")
+                .await
+                .is_err()
+        {
+            l.mid_answer = true;
+            return;
         }
         self.drain_to_ready(l).await;
     }

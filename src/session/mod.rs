@@ -194,8 +194,7 @@ async fn reject<T>(proxy: &Proxy, client: Option<&mut Stream>, f: Failure) -> Op
 async fn send_fatal(client: &mut Stream, code: &str, message: &str) {
     let msg = error_response(Severity::Fatal, code, message);
     let _ = timeout(FINAL_WRITE_TIMEOUT, async {
-        client.write_all(&msg).await?;
-        client.flush().await?;
+        crate::net::send_all(client, &msg).await?;
         client.shutdown().await
     })
     .await;
@@ -547,11 +546,7 @@ async fn forward_session(
         // Only append a message where the client stream is between messages.
         if shared.client_at_boundary.load(Ordering::Relaxed) {
             let msg = error_response(Severity::Fatal, code, &message);
-            let _ = timeout(FINAL_WRITE_TIMEOUT, async {
-                client.write_all(&msg).await?;
-                client.flush().await
-            })
-            .await;
+            let _ = timeout(FINAL_WRITE_TIMEOUT, crate::net::send_all(client, &msg)).await;
         } else {
             debug!("client stream mid-message; closing without a final error");
         }

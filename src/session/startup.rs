@@ -306,8 +306,7 @@ pub async fn connect_primary(
                 // The source refused (wrong password, no such database...): the
                 // client gets the source's own error, and the session ends.
                 out.extend_from_slice(&msg.frame);
-                let _ = client.write_all(&out).await;
-                let _ = client.flush().await;
+                let _ = crate::net::send_all(client, &out).await;
                 let f = parse_error_fields(msg.body());
                 return Err(Failure::told(format!(
                     "source refused the session: {} {}",
@@ -317,8 +316,7 @@ pub async fn connect_primary(
             }
             READY_FOR_QUERY => {
                 out.extend_from_slice(&msg.frame);
-                client.write_all(&out).await.map_err(io_err)?;
-                client.flush().await.map_err(io_err)?;
+                crate::net::send_all(client, &out).await.map_err(io_err)?;
                 return Ok(Established {
                     server,
                     client_buf,
@@ -331,8 +329,7 @@ pub async fn connect_primary(
         }
         // Batch what the server sent back-to-back; flush before waiting.
         if !has_complete_message(&server_buf) && !out.is_empty() {
-            client.write_all(&out).await.map_err(io_err)?;
-            client.flush().await.map_err(io_err)?;
+            crate::net::send_all(client, &out).await.map_err(io_err)?;
             out.clear();
         }
     }

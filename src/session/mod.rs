@@ -546,7 +546,15 @@ async fn forward_session(
         // Only append a message where the client stream is between messages.
         if shared.client_at_boundary.load(Ordering::Relaxed) {
             let msg = error_response(Severity::Fatal, code, &message);
-            let _ = timeout(FINAL_WRITE_TIMEOUT, crate::net::send_all(client, &msg)).await;
+            // Written out rather than `net::send_all`: with that generic
+            // future here the compiler stopped inlining the pumps into this
+            // function's poll (callgrind: 90 more instructions per
+            // select-only transaction).
+            let _ = timeout(FINAL_WRITE_TIMEOUT, async {
+                client.write_all(&msg).await?;
+                client.flush().await
+            })
+            .await;
         } else {
             debug!("client stream mid-message; closing without a final error");
         }

@@ -65,18 +65,23 @@ fn on_target(key: &str, read_percent: f64) -> bool {
     h % 1_000_000 < (read_percent * 10_000.0).round() as u64
 }
 
-/// The first column of the first row a simple query returns.
-async fn first_value(client: &tokio_postgres::Client, sql: &str) -> String {
+/// Column `col` of every row a simple query returns.
+async fn column(client: &tokio_postgres::Client, sql: &str, col: usize) -> Vec<String> {
     client
         .simple_query(sql)
         .await
         .unwrap()
         .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(col).map(str::to_string),
             _ => None,
         })
-        .unwrap()
+        .collect()
+}
+
+/// The first column of the first row a simple query returns.
+async fn first_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    column(client, sql, 0).await.swap_remove(0)
 }
 
 /// Which port answered one session's read (a fresh connection each time).
@@ -939,16 +944,7 @@ async fn an_answer_left_unfinished_on_the_target_never_reaches_the_next_read() {
          pg_sleep(CASE WHEN g = 3 THEN 3 ELSE 0 END), {SIDE} \
          FROM generate_series(1, 3) g"
     );
-    let rows: Vec<_> = client
-        .simple_query(&slow)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(3).map(str::to_string),
-            _ => None,
-        })
-        .collect();
+    let rows = column(&client, &slow, 3).await;
     assert_eq!(
         rows,
         vec![source_port.to_string(); 3],

@@ -71,7 +71,13 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
     let mut watch = tokio::time::interval(CONFIG_POLL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = file_digest(&config_path).await;
+    // A changed file is read again after `CONFIG_SETTLE` and reloaded only
+    // if it still reads the same: a poll can land in the middle of an
+    // in-place write (truncated, half written), which must not count as
+    // a rejected config.
+    let mut settling: Option<(tokio::time::Instant, u64)> = None;
     loop {
+        let settle_at = settling.map(|(at, _)| at);
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => match Arc::clone(&slots).try_acquire_owned() {
@@ -94,17 +100,30 @@ pub async fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Res
                 }
             },
             _ = sighup.recv() => {
+                settling = None;
                 seen = file_digest(&config_path).await;
                 reload(&proxy, &config_path, "signal");
             }
-            _ = watch.tick() => {
+            _ = watch.tick(), if settling.is_none() => {
                 let now = file_digest(&config_path).await;
                 if now != seen {
                     seen = now;
-                    if seen.is_some() {
+                    settling = now.map(|d| (tokio::time::Instant::now() + CONFIG_SETTLE, d));
+                }
+            }
+            _ = async { tokio::time::sleep_until(settle_at.unwrap_or_else(tokio::time::Instant::now)).await }, if settle_at.is_some() => {
+                let now = file_digest(&config_path).await;
+                match (now, settling.take()) {
+                    (Some(d), Some((_, before))) if d == before => {
                         reload(&proxy, &config_path, "file");
                     }
+                    // Still changing: wait for it to settle again.
+                    (Some(d), _) => {
+                        settling = Some((tokio::time::Instant::now() + CONFIG_SETTLE, d));
+                    }
+                    (None, _) => {}
                 }
+                seen = now;
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -307,6 +326,8 @@ fn start_health(proxy: &Arc<Proxy>) -> anyhow::Result<()> {
 
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How long a changed config file must read the same before it is loaded.
+const CONFIG_SETTLE: Duration = Duration::from_millis(250);
 
 /// A digest of the config file's content (None when it cannot be read:
 /// a file being replaced is not a change until it is back).
